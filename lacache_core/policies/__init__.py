@@ -1,0 +1,28 @@
+"""Cache policies, one per module, and the registry that maps method names to them."""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Dict, Type
+
+from ..errors import ConfigError
+from .base import CachePolicy
+from .full import FullCache
+from .lacache import LaCache
+from .streamingllm import StreamingLLM
+
+METHODS: Dict[str, Type[CachePolicy]] = {cls.name: cls for cls in (FullCache, StreamingLLM, LaCache)}
+
+
+def build_policy(method: str, **settings) -> CachePolicy:
+    """Instantiate the policy registered as ``method``; settings it does not take are ignored.
+
+    This lets every harness pass one flat set of flags (``cache_size``, ``span``, ...) to any method.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"--method must be one of {sorted(METHODS)}, got {method!r}")
+    cls = METHODS[method]
+    names = {f.name for f in fields(cls) if f.init}
+    return cls(**{k: v for k, v in settings.items() if k in names and v is not None})
+
+
+__all__ = ["CachePolicy", "FullCache", "LaCache", "StreamingLLM", "METHODS", "build_policy"]

@@ -1,0 +1,46 @@
+"""StreamingLLM (Xiao et al., ICLR 2024): attention sinks plus a window of recent tokens."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+
+from .base import CachePolicy, check_int
+
+
+@dataclass
+class StreamingLLM(CachePolicy):
+    """Keep the first ``start_size`` tokens and the last ``recent_size`` tokens.
+
+    Positions are cache slots (keys are re-rotated), as in the StreamingLLM paper.
+
+    Parameters
+    ----------
+    start_size : int
+        Attention sinks kept forever.
+    recent_size : int
+        Most recent tokens kept. The cache holds at most ``start_size + recent_size`` slots.
+    """
+
+    name: ClassVar[str] = "streamingllm"
+
+    start_size: int = 4
+    recent_size: int = 252
+
+    def __post_init__(self) -> None:
+        check_int("start_size", self.start_size, 0)
+        check_int("recent_size", self.recent_size, 1)
+
+    @property
+    def cache_size(self) -> int:
+        return self.start_size + self.recent_size
+
+    def max_cache_len(self, num_layers: int) -> int:
+        return self.cache_size
+
+    def select(self, n: int, num_layers: int) -> Optional[torch.Tensor]:
+        if n <= self.cache_size:
+            return None
+        row = torch.cat([torch.arange(self.start_size), torch.arange(n - self.recent_size, n)])
+        return row.expand(num_layers, row.shape[0])
