@@ -1,6 +1,11 @@
 """lacache_core: LaCache and baseline KV-cache policies with position-shifted attention for HF models."""
 from .errors import ConfigError
 from .policies import METHODS, CachePolicy, FullCache, LaCache, StreamingLLM, build_policy
+from .patches import enable_position_shift, is_position_shifted
+from .cache import CompressedCache, make_cache
 
-__all__ = ["ConfigError", "METHODS", "CachePolicy", "FullCache", "LaCache", "StreamingLLM", "build_policy"]
+__all__ = [
+    "ConfigError", "METHODS", "CachePolicy", "FullCache", "LaCache", "StreamingLLM", "build_policy",
+    "enable_position_shift", "is_position_shifted", "CompressedCache", "make_cache",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,108 @@
+"""Hugging Face cache objects that apply a :class:`CachePolicy` as the model runs.
+
+:class:`CompressedCache` is a ``DynamicCache`` that stores keys *before* RoPE (the patched
+attention rotates them by cache slot at every step) and compacts all layers right after the last
+layer has appended its new tokens: the same moment the official harness calls its policy. It
+therefore works unchanged in a plain forward loop and in ``model.generate(past_key_values=...)``,
+and bounds memory in both.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .policies import CachePolicy, build_policy
+from .policies.base import gather_layer
+from .versions import HAS_CACHE_CLASSES
+
+if HAS_CACHE_CLASSES:
+    from transformers import DynamicCache
+else:  # transformers < 4.36 has tuple caches only; see ppl_legacy/
+    DynamicCache = object
+
+
+class CompressedCache(DynamicCache):
+    """A ``DynamicCache`` compacted by ``policy`` after every forward pass.
+
+    Parameters
+    ----------
+    policy : CachePolicy
+        Decides which slots each layer keeps (e.g. :class:`lacache_core.LaCache`).
+    num_layers : int
+        Decoder layers of the model (compaction runs after the last one).
+    query_at_slot : bool
+        Rotate queries at the slot their key occupies (``True``, correct and what generate needs)
+        or at the ``position_ids`` the caller passes (reproduces a harness's own positions).
+    """
+
+    def __init__(self, policy: CachePolicy, num_layers: int, query_at_slot: bool = True):
+        if not HAS_CACHE_CLASSES:
+            raise RuntimeError("CompressedCache needs transformers >= 4.36; use ppl_legacy/ with tuple caches")
+        super().__init__()
+        policy.bind(num_layers)
+        self.policy = policy
+        self.num_layers = num_layers
+        self.query_at_slot = query_at_slot
+        self.peak_bytes = 0
+        self.patched_forward_seen = not policy.position_shift
+        # transformers >= 4.54 keeps per-layer objects, older versions two lists of tensors
+        self._layered = isinstance(getattr(self, "layers", None), list)
+
+    # -- storage access, across transformers' two DynamicCache layouts
+    def _layer(self, i: int):
+        if self._layered:
+            return self.layers[i].keys, self.layers[i].values
+        return self.key_cache[i], self.value_cache[i]
+
+    def _set_layer(self, i: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        if self._layered:
+            self.layers[i].keys, self.layers[i].values = key, value
+        else:
+            self.key_cache[i], self.value_cache[i] = key, value
+
+    def kv_bytes(self) -> int:
+        """Bytes held by keys and values of all layers."""
+        total = 0
+        for i in range(self.num_layers):
+            k, v = self._layer(i)
+            total += k.numel() * k.element_size() + v.numel() * v.element_size()
+        return total
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == self.num_layers - 1:
+            self._compact()
+        return keys, values
+
+    def _compact(self) -> None:
+        if not self.patched_forward_seen:
+            raise RuntimeError(
+                "this model's attention is not patched: call lacache_core.enable_position_shift(model) "
+                "before running it with a CompressedCache"
+            )
+        self.peak_bytes = max(self.peak_bytes, self.kv_bytes())
+        n = self._layer(0)[0].shape[-2]
+        keep = self.policy.compact(n, self.num_layers)
+        if keep is None:
+            return
+        for i in range(self.num_layers):
+            self._set_layer(i, *gather_layer(*self._layer(i), keep[i]))
+
+    def kept_positions(self) -> Optional[torch.Tensor]:
+        """Original token positions held, ``LongTensor [num_layers, n]``."""
+        return self.policy.positions
+
+
+def make_cache(method: str, model_or_config, query_at_slot: bool = True, **settings) -> CompressedCache:
+    """Build a :class:`CompressedCache` for ``method`` sized to a model (or its config).
+
+    Example
+    -------
+    >>> enable_position_shift(model)
+    >>> cache = make_cache("lacache", model, cache_size=256, span=8, overlap=4)
+    >>> model.generate(input_ids, past_key_values=cache, max_new_tokens=4096)
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    policy = build_policy(method, **settings)
+    return CompressedCache(policy, config.num_hidden_layers, query_at_slot=query_at_slot)

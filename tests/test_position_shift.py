@@ -1,0 +1,113 @@
+"""Position-shift patch: exact without eviction, equal to a from-scratch step after eviction."""
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+
+from lacache_core import LaCache, StreamingLLM, enable_position_shift, make_cache
+from tiny import ATTN, FAMILIES, manual_next_logits, tiny_model
+
+MODERN = Version(transformers.__version__) >= Version("4.36")
+pytestmark = pytest.mark.skipif(not MODERN, reason="Cache objects need transformers >= 4.36 (see test_legacy_tuple.py)")
+
+TOKENS = torch.randint(0, 128, (1, 160), generator=torch.Generator().manual_seed(1))
+
+
+def step_logits(model, cache, tokens, positions=None):
+    out = []
+    with torch.no_grad():
+        for t in range(tokens.shape[1]):
+            kw = {} if positions is None else {"position_ids": torch.tensor([[positions[t]]])}
+            res = model(tokens[:, t:t + 1], past_key_values=cache, use_cache=True, **kw)
+            cache = res.past_key_values
+            out.append(res.logits[0, -1])
+    return torch.stack(out), cache
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("method", ["lacache", "streamingllm"])
+def test_no_eviction_matches_unpatched(family, attn, method):
+    model = tiny_model(family, attn)
+    ref, _ = step_logits(model, transformers.DynamicCache(), TOKENS)
+    enable_position_shift(model)
+    cache = make_cache(method, model, cache_size=1000, recent_size=996, span=2)
+    ours, cache = step_logits(model, cache, TOKENS)
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+    # a patched model with an ordinary cache is untouched
+    again, _ = step_logits(model, transformers.DynamicCache(), TOKENS)
+    torch.testing.assert_close(again, ref, atol=0, rtol=0)
+
+
+def cached_unrotated(cache):
+    return [cache._layer(i) for i in range(cache.num_layers)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("policy", [LaCache(cache_size=48, span=2, overlap=0), LaCache(cache_size=60, span=3, overlap=1),
+                                    StreamingLLM(start_size=4, recent_size=40)], ids=["la-s2o0", "la-s3o1", "sllm"])
+def test_after_eviction_matches_from_scratch_step(family, attn, policy):
+    import copy
+
+    from lacache_core import CompressedCache
+
+    model = enable_position_shift(tiny_model(family, attn))
+    cache = CompressedCache(copy.deepcopy(policy), model.config.num_hidden_layers)
+    _, cache = step_logits(model, cache, TOKENS[:, :150])
+    kept = cache.kept_positions()
+    assert kept.shape[1] < 150, "the policy must have evicted"
+    expected = manual_next_logits(model, int(TOKENS[0, 150]), cached_unrotated(cache))
+    ours, _ = step_logits(model, cache, TOKENS[:, 150:151])
+    torch.testing.assert_close(ours[0], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_cached_keys_are_unrotated_and_follow_kept_positions():
+    """Keys of a kept token are identical to the un-rotated keys the full run computed for it."""
+    model = enable_position_shift(tiny_model("llama", "eager"))
+    full = make_cache("lacache", model, cache_size=1000, span=2)
+    _, full = step_logits(model, full, TOKENS[:, :120])
+    small = make_cache("lacache", model, cache_size=48, span=2)
+    _, small = step_logits(model, small, TOKENS[:, :120])
+    for i in range(model.config.num_hidden_layers):
+        pos = small.kept_positions()[i]
+        k_small, v_small = small._layer(i)
+        k_full, v_full = full._layer(i)
+        # the first layer sees identical inputs; deeper layers differ because eviction changed their inputs
+        if i == 0:
+            torch.testing.assert_close(k_small, k_full[:, :, pos], atol=1e-6, rtol=0)
+            torch.testing.assert_close(v_small, v_full[:, :, pos], atol=1e-6, rtol=0)
+
+
+def test_query_position_from_caller_when_asked():
+    model = enable_position_shift(tiny_model("llama", "eager"))
+    cache = make_cache("lacache", model, query_at_slot=False, cache_size=48, span=2)
+    _, cache = step_logits(model, cache, TOKENS[:, :100], positions=list(range(100)))
+    expected = manual_next_logits(model, int(TOKENS[0, 100]), cached_unrotated(cache), query_pos=120)
+    ours, _ = step_logits(model, cache, TOKENS[:, 100:101], positions=[120])
+    torch.testing.assert_close(ours[0], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_unpatched_model_with_compressed_cache_fails_loudly():
+    model = tiny_model("llama", "eager")
+    cache = make_cache("lacache", model, cache_size=48, span=2)
+    with pytest.raises(RuntimeError, match="enable_position_shift"):
+        step_logits(model, cache, TOKENS[:, :4])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["lacache", "streamingllm"])
+def test_generate_with_cache(family, method):
+    model = tiny_model(family, "sdpa")
+    prompt = TOKENS[:, :20]
+    ref = model.generate(prompt, max_new_tokens=30, do_sample=False, min_new_tokens=30)
+    enable_position_shift(model)
+    big = make_cache(method, model, cache_size=1000, recent_size=996, span=2)
+    same = model.generate(prompt, past_key_values=big, max_new_tokens=30, do_sample=False, min_new_tokens=30)
+    assert torch.equal(same, ref), "without eviction generate must be unchanged"
+
+    small = make_cache(method, model, cache_size=40, recent_size=36, span=2)
+    out = model.generate(prompt, past_key_values=small, max_new_tokens=200, do_sample=False, min_new_tokens=200)
+    assert out.shape[1] == 220
+    assert small.get_seq_length() <= small.policy.max_cache_len(model.config.num_hidden_layers)
+    assert small.kept_positions()[:, -1].tolist() == [218] * model.config.num_hidden_layers

@@ -1,0 +1,69 @@
+"""Tiny random-weight models built from a config in code (CPU, milliseconds per step)."""
+import torch
+import transformers
+from packaging.version import Version
+
+FAMILIES = ["llama", "mistral", "qwen2"] if Version(transformers.__version__) >= Version("4.37") else ["llama"]
+ATTN = ["eager", "sdpa"] if Version(transformers.__version__) >= Version("4.36") else ["eager"]
+
+
+def tiny_model(family="llama", attn="eager", layers=6, seed=0):
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    if family == "llama":
+        config = transformers.LlamaConfig(**common)
+    elif family == "mistral":
+        config = transformers.MistralConfig(sliding_window=None, **common)
+    else:
+        config = transformers.Qwen2Config(use_sliding_window=False, **common)
+    torch.manual_seed(seed)
+    kwargs = {"attn_implementation": attn} if Version(transformers.__version__) >= Version("4.36") else {}
+    model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
+    return model.eval()
+
+
+def rms_norm(module, x):
+    """The model's RMSNorm, recomputed by hand."""
+    var = x.float().pow(2).mean(-1, keepdim=True)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+    return module.weight * (x.float() * torch.rsqrt(var + eps)).to(x.dtype)
+
+
+def rotate(x, pos, theta, dim):
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    ang = pos.float()[:, None] * inv[None]
+    ang = torch.cat([ang, ang], -1)
+    half = dim // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * ang.cos() + rot * ang.sin()
+
+
+def manual_next_logits(model, token, kv_unrotated, query_pos=None):
+    """Logits for one new ``token`` given each layer's cached *un-rotated* keys and values.
+
+    A from-scratch re-derivation of a decoder step: keys at their cache slots ``0..n`` (the new
+    key at slot ``n``), the query at ``query_pos`` (default: slot ``n``). Independent of the patch.
+    """
+    cfg = model.config
+    theta = getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]
+    heads, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = cfg.hidden_size // heads
+    base = model.get_decoder()
+    h = base.embed_tokens(torch.tensor([[token]]))
+    for layer, (k_old, v_old) in zip(base.layers, kv_unrotated):
+        attn = layer.self_attn
+        x = rms_norm(layer.input_layernorm, h)
+        q = attn.q_proj(x).view(1, 1, heads, d).transpose(1, 2)
+        k = attn.k_proj(x).view(1, 1, kvh, d).transpose(1, 2)
+        v = attn.v_proj(x).view(1, 1, kvh, d).transpose(1, 2)
+        keys, values = torch.cat([k_old, k], 2), torch.cat([v_old, v], 2)
+        n = keys.shape[2]
+        keys = rotate(keys, torch.arange(n), theta, d)
+        q = rotate(q, torch.tensor([n - 1 if query_pos is None else query_pos]), theta, d)
+        keys = keys.repeat_interleave(heads // kvh, 1)
+        values = values.repeat_interleave(heads // kvh, 1)
+        w = torch.softmax((q @ keys.transpose(2, 3)) / d ** 0.5, -1)
+        out = (w @ values).transpose(1, 2).reshape(1, 1, -1)
+        h = h + attn.o_proj(out)
+        h = h + layer.mlp(rms_norm(layer.post_attention_layernorm, h))
+    return model.lm_head(rms_norm(base.norm, h))[0, -1]
