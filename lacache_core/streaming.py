@@ -1,0 +1,142 @@
+"""Token-by-token streaming perplexity, the protocol of the official (StreamingLLM-derived) script.
+
+Every text is fed one token per forward pass through one cache that persists across texts; the
+model's next-token NLL is recorded for every position but the last of each text; the cache policy
+runs after every pass. The official script stops after scoring ``num_eval_tokens + 1`` tokens, and
+so do we, so that the same flags give the same perplexity.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .cache import CompressedCache
+from .errors import ConfigError
+from .patches import enable_position_shift
+from .policies import CachePolicy
+from .versions import HAS_CACHE_CLASSES
+
+QUERY_POSITIONS = ("slot", "official")
+
+
+@dataclass
+class StreamResult:
+    nlls: List[float] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_kv_bytes: int = 0
+
+    @property
+    def ppl(self) -> float:
+        return running_ppl(self.nlls, len(self.nlls))
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.nlls) / self.seconds if self.seconds > 0 else float("nan")
+
+
+def running_ppl(nlls: List[float], upto: int) -> float:
+    part = nlls[:upto]
+    return math.exp(sum(part) / len(part)) if part else float("nan")
+
+
+def checkpoints(nlls: List[float], start: int = 1024) -> dict:
+    """Perplexity over the first 1K, 2K, 4K, ... scored tokens (keys like ``"1K"``)."""
+    out, k = {}, start
+    while k <= len(nlls):
+        out[f"{k // 1024}K"] = running_ppl(nlls, k)
+        k *= 2
+    return out
+
+
+def tuple_kv_bytes(past) -> int:
+    return sum(t.numel() * t.element_size() for layer in past for t in layer[:2])
+
+
+def cache_kv_bytes(cache) -> int:
+    if isinstance(cache, CompressedCache):
+        return cache.kv_bytes()
+    if hasattr(cache, "layers"):
+        return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+                   if t is not None)
+    return sum(t.numel() * t.element_size() for t in list(cache.key_cache) + list(cache.value_cache))
+
+
+def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolicy,
+                      num_eval_tokens: Optional[int] = None, query_position: str = "slot",
+                      on_token: Optional[Callable[[int, float], None]] = None, desc: str = "ppl") -> StreamResult:
+    """Stream ``texts`` through ``model`` one token at a time under ``policy``.
+
+    Parameters
+    ----------
+    policy : CachePolicy
+        ``FullCache`` runs the unmodified model; other policies patch attention for position shift.
+    num_eval_tokens : int, optional
+        Stop after ``num_eval_tokens + 1`` scored tokens (the official script's count).
+    query_position : {"slot", "official"}
+        ``"slot"``: the query sits at its key's cache slot (the previous cache length).
+        ``"official"``: reproduce the official harness, whose position rises by one per step while
+        it does not exceed the previous cache length (it drifts ahead of the keys when the policy
+        frees several slots at once, i.e. LaCache with ``R >= 2``).
+    on_token : callable ``(index, nll)``, optional
+        Called after each scored token (used to append results to disk as they come).
+    """
+    if query_position not in QUERY_POSITIONS:
+        raise ConfigError(f"--query_position must be one of {QUERY_POSITIONS}, got {query_position!r}")
+    num_layers = model.config.num_hidden_layers
+    policy.bind(num_layers)  # validates the settings against the model before any work
+    device = next(model.parameters()).device
+    legacy = not HAS_CACHE_CLASSES
+    if policy.position_shift:
+        enable_position_shift(model)
+    if legacy:
+        cache = None
+    elif policy.position_shift:
+        cache = CompressedCache(policy, num_layers, query_at_slot=query_position == "slot")
+    else:
+        from transformers import DynamicCache
+        cache = DynamicCache()
+
+    limit = None if num_eval_tokens is None else num_eval_tokens + 1
+    result, position = StreamResult(), -1
+    bar = tqdm(total=limit, desc=desc, unit="tok", dynamic_ncols=True)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt").input_ids.to(device)
+            for idx in range(ids.shape[1] - 1):
+                if legacy:
+                    held = 0 if cache is None else cache[0][0].shape[-2]
+                else:
+                    held = cache.get_seq_length()
+                if query_position == "slot":
+                    position = held
+                elif position + 1 <= held:
+                    position += 1
+                out = model(ids[:, idx:idx + 1], past_key_values=cache, use_cache=True,
+                            position_ids=torch.tensor([[position]], device=device))
+                cache = out.past_key_values
+                if legacy:
+                    result.peak_kv_bytes = max(result.peak_kv_bytes, tuple_kv_bytes(cache))
+                    cache = policy(cache)
+                nll = F.cross_entropy(out.logits[0, -1].float(), ids[0, idx + 1]).item()
+                result.nlls.append(nll)
+                if on_token is not None:
+                    on_token(len(result.nlls) - 1, nll)
+                bar.update(1)
+                if len(result.nlls) % 64 == 0:
+                    bar.set_postfix(ppl=f"{result.ppl:.3f}", refresh=False)
+                if limit is not None and len(result.nlls) >= limit:
+                    break
+            if limit is not None and len(result.nlls) >= limit:
+                break
+    result.seconds = time.perf_counter() - start
+    bar.close()
+    if not legacy:
+        result.peak_kv_bytes = cache.peak_bytes if isinstance(cache, CompressedCache) else cache_kv_bytes(cache)
+    return result
