@@ -33,7 +33,8 @@ def running_ppl_plot(curves: Dict[str, List[float]], path: Path, title: str, win
     ax2.set(xlabel="token position", ylabel=f"perplexity ({window}-token window)", yscale="log")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_lines():
+            ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -54,6 +54,17 @@ def checkpoints(nlls: List[float], start: int = 1024) -> dict:
     return out
 
 
+def next_query_position(previous: int, held: int, mode: str = "slot") -> int:
+    """Position of the next query, given the previous one and the cache length before this step.
+
+    ``"slot"``: the new key's slot, ``held``. ``"official"``: ``previous + 1`` while that does not
+    exceed ``held``, else ``previous`` (the official harness; start with ``previous = -1``).
+    """
+    if mode == "slot":
+        return held
+    return previous + 1 if previous + 1 <= held else previous
+
+
 def tuple_kv_bytes(past) -> int:
     return sum(t.numel() * t.element_size() for layer in past for t in layer[:2])
 
@@ -114,10 +125,7 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
                     held = 0 if cache is None else cache[0][0].shape[-2]
                 else:
                     held = cache.get_seq_length()
-                if query_position == "slot":
-                    position = held
-                elif position + 1 <= held:
-                    position += 1
+                position = next_query_position(position, held, query_position)
                 out = model(ids[:, idx:idx + 1], past_key_values=cache, use_cache=True,
                             position_ids=torch.tensor([[position]], device=device))
                 cache = out.past_key_values

@@ -1,0 +1,158 @@
+"""ppl/run.py end to end on a tiny local model: flags, outputs, protocol, errors."""
+import json
+import math
+import os
+
+import pytest
+import torch
+import transformers
+
+from lacache_core import LaCache
+from lacache_core.data import load_texts
+from lacache_core.errors import ConfigError
+from lacache_core.streaming import next_query_position
+from ppl.run import main
+from tiny import tiny_model
+
+WORDS = [f"w{i}" for i in range(120)]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    fast.save_pretrained(folder)
+    tiny_model("llama", "eager", layers=6).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    g = torch.Generator().manual_seed(3)
+    words = [WORDS[i] for i in torch.randint(0, len(WORDS), (700,), generator=g)]
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text(" ".join(words))
+    return path
+
+
+def test_run_writes_outputs_and_scores_num_eval_tokens_plus_one(tiny_dir, text_file, tmp_path, capsys):
+    rc = main(["--model_name_or_path", str(tiny_dir), "--dataset_name", str(text_file), "--device", "cpu",
+               "--method", "full,streamingllm,lacache", "--cache_size", "48", "--span", "2",
+               "--num_eval_tokens", "300", "--output_dir", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out.count("ppl: ") == 3
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(runs) == 3
+    for run in runs:
+        summary = json.loads((run / "summary.json").read_text())
+        nlls = [float(x) for x in (run / "nlls.txt").read_text().split()]
+        assert summary["complete"] and len(nlls) == 301 == summary["results"]["tokens_scored"]
+        assert math.isclose(summary["results"]["ppl"], math.exp(sum(nlls) / len(nlls)), rel_tol=1e-5)
+        assert "transformers" in summary["versions"] and summary["args"]["cache_size"] == 48
+        if "matplotlib" in summary["versions"] or _has_matplotlib():
+            assert (run / "running_ppl.png").exists()
+    full = json.loads(next(r for r in runs if "__full__" in r.name).joinpath("summary.json").read_text())
+    lac = json.loads(next(r for r in runs if "__lacache" in r.name).joinpath("summary.json").read_text())
+    assert lac["results"]["peak_kv_bytes"] < full["results"]["peak_kv_bytes"]
+    assert (tmp_path / "comparison.md").read_text().count("| lacache |") == 1
+    # a rerun finds the finished runs and does not redo them
+    rc = main(["--model_name_or_path", str(tiny_dir), "--dataset_name", str(text_file), "--device", "cpu",
+               "--method", "full", "--num_eval_tokens", "300", "--output_dir", str(tmp_path)])
+    assert rc == 0 and "already done" in capsys.readouterr().out
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def test_full_method_matches_plain_hf_loop(tiny_dir, text_file, tmp_path):
+    """Protocol check: same NLLs as a plain transformers token-by-token loop without any patch."""
+    main(["--model_name_or_path", str(tiny_dir), "--dataset_name", str(text_file), "--device", "cpu",
+          "--num_eval_tokens", "120", "--output_dir", str(tmp_path)])
+    run = next(p for p in tmp_path.iterdir() if p.is_dir())
+    ours = [float(x) for x in (run / "nlls.txt").read_text().split()]
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    ids = tok(text_file.read_text(), return_tensors="pt").input_ids
+    past, ref = None, []
+    with torch.no_grad():
+        for i in range(121):
+            res = model(ids[:, i:i + 1], past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            ref.append(torch.nn.functional.cross_entropy(res.logits[0, -1], ids[0, i + 1]).item())
+    assert ours == pytest.approx(ref, abs=1e-5)
+
+
+def test_official_query_position_drift():
+    """Spec: S8 O4 on 32 layers, the cache length cycles 254..258 and the official query sticks at 258."""
+    policy, held, pos, official, ours = LaCache(256, 8, 4, 4), 0, -1, [], []
+    for t in range(600):
+        pos = next_query_position(pos, held, "official")
+        official.append(pos)
+        ours.append(next_query_position(pos, held, "slot"))
+        policy.compact(held + 1, 32)
+        held = policy.positions.shape[1]
+    assert official[:259] == list(range(259)) and set(official[300:]) == {258}
+    assert set(ours[300:]) == {254, 255, 256, 257, 258}
+    assert max(o - s for o, s in zip(official, ours)) == 4  # R - 1
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--span", "0", "--enable_lacache"], "--span"),
+    (["--overlap", "16", "--span", "16", "--enable_lacache"], "--overlap"),
+    (["--cache_size", "10", "--span", "2", "--enable_lacache"], "--cache_size"),
+    (["--span", "6", "--enable_lacache"], "--span"),
+    (["--dtype", "float8", "--method", "full"], "--dtype"),
+    (["--dataset_name", "missing_file.jsonl", "--method", "full"], "--dataset_name"),
+])
+def test_bad_settings_give_one_line_errors(tiny_dir, text_file, tmp_path, capsys, argv, flag):
+    base = ["--model_name_or_path", str(tiny_dir), "--dataset_name", str(text_file), "--device", "cpu",
+            "--output_dir", str(tmp_path)]
+    assert main(base + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1].split("\r")[-1]
+    assert err.startswith("error: ") and flag in err
+
+
+def test_bad_method_and_token_count_rejected_by_parser(capsys):
+    for argv in (["--method", "h2o_typo"], ["--num_eval_tokens", "0"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+    assert "--method" in capsys.readouterr().err
+
+
+def test_local_dataset_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("one two three")
+    assert load_texts(str(tmp_path / "a.txt")) == ["one two three"]
+    datasets = pytest.importorskip("datasets")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "x y"}) + "\n" + json.dumps({"text": "z"}) + "\n")
+    assert load_texts(str(tmp_path / "b.jsonl")) == ["x y", "z"]
+    ds = datasets.Dataset.from_dict({"text": ["p", "q"]})
+    ds.to_parquet(str(tmp_path / "c.parquet"))
+    assert load_texts(str(tmp_path / "c.parquet")) == ["p", "q"]
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "saved"))
+    assert load_texts(str(tmp_path / "saved"), split="test") == ["p", "q"]
+    with pytest.raises(ConfigError, match="--split"):
+        load_texts(str(tmp_path / "saved"), split="validation")
+    with pytest.raises(ConfigError, match="no 'text' field"):
+        (tmp_path / "d.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+        load_texts(str(tmp_path / "d.jsonl"))
+
+
+def test_hub_name_offline_gives_one_line_message(monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ConfigError) as err:
+        load_texts("no-such-org/no-such-dataset-xyz", None, "test")
+    assert "local .txt" in str(err.value) and "\n" not in str(err.value)
