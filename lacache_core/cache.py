@@ -86,6 +86,7 @@ class CompressedCache(DynamicCache):
         keep = self.policy.compact(n, self.num_layers)
         if keep is None:
             return
+        keep = keep.to(self._layer(0)[0].device)  # one host-to-device copy per compaction, not one per layer
         for i in range(self.num_layers):
             self._set_layer(i, *gather_layer(*self._layer(i), keep[i]))
 

@@ -123,6 +123,9 @@ def main(argv=None):
         overlap = span // 2 if args.overlap is None else args.overlap
         settings = dict(cache_size=args.cache_size, recent_size=args.cache_size - 4, start_size=4, span=span,
                         overlap=overlap)
+        # warm-up: first use of each kernel shape (CUDA lazy loading, cuBLAS heuristics) is not what we measure
+        for method in args.methods.split(","):
+            bench_one(model, method, settings, min(int(c) for c in args.contexts.split(",")), 8, vocab, args.device)
         rows = []
         for context in [int(c) for c in args.contexts.split(",")]:
             for method in args.methods.split(","):

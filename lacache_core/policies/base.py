@@ -127,7 +127,7 @@ class CachePolicy:
 
 def gather_layer(key: torch.Tensor, value: torch.Tensor, keep_row: torch.Tensor):
     """Keep slots ``keep_row`` (``LongTensor [n_keep]``) of one layer's ``[b, h, seq, d]`` key and value."""
-    idx = keep_row.to(key.device, non_blocking=True)
+    idx = keep_row if keep_row.device == key.device else keep_row.to(key.device)
     return key.index_select(-2, idx), value.index_select(-2, idx)
 
 
