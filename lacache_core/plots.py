@@ -29,7 +29,7 @@ def running_ppl_plot(curves: Dict[str, List[float]], path: Path, title: str, win
                 run += nlls[i] - nlls[i - window]
                 win.append(math.exp(run / window))
             ax2.plot(range(window, len(nlls) + 1), win, label=label)
-    ax1.set(xlabel="tokens scored", ylabel="perplexity (cumulative)", title=title)
+    ax1.set(xlabel="tokens scored", ylabel="perplexity (cumulative)", title=title, yscale="log")
     ax2.set(xlabel="token position", ylabel=f"perplexity ({window}-token window)", yscale="log")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
