@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, List, Optional
 
 import torch
@@ -78,9 +79,62 @@ def cache_kv_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for t in list(cache.key_cache) + list(cache.value_cache))
 
 
+def _cache_layers(cache, legacy: bool):
+    """Per-layer ``(key, value)`` tensors of any cache this loop uses."""
+    if cache is None:
+        return []
+    if legacy:
+        return [tuple(layer[:2]) for layer in cache]
+    if isinstance(cache, CompressedCache):
+        return [cache._layer(i) for i in range(cache.num_layers)]
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def _new_cache(policy: CachePolicy, num_layers: int, legacy: bool, query_position: str):
+    if legacy:
+        return None
+    if policy.position_shift:
+        return CompressedCache(policy, num_layers, query_at_slot=query_position == "slot")
+    from transformers import DynamicCache
+    return DynamicCache()
+
+
+def _restore_cache(state: dict, policy: CachePolicy, num_layers: int, legacy: bool, query_position: str, device):
+    layers = [(k.to(device), v.to(device)) for k, v in state["layers"]]
+    if legacy:
+        return layers or None
+    cache = _new_cache(policy, num_layers, legacy, query_position)
+    from transformers import DynamicCache
+    for i, (k, v) in enumerate(layers):
+        DynamicCache.update(cache, k, v, i)  # the base update: no compaction, the policy state is restored as is
+    if isinstance(cache, CompressedCache):
+        cache.patched_forward_seen = True
+        cache.peak_bytes = state["peak_kv_bytes"]
+    return cache
+
+
+def save_checkpoint(path: Path, policy: CachePolicy, cache, legacy: bool, result: "StreamResult", where: tuple,
+                    position: int, meta: dict) -> None:
+    """Everything needed to continue the stream: scored NLLs, where we are, policy state and cache."""
+    state = {"nlls": result.nlls, "where": where, "position": position, "seconds": result.seconds,
+             "peak_kv_bytes": result.peak_kv_bytes if not isinstance(cache, CompressedCache) else cache.peak_bytes,
+             "policy": policy, "layers": [(k.cpu(), v.cpu()) for k, v in _cache_layers(cache, legacy)], "meta": meta}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolicy,
                       num_eval_tokens: Optional[int] = None, query_position: str = "slot",
-                      on_token: Optional[Callable[[int, float], None]] = None, desc: str = "ppl") -> StreamResult:
+                      on_token: Optional[Callable[[int, float], None]] = None, desc: str = "ppl",
+                      checkpoint: Optional[Path] = None, checkpoint_every: int = 0,
+                      resume: Optional[dict] = None, meta: Optional[dict] = None) -> StreamResult:
     """Stream ``texts`` through ``model`` one token at a time under ``policy``.
 
     Parameters
@@ -96,6 +150,11 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
         frees several slots at once, i.e. LaCache with ``R >= 2``).
     on_token : callable ``(index, nll)``, optional
         Called after each scored token (used to append results to disk as they come).
+    checkpoint, checkpoint_every : Path, int
+        Save the full stream state to ``checkpoint`` every ``checkpoint_every`` scored tokens (0: never).
+    resume : dict, optional
+        A state from :func:`load_checkpoint`; ``policy`` is then replaced by the saved one and the
+        stream continues exactly where it stopped (same NLLs as an uninterrupted run).
     """
     if query_position not in QUERY_POSITIONS:
         raise ConfigError(f"--query_position must be one of {QUERY_POSITIONS}, got {query_position!r}")
@@ -105,22 +164,25 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
     legacy = not HAS_CACHE_CLASSES
     if policy.position_shift:
         enable_position_shift(model)
-    if legacy:
-        cache = None
-    elif policy.position_shift:
-        cache = CompressedCache(policy, num_layers, query_at_slot=query_position == "slot")
+    result, position, skip = StreamResult(), -1, (0, -1)
+    if resume is not None:
+        policy = resume["policy"]
+        cache = _restore_cache(resume, policy, num_layers, legacy, query_position, device)
+        result.nlls, result.seconds = list(resume["nlls"]), resume["seconds"]
+        result.peak_kv_bytes, position, skip = resume["peak_kv_bytes"], resume["position"], tuple(resume["where"])
     else:
-        from transformers import DynamicCache
-        cache = DynamicCache()
+        cache = _new_cache(policy, num_layers, legacy, query_position)
 
     limit = None if num_eval_tokens is None else num_eval_tokens + 1
-    result, position = StreamResult(), -1
-    bar = tqdm(total=limit, desc=desc, unit="tok", dynamic_ncols=True)
-    start = time.perf_counter()
+    bar = tqdm(total=limit, initial=len(result.nlls), desc=desc, unit="tok", dynamic_ncols=True)
+    start = time.perf_counter() - result.seconds
     with torch.inference_mode():
-        for text in texts:
+        for text_index, text in enumerate(texts):
+            if text_index < skip[0] or (limit is not None and len(result.nlls) >= limit):
+                continue
             ids = tokenizer(text, return_tensors="pt").input_ids.to(device)
-            for idx in range(ids.shape[1] - 1):
+            first = skip[1] + 1 if text_index == skip[0] else 0
+            for idx in range(first, ids.shape[1] - 1):
                 if legacy:
                     held = 0 if cache is None else cache[0][0].shape[-2]
                 else:
@@ -139,12 +201,14 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
                 bar.update(1)
                 if len(result.nlls) % 64 == 0:
                     bar.set_postfix(ppl=f"{result.ppl:.3f}", refresh=False)
+                if checkpoint is not None and checkpoint_every and len(result.nlls) % checkpoint_every == 0:
+                    result.seconds = time.perf_counter() - start
+                    save_checkpoint(checkpoint, policy, cache, legacy, result, (text_index, idx), position, meta or {})
                 if limit is not None and len(result.nlls) >= limit:
                     break
-            if limit is not None and len(result.nlls) >= limit:
-                break
     result.seconds = time.perf_counter() - start
     bar.close()
     if not legacy:
-        result.peak_kv_bytes = cache.peak_bytes if isinstance(cache, CompressedCache) else cache_kv_bytes(cache)
+        result.peak_kv_bytes = cache.peak_bytes if isinstance(cache, CompressedCache) else max(
+            result.peak_kv_bytes, cache_kv_bytes(cache))
     return result

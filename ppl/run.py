@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -20,7 +19,8 @@ from lacache_core.data import load_texts  # noqa: E402
 from lacache_core.models import DEFAULT_MODEL, load_model  # noqa: E402
 from lacache_core.plots import running_ppl_plot  # noqa: E402
 from lacache_core.runlog import run_record, write_json  # noqa: E402
-from lacache_core.streaming import QUERY_POSITIONS, checkpoints, stream_perplexity  # noqa: E402
+from lacache_core.streaming import (QUERY_POSITIONS, checkpoints, load_checkpoint,  # noqa: E402
+                                    stream_perplexity)
 
 COMPARE = ["full", "streamingllm", "lacache"]
 DEFAULT_COMPARE_TOKENS = 1000
@@ -56,9 +56,14 @@ def parse_args(argv=None):
     p.add_argument("--attn_implementation", default=None, choices=[None, "eager", "sdpa", "flash_attention_2"])
     p.add_argument("--output_dir", default="outputs/ppl")
     p.add_argument("--overwrite", action="store_true", help="rerun methods whose results already exist")
+    p.add_argument("--checkpoint_every", type=int, default=1000,
+                   help="save the stream state (NLLs, policy, KV cache) every N scored tokens so that an interrupted "
+                        "run resumes where it stopped; 0 disables (default 1000)")
     args = p.parse_args(argv)
     if args.num_eval_tokens is not None and args.num_eval_tokens < 1:
         p.error(f"--num_eval_tokens must be >= 1, got {args.num_eval_tokens}")
+    if args.checkpoint_every < 0:
+        p.error(f"--checkpoint_every must be >= 0, got {args.checkpoint_every}")
     if args.method is None:
         args.method = "lacache" if args.enable_lacache else (",".join(COMPARE) if args.model_name_or_path is None else "full")
         if args.model_name_or_path is None and args.num_eval_tokens is None:
@@ -97,36 +102,53 @@ def run_tag(args, method: str) -> str:
     return tag + f"__n{args.num_eval_tokens or 'all'}__{args.dtype}"
 
 
+RUN_ONLY_ARGS = ("output_dir", "overwrite", "checkpoint_every", "method", "methods", "device")
+
+
+def identity(args, method: str) -> dict:
+    """The arguments that decide a run's numbers (a checkpoint resumes only a run with the same ones)."""
+    return {k: v for k, v in vars(args).items() if k not in RUN_ONLY_ARGS} | {"method": method}
+
+
 def run_method(args, method, model, tokenizer, texts):
     out_dir = Path(args.output_dir) / run_tag(args, method)
-    summary_path = out_dir / "summary.json"
-    settings = policy_settings(args)
+    summary_path, nll_path, ckpt_path = out_dir / "summary.json", out_dir / "nlls.txt", out_dir / "resume.pt"
     if summary_path.exists() and not args.overwrite:
         done = json.loads(summary_path.read_text())
         if done.get("complete"):
             print(f"[{method}] already done in {out_dir} (use --overwrite to rerun)")
             print(f"ppl: {done['results']['ppl']}")
-            return done["results"], _read_nlls(out_dir / "nlls.txt")
-    policy = build_policy(method, **settings)
+            return done["results"], _read_nlls(nll_path)
+    policy = build_policy(method, **policy_settings(args))
+    resume = None
+    if ckpt_path.exists() and not args.overwrite:
+        state = load_checkpoint(ckpt_path)
+        if state["meta"].get("identity") == identity(args, method):
+            resume = state
+            print(f"[{method}] resuming after {len(state['nlls'])} scored tokens from {ckpt_path}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = run_record(vars(args) | {"method": method}, policy=asdict(policy), complete=False)
-    write_json(summary_path, record)
-    # A partial run restarts: the cache state it needs is rebuilt only by replaying the stream.
-    with open(out_dir / "nlls.txt", "w") as sink:
+    write_json(summary_path, run_record(vars(args) | {"method": method}, policy=policy.settings(), complete=False))
+    with open(nll_path, "w") as sink:
+        for nll in (resume or {}).get("nlls", []):  # the file holds exactly the tokens the stream has scored
+            sink.write(f"{nll:.6f}\n")
+
         def append(i, nll):
             sink.write(f"{nll:.6f}\n")
             sink.flush()
 
         res = stream_perplexity(model, tokenizer, texts, policy, args.num_eval_tokens, args.query_position,
-                                on_token=append, desc=method)
+                                on_token=append, desc=method, checkpoint=ckpt_path,
+                                checkpoint_every=args.checkpoint_every, resume=resume,
+                                meta={"identity": identity(args, method)})
     num_layers = model.config.num_hidden_layers
     results = {
         "ppl": res.ppl, "checkpoints": checkpoints(res.nlls), "tokens_scored": len(res.nlls),
         "tokens_per_s": res.tokens_per_s, "seconds": res.seconds, "peak_kv_bytes": res.peak_kv_bytes,
-        "max_cache_len": policy.max_cache_len(num_layers),
+        "max_cache_len": policy.max_cache_len(num_layers), "resumed": resume is not None,
     }
-    write_json(summary_path, run_record(vars(args) | {"method": method}, policy=asdict(policy),
+    write_json(summary_path, run_record(vars(args) | {"method": method}, policy=policy.settings(),
                                         results=results, complete=True))
+    ckpt_path.unlink(missing_ok=True)  # only needed to resume; can be large for a full cache
     running_ppl_plot({method: res.nlls}, out_dir / "running_ppl.png", f"{run_tag(args, method)}")
     print(f"[{method}] results in {out_dir}")
     print(f"ppl: {res.ppl}")

@@ -156,3 +156,36 @@ def test_hub_name_offline_gives_one_line_message(monkeypatch):
     with pytest.raises(ConfigError) as err:
         load_texts("no-such-org/no-such-dataset-xyz", None, "test")
     assert "local .txt" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_interrupted_run_resumes_with_identical_results(tiny_dir, text_file, tmp_path, monkeypatch):
+    import ppl.run as run_module
+
+    common = ["--model_name_or_path", str(tiny_dir), "--dataset_name", str(text_file), "--device", "cpu",
+              "--method", "lacache", "--cache_size", "48", "--span", "2", "--overlap", "0", "--num_eval_tokens", "300",
+              "--checkpoint_every", "50"]
+    assert main(common + ["--output_dir", str(tmp_path / "clean")]) == 0
+    clean_dir = next((tmp_path / "clean").iterdir())
+    clean = (clean_dir / "nlls.txt").read_text()
+    assert not (clean_dir / "resume.pt").exists()
+
+    real = run_module.stream_perplexity
+
+    def interrupted(*a, on_token=None, **kw):
+        def boom(i, nll):
+            on_token(i, nll)
+            if i == 222:
+                raise KeyboardInterrupt
+        return real(*a, on_token=boom, **kw)
+
+    monkeypatch.setattr(run_module, "stream_perplexity", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(common + ["--output_dir", str(tmp_path / "cut")])
+    cut_dir = next((tmp_path / "cut").iterdir())
+    assert len((cut_dir / "nlls.txt").read_text().split()) == 223  # nothing scored was lost
+    assert (cut_dir / "resume.pt").exists()
+    monkeypatch.setattr(run_module, "stream_perplexity", real)
+    assert main(common + ["--output_dir", str(tmp_path / "cut")]) == 0
+    summary = json.loads((cut_dir / "summary.json").read_text())
+    assert summary["results"]["resumed"] is True and summary["complete"]
+    assert (cut_dir / "nlls.txt").read_text() == clean  # resumed from the token-200 checkpoint, same numbers

@@ -57,6 +57,10 @@ class CachePolicy:
     def hyperparameters(cls) -> List[str]:
         return [f.name for f in fields(cls) if f.init]
 
+    def settings(self) -> dict:
+        """The hyper-parameters, as a JSON-friendly dict (for run records)."""
+        return {"method": self.name, **{k: getattr(self, k) for k in self.hyperparameters()}}
+
     def reset(self) -> None:
         """Forget all state (start a new sequence)."""
         self._positions, self._num_layers, self._seen = None, None, 0
