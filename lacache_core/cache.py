@@ -25,6 +25,10 @@ else:  # transformers < 4.36 has tuple caches only; see ppl_legacy/
 class CompressedCache(DynamicCache):
     """A ``DynamicCache`` compacted by ``policy`` after every forward pass.
 
+    The patched attention stores un-rotated keys through :meth:`update`, shows scoring policies
+    each layer's queries and keys, and calls :meth:`end_of_layer`; after the last layer the policy
+    picks the slots to keep and every layer is gathered once.
+
     Parameters
     ----------
     policy : CachePolicy
@@ -70,17 +74,19 @@ class CompressedCache(DynamicCache):
         return total
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        if layer_idx == self.num_layers - 1:
-            self._compact()
-        return keys, values
-
-    def _compact(self) -> None:
-        if not self.patched_forward_seen:
+        if layer_idx == self.num_layers - 1 and not self.patched_forward_seen:
             raise RuntimeError(
                 "this model's attention is not patched: call lacache_core.enable_position_shift(model) "
                 "before running it with a CompressedCache"
             )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def end_of_layer(self, layer_idx: int) -> None:
+        """Called by the patched attention after each layer; compacts all layers after the last one."""
+        if layer_idx == self.num_layers - 1:
+            self._compact()
+
+    def _compact(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self.kv_bytes())
         n = self._layer(0)[0].shape[-2]
         keep = self.policy.compact(n, self.num_layers)

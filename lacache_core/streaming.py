@@ -162,6 +162,9 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
     policy.bind(num_layers)  # validates the settings against the model before any work
     device = next(model.parameters()).device
     legacy = not HAS_CACHE_CLASSES
+    if legacy and policy.observes:
+        raise ConfigError(f"--method {policy.name} scores tokens from attention and needs transformers >= 4.36 "
+                          "(ppl/run.py); the tuple-cache harness supports full, streamingllm and lacache")
     if policy.position_shift:
         enable_position_shift(model)
     result, position, skip = StreamResult(), -1, (0, -1)

@@ -27,7 +27,8 @@ DEFAULT_COMPARE_TOKENS = 1000
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=methods_help())
     p.add_argument("--model_name_or_path", default=None,
                    help=f"hub name, local folder, or {DEFAULT_MODEL!r} (embedded, offline; the default)")
     p.add_argument("--dataset_name", default="wiki",
@@ -47,6 +48,11 @@ def parse_args(argv=None):
     p.add_argument("--recent_size", type=int, default=None, help="StreamingLLM window (default cache_size - start_size)")
     p.add_argument("--span", type=int, default=16, help="LaCache ladder span S")
     p.add_argument("--overlap", type=int, default=0, help="LaCache ladder overlap O (0 <= O < S)")
+    p.add_argument("--ladder_layout", choices=["official", "paper"], default="official",
+                   help="LaCache: official code's layer offsets, or the paper prose's consecutive-layer ladder")
+    p.add_argument("--recent_ratio", type=float, default=0.5, help="H2O: share of the budget for recent tokens")
+    p.add_argument("--recent_window", type=int, default=32, help="LSH-E: recent tokens never evicted")
+    p.add_argument("--lsh_dim", type=int, default=8, help="LSH-E: SimHash bits")
     p.add_argument("--no_compensate", action="store_true",
                    help="LaCache: make cache_size a hard cap (official code lets it reach cache_size + floor(R/2))")
     p.add_argument("--query_position", choices=QUERY_POSITIONS, default="slot",
@@ -84,9 +90,20 @@ def parse_args(argv=None):
     return args
 
 
+def methods_help() -> str:
+    lines = ["methods (--method NAME) and the flags they read:"]
+    for name, cls in METHODS.items():
+        summary = (cls.__doc__ or "").strip().splitlines()[0]
+        lines.append(f"  {name:<13} {summary}")
+        lines.append(f"  {'':<13} hyper-parameters: {', '.join(cls.hyperparameters()) or '-'}")
+    return "\n".join(lines)
+
+
 def policy_settings(args):
     return dict(cache_size=args.cache_size, start_size=args.start_size, recent_size=args.recent_size,
-                span=args.span, overlap=args.overlap, compensate=not args.no_compensate)
+                span=args.span, overlap=args.overlap, compensate=not args.no_compensate,
+                ladder_layout=args.ladder_layout, recent_ratio=args.recent_ratio, recent_window=args.recent_window,
+                lsh_dim=args.lsh_dim)
 
 
 def run_tag(args, method: str) -> str:
@@ -95,8 +112,15 @@ def run_tag(args, method: str) -> str:
     tag = f"{model}__{data}__{method}"
     if method == "lacache":
         tag += f"_c{args.cache_size}_s{args.span}_o{args.overlap}" + ("_nocomp" if args.no_compensate else "")
+        tag += "_paper" if args.ladder_layout == "paper" else ""
     elif method == "streamingllm":
         tag += f"_c{args.start_size + args.recent_size}"
+    elif method == "h2o":
+        tag += f"_c{args.cache_size}_r{args.recent_ratio:g}"
+    elif method == "lshe":
+        tag += f"_c{args.cache_size}_b{args.lsh_dim}_w{args.recent_window}"
+    elif method != "full":
+        tag += f"_c{args.cache_size}"
     if args.query_position != "slot":
         tag += f"_q{args.query_position}"
     return tag + f"__n{args.num_eval_tokens or 'all'}__{args.dtype}"

@@ -41,3 +41,12 @@ def test_after_eviction_matches_from_scratch_step(policy):
     expected = manual_next_logits(model, int(TOKENS[0, 150]), past)
     ours, _ = run(model, TOKENS[:, 150:151], past=past)
     torch.testing.assert_close(ours[0], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_scoring_methods_need_cache_objects():
+    from lacache_core import H2O, ConfigError
+    from lacache_core.streaming import stream_perplexity
+
+    model = tiny_model("llama", "eager")
+    with pytest.raises(ConfigError, match="--method h2o"):
+        stream_perplexity(model, None, [], H2O(cache_size=48))

@@ -4,7 +4,7 @@ import torch
 import transformers
 from packaging.version import Version
 
-from lacache_core import LaCache, StreamingLLM, enable_position_shift, make_cache
+from lacache_core import H2O, LSHE, TOVA, LaCache, StreamingLLM, enable_position_shift, make_cache
 from tiny import ATTN, FAMILIES, manual_next_logits, tiny_model
 
 MODERN = Version(transformers.__version__) >= Version("4.36")
@@ -46,7 +46,10 @@ def cached_unrotated(cache):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("policy", [LaCache(cache_size=48, span=2, overlap=0), LaCache(cache_size=60, span=3, overlap=1),
-                                    StreamingLLM(start_size=4, recent_size=40)], ids=["la-s2o0", "la-s3o1", "sllm"])
+                                    StreamingLLM(start_size=4, recent_size=40), H2O(cache_size=44), TOVA(cache_size=44),
+                                    LSHE(cache_size=44, recent_window=8),
+                                    LaCache(cache_size=60, span=3, overlap=1, ladder_layout="paper")],
+                         ids=["la-s2o0", "la-s3o1", "sllm", "h2o", "tova", "lshe", "la-paper"])
 def test_after_eviction_matches_from_scratch_step(family, attn, policy):
     import copy
 

@@ -105,6 +105,10 @@ def position_shift_forward(self, hidden_states, attention_mask=None, position_id
     else:
         query = apply_rope(query, *self._lacache_rope.at(position_ids, query))
 
+    if not tuple_mode and past_key_value.policy.observes:
+        past_key_value.policy.observe(self.layer_idx, query, key, self.head_dim ** -0.5)
     out, weights = _attend(self, query, key, value, attention_mask, output_attentions)
     out = self.o_proj(out.reshape(bsz, q_len, -1).contiguous())
+    if not tuple_mode:
+        past_key_value.end_of_layer(self.layer_idx)
     return out, weights, present

@@ -49,6 +49,8 @@ def position_shift_forward(self, hidden_states, position_embeddings=None, attent
     else:
         query = apply_rope(query, *position_embeddings)
 
+    if cache.policy.observes:
+        cache.policy.observe(self.layer_idx, query, key, self.scaling)
     extra = {}
     window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
     if window is not None:
@@ -59,4 +61,5 @@ def position_shift_forward(self, hidden_states, position_embeddings=None, attent
         scaling=self.scaling, **extra, **kwargs,
     )
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    cache.end_of_layer(self.layer_idx)
     return self.o_proj(attn_output), attn_weights

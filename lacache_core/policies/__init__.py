@@ -7,10 +7,13 @@ from typing import Dict, Type
 from ..errors import ConfigError
 from .base import CachePolicy
 from .full import FullCache
+from .h2o import H2O
 from .lacache import LaCache
+from .lshe import LSHE
 from .streamingllm import StreamingLLM
+from .tova import TOVA
 
-METHODS: Dict[str, Type[CachePolicy]] = {cls.name: cls for cls in (FullCache, StreamingLLM, LaCache)}
+METHODS: Dict[str, Type[CachePolicy]] = {cls.name: cls for cls in (FullCache, StreamingLLM, LaCache, H2O, TOVA, LSHE)}
 
 
 def build_policy(method: str, **settings) -> CachePolicy:
@@ -25,4 +28,4 @@ def build_policy(method: str, **settings) -> CachePolicy:
     return cls(**{k: v for k, v in settings.items() if k in names and v is not None})
 
 
-__all__ = ["CachePolicy", "FullCache", "LaCache", "StreamingLLM", "METHODS", "build_policy"]
+__all__ = ["CachePolicy", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "METHODS", "build_policy"]

@@ -29,6 +29,8 @@ class CachePolicy:
     name: ClassVar[str] = "base"
     #: ``True`` for policies whose cache slots are re-rotated (keys cached before RoPE).
     position_shift: ClassVar[bool] = True
+    #: ``True`` for policies that score tokens: :meth:`observe` then sees every layer's queries and keys.
+    observes: ClassVar[bool] = False
 
     _positions: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
     _num_layers: Optional[int] = field(default=None, init=False, repr=False)
@@ -43,10 +45,20 @@ class CachePolicy:
 
         Returns
         -------
-        torch.LongTensor of shape ``[num_layers, n_keep]`` (CPU, increasing per row), or ``None``
-        when nothing is evicted.
+        torch.LongTensor of shape ``[num_layers, n_keep]`` (increasing per row; any device), or
+        ``None`` when nothing is evicted.
         """
         raise NotImplementedError
+
+    def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        """See one layer's attention inputs of the current forward pass (before compaction).
+
+        Parameters
+        ----------
+        query : ``[batch, heads, q, head_dim]``, rotated as the attention sees it.
+        key : ``[batch, kv_heads, n, head_dim]``, all cached keys including the new ones, rotated.
+        scaling : the attention's softmax scale (``head_dim ** -0.5``).
+        """
 
     def max_cache_len(self, num_layers: int) -> Optional[int]:
         """Largest number of slots a layer holds after a call (``None``: unbounded)."""
@@ -93,7 +105,7 @@ class CachePolicy:
         self._observe(n, num_layers)
         keep = self.select(n, num_layers)
         if keep is not None:
-            self._positions = torch.gather(self._positions, 1, keep)
+            self._positions = torch.gather(self._positions, 1, keep.to(self._positions.device))
         return keep
 
     def _observe(self, n: int, num_layers: int) -> None:

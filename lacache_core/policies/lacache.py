@@ -48,6 +48,9 @@ def ladder_index(n: int, start: int, groups: int, group_size: int, inner: torch.
     return torch.cat([head, body, tail], dim=1)
 
 
+LAYOUTS = ("official", "paper")
+
+
 @dataclass
 class LaCache(CachePolicy):
     """Ladder-shaped KV cache with iterative compaction.
@@ -65,6 +68,12 @@ class LaCache(CachePolicy):
         ``s``, leading tokens (attention sinks) never evicted.
     compensate : bool
         Grow ``C`` once by ``floor(R / 2)`` at the first compaction, as the official code does.
+    ladder_layout : {"official", "paper"}
+        Which layer keeps which slot of a ladder group. ``official``: layer ``i`` starts at offset
+        ``i mod (R + 1)`` (layers alternate). ``paper``: the layout of the paper's prose: token ``j``
+        of a group is kept by the ``S`` consecutive layers ``[j (S - O), j (S - O) + S - 1]``
+        (shallow layers old tokens, deep layers new), widened at the first and last token so that
+        every layer keeps ``A`` slots per group.
     num_layers : int, optional
         If given, the settings are validated against it immediately.
 
@@ -81,6 +90,7 @@ class LaCache(CachePolicy):
     overlap: int = 0
     start_size: int = 4
     compensate: bool = True
+    ladder_layout: str = "official"
     num_layers: Optional[int] = None
 
     _capacity: int = field(default=0, init=False, repr=False)
@@ -92,6 +102,8 @@ class LaCache(CachePolicy):
         check_int("overlap", self.overlap, 0, self.span - 1)
         check_int("start_size", self.start_size, 0)
         check_int("cache_size", self.cache_size, 1)
+        if self.ladder_layout not in LAYOUTS:
+            raise ConfigError(f"--ladder_layout must be one of {LAYOUTS}, got {self.ladder_layout!r}")
         self._reset_state()
         if self.num_layers is not None:
             self.validate(self.num_layers)
@@ -132,6 +144,14 @@ class LaCache(CachePolicy):
         _, _, freed = self.geometry(num_layers)
         return self.cache_size + (freed // 2 if self.compensate else 0)
 
+    def layer_offsets(self, num_layers: int) -> torch.Tensor:
+        """First slot each layer keeps inside a ladder group, ``LongTensor [L]`` in ``[0, R]``."""
+        _, kept, freed = self.geometry(num_layers)
+        layers = torch.arange(num_layers)
+        if self.ladder_layout == "official":
+            return layers % (freed + 1)
+        return (layers // (self.span - self.overlap) - kept + 1).clamp(0, freed)
+
     # ------------------------------------------------------------------ one call
     def select(self, n: int, num_layers: int) -> Optional[torch.Tensor]:
         if n <= self._capacity:
@@ -152,7 +172,8 @@ class LaCache(CachePolicy):
         groups = room // kept if startover else ceil_div(need, freed)
         layers = torch.arange(num_layers)
         inner = torch.arange(kept)
-        keep = ladder_index(n, cursor, groups, group, inner, layers % (freed + 1))
+        offsets = self.layer_offsets(num_layers)
+        keep = ladder_index(n, cursor, groups, group, inner, offsets)
         if not startover:
             self._cursor = cursor + groups * kept
             return keep
@@ -166,7 +187,8 @@ class LaCache(CachePolicy):
         groups2 = ceil_div(need2, freed2)
         # The official offset ``i mod (R2 + 1)`` overruns the group when times >= 2 and A >= 2
         # (a token kept twice); cap it at the last offset whose A entries stay in the group.
-        offset2 = (layers % (freed2 + 1)).clamp(max=group2 - 1 - times * (kept - 1))
+        offset2 = layers % (freed2 + 1) if self.ladder_layout == "official" else offsets * times
+        offset2 = offset2.clamp(max=group2 - 1 - times * (kept - 1))
         second = ladder_index(keep.shape[1], s, groups2, group2, inner * times, offset2)
         self._cursor = s + groups2 * kept
         return torch.gather(keep, 1, second)

@@ -1,0 +1,68 @@
+"""H2O (Zhang et al., NeurIPS 2023): heavy hitters by accumulated attention, plus recent tokens."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, List, Optional
+
+import torch
+
+from ..errors import ConfigError
+from .base import CachePolicy, check_int
+from .scoring import attention_mass, keep_top, pad_to
+
+
+@dataclass
+class H2O(CachePolicy):
+    """Keep sinks, a recent window, and the tokens with the largest attention mass accumulated so far.
+
+    Parameters
+    ----------
+    cache_size : int
+        Slots per layer ``C``.
+    start_size : int
+        Leading tokens always kept (the same sinks as every method).
+    recent_ratio : float
+        Share of ``C - start_size`` given to the recent window (H2O's default: half).
+
+    Scores are the attention each token received from every query since it entered the cache
+    (prefill included), averaged over heads, one ranking per layer.
+    """
+
+    name: ClassVar[str] = "h2o"
+    observes: ClassVar[bool] = True
+
+    cache_size: int = 256
+    start_size: int = 4
+    recent_ratio: float = 0.5
+
+    _scores: List[Optional[torch.Tensor]] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_int("start_size", self.start_size, 0)
+        check_int("cache_size", self.cache_size, self.start_size + 2)
+        if not 0.0 <= self.recent_ratio < 1.0:
+            raise ConfigError(f"--recent_ratio must be in [0, 1), got {self.recent_ratio}")
+
+    def _reset_state(self) -> None:
+        self._scores = []
+
+    @property
+    def recent_size(self) -> int:
+        return int((self.cache_size - self.start_size) * self.recent_ratio)
+
+    def max_cache_len(self, num_layers: int) -> int:
+        return self.cache_size
+
+    def observe(self, layer, query, key, scaling):
+        while len(self._scores) <= layer:
+            self._scores.append(None)
+        n = key.shape[2]
+        self._scores[layer] = pad_to(self._scores[layer], n, key.device) + attention_mass(query, key, scaling)
+
+    def select(self, n: int, num_layers: int):
+        if n <= self.cache_size:
+            return None
+        keep = torch.stack([keep_top(self._scores[i], n, self.start_size, self.recent_size, self.cache_size)
+                            for i in range(num_layers)])
+        self._scores = [s[row] for s, row in zip(self._scores, keep)]
+        return keep

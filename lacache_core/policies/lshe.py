@@ -1,0 +1,77 @@
+"""LSH-E ("LSH Tells You What to Discard", ICLR 2025): evict by SimHash similarity to the query."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, List, Optional
+
+import torch
+
+from .base import CachePolicy, check_int
+from .scoring import keep_top
+
+
+@dataclass
+class LSHE(CachePolicy):
+    """Score each cached key by the Hamming similarity of its SimHash to the current query's.
+
+    Parameters
+    ----------
+    cache_size : int
+        Slots per layer.
+    start_size : int
+        Global (sink) tokens never evicted (LSH-E's ``global_tokens``, default 4).
+    recent_window : int
+        Most recent tokens never evicted (LSH-E's ``recent_window``).
+    lsh_dim : int
+        Hash bits: signs of ``lsh_dim`` random Gaussian projections (seeded by ``seed``).
+
+    The score of a key is ``lsh_dim`` minus the Hamming distance between its hash and the newest
+    query's, averaged over the query heads that share its KV head, then over heads (one ranking per
+    layer). Keys are hashed as the attention sees them (rotated by their cache slot).
+    """
+
+    name: ClassVar[str] = "lshe"
+    observes: ClassVar[bool] = True
+
+    cache_size: int = 256
+    start_size: int = 4
+    recent_window: int = 32
+    lsh_dim: int = 8
+    seed: int = 0
+
+    _sim: List[Optional[torch.Tensor]] = field(default_factory=list, init=False, repr=False)
+    _proj: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_int("start_size", self.start_size, 0)
+        check_int("recent_window", self.recent_window, 0)
+        check_int("lsh_dim", self.lsh_dim, 1, 64)
+        check_int("cache_size", self.cache_size, self.start_size + self.recent_window + 1)
+
+    def _reset_state(self) -> None:
+        self._sim, self._proj = [], None
+
+    def max_cache_len(self, num_layers: int) -> int:
+        return self.cache_size
+
+    def _hash(self, x: torch.Tensor) -> torch.Tensor:
+        if self._proj is None or self._proj.device != x.device or self._proj.shape[0] != x.shape[-1]:
+            g = torch.Generator().manual_seed(self.seed)
+            self._proj = torch.randn(x.shape[-1], self.lsh_dim, generator=g).to(x.device)
+        return (x.float() @ self._proj) > 0
+
+    def observe(self, layer, query, key, scaling):
+        while len(self._sim) <= layer:
+            self._sim.append(None)
+        b, heads, _, _ = query.shape
+        kv_heads = key.shape[1]
+        q_hash = self._hash(query[:, :, -1]).view(b, kv_heads, heads // kv_heads, 1, self.lsh_dim)
+        k_hash = self._hash(key)[:, :, None]  # [b, kvh, 1, n, bits]
+        agree = (q_hash == k_hash).sum(-1).float()  # [b, kvh, g, n]
+        self._sim[layer] = agree.mean((0, 1, 2))
+
+    def select(self, n: int, num_layers: int):
+        if n <= self.cache_size:
+            return None
+        return torch.stack([keep_top(self._sim[i], n, self.start_size, self.recent_window, self.cache_size)
+                            for i in range(num_layers)])

@@ -1,0 +1,68 @@
+"""Attention scores for the policies that rank tokens (H2O, TOVA, ...), computed from q and k.
+
+Policies compute the few attention rows they need themselves, so they work whatever kernel the
+model runs (eager, sdpa, flash_attention_2): no attention weights are requested from the model.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def attention_probs(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Softmax attention of each query over all keys, averaged over the query heads of a KV head.
+
+    Parameters
+    ----------
+    query : ``[b, heads, q, d]``, the last ``q`` positions of the sequence.
+    key : ``[b, kv_heads, n, d]``, with ``n >= q``; query ``j`` sits at slot ``n - q + j`` and
+        only sees keys up to it (causal).
+
+    Returns
+    -------
+    ``[b, kv_heads, q, n]`` float32 probabilities.
+    """
+    b, heads, q, d = query.shape
+    kv_heads, n = key.shape[1], key.shape[2]
+    grouped = query.float().view(b, kv_heads, heads // kv_heads, q, d)
+    logits = torch.einsum("bkgqd,bknd->bkgqn", grouped, key.float()) * scaling
+    if q > 1:
+        rows = torch.arange(n - q, n, device=key.device)[:, None]
+        logits = logits.masked_fill(torch.arange(n, device=key.device)[None, :] > rows, float("-inf"))
+    return logits.softmax(-1).mean(2)
+
+
+def attention_mass(query: torch.Tensor, key: torch.Tensor, scaling: float, chunk: int = 256) -> torch.Tensor:
+    """Attention each key receives, summed over all queries, averaged over batch and heads: ``[n]``.
+
+    Queries are processed ``chunk`` at a time so a long prefill needs ``O(chunk * n)`` memory.
+    """
+    q, n = query.shape[2], key.shape[2]
+    total = torch.zeros(n, device=key.device, dtype=torch.float32)
+    for start in range(0, q, chunk):
+        stop = min(start + chunk, q)
+        # queries start..stop-1 sit at slots n - q + start ...; keys beyond the last of them are masked
+        visible = n - q + stop
+        probs = attention_probs(query[:, :, start:stop], key[:, :, :visible], scaling)
+        total[:visible] += probs.sum(2).mean((0, 1))
+    return total
+
+
+def keep_top(scores: torch.Tensor, n: int, start_size: int, recent_size: int, budget: int) -> torch.Tensor:
+    """Slots kept: the first ``start_size``, the last ``recent_size``, and the highest ``scores`` in between.
+
+    ``scores`` is ``[n]``; returns a sorted LongTensor of ``budget`` slots (on ``scores``' device).
+    """
+    device = scores.device
+    middle = scores[start_size:n - recent_size]
+    top = torch.topk(middle, budget - start_size - recent_size).indices + start_size
+    return torch.cat([torch.arange(start_size, device=device), top.sort().values,
+                      torch.arange(n - recent_size, n, device=device)])
+
+
+def pad_to(scores, n: int, device) -> torch.Tensor:
+    """``scores`` (``[m]`` or None) extended with zeros for the ``n - m`` newest slots."""
+    if scores is None:
+        return torch.zeros(n, device=device)
+    if scores.shape[0] == n:
+        return scores
+    return torch.cat([scores, torch.zeros(n - scores.shape[0], device=scores.device)])

@@ -1,0 +1,117 @@
+"""Every registered method through the same checks, plus a hand-computed selection per method.
+
+Adding a method to ``lacache_core.policies.METHODS`` adds it to the matrix automatically.
+"""
+import math
+
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+
+from lacache_core import H2O, LSHE, METHODS, TOVA, CompressedCache, LaCache, build_policy, enable_position_shift
+from tiny import tiny_model
+
+pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
+                                reason="cache objects need transformers >= 4.36")
+COMPRESSING = [name for name in METHODS if name != "full"]
+SETTINGS = dict(cache_size=40, start_size=4, recent_size=36, span=2, overlap=0, recent_window=8)
+TOKENS = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(5))
+
+
+def check_cache(cache, budget, seen, method=""):
+    kept = cache.kept_positions()
+    assert cache.get_seq_length() <= budget, "over budget"
+    if seen > budget + 4:
+        assert kept.shape[1] < seen, "compression silently stopped"
+    for row in kept.tolist():
+        assert len(set(row)) == len(row), "a layer holds a token twice"
+        assert row == sorted(row)
+        assert row[:4] == list(range(min(4, seen))), "sinks must be kept"
+        if method != "tova":  # TOVA may drop the newest token if the newest query ignores it
+            assert row[-1] == seen - 1, "the newest token must be kept"
+
+
+@pytest.mark.parametrize("method", COMPRESSING)
+@pytest.mark.parametrize("prefill", [1, 90])
+def test_budget_duplicates_sinks(method, prefill):
+    model = enable_position_shift(tiny_model("llama", "sdpa"))
+    policy = build_policy(method, **SETTINGS)
+    budget = policy.max_cache_len(model.config.num_hidden_layers)
+    cache = CompressedCache(policy, model.config.num_hidden_layers)
+    with torch.no_grad():
+        model(TOKENS[:, :prefill], past_key_values=cache, use_cache=True)
+        check_cache(cache, budget, prefill, method)
+        for t in range(prefill, prefill + 100):
+            model(TOKENS[:, t:t + 1], past_key_values=cache, use_cache=True)
+            check_cache(cache, budget, t + 1, method)
+
+
+@pytest.mark.parametrize("method", COMPRESSING)
+def test_generate_within_budget(method):
+    model = enable_position_shift(tiny_model("qwen2", "sdpa"))
+    policy = build_policy(method, **SETTINGS)
+    cache = CompressedCache(policy, model.config.num_hidden_layers)
+    out = model.generate(TOKENS[:, :10], past_key_values=cache, max_new_tokens=80, min_new_tokens=80, do_sample=False)
+    assert out.shape[1] == 90
+    check_cache(cache, policy.max_cache_len(model.config.num_hidden_layers), 89, method)
+
+
+# ----------------------------------------------------------------------------- hand-computed selections
+def one_head(vectors):
+    """``[1, 1, n, d]`` from a list of d-vectors."""
+    return torch.tensor(vectors, dtype=torch.float32)[None, None]
+
+
+def test_tova_keeps_what_the_newest_query_attends_to():
+    strengths = [0, 5, 1, 4, 2, 3, 0.5, 6]  # key j = strengths[j] * e0, query = e0
+    keys = one_head([[a, 0, 0, 0] for a in strengths])
+    query = one_head([[1, 0, 0, 0]])
+    policy = TOVA(cache_size=6, start_size=1)
+    policy.observe(0, query, keys, scaling=1.0)
+    keep = policy.compact(8, 1)
+    # sink 0, then the 5 strongest of slots 1..7: 7 (6), 1 (5), 3 (4), 5 (3), 4 (2)
+    assert keep.tolist() == [[0, 1, 3, 4, 5, 7]]
+
+
+def test_h2o_accumulates_attention_over_steps():
+    policy = H2O(cache_size=5, start_size=1, recent_ratio=0.25)  # recent = 1, heavy = 3
+    keys = one_head([[0, 0], [2, 0], [0, 2], [1, 1], [0, 0], [-2, 0], [0, 0]])
+    queries = [one_head([[1, 0]]), one_head([[0, 1]])]
+    for q in queries:
+        policy.observe(0, q, keys, scaling=1.0)
+    mass = [0.0] * 7
+    for q in ([1, 0], [0, 1]):
+        logits = [q[0] * k[0] + q[1] * k[1] for k in keys[0, 0].tolist()]
+        z = sum(math.exp(x) for x in logits)
+        mass = [m + math.exp(x) / z for m, x in zip(mass, logits)]
+    middle = sorted(range(1, 6), key=lambda j: -mass[j])[:3]
+    expected = [0] + sorted(middle) + [6]
+    assert policy.compact(7, 1).tolist() == [expected] == [[0, 1, 2, 3, 6]]
+
+
+def test_lshe_prefers_keys_hashing_like_the_query():
+    torch.manual_seed(0)
+    q = torch.randn(8)
+    keys = [q.tolist() if j % 2 == 0 else (-q).tolist() for j in range(10)]  # even slots: same hash, odd: opposite
+    policy = LSHE(cache_size=6, start_size=1, recent_window=1, lsh_dim=16)
+    policy.observe(0, one_head([q.tolist()]), one_head(keys), scaling=1.0)
+    # sink 0 and recent 9 kept; the 4 others must be the even slots 2, 4, 6, 8 (all 16 bits agree; odd: none)
+    assert policy.compact(10, 1).tolist() == [[0, 2, 4, 6, 8, 9]]
+
+
+def test_lacache_paper_layout_token_on_consecutive_layers():
+    """Paper prose, L = 32, S = 8, O = 4: token j of a group sits on layers [4j, 4j + 7], edges widened."""
+    policy = LaCache(256, 8, 4, 4, ladder_layout="paper")
+    n = 0
+    for _ in range(259):
+        n = (0 if policy.positions is None else policy.positions.shape[1]) + 1
+        policy.compact(n, 32)
+    layers = policy.positions_per_layer()
+    holders = {j: [i for i in range(32) if 4 + j in layers[i]] for j in range(7)}
+    for j in range(7):
+        lo, hi = 4 * j, min(4 * j + 7, 31)
+        assert set(range(lo, hi + 1)) <= set(holders[j])
+    assert holders[0] == list(range(0, 8)) and holders[6] == list(range(24, 32))
+    assert holders[1] == list(range(0, 12)) and holders[5] == list(range(20, 32))  # widened at the ends
+    assert {len(row) for row in layers} == {len(layers[0])}
