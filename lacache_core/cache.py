@@ -92,12 +92,14 @@ class CompressedCache(DynamicCache):
         keep = self.policy.compact(n, self.num_layers)
         if keep is None:
             return
-        keep = keep.to(self._layer(0)[0].device)  # one host-to-device copy per compaction, not one per layer
+        if isinstance(keep, torch.Tensor):  # one host-to-device copy per compaction, not one per layer
+            keep = keep.to(self._layer(0)[0].device)
         for i in range(self.num_layers):
             self._set_layer(i, *gather_layer(*self._layer(i), keep[i]))
 
-    def kept_positions(self) -> Optional[torch.Tensor]:
-        """Original token positions held, ``LongTensor [num_layers, n]``."""
+    def kept_positions(self):
+        """Original token positions held: ``LongTensor [num_layers, n]``, or for the prefill-time methods
+        a list with one ``[n_l]`` or ``[kv_heads, n_l]`` tensor per layer."""
         return self.policy.positions
 
 

@@ -165,6 +165,9 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
     if legacy and policy.observes:
         raise ConfigError(f"--method {policy.name} scores tokens from attention and needs transformers >= 4.36 "
                           "(ppl/run.py); the tuple-cache harness supports full, streamingllm and lacache")
+    if policy.prefill_only:
+        raise ConfigError(f"--method {policy.name} compresses a prompt once (prefill-time) and the token-by-token "
+                          "perplexity protocol has no prompt; use it where there is one (generate, LongBench, NIAH)")
     if policy.position_shift:
         enable_position_shift(model)
     result, position, skip = StreamResult(), -1, (0, -1)

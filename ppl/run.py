@@ -53,6 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--recent_ratio", type=float, default=0.5, help="H2O: share of the budget for recent tokens")
     p.add_argument("--recent_window", type=int, default=32, help="LSH-E: recent tokens never evicted")
     p.add_argument("--lsh_dim", type=int, default=8, help="LSH-E: SimHash bits")
+    p.add_argument("--window_size", type=int, default=32, help="SnapKV/PyramidKV/PyramidInfer: observation window")
+    p.add_argument("--kernel_size", type=int, default=7, help="SnapKV/PyramidKV: pooling kernel")
+    p.add_argument("--pooling", choices=["max", "avg"], default="max", help="SnapKV/PyramidKV: pooling")
+    p.add_argument("--beta", type=int, default=20, help="PyramidKV: budget ratio of first to last layer")
     p.add_argument("--no_compensate", action="store_true",
                    help="LaCache: make cache_size a hard cap (official code lets it reach cache_size + floor(R/2))")
     p.add_argument("--query_position", choices=QUERY_POSITIONS, default="slot",
@@ -103,7 +107,8 @@ def policy_settings(args):
     return dict(cache_size=args.cache_size, start_size=args.start_size, recent_size=args.recent_size,
                 span=args.span, overlap=args.overlap, compensate=not args.no_compensate,
                 ladder_layout=args.ladder_layout, recent_ratio=args.recent_ratio, recent_window=args.recent_window,
-                lsh_dim=args.lsh_dim)
+                lsh_dim=args.lsh_dim, window_size=args.window_size, kernel_size=args.kernel_size,
+                pooling=args.pooling, beta=args.beta)
 
 
 def run_tag(args, method: str) -> str:

@@ -14,7 +14,7 @@ from tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
-COMPRESSING = [name for name in METHODS if name != "full"]
+COMPRESSING = [name for name, cls in METHODS.items() if name != "full" and not cls.prefill_only]
 SETTINGS = dict(cache_size=40, start_size=4, recent_size=36, span=2, overlap=0, recent_window=8)
 TOKENS = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(5))
 
@@ -115,3 +115,81 @@ def test_lacache_paper_layout_token_on_consecutive_layers():
     assert holders[0] == list(range(0, 8)) and holders[6] == list(range(24, 32))
     assert holders[1] == list(range(0, 12)) and holders[5] == list(range(20, 32))  # widened at the ends
     assert {len(row) for row in layers} == {len(layers[0])}
+
+
+# ----------------------------------------------------------------------------- prefill-time methods
+from lacache_core import PyramidInfer, PyramidKV, SnapKV  # noqa: E402
+
+PREFILL = [name for name, cls in METHODS.items() if cls.prefill_only]
+PREFILL_SETTINGS = dict(cache_size=40, start_size=4, window_size=8, beta=2)
+
+
+@pytest.mark.parametrize("method", PREFILL)
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_prefill_methods_compress_once_then_grow(method, family):
+    model = enable_position_shift(tiny_model(family, "eager"))
+    L = model.config.num_hidden_layers
+    policy = build_policy(method, **PREFILL_SETTINGS)
+    budgets = policy.layer_budgets(L)
+    cache = CompressedCache(policy, L)
+    with torch.no_grad():
+        model(TOKENS[:, :120], past_key_values=cache, use_cache=True)
+        for step in range(5):
+            model(TOKENS[:, 120 + step:121 + step], past_key_values=cache, use_cache=True)
+    for layer, pos in enumerate(cache.kept_positions()):
+        rows = pos.tolist() if pos.dim() == 2 else [pos.tolist()]
+        for row in rows:
+            assert len(row) == budgets[layer] + 5 == cache.get_seq_length(layer)
+            assert len(set(row)) == len(row) and row == sorted(row)
+            assert row[:4] == [0, 1, 2, 3] and row[-13:] == list(range(112, 125))  # sinks, window, decoded
+
+
+def test_prefill_methods_rejected_in_token_by_token_harness():
+    from lacache_core import ConfigError
+    from lacache_core.streaming import stream_perplexity
+
+    with pytest.raises(ConfigError, match="prefill-time"):
+        stream_perplexity(tiny_model("llama", "eager"), None, [], SnapKV(cache_size=40, window_size=8))
+
+
+def test_snapkv_selects_per_head_with_pooling():
+    # 2 KV heads, 1 query head each; prefix slots 0..9, window = last 2 slots (10, 11)
+    d, n = 4, 12
+    key = torch.zeros(1, 2, n, d)
+    key[0, 0, 3, 0] = key[0, 0, 7, 0] = 8.0  # head 0: slots 3 and 7 stand out along e0
+    key[0, 1, 5, 1] = 8.0                     # head 1: slot 5 stands out along e1
+    query = torch.zeros(1, 2, 2, d)
+    query[0, 0, :, 0] = 1.0
+    query[0, 1, :, 1] = 1.0
+    exact = SnapKV(cache_size=5, start_size=1, window_size=2, kernel_size=1)
+    exact.observe(0, query, key, scaling=1.0)
+    keep = exact.compact(n, 1)[0]
+    assert keep[0].tolist() == [0, 3, 7, 10, 11]
+    assert 5 in keep[1].tolist()  # its other prefix pick is a tie among equal scores
+    # with max pooling over 3 neighbours, slot 5's peak also lifts 4 and 6 on head 1 (ties: lowest slot first)
+    pooled = SnapKV(cache_size=6, start_size=1, window_size=2, kernel_size=3)
+    pooled.observe(0, query, key, scaling=1.0)
+    assert pooled.compact(n, 1)[0][1].tolist() == [0, 4, 5, 6, 10, 11]
+
+
+def test_pyramid_budgets_by_hand():
+    # PyramidKV: C = 256, w = 32 -> prompt part 224, beta 20: last 11.2, first 436.8, linear over 30 layers
+    budgets = PyramidKV(cache_size=256, window_size=32, beta=20).layer_budgets(30)
+    assert budgets[0] == 32 + 437 and budgets[-1] == 32 + 11 and sum(budgets) == 256 * 30
+    assert all(a > b for a, b in zip(budgets, budgets[1:]))
+    # PyramidInfer: decay 0.5 on 3 layers, C = 70: weights 1, 1/2, 1/4 scaled to average 70
+    assert PyramidInfer(cache_size=70, start_size=1, window_size=2, decay=0.5).layer_budgets(3) == [120, 60, 30]
+
+
+@pytest.mark.parametrize("method", PREFILL)
+def test_prefill_methods_next_step_matches_from_scratch(method):
+    from tiny import manual_next_logits
+
+    model = enable_position_shift(tiny_model("llama", "eager"))
+    cache = CompressedCache(build_policy(method, **PREFILL_SETTINGS), model.config.num_hidden_layers)
+    with torch.no_grad():
+        model(TOKENS[:, :120], past_key_values=cache, use_cache=True)
+        kv = [cache._layer(i) for i in range(cache.num_layers)]
+        expected = manual_next_logits(model, int(TOKENS[0, 120]), kv)
+        ours = model(TOKENS[:, 120:121], past_key_values=cache, use_cache=True).logits[0, -1]
+    torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)

@@ -51,8 +51,10 @@ def _attend(module, query, key, value, attention_mask, output_attentions):
     key = _repeat_kv(key, module.num_key_value_groups)
     value = _repeat_kv(value, module.num_key_value_groups)
     mask = None
-    if attention_mask is not None and attention_mask.dim() == 4:
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] >= kv_len:
         mask = attention_mask[:, :, -q_len:, :kv_len]
+    elif attention_mask is not None and attention_mask.dim() == 4 and q_len > 1:
+        mask = _causal_mask(q_len, kv_len, query)  # layers of a prefill-time method differ in length
     elif q_len > 1:
         mask = _causal_mask(q_len, kv_len, query)
     if impl == "sdpa" and not output_attentions:

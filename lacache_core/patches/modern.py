@@ -51,6 +51,10 @@ def position_shift_forward(self, hidden_states, position_embeddings=None, attent
 
     if cache.policy.observes:
         cache.policy.observe(self.layer_idx, query, key, self.scaling)
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] != key.shape[-2]:
+        # layers of a prefill-time method hold different lengths; the model built the mask for layer 0
+        q_len = query.shape[-2]
+        attention_mask = None if q_len == 1 else attention_mask[..., -key.shape[-2]:]
     extra = {}
     window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
     if window is not None:

@@ -10,10 +10,15 @@ from .full import FullCache
 from .h2o import H2O
 from .lacache import LaCache
 from .lshe import LSHE
+from .pyramidinfer import PyramidInfer
+from .pyramidkv import PyramidKV
+from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
 from .tova import TOVA
 
-METHODS: Dict[str, Type[CachePolicy]] = {cls.name: cls for cls in (FullCache, StreamingLLM, LaCache, H2O, TOVA, LSHE)}
+METHODS: Dict[str, Type[CachePolicy]] = {
+    cls.name: cls for cls in (FullCache, StreamingLLM, LaCache, H2O, TOVA, LSHE, SnapKV, PyramidKV, PyramidInfer)
+}
 
 
 def build_policy(method: str, **settings) -> CachePolicy:
@@ -28,4 +33,5 @@ def build_policy(method: str, **settings) -> CachePolicy:
     return cls(**{k: v for k, v in settings.items() if k in names and v is not None})
 
 
-__all__ = ["CachePolicy", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "METHODS", "build_policy"]
+__all__ = ["CachePolicy", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "SnapKV", "PyramidKV",
+           "PyramidInfer", "METHODS", "build_policy"]

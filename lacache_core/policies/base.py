@@ -31,6 +31,8 @@ class CachePolicy:
     position_shift: ClassVar[bool] = True
     #: ``True`` for policies that score tokens: :meth:`observe` then sees every layer's queries and keys.
     observes: ClassVar[bool] = False
+    #: ``True`` for policies that compress once, after the first forward pass (the prompt), and never again.
+    prefill_only: ClassVar[bool] = False
 
     _positions: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
     _num_layers: Optional[int] = field(default=None, init=False, repr=False)
@@ -142,9 +144,17 @@ class CachePolicy:
 
 
 def gather_layer(key: torch.Tensor, value: torch.Tensor, keep_row: torch.Tensor):
-    """Keep slots ``keep_row`` (``LongTensor [n_keep]``) of one layer's ``[b, h, seq, d]`` key and value."""
+    """Keep slots ``keep_row`` of one layer's ``[b, h, seq, d]`` key and value.
+
+    ``keep_row`` is ``LongTensor [n_keep]`` (the same slots for every head) or ``[h, n_keep]``
+    (per KV head, as SnapKV and PyramidKV select).
+    """
     idx = keep_row if keep_row.device == key.device else keep_row.to(key.device)
-    return key.index_select(-2, idx), value.index_select(-2, idx)
+    if idx.dim() == 1:
+        return key.index_select(-2, idx), value.index_select(-2, idx)
+    b, h, _, d = key.shape
+    full = idx[None, :, :, None].expand(b, h, idx.shape[-1], d)
+    return key.gather(2, full), value.gather(2, full)
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -1,0 +1,121 @@
+"""Shared machinery of the prefill-time methods (SnapKV, PyramidKV, PyramidInfer).
+
+They compress the prompt once, at the end of the first forward pass, and let the cache grow
+during decoding, as in their papers. Layers may then hold different numbers of slots, and SnapKV
+and PyramidKV choose slots per KV head, so this base class keeps its own per-layer record of
+original positions instead of the ``[num_layers, n]`` tensor of the decode-time methods.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .base import CachePolicy, check_int
+from .scoring import attention_probs
+
+
+@dataclass
+class PrefillPolicy(CachePolicy):
+    """Base class: compress once after the prompt; subclasses implement :meth:`layer_keep`."""
+
+    observes: ClassVar[bool] = True
+    prefill_only: ClassVar[bool] = True
+    per_head: ClassVar[bool] = False
+
+    cache_size: int = 256
+    start_size: int = 4
+    window_size: int = 32
+
+    _window_scores: List[Optional[torch.Tensor]] = field(default_factory=list, init=False, repr=False)
+    _layer_positions: Optional[List[torch.Tensor]] = field(default=None, init=False, repr=False)
+    _done: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_int("start_size", self.start_size, 0)
+        check_int("window_size", self.window_size, 1)
+        check_int("cache_size", self.cache_size, self.start_size + self.window_size + 1)
+
+    def _reset_state(self) -> None:
+        self._window_scores, self._layer_positions, self._done = [], None, False
+
+    def layer_budgets(self, num_layers: int) -> List[int]:
+        """Slots each layer keeps after the prompt (sinks and window included)."""
+        return [self.cache_size] * num_layers
+
+    def max_cache_len(self, num_layers: int) -> int:
+        return max(self.layer_budgets(num_layers))
+
+    def validate(self, num_layers: int) -> None:
+        low = min(self.layer_budgets(num_layers))
+        if low < self.start_size + self.window_size + 1:
+            raise ConfigError(f"--cache_size {self.cache_size} leaves a layer {low} slots, fewer than start_size + "
+                              f"window_size + 1 = {self.start_size + self.window_size + 1}; raise --cache_size")
+
+    # -- scoring: the attention the last ``window_size`` prompt queries pay to each prompt token
+    def observe(self, layer, query, key, scaling):
+        while len(self._window_scores) <= layer:
+            self._window_scores.append(None)
+        if self._done:
+            return
+        window = min(self.window_size, query.shape[2])
+        probs = attention_probs(query[:, :, -window:], key, scaling)  # [b, kvh, w, n]
+        self._window_scores[layer] = self.pool(probs.sum(2)).mean(0)  # [kvh, n]
+
+    def pool(self, scores: torch.Tensor) -> torch.Tensor:
+        """Smooth ``[b, kvh, n]`` scores along tokens (identity by default)."""
+        return scores
+
+    def layer_keep(self, layer: int, n: int, budget: int) -> torch.Tensor:
+        """Slots to keep: sinks, the best-scored prefix tokens, the window. ``[budget]`` or ``[kvh, budget]``."""
+        scores = self._window_scores[layer]  # [kvh, n]
+        if not self.per_head:
+            scores = scores.mean(0, keepdim=True)
+        w, s = self.window_size, self.start_size
+        middle = scores[:, s:n - w]
+        top = torch.topk(middle, budget - s - w, dim=-1).indices.sort(-1).values + s
+        heads = top.shape[0]
+        keep = torch.cat([torch.arange(s, device=top.device).expand(heads, s), top,
+                          torch.arange(n - w, n, device=top.device).expand(heads, w)], dim=-1)
+        return keep if self.per_head else keep[0]
+
+    # -- bookkeeping with per-layer (and per-head) positions
+    def compact(self, n: int, num_layers: int):
+        self.bind(num_layers)
+        if self._layer_positions is None:
+            self._layer_positions = [torch.arange(n) for _ in range(num_layers)]
+            self._seen = n
+        else:
+            new = torch.arange(self._seen, self._seen + n - self._layer_positions[0].shape[-1])
+            self._seen += new.shape[0]
+            self._layer_positions = [torch.cat([p, new.expand(*p.shape[:-1], new.shape[0])], -1)
+                                     for p in self._layer_positions]
+        if self._done:
+            return None
+        self._done = True
+        budgets = self.layer_budgets(num_layers)
+        if n <= min(budgets):
+            return None
+        keep = []
+        for layer, budget in enumerate(budgets):
+            if n <= budget:
+                keep.append(torch.arange(n))
+                continue
+            row = self.layer_keep(layer, n, budget)
+            keep.append(row)
+            pos = self._layer_positions[layer]
+            self._layer_positions[layer] = pos[row.cpu()] if row.dim() == 1 else pos.expand(row.shape[0], n)[
+                torch.arange(row.shape[0])[:, None], row.cpu()]
+        self._window_scores = []
+        return keep
+
+    @property
+    def positions(self):
+        """Per layer, the original positions held: ``[n_l]`` or ``[kv_heads, n_l]`` tensors."""
+        return self._layer_positions
+
+    def positions_per_layer(self):
+        return [] if self._layer_positions is None else [p.tolist() for p in self._layer_positions]

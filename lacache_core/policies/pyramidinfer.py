@@ -1,0 +1,33 @@
+"""PyramidInfer (Yang et al., ACL Findings 2024), as the LaCache paper's baseline."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, List
+
+from ..errors import ConfigError
+from .prefill import PrefillPolicy
+
+
+@dataclass
+class PyramidInfer(PrefillPolicy):
+    """Per layer, keep the prompt tokens that the most recent prompt tokens attend to most.
+
+    The ``window_size`` most recent prompt queries score every prompt token (attention averaged
+    over all heads: one choice per layer); the retained share shrinks geometrically with depth
+    (layer ``l`` gets a budget proportional to ``decay ** l``, scaled so the average over layers is
+    ``cache_size``). Compresses once after the prompt.
+    """
+
+    name: ClassVar[str] = "pyramidinfer"
+
+    decay: float = 0.95
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.decay <= 1.0:
+            raise ConfigError(f"--decay must be in (0, 1], got {self.decay}")
+
+    def layer_budgets(self, num_layers: int) -> List[int]:
+        weights = [self.decay ** i for i in range(num_layers)]
+        scale = self.cache_size * num_layers / sum(weights)
+        return [max(self.start_size + self.window_size + 1, round(w * scale)) for w in weights]
