@@ -193,3 +193,28 @@ def test_prefill_methods_next_step_matches_from_scratch(method):
         expected = manual_next_logits(model, int(TOKENS[0, 120]), kv)
         ours = model(TOKENS[:, 120:121], past_key_values=cache, use_cache=True).logits[0, -1]
     torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", PREFILL)
+def test_prefill_methods_generate(method):
+    model = enable_position_shift(tiny_model("qwen2", "sdpa"))
+    L = model.config.num_hidden_layers
+    policy = build_policy(method, **PREFILL_SETTINGS)
+    cache = CompressedCache(policy, L)
+    out = model.generate(TOKENS[:, :100], past_key_values=cache, max_new_tokens=20, min_new_tokens=20,
+                         do_sample=False)
+    assert out.shape[1] == 120
+    assert [cache.get_seq_length(i) for i in range(L)] == [b + 19 for b in policy.layer_budgets(L)]
+
+
+def test_pyramidinfer_selects_by_head_averaged_attention():
+    d, n = 4, 12
+    key = torch.zeros(1, 2, n, d)
+    key[0, 0, 3, 0] = 8.0  # head 0 attends slot 3 strongly
+    key[0, 1, 6, 1] = 4.0  # head 1 attends slot 6 less
+    query = torch.zeros(1, 2, 2, d)
+    query[0, 0, :, 0] = 1.0
+    query[0, 1, :, 1] = 1.0
+    policy = PyramidInfer(cache_size=4, start_size=1, window_size=2)
+    policy.observe(0, query, key, scaling=1.0)
+    assert policy.compact(n, 1)[0].tolist() == [0, 3, 10, 11]  # one choice for both heads
