@@ -1,0 +1,45 @@
+"""Collect every perplexity run under a folder into one markdown table (one row per run).
+
+    python scripts/collect_ppl.py outputs/baselines > table.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def rows(folder: Path):
+    for path in sorted(folder.rglob("summary.json")):
+        run = json.loads(path.read_text())
+        if not run.get("complete"):
+            continue
+        args, res, pol = run["args"], run["results"], run.get("policy", {})
+        extra = {k: v for k, v in pol.items() if k not in ("method", "cache_size", "start_size", "num_layers")}
+        yield {
+            "method": args["method"], "budget": res.get("max_cache_len") or "all",
+            "settings": ", ".join(f"{k}={v}" for k, v in extra.items()), "ppl": res["ppl"],
+            "tokens": res["tokens_scored"], "tok/s": res["tokens_per_s"],
+            "KV MiB": res["peak_kv_bytes"] / 2 ** 20, "data": args["dataset_name"], "model": args["model_name_or_path"],
+        }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", type=Path)
+    args = p.parse_args(argv)
+    table = sorted(rows(args.folder), key=lambda r: (str(r["budget"]), r["ppl"]))
+    if not table:
+        print(f"error: no completed runs under {args.folder}", file=sys.stderr)
+        return 2
+    print("| model | data | method | max cache | settings | tokens | ppl | tok/s | peak KV MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['model']} | {r['data']} | {r['method']} | {r['budget']} | {r['settings']} | {r['tokens']} | "
+              f"{r['ppl']:.3f} | {r['tok/s']:.1f} | {r['KV MiB']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
