@@ -19,6 +19,7 @@ def rows(folder: Path):
         extra = {k: v for k, v in pol.items() if k not in ("method", "cache_size", "start_size", "num_layers")}
         yield {
             "method": args["method"], "budget": res.get("max_cache_len") or "all",
+            "cache_size": args.get("cache_size", 0) if args["method"] != "full" else float("inf"),
             "settings": ", ".join(f"{k}={v}" for k, v in extra.items()), "ppl": res["ppl"],
             "tokens": res["tokens_scored"], "tok/s": res["tokens_per_s"],
             "KV MiB": res["peak_kv_bytes"] / 2 ** 20, "data": args["dataset_name"], "model": args["model_name_or_path"],
@@ -29,7 +30,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", type=Path)
     args = p.parse_args(argv)
-    table = sorted(rows(args.folder), key=lambda r: (str(r["budget"]), r["ppl"]))
+    table = sorted(rows(args.folder), key=lambda r: (r["cache_size"], r["ppl"]))
     if not table:
         print(f"error: no completed runs under {args.folder}", file=sys.stderr)
         return 2
