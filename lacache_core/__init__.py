@@ -3,12 +3,12 @@ from .errors import ConfigError
 from .policies import (H2O, LSHE, METHODS, TOVA, CachePolicy, FullCache, LaCache, PyramidInfer, PyramidKV, SnapKV,
                        StreamingLLM, build_policy)
 from .patches import enable_position_shift, is_position_shifted
-from .cache import CompressedCache, make_cache
+from .cache import CompressedCache, make_cache, prefill
 
 __all__ = [
     "ConfigError", "METHODS", "CachePolicy", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "SnapKV",
     "PyramidKV", "PyramidInfer",
     "build_policy",
-    "enable_position_shift", "is_position_shifted", "CompressedCache", "make_cache",
+    "enable_position_shift", "is_position_shifted", "CompressedCache", "make_cache", "prefill",
 ]
 __version__ = "0.1.0"

@@ -115,3 +115,32 @@ def make_cache(method: str, model_or_config, query_at_slot: bool = True, **setti
     config = getattr(model_or_config, "config", model_or_config)
     policy = build_policy(method, **settings)
     return CompressedCache(policy, config.num_hidden_layers, query_at_slot=query_at_slot)
+
+
+def prefill(model, input_ids: torch.Tensor, cache, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Feed a prompt into ``cache``, whole or ``chunk_size`` tokens at a time; returns the last logits ``[b, vocab]``.
+
+    With a :class:`CompressedCache` of a decode-time method the policy compacts between chunks, so
+    peak memory depends on the budget and the chunk, not on the prompt length. Prefill-time
+    methods (SnapKV, ...) compress after the first forward pass, so they need the whole prompt at
+    once (``chunk_size=None``).
+    """
+    import inspect
+
+    from .errors import ConfigError
+
+    if chunk_size is not None and chunk_size < 1:
+        raise ConfigError(f"--prefill_chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size is not None and isinstance(cache, CompressedCache) and cache.policy.prefill_only:
+        raise ConfigError(f"--prefill_chunk_size cannot be used with --method {cache.policy.name}: it compresses the "
+                          "whole prompt once")
+    params = inspect.signature(model.forward).parameters
+    # only the last position's logits are needed; a [prompt, vocab] logits tensor would dominate memory
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else (
+        {"num_logits_to_keep": 1} if "num_logits_to_keep" in params else {})
+    step = chunk_size or input_ids.shape[1]
+    logits = None
+    for start in range(0, input_ids.shape[1], step):
+        out = model(input_ids[:, start:start + step], past_key_values=cache, use_cache=True, **extra)
+        logits = out.logits[:, -1]
+    return logits

@@ -1,11 +1,17 @@
-"""Decode-step benchmark: full cache vs StreamingLLM vs LaCache at equal budget.
+"""Decode-step benchmark: every decode-time method at equal budget.
 
 For each context length n, the cache is filled to n tokens (one prefill pass, then the policy
 compacts), and a window of single-token decode steps is timed there. Reports the median step
-time, the part of it spent compacting (policy + gathers), tokens/s and KV bytes, and writes JSON.
+time, the part of it spent compacting (policy + gathers), tokens/s and KV bytes; writes JSON and
+a PNG (step time and KV memory vs context).
+
+``--official_slow`` adds "lacache-official-slow": the official algorithm done the official way
+(per-layer Python index lists from :mod:`lacache_core.reference`, and the whole cache turned into
+legacy tuples and back every step) on the same model and text, and prints its per-token overhead
+against ours.
 
     python scripts/bench_decode.py                       # embedded SmolLM2-135M, 1K..8K
-    python scripts/bench_decode.py --model tiny --contexts 1024,4096,16384
+    python scripts/bench_decode.py --model tiny --contexts 1024,4096,16384 --official_slow
 """
 from __future__ import annotations
 
@@ -20,7 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dataclasses import dataclass  # noqa: E402
+from typing import ClassVar  # noqa: E402
+
 from lacache_core import CompressedCache, ConfigError, build_policy, enable_position_shift  # noqa: E402
+from lacache_core.policies.base import CachePolicy  # noqa: E402
+from lacache_core.reference import ReferenceLaCache  # noqa: E402
 from lacache_core.models import load_model  # noqa: E402
 from lacache_core.runlog import run_record, write_json  # noqa: E402
 from lacache_core.streaming import cache_kv_bytes  # noqa: E402
@@ -64,6 +75,98 @@ class CompactionTimer:
             torch.cuda.synchronize()
 
 
+@dataclass
+class _Passive(CachePolicy):
+    """Keeps everything: the container the slow official way rebuilds after every step."""
+
+    name: ClassVar[str] = "passive"
+
+    def select(self, n, num_layers):
+        return None
+
+
+def _passive_cache(layers):
+    from transformers import DynamicCache
+
+    cache = CompressedCache(_Passive(), len(layers))
+    cache.patched_forward_seen = True
+    for i, (k, v) in enumerate(layers):
+        DynamicCache.update(cache, k, v, i)
+    return cache
+
+
+def bench_official_slow(model, settings, context, steps, vocab, device):
+    """The official way: per-layer Python index lists and a tuple round trip after every step."""
+    num_layers = model.config.num_hidden_layers
+    enable_position_shift(model)
+    ref = ReferenceLaCache(num_layers, settings["cache_size"], settings["span"], settings["overlap"],
+                           settings["start_size"])
+    overhead = 0.0
+
+    def slow_compact(cache):
+        nonlocal overhead
+        sync(device)
+        t = time.perf_counter()
+        legacy = [tuple(cache._layer(i)) for i in range(num_layers)]
+        keep = ref.slots_to_keep(legacy[0][0].shape[-2])
+        legacy = [(k[:, :, torch.tensor(row, device=k.device)], v[:, :, torch.tensor(row, device=k.device)])
+                  for (k, v), row in zip(legacy, keep)]
+        cache = _passive_cache(legacy)
+        sync(device)
+        overhead += time.perf_counter() - t
+        return cache
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, context), generator=g).to(device)
+    times = []
+    with torch.inference_mode():
+        cache = _passive_cache([])
+        model(prompt, past_key_values=cache, use_cache=True)
+        cache = slow_compact(cache)
+        overhead, token = 0.0, prompt[:, -1:]
+        for _ in range(steps):
+            sync(device)
+            t = time.perf_counter()
+            out = model(token, past_key_values=cache, use_cache=True)
+            cache = slow_compact(cache)
+            token = out.logits[:, -1:].argmax(-1)
+            sync(device)
+            times.append(time.perf_counter() - t)
+    step = statistics.median(times[steps // 5:])
+    return {"method": "lacache-official-slow", "context": context, "step_ms": step * 1e3,
+            "compaction_ms_per_token": overhead / steps * 1e3, "tokens_per_s": 1.0 / step,
+            "kv_bytes": cache.kv_bytes()}
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def plot(rows, path: Path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        ax1.plot([r["context"] for r in mine], [r["step_ms"] for r in mine], marker="o", label=method)
+        ax2.plot([r["context"] for r in mine], [r["kv_bytes"] / 2 ** 20 for r in mine], marker="o", label=method)
+    ax1.set(xscale="log", xlabel="context (tokens)", ylabel="decode step (ms, median)")
+    ax2.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="KV cache (MiB)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def bench_one(model, method, settings, context, steps, vocab, device):
     num_layers = model.config.num_hidden_layers
     policy = build_policy(method, **settings)
@@ -100,7 +203,9 @@ def main(argv=None):
     p.add_argument("--model", default="smollm2-135m",
                    help=f"model name/path, or a random-weight shape: {sorted(SHAPES)}")
     p.add_argument("--contexts", default="1024,2048,4096,8192")
-    p.add_argument("--methods", default="full,streamingllm,lacache")
+    p.add_argument("--methods", default="full,streamingllm,lacache,h2o,tova,lshe")
+    p.add_argument("--official_slow", action="store_true",
+                   help="also time LaCache done the official way (Python index lists, tuple round trip)")
     p.add_argument("--cache_size", type=int, default=256)
     p.add_argument("--span", type=int, default=None, help="LaCache span (default: num_layers // 4, >= 1)")
     p.add_argument("--overlap", type=int, default=None, help="LaCache overlap (default: span // 2)")
@@ -122,7 +227,7 @@ def main(argv=None):
         span = args.span or max(1, layers // 4)
         overlap = span // 2 if args.overlap is None else args.overlap
         settings = dict(cache_size=args.cache_size, recent_size=args.cache_size - 4, start_size=4, span=span,
-                        overlap=overlap)
+                        overlap=overlap, recent_window=32)
         # warm-up: first use of each kernel shape (CUDA lazy loading, cuBLAS heuristics) is not what we measure
         for method in args.methods.split(","):
             bench_one(model, method, settings, min(int(c) for c in args.contexts.split(",")), 8, vocab, args.device)
@@ -131,12 +236,25 @@ def main(argv=None):
             for method in args.methods.split(","):
                 row = bench_one(model, method, settings, context, args.steps, vocab, args.device)
                 rows.append(row)
-                print(f"{method:>12} ctx {context:>6}: step {row['step_ms']:.2f} ms "
-                      f"(compaction {row['compaction_ms_per_token']:.3f} ms/token), {row['tokens_per_s']:.1f} tok/s, "
-                      f"KV {row['kv_bytes'] / 2**20:.2f} MiB", flush=True)
+                report(row)
+            if args.official_slow:
+                row = bench_official_slow(model, settings, context, args.steps, vocab, args.device)
+                rows.append(row)
+                report(row)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    _summarise(rows, args, span, overlap)
+    return 0
+
+
+def report(row):
+    print(f"{row['method']:>22} ctx {row['context']:>6}: step {row['step_ms']:.2f} ms "
+          f"(compaction {row['compaction_ms_per_token']:.3f} ms/token), {row['tokens_per_s']:.1f} tok/s, "
+          f"KV {row['kv_bytes'] / 2**20:.2f} MiB", flush=True)
+
+
+def _summarise(rows, args, span, overlap):
     print("\n| context | method | step ms | compaction ms/token | tokens/s | KV MiB |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['context']} | {r['method']} | {r['step_ms']:.2f} | {r['compaction_ms_per_token']:.3f} | "
@@ -146,9 +264,15 @@ def main(argv=None):
         if (context, "lacache") in by and (context, "streamingllm") in by:
             ratio = by[(context, "lacache")]["step_ms"] / by[(context, "streamingllm")]["step_ms"]
             print(f"context {context}: LaCache step / StreamingLLM step = {ratio:.3f}")
-    write_json(Path(args.output), run_record(vars(args) | {"span": span, "overlap": overlap}, rows=rows))
-    print(f"results: {args.output}")
-    return 0
+        if (context, "lacache") in by and (context, "lacache-official-slow") in by:
+            ours, slow = by[(context, "lacache")], by[(context, "lacache-official-slow")]
+            print(f"context {context}: official slow way / ours: per-token overhead "
+                  f"{slow['compaction_ms_per_token'] / max(ours['compaction_ms_per_token'], 1e-9):.1f}x, "
+                  f"step {slow['step_ms'] / ours['step_ms']:.2f}x")
+    out = Path(args.output)
+    write_json(out, run_record(vars(args) | {"span": span, "overlap": overlap}, rows=rows))
+    png = plot(rows, out.with_suffix(".png"))
+    print(f"results: {out}" + (f"  plot: {png}" if png else ""))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lacache_core import ConfigError, LaCache, StreamingLLM
-from reference_lacache import ReferenceLaCache
+from lacache_core.reference import ReferenceLaCache
 
 
 def rng(a, b, step=1):

@@ -218,3 +218,46 @@ def test_pyramidinfer_selects_by_head_averaged_attention():
     policy = PyramidInfer(cache_size=4, start_size=1, window_size=2)
     policy.observe(0, query, key, scaling=1.0)
     assert policy.compact(n, 1)[0].tolist() == [0, 3, 10, 11]  # one choice for both heads
+
+
+# ----------------------------------------------------------------------------- bounded prefill
+def test_chunked_prefill_equals_whole_prefill_without_eviction():
+    from lacache_core import prefill
+
+    model = enable_position_shift(tiny_model("llama", "sdpa"))
+    whole = prefill(model, TOKENS[:, :150], build_cache(model, "lacache", cache_size=1000, span=2))
+    chunked = prefill(model, TOKENS[:, :150], build_cache(model, "lacache", cache_size=1000, span=2), chunk_size=32)
+    torch.testing.assert_close(chunked, whole, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", COMPRESSING)
+def test_chunked_prefill_stays_within_budget_plus_chunk(method):
+    from lacache_core import prefill
+
+    model = enable_position_shift(tiny_model("llama", "eager"))
+    cache = build_cache(model, method, **SETTINGS)
+    lengths = []
+    original = cache.end_of_layer
+
+    def record(layer_idx):
+        if layer_idx == cache.num_layers - 1:
+            lengths.append(cache.get_seq_length())  # before compaction: the peak of each chunk
+        original(layer_idx)
+
+    cache.end_of_layer = record
+    prefill(model, TOKENS[:, :200], cache, chunk_size=16)
+    budget = cache.policy.max_cache_len(model.config.num_hidden_layers)
+    assert len(lengths) == 13 and max(lengths) <= budget + 16
+    check_cache(cache, budget, 200, method)
+
+
+def test_chunked_prefill_rejected_for_prefill_time_methods():
+    from lacache_core import ConfigError, prefill
+
+    model = enable_position_shift(tiny_model("llama", "eager"))
+    with pytest.raises(ConfigError, match="--prefill_chunk_size"):
+        prefill(model, TOKENS[:, :50], build_cache(model, "snapkv", **PREFILL_SETTINGS), chunk_size=8)
+
+
+def build_cache(model, method, **settings):
+    return CompressedCache(build_policy(method, **settings), model.config.num_hidden_layers)

@@ -1,9 +1,10 @@
 """A slow, literal re-derivation of the official LaCache slot selection from LACACHE_SPEC.md.
 
-Written from the spec's prose, step by step, with per-layer Python lists of original token
-positions, so that the fast tensor implementation in ``lacache_core`` can be checked against it.
-Indexing is explicit (``lst[k]``), so a step that would read past a list raises instead of
-silently truncating.
+Written from the spec's prose, step by step, with per-layer Python lists, as the official code
+works: the tests check the fast tensor implementation (:class:`lacache_core.LaCache`) against it,
+and ``scripts/bench_decode.py --official_slow`` times it as "the official way". Indexing is
+explicit (``lst[k]``), so a step that would read past a list raises instead of silently
+truncating. It reproduces the official defects too (see the README); do not use it for runs.
 """
 import math
 
@@ -19,6 +20,12 @@ class ReferenceLaCache:
         self.startovers = 0
         self.layers = [[] for _ in range(num_layers)]
         self.seen = 0
+
+    def slots_to_keep(self, n):
+        """Per layer, the list of slots (``0 .. n-1``) kept after a call on ``n`` cached slots."""
+        self.layers = [list(range(n)) for _ in range(self.L)]
+        self.call()
+        return self.layers
 
     def append(self, count):
         new = list(range(self.seen, self.seen + count))
