@@ -59,8 +59,8 @@ class Reporter:
 def tiny_model(device):
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1 << 20)
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(cfg).to(device).eval(), None
 
@@ -91,7 +91,7 @@ def plot(log, path: Path, title: str):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="model name/path, or 'tiny' (random 4-layer Llama)")
+    p.add_argument("--model", default="smollm2-135m", help="model name/path, or 'tiny' (random 4-layer Llama, hidden 64)")
     p.add_argument("--method", default="lacache")
     p.add_argument("--tokens", type=int, default=16384, help="tokens to generate")
     p.add_argument("--cache_size", type=int, default=256)

@@ -1,0 +1,86 @@
+"""Bounded prefill: peak memory and quality of chunked vs whole-prompt prefill.
+
+Each configuration runs in its own process (peak RSS is per process). The prompt is the first
+``--prompt_tokens`` tokens of a corpus; quality is the perplexity of the next ``--eval_tokens``
+tokens, decoded one by one after the prefill with the same cache.
+
+    python scripts/bench_prefill.py --prompt_tokens 8192 --chunks 0,512,128
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def one_run(args) -> dict:
+    from lacache_core import build_policy, CompressedCache, enable_position_shift, prefill
+    from lacache_core.data import load_texts
+    from lacache_core.models import load_model
+
+    model, tok = load_model(args.model, "float32", "cpu", "sdpa")
+    text = "\n\n".join(load_texts(args.dataset_name))
+    ids = tok(text, return_tensors="pt").input_ids[:, :args.prompt_tokens + args.eval_tokens + 1]
+    layers = model.config.num_hidden_layers
+    span = max(1, layers // 4)
+    enable_position_shift(model)
+    cache = CompressedCache(build_policy(args.method, cache_size=args.cache_size, span=span, overlap=span // 2,
+                                         recent_size=args.cache_size - 4), layers)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        logits = prefill(model, ids[:, :args.prompt_tokens], cache, args.chunk or None)
+        seconds = time.perf_counter() - start
+        nlls = [F.cross_entropy(logits[0].float(), ids[0, args.prompt_tokens]).item()]
+        for t in range(args.prompt_tokens, args.prompt_tokens + args.eval_tokens):
+            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            nlls.append(F.cross_entropy(out.logits[0, -1].float(), ids[0, t + 1]).item())
+    return {"chunk": args.chunk, "prefill_s": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_kv_mib": cache.peak_bytes / 2 ** 20, "continuation_ppl": math.exp(sum(nlls) / len(nlls))}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dataset_name", default="pg-essays")
+    p.add_argument("--method", default="lacache")
+    p.add_argument("--cache_size", type=int, default=256)
+    p.add_argument("--prompt_tokens", type=int, default=8192)
+    p.add_argument("--eval_tokens", type=int, default=128)
+    p.add_argument("--chunks", default="0,512,128", help="comma list; 0 = whole prompt at once")
+    p.add_argument("--chunk", type=int, default=None, help=argparse.SUPPRESS)  # one configuration (child)
+    p.add_argument("--output", default="outputs/bench/bench_prefill.json")
+    args = p.parse_args(argv)
+    if args.chunk is not None:
+        print(json.dumps(one_run(args)))
+        return 0
+    rows = []
+    for chunk in [int(c) for c in args.chunks.split(",")]:
+        cmd = [sys.executable, __file__, "--chunk", str(chunk)] + [
+            a for k in ("model", "dataset_name", "method", "cache_size", "prompt_tokens", "eval_tokens")
+            for a in (f"--{k}", str(getattr(args, k)))]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stderr[-2000:], file=sys.stderr)
+            return 1
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"chunk {row['chunk'] or 'whole':>6}: prefill {row['prefill_s']:.1f} s, peak RSS {row['peak_rss_mib']:.0f} MiB, "
+              f"peak KV {row['peak_kv_mib']:.1f} MiB, continuation ppl {row['continuation_ppl']:.3f}", flush=True)
+    from lacache_core.runlog import run_record, write_json
+    write_json(Path(args.output), run_record(vars(args), rows=rows))
+    print(f"results: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
