@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -135,7 +136,7 @@ def bench_official_slow(model, settings, context, steps, vocab, device):
     step = statistics.median(times[steps // 5:])
     return {"method": "lacache-official-slow", "context": context, "step_ms": step * 1e3,
             "compaction_ms_per_token": overhead / steps * 1e3, "tokens_per_s": 1.0 / step,
-            "kv_bytes": cache.kv_bytes()}
+            "kv_bytes": cache.kv_bytes(), "rss_bytes": rss_bytes()}
 
 
 def sync(device):
@@ -195,7 +196,16 @@ def bench_one(model, method, settings, context, steps, vocab, device):
     step = statistics.median(times[steps // 5:])  # drop warm-up steps
     return {"method": method, "context": context, "step_ms": step * 1e3,
             "compaction_ms_per_token": (timer.total / steps * 1e3) if timer else 0.0,
-            "tokens_per_s": 1.0 / step, "kv_bytes": cache_kv_bytes(cache)}
+            "tokens_per_s": 1.0 / step, "kv_bytes": cache_kv_bytes(cache), "rss_bytes": rss_bytes()}
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux; 0 elsewhere). The peak of a row is its prefill."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
 
 
 def main(argv=None):
@@ -255,10 +265,11 @@ def report(row):
 
 
 def _summarise(rows, args, span, overlap):
-    print("\n| context | method | step ms | compaction ms/token | tokens/s | KV MiB |\n|---|---|---|---|---|---|")
+    print("\n| context | method | step ms | compaction ms/token | tokens/s | KV MiB | RSS MiB |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['context']} | {r['method']} | {r['step_ms']:.2f} | {r['compaction_ms_per_token']:.3f} | "
-              f"{r['tokens_per_s']:.1f} | {r['kv_bytes'] / 2**20:.2f} |")
+              f"{r['tokens_per_s']:.1f} | {r['kv_bytes'] / 2**20:.2f} | {r['rss_bytes'] / 2**20:.0f} |")
     by = {(r["context"], r["method"]): r for r in rows}
     for context in sorted({r["context"] for r in rows}):
         if (context, "lacache") in by and (context, "streamingllm") in by:
