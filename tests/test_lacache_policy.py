@@ -204,3 +204,14 @@ def test_streamingllm_keeps_sinks_and_recent():
     for t in range(100):
         policy.compact((0 if policy.positions is None else policy.positions.shape[1]) + 1, 3)
     assert policy.positions_per_layer() == [rng(0, 3) + rng(88, 99)] * 3
+
+
+def test_very_long_prefill_matches_reference_when_the_last_group_overruns():
+    """8 layers, C 512, S2 O1, a 32768-token prompt: the startover's last group runs past the list end."""
+    ref = ReferenceLaCache(8, 512, 2, 1, 4)
+    ref.append(32768)
+    ref.call()
+    ours = LaCache(512, 2, 1, 4)
+    ours.compact(32768, 8)
+    assert ours.positions_per_layer() == ref.layers
+    assert all(len(set(row)) == len(row) for row in ref.layers)

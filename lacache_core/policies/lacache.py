@@ -43,8 +43,10 @@ def ladder_index(n: int, start: int, groups: int, group_size: int, inner: torch.
     head = torch.arange(start).expand(num_layers, start)
     in_groups = (torch.arange(groups) * group_size)[:, None] + inner[None, :]  # [groups, A]
     body = start + layer_offset[:, None] + in_groups.reshape(1, -1)
-    tail_from = start + group_size * groups
-    tail = torch.arange(tail_from, n).expand(num_layers, max(n - tail_from, 0))
+    # After a very long prefill the last group can run past the end (the official code's slice is
+    # then empty): no tail.
+    tail_from = min(start + group_size * groups, n)
+    tail = torch.arange(tail_from, n).expand(num_layers, n - tail_from)
     return torch.cat([head, body, tail], dim=1)
 
 
