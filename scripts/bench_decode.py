@@ -16,7 +16,6 @@ against ours.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys

@@ -62,7 +62,6 @@ def test_spec_example_span8_overlap4():
     first, compactions, startovers, lengths = None, [], [], []
     last_cursor = policy._cursor
     for t, p in decode(policy, 32, 1924):
-        n_before = t + 1 if first is None else None
         if first is None and p.positions.shape[1] < t + 1:
             first = t
             layers = p.positions_per_layer()

@@ -1,7 +1,6 @@
 """ppl/run.py end to end on a tiny local model: flags, outputs, protocol, errors."""
 import json
 import math
-import os
 
 import pytest
 import torch

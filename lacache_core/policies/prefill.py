@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .base import CachePolicy, check_int
