@@ -67,11 +67,7 @@ class CompressedCache(DynamicCache):
 
     def kv_bytes(self) -> int:
         """Bytes held by keys and values of all layers."""
-        total = 0
-        for i in range(self.num_layers):
-            k, v = self._layer(i)
-            total += k.numel() * k.element_size() + v.numel() * v.element_size()
-        return total
+        return kv_bytes(self)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if layer_idx == self.num_layers - 1 and not self.patched_forward_seen:
@@ -101,6 +97,25 @@ class CompressedCache(DynamicCache):
         """Original token positions held: ``LongTensor [num_layers, n]``, or for the prefill-time methods
         a list with one ``[n_l]`` or ``[kv_heads, n_l]`` tensor per layer."""
         return self.policy.positions
+
+
+def cache_layers(cache) -> list:
+    """Per-layer ``(key, value)`` of any cache the harnesses use: tuples (transformers < 4.36),
+    :class:`CompressedCache`, or a ``DynamicCache`` of either layout."""
+    if cache is None:
+        return []
+    if isinstance(cache, (list, tuple)):
+        return [tuple(layer[:2]) for layer in cache]
+    if isinstance(cache, CompressedCache):
+        return [cache._layer(i) for i in range(cache.num_layers)]
+    if isinstance(getattr(cache, "layers", None), list):
+        return [(layer.keys, layer.values) for layer in cache.layers if layer.keys is not None]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def kv_bytes(cache) -> int:
+    """Bytes held by the keys and values of every layer of ``cache`` (any layout)."""
+    return sum(t.numel() * t.element_size() for layer in cache_layers(cache) for t in layer)
 
 
 def make_cache(method: str, model_or_config, query_at_slot: bool = True, **settings) -> CompressedCache:

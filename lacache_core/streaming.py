@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cache import CompressedCache
+from .cache import CompressedCache, cache_layers, kv_bytes
 from .errors import ConfigError
 from .patches import enable_position_shift
 from .policies import CachePolicy
@@ -66,32 +66,6 @@ def next_query_position(previous: int, held: int, mode: str = "slot") -> int:
     return previous + 1 if previous + 1 <= held else previous
 
 
-def tuple_kv_bytes(past) -> int:
-    return sum(t.numel() * t.element_size() for layer in past for t in layer[:2])
-
-
-def cache_kv_bytes(cache) -> int:
-    if isinstance(cache, CompressedCache):
-        return cache.kv_bytes()
-    if hasattr(cache, "layers"):
-        return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-                   if t is not None)
-    return sum(t.numel() * t.element_size() for t in list(cache.key_cache) + list(cache.value_cache))
-
-
-def _cache_layers(cache, legacy: bool):
-    """Per-layer ``(key, value)`` tensors of any cache this loop uses."""
-    if cache is None:
-        return []
-    if legacy:
-        return [tuple(layer[:2]) for layer in cache]
-    if isinstance(cache, CompressedCache):
-        return [cache._layer(i) for i in range(cache.num_layers)]
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))
-
-
 def _new_cache(policy: CachePolicy, num_layers: int, legacy: bool, query_position: str):
     if legacy:
         return None
@@ -115,12 +89,12 @@ def _restore_cache(state: dict, policy: CachePolicy, num_layers: int, legacy: bo
     return cache
 
 
-def save_checkpoint(path: Path, policy: CachePolicy, cache, legacy: bool, result: "StreamResult", where: tuple,
+def save_checkpoint(path: Path, policy: CachePolicy, cache, result: "StreamResult", where: tuple,
                     position: int, meta: dict) -> None:
     """Everything needed to continue the stream: scored NLLs, where we are, policy state and cache."""
     state = {"nlls": result.nlls, "where": where, "position": position, "seconds": result.seconds,
              "peak_kv_bytes": result.peak_kv_bytes if not isinstance(cache, CompressedCache) else cache.peak_bytes,
-             "policy": policy, "layers": [(k.cpu(), v.cpu()) for k, v in _cache_layers(cache, legacy)], "meta": meta}
+             "policy": policy, "layers": [(k.cpu(), v.cpu()) for k, v in cache_layers(cache)], "meta": meta}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
@@ -198,7 +172,7 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
                             position_ids=torch.tensor([[position]], device=device))
                 cache = out.past_key_values
                 if legacy:
-                    result.peak_kv_bytes = max(result.peak_kv_bytes, tuple_kv_bytes(cache))
+                    result.peak_kv_bytes = max(result.peak_kv_bytes, kv_bytes(cache))
                     cache = policy(cache)
                 nll = F.cross_entropy(out.logits[0, -1].float(), ids[0, idx + 1]).item()
                 result.nlls.append(nll)
@@ -209,12 +183,12 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
                     bar.set_postfix(ppl=f"{result.ppl:.3f}", refresh=False)
                 if checkpoint is not None and checkpoint_every and len(result.nlls) % checkpoint_every == 0:
                     result.seconds = time.perf_counter() - start
-                    save_checkpoint(checkpoint, policy, cache, legacy, result, (text_index, idx), position, meta or {})
+                    save_checkpoint(checkpoint, policy, cache, result, (text_index, idx), position, meta or {})
                 if limit is not None and len(result.nlls) >= limit:
                     break
     result.seconds = time.perf_counter() - start
     bar.close()
     if not legacy:
         result.peak_kv_bytes = cache.peak_bytes if isinstance(cache, CompressedCache) else max(
-            result.peak_kv_bytes, cache_kv_bytes(cache))
+            result.peak_kv_bytes, kv_bytes(cache))
     return result

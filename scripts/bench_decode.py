@@ -16,7 +16,6 @@ against ours.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -30,11 +29,11 @@ from dataclasses import dataclass  # noqa: E402
 from typing import ClassVar  # noqa: E402
 
 from lacache_core import CompressedCache, ConfigError, build_policy, enable_position_shift  # noqa: E402
+from lacache_core.cache import kv_bytes  # noqa: E402
 from lacache_core.policies.base import CachePolicy  # noqa: E402
 from lacache_core.reference import ReferenceLaCache  # noqa: E402
 from lacache_core.models import load_model  # noqa: E402
-from lacache_core.runlog import run_record, write_json  # noqa: E402
-from lacache_core.streaming import cache_kv_bytes  # noqa: E402
+from lacache_core.runlog import process_rss_bytes, run_record, write_json  # noqa: E402
 
 
 SHAPES = {  # random-weight models: speed depends on shape, not on weights
@@ -59,20 +58,16 @@ class CompactionTimer:
     """Accumulates the wall time spent in ``CompressedCache._compact``."""
 
     def __init__(self, cache, device):
-        self.total, self.device, original = 0.0, device, cache._compact
+        self.total, original = 0.0, cache._compact
 
         def timed():
-            self._sync()
+            sync(device)
             t = time.perf_counter()
             original()
-            self._sync()
+            sync(device)
             self.total += time.perf_counter() - t
 
         cache._compact = timed
-
-    def _sync(self):
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
 
 
 @dataclass
@@ -135,7 +130,7 @@ def bench_official_slow(model, settings, context, steps, vocab, device):
     step = statistics.median(times[steps // 5:])
     return {"method": "lacache-official-slow", "context": context, "step_ms": step * 1e3,
             "compaction_ms_per_token": overhead / steps * 1e3, "tokens_per_s": 1.0 / step,
-            "kv_bytes": cache.kv_bytes(), "rss_bytes": rss_bytes()}
+            "kv_bytes": cache.kv_bytes(), "rss_bytes": process_rss_bytes()}
 
 
 def sync(device):
@@ -195,16 +190,7 @@ def bench_one(model, method, settings, context, steps, vocab, device):
     step = statistics.median(times[steps // 5:])  # drop warm-up steps
     return {"method": method, "context": context, "step_ms": step * 1e3,
             "compaction_ms_per_token": (timer.total / steps * 1e3) if timer else 0.0,
-            "tokens_per_s": 1.0 / step, "kv_bytes": cache_kv_bytes(cache), "rss_bytes": rss_bytes()}
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process now (Linux; 0 elsewhere). The peak of a row is its prefill."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
+            "tokens_per_s": 1.0 / step, "kv_bytes": kv_bytes(cache), "rss_bytes": process_rss_bytes()}
 
 
 def main(argv=None):

@@ -9,7 +9,6 @@ JSON log and a PNG of memory over generated tokens.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,16 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lacache_core import ConfigError, enable_position_shift, make_cache  # noqa: E402
 from lacache_core.models import load_model  # noqa: E402
-from lacache_core.runlog import run_record, write_json  # noqa: E402
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process now (Linux), 0 elsewhere."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
+from lacache_core.runlog import process_rss_bytes, run_record, write_json  # noqa: E402
 
 
 class Reporter:
@@ -44,7 +34,7 @@ class Reporter:
         if self.count and self.count % self.every == 0:
             now = time.perf_counter()
             row = {"tokens": self.count, "tokens_per_s": self.every / (now - self.last), "elapsed_s": now - self.start,
-                   "kv_bytes": self.cache.kv_bytes(), "rss_bytes": rss_bytes(),
+                   "kv_bytes": self.cache.kv_bytes(), "rss_bytes": process_rss_bytes(),
                    "cache_len": self.cache.get_seq_length()}
             self.log.append(row)
             self.last = now

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import CachePolicy, check_int
-from .scoring import attention_mass, keep_top, pad_to
+from .scoring import attention_mass, ensure_layer, keep_top, pad_to
 
 
 @dataclass
@@ -54,8 +54,7 @@ class H2O(CachePolicy):
         return self.cache_size
 
     def observe(self, layer, query, key, scaling):
-        while len(self._scores) <= layer:
-            self._scores.append(None)
+        ensure_layer(self._scores, layer)
         n = key.shape[2]
         self._scores[layer] = pad_to(self._scores[layer], n, key.device) + attention_mass(query, key, scaling)
 

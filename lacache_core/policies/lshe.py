@@ -7,7 +7,7 @@ from typing import ClassVar, List, Optional
 import torch
 
 from .base import CachePolicy, check_int
-from .scoring import keep_top
+from .scoring import ensure_layer, keep_top
 
 
 @dataclass
@@ -61,8 +61,7 @@ class LSHE(CachePolicy):
         return (x.float() @ self._proj) > 0
 
     def observe(self, layer, query, key, scaling):
-        while len(self._sim) <= layer:
-            self._sim.append(None)
+        ensure_layer(self._sim, layer)
         b, heads, _, _ = query.shape
         kv_heads = key.shape[1]
         q_hash = self._hash(query[:, :, -1]).view(b, kv_heads, heads // kv_heads, 1, self.lsh_dim)

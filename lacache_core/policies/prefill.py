@@ -14,7 +14,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import CachePolicy, check_int
-from .scoring import attention_probs
+from .scoring import attention_probs, ensure_layer
 
 
 @dataclass
@@ -56,8 +56,7 @@ class PrefillPolicy(CachePolicy):
 
     # -- scoring: the attention the last ``window_size`` prompt queries pay to each prompt token
     def observe(self, layer, query, key, scaling):
-        while len(self._window_scores) <= layer:
-            self._window_scores.append(None)
+        ensure_layer(self._window_scores, layer)
         if self._done:
             return
         window = min(self.window_size, query.shape[2])

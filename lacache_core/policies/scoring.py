@@ -59,6 +59,11 @@ def keep_top(scores: torch.Tensor, n: int, start_size: int, recent_size: int, bu
                       torch.arange(n - recent_size, n, device=device)])
 
 
+def ensure_layer(store: list, layer: int) -> None:
+    """Grow a per-layer list of scores with ``None`` until ``store[layer]`` exists."""
+    store.extend([None] * (layer + 1 - len(store)))
+
+
 def pad_to(scores, n: int, device) -> torch.Tensor:
     """``scores`` (``[m]`` or None) extended with zeros for the ``n - m`` newest slots."""
     if scores is None:

@@ -7,7 +7,7 @@ from typing import ClassVar, List, Optional
 import torch
 
 from .base import CachePolicy, check_int
-from .scoring import attention_probs, keep_top
+from .scoring import attention_probs, ensure_layer, keep_top
 
 
 @dataclass
@@ -38,8 +38,7 @@ class TOVA(CachePolicy):
         return self.cache_size
 
     def observe(self, layer, query, key, scaling):
-        while len(self._last) <= layer:
-            self._last.append(None)
+        ensure_layer(self._last, layer)
         self._last[layer] = attention_probs(query[:, :, -1:], key, scaling)[:, :, -1].mean((0, 1))
 
     def select(self, n: int, num_layers: int):
