@@ -67,3 +67,22 @@ def manual_next_logits(model, token, kv_unrotated, query_pos=None):
         h = h + attn.o_proj(out)
         h = h + layer.mlp(rms_norm(layer.post_attention_layernorm, h))
     return model.lm_head(rms_norm(base.norm, h))[0, -1]
+
+
+TINY_WORDS = [f"w{i}" for i in range(120)]
+
+
+def tiny_tokenizer(chat_template=None):
+    """A whitespace word-level tokenizer over ``w0 .. w119`` plus ``<unk>``, ``<s>``, ``</s>`` and newline
+    (vocabulary 124 < the tiny models' 128)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(TINY_WORDS)}, "<s>": 121, "</s>": 122, "\n": 123}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+                                                 pre_tokenizers.Split(Regex("[ \\t]+"), behavior="removed")])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast

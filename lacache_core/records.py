@@ -1,0 +1,140 @@
+"""Append-only JSONL result files that survive interruption, and data-parallel sharding.
+
+Every harness that produces one record per sample writes it with :class:`JsonlResults`: the line
+is appended and flushed as soon as it exists, a rerun skips the ids already written, and a line
+cut short by a kill is dropped on reopening, so no sample is lost or written twice.
+
+Data parallelism follows ``torchrun``/``accelerate launch``: each process reads ``RANK`` and
+``WORLD_SIZE`` from the environment, takes every ``WORLD_SIZE``-th sample into its own shard file,
+and the shards are merged into the one result file once all ranks are done.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, List, Optional, Set, Tuple
+
+
+def read_jsonl(path: Path) -> List[dict]:
+    """All complete records of ``path`` (a missing file reads as empty; a cut-off last line is skipped)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+class JsonlResults:
+    """One JSONL file of results keyed by ``key`` (e.g. ``"_id"``), opened for appending.
+
+    Example
+    -------
+    >>> out = JsonlResults(folder / "hotpotqa.jsonl")
+    >>> for sample in samples:
+    ...     if sample["_id"] in out.done: continue
+    ...     out.append({"_id": sample["_id"], "pred": ...})
+    """
+
+    def __init__(self, path: Path, key: str = "_id"):
+        self.path, self.key = Path(path), key
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._drop_partial_line()
+        self.done: Set = {row.get(key) for row in read_jsonl(self.path)}
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def _drop_partial_line(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):  # killed mid-write: keep only whole lines
+            self.path.write_bytes(data[:data.rfind(b"\n") + 1])
+
+    def append(self, row: dict) -> None:
+        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.done.add(row.get(self.key))
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def rank_and_world() -> Tuple[int, int]:
+    """This process's data-parallel rank and the number of ranks (``torchrun``/``accelerate`` env vars)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def shard(items: Iterable, rank: int, world: int) -> list:
+    """Every ``world``-th item starting at ``rank`` (a deterministic split, whatever the item count)."""
+    return [item for i, item in enumerate(items) if i % world == rank]
+
+
+def shard_path(path: Path, rank: int, world: int) -> Path:
+    """Where rank ``rank`` of ``world`` writes its part of ``path`` (``path`` itself when ``world == 1``)."""
+    path = Path(path)
+    return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}-of-{world}{path.suffix}")
+
+
+def merge_shards(path: Path, world: int, key: str = "_id", order: Optional[List] = None) -> int:
+    """Merge the ``world`` shard files of ``path`` into ``path`` (ids already there are kept once).
+
+    Returns the number of records in ``path`` afterwards. Shards are removed once merged, so
+    calling this twice is harmless.
+    """
+    path = Path(path)
+    rows = {row.get(key): row for row in read_jsonl(path)}
+    shards = [shard_path(path, r, world) for r in range(world)]
+    for part in shards:
+        for row in read_jsonl(part):
+            rows.setdefault(row.get(key), row)
+    ranked = list(rows.values())
+    if order is not None:
+        position = {k: i for i, k in enumerate(order)}
+        ranked.sort(key=lambda row: position.get(row.get(key), len(position)))
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in ranked), encoding="utf-8")
+    tmp.replace(path)
+    for part in shards:
+        if part != path and part.exists():
+            part.unlink()
+    return len(ranked)
+
+
+def barrier() -> bool:
+    """Wait for every rank when ``torch.distributed`` is set up (returns ``False`` when it is not)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        return True
+    return False
+
+
+def init_distributed() -> Tuple[int, int]:
+    """Join the process group ``torchrun`` describes (gloo on CPU, nccl on GPU); returns ``(rank, world)``."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world = rank_and_world()
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world
+
+
+def local_device(device: str) -> str:
+    """``cuda`` becomes this rank's GPU (``LOCAL_RANK``) under data parallelism."""
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device

@@ -1,0 +1,129 @@
+"""lacache_core.generation: budgets, greedy answers under every kind of cache, chunked prefill."""
+import pytest
+import torch
+
+from lacache_core import ConfigError, enable_position_shift, make_cache
+from lacache_core.cache import kv_bytes
+from lacache_core.generation import (BudgetSpec, answer, budget_cache_size, greedy_answer, official_start_size,
+                                     stop_token_ids, truncate_middle)
+from lacache_core.versions import HAS_CACHE_CLASSES
+from tiny import tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.skipif(not HAS_CACHE_CLASSES, reason="prompt harnesses need transformers >= 4.36")
+
+PROMPT = torch.randint(1, 120, (1, 150), generator=torch.Generator().manual_seed(5))
+
+
+def test_official_start_size_rule():
+    # min(128, max(1, T - (L + 1)), C - (L + 1)), from the spec
+    assert official_start_size(3500, 1750, 32) == 128
+    assert official_start_size(50, 1750, 32) == 17       # short prompt: T - 33
+    assert official_start_size(10, 1750, 32) == 1        # max(1, ...)
+    assert official_start_size(3500, 40, 32) == 7        # small cache: C - 33
+    assert budget_cache_size(0.5, 3500) == 1750 and budget_cache_size(0.25, 3500) == 875
+    with pytest.raises(ConfigError, match="--budget"):
+        budget_cache_size(1.5, 100)
+
+
+def test_full_answer_equals_transformers_generate():
+    model = tiny_model("llama", "eager")
+    ref = model.generate(PROMPT, max_new_tokens=25, do_sample=False, min_new_tokens=25)[0, PROMPT.shape[1]:]
+    enable_position_shift(model)
+    ids = greedy_answer(model, PROMPT, BudgetSpec("full").make(model, PROMPT.shape[1]), 25)
+    assert ids == ref.tolist()
+
+
+@pytest.mark.parametrize("method", ["lacache", "streamingllm", "h2o", "tova"])
+def test_compressed_answer_equals_generate_with_the_same_cache(method):
+    """Two independent drivers (our loop, transformers' generate) agree once the cache compacts."""
+    model = tiny_model("llama", "sdpa")
+    enable_position_shift(model)
+    settings = dict(cache_size=48, start_size=4, span=2, overlap=0)
+    cache = make_cache(method, model, **settings)
+    ref = model.generate(PROMPT, past_key_values=cache, max_new_tokens=30, do_sample=False, min_new_tokens=30)
+    spec = BudgetSpec(method, 48, 4, settings={"span": 2, "overlap": 0})
+    ours = greedy_answer(model, PROMPT, spec.make(model, PROMPT.shape[1]), 30)
+    assert ours == ref[0, PROMPT.shape[1]:].tolist()
+
+
+def test_prefill_is_full_attention_then_compaction():
+    """The first answer token comes from full-attention prefill logits, whatever the budget."""
+    model = tiny_model("llama", "eager")
+    enable_position_shift(model)
+    full = greedy_answer(model, PROMPT, BudgetSpec("full").make(model, 150), 1)
+    cache = BudgetSpec("lacache", 40, None, settings={"span": 2}).make(model, 150)
+    small = greedy_answer(model, PROMPT, cache, 1)
+    assert small == full
+    assert cache.get_seq_length() <= cache.policy.max_cache_len(model.config.num_hidden_layers)
+    assert cache.policy.start_size == official_start_size(150, 40, 6) == 33
+
+
+def test_chunked_prefill_is_exact_for_full_cache_and_bounds_memory_for_lacache():
+    model = tiny_model("llama", "eager")
+    enable_position_shift(model)
+    whole = greedy_answer(model, PROMPT, BudgetSpec("full").make(model, 150), 20)
+    chunked = greedy_answer(model, PROMPT, BudgetSpec("full").make(model, 150), 20, prefill_chunk_size=16)
+    assert chunked == whole
+
+    spec = BudgetSpec("lacache", 40, 4, settings={"span": 2})
+    one_shot, chunked = spec.make(model, 150), spec.make(model, 150)
+    greedy_answer(model, PROMPT, one_shot, 1)
+    greedy_answer(model, PROMPT, chunked, 1, prefill_chunk_size=16)
+    per_slot = kv_bytes(chunked) // chunked.get_seq_length()
+    assert one_shot.peak_bytes == 150 * per_slot            # the whole prompt was held once
+    assert chunked.peak_bytes <= (40 + 16) * per_slot        # never more than budget + one chunk
+    # same kept layout once compacted: every layer holds the same number of slots, at most the budget
+    assert chunked.get_seq_length() <= 40 and chunked.kept_positions()[:, -1].eq(149).all()
+
+
+def test_chunked_prefill_rejected_for_prefill_time_methods():
+    model = tiny_model("llama", "eager")
+    enable_position_shift(model)
+    spec = BudgetSpec("snapkv", 64, 4, settings={"window_size": 8})
+    with pytest.raises(ConfigError, match="--prefill_chunk_size"):
+        greedy_answer(model, PROMPT, spec.make(model, 150), 5, prefill_chunk_size=32)
+
+
+def test_stop_tokens_and_min_new_tokens():
+    model = tiny_model("llama", "eager")
+    enable_position_shift(model)
+    tok = tiny_tokenizer()
+    free = greedy_answer(model, PROMPT, BudgetSpec("full").make(model, 150), 10)
+    stop = stop_token_ids(tok, model, extra=["\n"])
+    assert {122, 123} <= set(stop)
+    # a stop token that is chosen ends the answer at once; one that never comes changes nothing
+    assert greedy_answer(model, PROMPT, BudgetSpec("full").make(model, 150), 10, stop_ids=[free[0]]) == []
+    unused = next(t for t in range(128) if t not in free)
+    assert greedy_answer(model, PROMPT, BudgetSpec("full").make(model, 150), 10, stop_ids=[unused]) == free
+    # a stop token is never the first answer token when min_new_tokens=1
+    first = greedy_answer(model, PROMPT, BudgetSpec("full").make(model, 150), 3, stop_ids=[free[0]],
+                          min_new_tokens=1)
+    assert first and first[0] != free[0]
+
+
+def test_answer_decodes_and_reports():
+    model = tiny_model("llama", "eager")
+    enable_position_shift(model)
+    tok = tiny_tokenizer()
+    res = answer(model, tok, PROMPT, BudgetSpec("lacache", 40, 4, settings={"span": 2}), 5)
+    assert res.prompt_tokens == 150 and len(res.token_ids) <= 5
+    assert res.text == tok.decode(res.token_ids, skip_special_tokens=True)
+    assert res.peak_kv_bytes > 0
+
+
+def test_truncate_middle_keeps_both_ends():
+    tok = tiny_tokenizer()
+    text = " ".join(f"w{i}" for i in range(100))
+    assert truncate_middle(tok, text, 200) == text
+    # LongBench joins the two decoded halves without a separator
+    assert truncate_middle(tok, text, 10) == "w0 w1 w2 w3 w4" + "w95 w96 w97 w98 w99"
+
+
+def test_bad_budget_settings_are_one_line_errors():
+    model = tiny_model("llama", "eager")
+    with pytest.raises(ConfigError, match="--method"):
+        BudgetSpec("nope", 10)
+    with pytest.raises(ConfigError, match="budget"):
+        BudgetSpec("lacache", None)
+    with pytest.raises(ConfigError, match="cache_size 8"):
+        BudgetSpec("lacache", 8, 4, settings={"span": 2}).make(model, 100)
