@@ -33,8 +33,9 @@ def data_dir(tmp_path_factory):
         rows = []
         for i in range(3):
             n = rng.randint(60, 260)  # some prompts longer than --max_length 200: middle truncation
+            answer = {"passage_retrieval_en": f"Paragraph {i + 1}", "passage_count": str(i + 2)}.get(name, words(rng, 2))
             rows.append({"_id": f"{name}-{i}", "context": words(rng, n), "input": words(rng, 5),
-                         "answers": [words(rng, 2)], "length": n,
+                         "answers": [answer], "length": n,
                          "all_classes": ["w1", "w2"] if name == "trec" else None})
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
@@ -68,6 +69,15 @@ def test_predictions_for_each_method_and_budget(tiny_dir, data_dir, tmp_path):
     full = read(tmp_path / "pred" / "tiny__full" / "hotpotqa.jsonl")
     small = read(tmp_path / "pred" / "tiny__lacache_b0.25_S2_O0" / "hotpotqa.jsonl")
     assert all(r["peak_kv_bytes"] == 0 for r in full) and all(r["peak_kv_bytes"] > 0 for r in small)
+    # and the folders score with longbench/eval.py: every dataset, one metric family each
+    pytest.importorskip("rouge")
+    from longbench.eval import main as evaluate
+    assert evaluate(["--path", *map(str, folders), "--output_dir", str(tmp_path)]) == 0
+    for folder in folders:
+        result = json.loads((folder / "result.json").read_text())
+        assert set(result) == set(DATASETS) | {"average"}
+        assert all(0 <= v <= 100 for v in result.values())
+    assert (tmp_path / "comparison.md").exists()
 
 
 def test_interrupted_run_resumes_without_loss_or_duplicates(tiny_dir, data_dir, tmp_path, monkeypatch):
