@@ -160,10 +160,11 @@ def truncate_middle(tokenizer, prompt: str, max_length: int) -> str:
             + tokenizer.decode(ids[-half:], skip_special_tokens=True))
 
 
-def encode_prompt(tokenizer, text: str, chat: bool) -> torch.Tensor:
-    """``[1, T]`` ids of ``text``, wrapped in the tokenizer's chat template when ``chat`` (and one exists)."""
+def encode_prompt(tokenizer, text: str, chat: bool, answer_prefix: str = "") -> torch.Tensor:
+    """``[1, T]`` ids of ``text``, wrapped in the tokenizer's chat template when ``chat`` (and one exists),
+    followed by ``answer_prefix`` (the start of the answer, e.g. RULER's "The special magic number is")."""
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-    return tokenizer(text, return_tensors="pt").input_ids
+        return tokenizer(text + answer_prefix, add_special_tokens=False, return_tensors="pt").input_ids
+    return tokenizer(text + answer_prefix, return_tensors="pt").input_ids

@@ -127,3 +127,16 @@ def test_bad_budget_settings_are_one_line_errors():
         BudgetSpec("lacache", None)
     with pytest.raises(ConfigError, match="cache_size 8"):
         BudgetSpec("lacache", 8, 4, settings={"span": 2}).make(model, 100)
+
+
+@pytest.mark.parametrize("method", ["streamingllm", "lacache", "h2o", "tova", "lshe", "snapkv", "pyramidkv",
+                                    "pyramidinfer"])
+def test_every_method_gets_the_same_budget_and_start(method):
+    """The budget reaches every policy (StreamingLLM has no cache_size field: its window is derived)."""
+    model = tiny_model("llama", "eager")
+    # beta 1: PyramidKV's deepest layers would otherwise get fewer slots than the 128 sinks
+    cache = BudgetSpec(method, 200, None, settings={"span": 2, "window_size": 8, "beta": 1}).make(model, 300)
+    assert cache.policy.cache_size == 200
+    assert cache.policy.start_size == official_start_size(300, 200, 6) == 128
+    with pytest.raises(ConfigError, match="--cache_size 4 must exceed --start_size 4"):
+        make_cache("streamingllm", model, cache_size=4, start_size=4)

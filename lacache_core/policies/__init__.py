@@ -30,6 +30,15 @@ def build_policy(method: str, **settings) -> CachePolicy:
         raise ConfigError(f"--method must be one of {sorted(METHODS)}, got {method!r}")
     cls = METHODS[method]
     names = {f.name for f in fields(cls) if f.init}
+    if "cache_size" not in names and "recent_size" in names and settings.get("recent_size") is None \
+            and settings.get("cache_size") is not None:
+        # StreamingLLM is parameterised by its window: a cache_size budget means the same slots as for
+        # every other method, sinks included
+        start = settings.get("start_size")
+        start = cls.start_size if start is None else start
+        if settings["cache_size"] <= start:
+            raise ConfigError(f"--cache_size {settings['cache_size']} must exceed --start_size {start} for {method}")
+        settings = {**settings, "recent_size": settings["cache_size"] - start}
     return cls(**{k: v for k, v in settings.items() if k in names and v is not None})
 
 
