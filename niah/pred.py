@@ -1,0 +1,343 @@
+"""Needle in a haystack / passkey retrieval under a KV budget (the LaCache paper's Figs. 8-9 protocol).
+
+For every context length (``interval, 2*interval, ..., max_tokens``), every depth and every test:
+a prompt of at most that many tokens with the needle at that depth (see ``niah/haystack.py``), a
+fresh cache of ``budget x prompt tokens`` slots (64 start tokens, as the official NIAH script), full
+prefill then compaction (or ``--prefill_chunk_size`` chunks), greedy answer, score. ``passkey``
+mode (default) is the paper's test: score 100 when the key's digits are in the answer. ``essays``
+mode is Kamradt's Paul Graham haystack, scored by the share of the needle's content words found in
+the answer (offline stand-in for the original GPT judge; see ``niah/haystack.py``).
+
+Per method, ``{output_dir}/{model}__{mode}__{method}/`` gets ``results.csv``
+(``context_length,depth,test,score,pred,prompt_tokens``, one row per test appended as it is
+produced; a rerun skips the rows already there), ``run.json``, ``summary.md`` and ``heatmap.png``.
+
+Unlike the official script (one key per test index, reused in every cell), each test's key is drawn
+from ``(seed, length, depth, test)``, so any cell can be recomputed alone.
+
+Examples
+--------
+The paper's setting (Llama-3.2-3B-Instruct, 16K..128K, 11 depths, 50 tests per cell)::
+
+    python niah/pred.py --model_name meta-llama/Llama-3.2-3B-Instruct --max_tokens 131072 --interval 16384 \\
+        --num_tests 50 --enable_lacache --span 14 --overlap 0 --budget 0.5
+
+Offline quick run on the embedded SmolLM2-135M-Instruct::
+
+    python niah/pred.py --method full,streamingllm,lacache --max_tokens 1024 --interval 512 --num_tests 1 \\
+        --depths 0,50,100 --budget 0.5 --span 14 --overlap 0
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm.auto import tqdm  # noqa: E402
+
+from lacache_core import paper  # noqa: E402
+from lacache_core.cli import (add_method_flags, check_common, method_settings, method_tag,  # noqa: E402
+                              parse_methods, run_main)
+from lacache_core.errors import ConfigError  # noqa: E402
+from lacache_core.generation import BudgetSpec, answer, budget_cache_size, stop_token_ids  # noqa: E402
+from lacache_core.runlog import run_record, write_json  # noqa: E402
+from niah.haystack import MODES, build_prompt, depth_label, score  # noqa: E402
+from niah.plot import average, cell_means, heatmap, length_label  # noqa: E402
+
+DEFAULT_MODEL = "smollm2-135m"
+#: Leading tokens every method keeps in the official NIAH script ("reserved for questions/system instructions").
+NIAH_START_SIZE = 64
+DEFAULT_DEPTHS = [float(d) for d in range(0, 101, 10)]
+MAX_NEW_TOKENS = {"passkey": 16, "essays": 64}
+COLUMNS = ["context_length", "depth", "test", "score", "pred", "prompt_tokens"]
+PAPER_NOTE = ("Paper (LaCache, Figs. 8-9, passkey averages only): other models, 16K..128K contexts and 50 tests per "
+              "cell, so comparable in trend only.")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`ConfigError` (one line, names the flag) instead of printing usage."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name", "--model_name_or_path", dest="model_name", default=DEFAULT_MODEL,
+                   help=f"hub name, local folder, or {DEFAULT_MODEL!r} (embedded SmolLM2-135M-Instruct, offline)")
+    p.add_argument("--max_tokens", type=int, default=4096, help="largest context length in tokens (official: 4096)")
+    p.add_argument("--interval", type=int, default=2948,
+                   help="context lengths are interval, 2*interval, ... up to max_tokens (official default 2948)")
+    p.add_argument("--num_tests", type=int, default=5, help="tests per (length, depth) cell (official: 5)")
+    p.add_argument("--enable_lacache", action="store_true", help="the official flag: same as --method lacache")
+    p.add_argument("--mode", choices=MODES, default="passkey",
+                   help="passkey: the paper's test; essays: Paul Graham essays + San Francisco needle")
+    p.add_argument("--depths", default=None,
+                   help="comma list of needle depths in percent (default: 0,10,...,100, the official 11)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the pass keys / starting essays")
+    p.add_argument("--max_new_tokens", type=int, default=None, help="answer tokens (default: 16 passkey, 64 essays)")
+    p.add_argument("--no_chat", action="store_true",
+                   help="feed the raw prompt (default: wrapped in the tokenizer's chat template when it has one)")
+    p.add_argument("--output_dir", default="outputs/niah")
+    add_method_flags(p, span=14, overlap=0, budget=0.5,
+                     start_help=f"leading tokens kept by every method (default {NIAH_START_SIZE}, as the official "
+                                "NIAH script)")
+    p.set_defaults(method=None)
+    return p.parse_args(argv)
+
+
+def parse_depths(text) -> List[float]:
+    if text is None:
+        return list(DEFAULT_DEPTHS)
+    try:
+        depths = [float(d) for d in text.split(",") if d.strip()]
+    except ValueError:
+        depths = []
+    if not depths or any(not 0 <= d <= 100 for d in depths):
+        raise ConfigError(f"--depths must be a comma list of percentages in [0, 100], got {text!r}")
+    return sorted(set(depths))
+
+
+def validate(args) -> None:
+    check_common(args)
+    if args.enable_lacache:
+        if args.method is None:
+            args.method = "lacache"
+        elif "lacache" not in parse_methods(args.method):
+            raise ConfigError(f"--enable_lacache means --method lacache, but --method is {args.method!r}")
+    args.methods = parse_methods(args.method or "full")
+    if args.max_tokens < 1:
+        raise ConfigError(f"--max_tokens must be >= 1, got {args.max_tokens}")
+    if not 1 <= args.interval <= args.max_tokens:
+        raise ConfigError(f"--interval must be in [1, --max_tokens={args.max_tokens}], got {args.interval}")
+    if args.num_tests < 1:
+        raise ConfigError(f"--num_tests must be >= 1, got {args.num_tests}")
+    args.depth_list = parse_depths(args.depths)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = MAX_NEW_TOKENS[args.mode]
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.start_size == NIAH_START_SIZE:
+        args.start_size = None  # the default, spelled out: same results, same folder
+    args.lengths = [args.interval * k for k in range(1, args.max_tokens // args.interval + 1)]
+
+
+def start_size(args) -> int:
+    return NIAH_START_SIZE if args.start_size is None else args.start_size
+
+
+def model_label(name: str) -> str:
+    return Path(name.rstrip("/")).name or name
+
+
+def run_folder(args, method: str) -> Path:
+    return Path(args.output_dir) / f"{model_label(args.model_name)}__{args.mode}__{method_tag(args, method)}"
+
+
+# ----------------------------------------------------------------------------------------- results file
+def _key(length, depth, test):
+    return int(length), depth_label(depth), int(test)
+
+
+class CsvResults:
+    """``results.csv`` opened for appending, one flushed row per test (the CSV twin of ``JsonlResults``).
+
+    On opening, a row cut short by a kill (no final newline, or an unterminated quoted field) is
+    dropped; ``done`` holds the ``(context_length, depth, test)`` keys already written.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows = self._read_complete()
+        self.done = {_key(r["context_length"], r["depth"], r["test"]) for r in self.rows}
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        self._file = open(self.path, "a", newline="", encoding="utf-8")
+        self._writer = csv.writer(self._file, lineterminator="\n")
+        if fresh:
+            self._writer.writerow(COLUMNS)
+            self._file.flush()
+
+    def _read_complete(self) -> List[dict]:
+        if not self.path.exists():
+            return []
+        text = self.path.read_text(encoding="utf-8")
+        if not text:
+            return []
+        rows, damaged = [], False
+        try:
+            for row in csv.reader(io.StringIO(text, newline=""), strict=True):
+                rows.append(row)  # noqa: PERF402 (keep the rows read before a csv.Error)
+        except csv.Error:
+            damaged = True  # the last record ends inside a quoted field: cut off
+        if not text.endswith("\n") and rows and not damaged:
+            rows.pop()  # the last record has no newline: cut off
+            damaged = True
+        if not rows or rows[0] != COLUMNS:
+            raise ConfigError(f"--output_dir: {self.path} is not a NIAH results file (header {COLUMNS})")
+        records = [dict(zip(COLUMNS, r)) for r in rows[1:] if len(r) == len(COLUMNS)]
+        if damaged or len(records) != len(rows) - 1:
+            tmp = self.path.with_suffix(".csv.tmp")
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f, lineterminator="\n")
+                w.writerow(COLUMNS)
+                w.writerows([r[c] for c in COLUMNS] for r in records)
+            tmp.replace(self.path)
+        return records
+
+    def append(self, row: dict) -> None:
+        self._writer.writerow([row[c] for c in COLUMNS])
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.rows.append({c: str(row[c]) for c in COLUMNS})
+        self.done.add(_key(row["context_length"], row["depth"], row["test"]))
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_results(path: Path) -> List[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------------------- summary
+def summary_table(rows: List[dict]) -> str:
+    """Markdown: mean score per context length (mean over depths of the cell means) and over all cells."""
+    means = cell_means(rows)
+    lines = ["| context length | mean prompt tokens | tests | score |", "|---:|---:|---:|---:|"]
+    for length in sorted({k[0] for k in means}):
+        cells = [v for k, v in means.items() if k[0] == length]
+        mine = [r for r in rows if int(r["context_length"]) == length]
+        tokens = statistics.mean(int(r["prompt_tokens"]) for r in mine)
+        lines.append(f"| {length_label(length)} | {tokens:.0f} | {len(mine)} | {sum(cells) / len(cells):.2f} |")
+    lines.append(f"| **all** | | {len(rows)} | **{average(means):.2f}** |")
+    return "\n".join(lines)
+
+
+def paper_table() -> str:
+    rows = paper.table("Needle")
+    out = ["| " + " | ".join(str(c) for c in rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    out += ["| " + " | ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in row) + " |" for row in rows[1:]]
+    return "\n".join(out)
+
+
+def write_summary(args, method: str, folder: Path, rows: List[dict]) -> str:
+    budget = "full cache" if method == "full" else f"budget {args.budget:g} x prompt tokens, start {start_size(args)}"
+    head = f"## NIAH {args.mode}: {model_label(args.model_name)}, {method_tag(args, method)} ({budget})"
+    table = summary_table(rows)
+    (folder / "summary.md").write_text(f"{head}\n\n{table}\n\n{PAPER_NOTE}\n\n{paper_table()}\n", encoding="utf-8")
+    return f"{head}\n\n{table}"
+
+
+# ----------------------------------------------------------------------------------------- run
+def make_spec(args, method: str, prompt_tokens: int) -> BudgetSpec:
+    """The cache of one prompt: ``budget x prompt_tokens`` slots (official NIAH), ``start_size`` sinks."""
+    if method == "full":
+        return BudgetSpec("full")
+    cache_size, start = budget_cache_size(args.budget, prompt_tokens), start_size(args)
+    if cache_size <= start:
+        raise ConfigError(f"--budget {args.budget:g} gives a {cache_size}-slot cache for a {prompt_tokens}-token "
+                          f"prompt, not more than --start_size {start}; raise --budget or lower --start_size")
+    return BudgetSpec(method, cache_size, start, settings=method_settings(args))
+
+
+def run_method(args, method, model, tokenizer, essays, stop) -> List[dict]:
+    folder = run_folder(args, method)
+    settings = method_settings(args)
+    common = dict(model=model_label(args.model_name), method=method, mode=args.mode, lengths=args.lengths,
+                  depths=args.depth_list, num_tests=args.num_tests, max_new_tokens=args.max_new_tokens,
+                  chat=not args.no_chat, budget=None if method == "full" else args.budget,
+                  start_size=None if method == "full" else start_size(args),
+                  settings=None if method == "full" else settings)
+    run_args = {k: v for k, v in vars(args).items() if k not in ("methods",)}
+    write_json(folder / "run.json", run_record(run_args, **common))
+    cells = [(n, d, t) for n in args.lengths for d in args.depth_list for t in range(args.num_tests)]
+    guesses = {}
+    t0 = time.perf_counter()
+    with CsvResults(folder / "results.csv") as out:
+        todo = [c for c in cells if _key(*c) not in out.done]
+        for length, depth, test in tqdm(todo, desc=f"{method} {args.mode}"):
+            prompt = build_prompt(tokenizer, args.mode, length, depth, args.seed, test, chat=not args.no_chat,
+                                  essays=essays, guess=guesses.get(length))
+            guesses[length] = prompt.units
+            spec = make_spec(args, method, prompt.tokens)
+            res = answer(model, tokenizer, prompt.input_ids, spec, args.max_new_tokens, stop,
+                         prefill_chunk_size=args.prefill_chunk_size)
+            out.append({"context_length": length, "depth": depth_label(depth), "test": test,
+                        "score": f"{score(args.mode, res.text, prompt.answer):g}", "pred": res.text,
+                        "prompt_tokens": res.prompt_tokens})
+        wanted = {_key(*c) for c in cells}  # the file may hold other cells from a wider earlier run
+        rows = [r for r in out.rows if _key(r["context_length"], r["depth"], r["test"]) in wanted]
+    means = cell_means(rows)
+    write_json(folder / "run.json", run_record(run_args, **common, average_score=average(means),
+                                               seconds=round(time.perf_counter() - t0, 1), tests=len(rows)))
+    title = f"{model_label(args.model_name)} {args.mode}, {method_tag(args, method)}"
+    if heatmap(rows, folder / "heatmap.png", title) is None:
+        print("note: matplotlib is not installed; no heatmap.png (pip install matplotlib, then "
+              f"python niah/plot.py {folder / 'results.csv'})")
+    print(write_summary(args, method, folder, rows))
+    print(f"[{method}] results in {folder}")
+    return rows
+
+
+def comparison(args, results) -> str:
+    methods = list(results)
+    lines = ["| context length | " + " | ".join(method_tag(args, m) for m in methods) + " |",
+             "|---:|" + "---:|" * len(methods)]
+    means = {m: cell_means(rows) for m, rows in results.items()}
+    for length in args.lengths:
+        vals = []
+        for m in methods:
+            cells = [v for k, v in means[m].items() if k[0] == length]
+            vals.append(f"{sum(cells) / len(cells):.2f}" if cells else "-")
+        lines.append(f"| {length_label(length)} | " + " | ".join(vals) + " |")
+    lines.append("| **all** | " + " | ".join(f"**{average(means[m]):.2f}**" for m in methods) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+def _main(argv) -> int:
+    args = parse_args(argv)
+    validate(args)
+    from lacache_core import enable_position_shift
+    from lacache_core.models import load_model
+
+    essays = None
+    if args.mode == "essays":
+        from lacache_core.data import pg_essays
+        essays = pg_essays()
+    model, tokenizer = load_model(args.model_name, args.dtype, args.device, args.attn_implementation)
+    enable_position_shift(model)
+    stop = stop_token_ids(tokenizer, model)
+    # reject impossible budgets before the first test: the smallest prompt gets the smallest cache
+    first = build_prompt(tokenizer, args.mode, args.lengths[0], args.depth_list[0], args.seed, 0,
+                         chat=not args.no_chat, essays=essays)
+    for method in args.methods:
+        if method != "full":
+            make_spec(args, method, first.tokens).make(model, first.tokens)
+    results = {m: run_method(args, m, model, tokenizer, essays, stop) for m in args.methods}
+    if len(results) > 1:
+        print(f"\n## average score per context length ({args.mode})\n\n{comparison(args, results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
