@@ -140,3 +140,13 @@ def test_every_method_gets_the_same_budget_and_start(method):
     assert cache.policy.start_size == official_start_size(300, 200, 6) == 128
     with pytest.raises(ConfigError, match="--cache_size 4 must exceed --start_size 4"):
         make_cache("streamingllm", model, cache_size=4, start_size=4)
+
+
+def test_llama3_style_models_stop_on_both_end_tokens():
+    model = tiny_model("llama", "eager")
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|eot_id|>"]})
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    model.generation_config.eos_token_id = [122, 100]  # Llama-3-Instruct lists <|end_of_text|> and <|eot_id|>
+    stop = stop_token_ids(tok, model)
+    assert {122, 100, eot} <= set(stop)

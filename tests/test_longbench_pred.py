@@ -38,6 +38,8 @@ def data_dir(tmp_path_factory):
                          "answers": [answer], "length": n,
                          "all_classes": ["w1", "w2"] if name == "trec" else None})
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if name == "hotpotqa":  # LongBench-E files are {dataset}_e.jsonl
+            (folder / "hotpotqa_e.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     return folder
 
 
@@ -186,3 +188,12 @@ def test_prefill_chunk_size_bounds_peak_kv(tiny_dir, data_dir, tmp_path):
     per_token = 2 * 4 * model.config.num_key_value_heads * 16 * 4  # k+v, layers, kv heads, head_dim, fp32
     assert all(r["peak_kv_bytes"] <= (50 + 16) * per_token for r in rows)
     assert any(r["prompt_tokens"] > 66 for r in rows)  # prompts longer than what the cache ever held
+
+
+def test_longbench_e_reads_the_e_files_and_scores_by_length_bucket(tiny_dir, data_dir, tmp_path):
+    assert run(tiny_dir, data_dir, tmp_path, "--e", "--datasets", "hotpotqa", "--method", "full") == 0
+    folder = tmp_path / "pred_e" / "tiny__full"
+    assert [r["_id"] for r in read(folder / "hotpotqa.jsonl")] == ["hotpotqa-0", "hotpotqa-1"]
+    from longbench.eval import main as evaluate
+    assert evaluate(["--path", str(folder), "--e"]) == 0
+    assert set(json.loads((folder / "result.json").read_text())["hotpotqa"]) == {"0-4k", "4-8k", "8k+"}
