@@ -13,6 +13,23 @@ from .errors import ConfigError
 from .policies import METHODS
 
 
+def add_policy_flags(g) -> None:
+    """The methods' own hyper-parameters (every harness, ``ppl/`` included)."""
+    g.add_argument("--span", type=int, default=16, help="LaCache ladder span S")
+    g.add_argument("--overlap", type=int, default=0, help="LaCache ladder overlap O (0 <= O < S)")
+    g.add_argument("--ladder_layout", choices=["official", "paper"], default="official",
+                   help="LaCache: official code's layer offsets, or the paper prose's consecutive-layer ladder")
+    g.add_argument("--no_compensate", action="store_true",
+                   help="LaCache: make the budget a hard cap (the official code lets it reach budget + floor(R/2))")
+    g.add_argument("--recent_ratio", type=float, default=0.5, help="H2O: share of the budget for recent tokens")
+    g.add_argument("--recent_window", type=int, default=32, help="LSH-E: recent tokens never evicted")
+    g.add_argument("--lsh_dim", type=int, default=8, help="LSH-E: SimHash bits")
+    g.add_argument("--window_size", type=int, default=32, help="SnapKV/PyramidKV/PyramidInfer: observation window")
+    g.add_argument("--kernel_size", type=int, default=7, help="SnapKV/PyramidKV: pooling kernel")
+    g.add_argument("--pooling", choices=["max", "avg"], default="max", help="SnapKV/PyramidKV: pooling")
+    g.add_argument("--beta", type=int, default=20, help="PyramidKV: budget ratio of first to last layer")
+
+
 def add_method_flags(p: argparse.ArgumentParser, span: int = 16, overlap: int = 0, budget: float = 0.5,
                      start_help: str = "leading tokens kept by every method (default: the official LongBench rule "
                                        "min(128, T - (L+1), C - (L+1)))") -> None:
@@ -23,18 +40,8 @@ def add_method_flags(p: argparse.ArgumentParser, span: int = 16, overlap: int = 
     g.add_argument("--budget", type=float, default=budget,
                    help="cache size as a fraction of the length the harness names (official semantics)")
     g.add_argument("--start_size", type=int, default=None, help=start_help)
-    g.add_argument("--span", type=int, default=span, help="LaCache ladder span S")
-    g.add_argument("--overlap", type=int, default=overlap, help="LaCache ladder overlap O (0 <= O < S)")
-    g.add_argument("--ladder_layout", choices=["official", "paper"], default="official",
-                   help="LaCache: official code's layer offsets, or the paper prose's consecutive-layer ladder")
-    g.add_argument("--no_compensate", action="store_true", help="LaCache: make the budget a hard cap")
-    g.add_argument("--recent_ratio", type=float, default=0.5, help="H2O: share of the budget for recent tokens")
-    g.add_argument("--recent_window", type=int, default=32, help="LSH-E: recent tokens never evicted")
-    g.add_argument("--lsh_dim", type=int, default=8, help="LSH-E: SimHash bits")
-    g.add_argument("--window_size", type=int, default=32, help="SnapKV/PyramidKV/PyramidInfer: observation window")
-    g.add_argument("--kernel_size", type=int, default=7, help="SnapKV/PyramidKV: pooling kernel")
-    g.add_argument("--pooling", choices=["max", "avg"], default="max", help="SnapKV/PyramidKV: pooling")
-    g.add_argument("--beta", type=int, default=20, help="PyramidKV: budget ratio of first to last layer")
+    add_policy_flags(g)
+    g.set_defaults(span=span, overlap=overlap)
     g.add_argument("--prefill_chunk_size", type=int, default=None,
                    help="feed the prompt N tokens at a time and compact between chunks (bounded memory); "
                         "default: whole prompt, as the official harnesses")

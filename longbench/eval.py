@@ -29,6 +29,7 @@ from typing import Dict, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lacache_core.errors import ConfigError  # noqa: E402
+from lacache_core.cli import run_main  # noqa: E402
 from longbench.config import DATASETS, METRICS  # noqa: E402
 from longbench.metrics import BUCKETS, score, score_e  # noqa: E402
 
@@ -290,8 +291,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

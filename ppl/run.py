@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lacache_core import METHODS, ConfigError, build_policy  # noqa: E402
+from lacache_core.cli import add_policy_flags, method_settings  # noqa: E402
 from lacache_core.data import load_texts  # noqa: E402
 from lacache_core.models import DEFAULT_MODEL, load_model  # noqa: E402
 from lacache_core.plots import running_ppl_plot  # noqa: E402
@@ -46,19 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--cache_size", type=int, default=256, help="KV budget in tokens per layer (all methods)")
     p.add_argument("--start_size", type=int, default=4, help="leading tokens kept by every method (attention sinks)")
     p.add_argument("--recent_size", type=int, default=None, help="StreamingLLM window (default cache_size - start_size)")
-    p.add_argument("--span", type=int, default=16, help="LaCache ladder span S")
-    p.add_argument("--overlap", type=int, default=0, help="LaCache ladder overlap O (0 <= O < S)")
-    p.add_argument("--ladder_layout", choices=["official", "paper"], default="official",
-                   help="LaCache: official code's layer offsets, or the paper prose's consecutive-layer ladder")
-    p.add_argument("--recent_ratio", type=float, default=0.5, help="H2O: share of the budget for recent tokens")
-    p.add_argument("--recent_window", type=int, default=32, help="LSH-E: recent tokens never evicted")
-    p.add_argument("--lsh_dim", type=int, default=8, help="LSH-E: SimHash bits")
-    p.add_argument("--window_size", type=int, default=32, help="SnapKV/PyramidKV/PyramidInfer: observation window")
-    p.add_argument("--kernel_size", type=int, default=7, help="SnapKV/PyramidKV: pooling kernel")
-    p.add_argument("--pooling", choices=["max", "avg"], default="max", help="SnapKV/PyramidKV: pooling")
-    p.add_argument("--beta", type=int, default=20, help="PyramidKV: budget ratio of first to last layer")
-    p.add_argument("--no_compensate", action="store_true",
-                   help="LaCache: make cache_size a hard cap (official code lets it reach cache_size + floor(R/2))")
+    add_policy_flags(p)
     p.add_argument("--query_position", choices=QUERY_POSITIONS, default="slot",
                    help="slot: query at its key's cache slot; official: reproduce the official harness's drift")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
@@ -105,10 +94,7 @@ def methods_help() -> str:
 
 def policy_settings(args):
     return dict(cache_size=args.cache_size, start_size=args.start_size, recent_size=args.recent_size,
-                span=args.span, overlap=args.overlap, compensate=not args.no_compensate,
-                ladder_layout=args.ladder_layout, recent_ratio=args.recent_ratio, recent_window=args.recent_window,
-                lsh_dim=args.lsh_dim, window_size=args.window_size, kernel_size=args.kernel_size,
-                pooling=args.pooling, beta=args.beta)
+                **method_settings(args))
 
 
 def run_tag(args, method: str) -> str:

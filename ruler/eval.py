@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lacache_core import paper  # noqa: E402
 from lacache_core.errors import ConfigError  # noqa: E402
+from lacache_core.cli import run_main  # noqa: E402
 from ruler.metrics import metric_for  # noqa: E402
 from ruler.tasks import TASK_NAMES  # noqa: E402
 
@@ -186,8 +187,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lacache_core.errors import ConfigError  # noqa: E402
+from lacache_core.cli import run_main  # noqa: E402
 from lacache_core.models import DEFAULT_MODEL, resolve_model_path  # noqa: E402
 from lacache_core.runlog import run_record, write_json  # noqa: E402
 from ruler.tasks import TASK_NAMES, TASKS, RulerGenerator, load_hotpotqa, load_squad  # noqa: E402
@@ -178,8 +179,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))
