@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 
-def running_ppl_plot(curves: Dict[str, List[float]], path: Path, title: str, window: int = 256) -> Optional[Path]:
-    """Cumulative and windowed perplexity against token position, one line pair per label."""
+def running_ppl_plot(curves: Dict[str, List[float]], path: Path, title: str, window: int = 256,
+                     marker: Optional[int] = None) -> Optional[Path]:
+    """Cumulative and windowed perplexity against token position, one line pair per label
+    (``marker``: a vertical line, e.g. at the model's trained context length)."""
     try:
         import matplotlib
 
@@ -32,6 +34,8 @@ def running_ppl_plot(curves: Dict[str, List[float]], path: Path, title: str, win
     ax1.set(xlabel="tokens scored", ylabel="perplexity (cumulative)", title=title, yscale="log")
     ax2.set(xlabel="token position", ylabel=f"perplexity ({window}-token window)", yscale="log")
     for ax in (ax1, ax2):
+        if marker is not None:
+            ax.axvline(marker, color="grey", linestyle="--", linewidth=1)
         ax.grid(alpha=0.3)
         if ax.get_lines():
             ax.legend()

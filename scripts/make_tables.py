@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -21,6 +22,9 @@ from typing import List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lacache_core import paper  # noqa: E402
+from lacache_core.plots import running_ppl_plot  # noqa: E402
+
+TRAINED_CONTEXT = 8192  # SmolLM2's; only runs longer than this get the "past the trained context" table
 
 PPL_MODELS = {"Llama-2-7b-hf": "Llama2-7B", "Llama-2-7b-chat-hf": "Llama2-7B-Chat", "Llama-2-13b-hf": "Llama2-13B",
               "Meta-Llama-3-8B": "Llama3-8B"}
@@ -111,10 +115,31 @@ def ppl_section(title: str, folder: Path, table: Optional[str], assets: Assets, 
                      + " | ".join(cells) + f" | {res['ppl']:.2f} ({res['tokens_scored']}) | "
                      f"{res['tokens_per_s']:.1f} | {res['peak_kv_bytes'] / 2 ** 20:.1f} |")
     lines += ["", provenance(runs), ""]
+    long_runs = [r for r in runs if r["results"]["tokens_scored"] > TRAINED_CONTEXT]
+    if long_runs:  # the claim past the trained context: perplexity of the tokens beyond it, and one plot
+        curves = {}
+        lines += [f"Perplexity of the tokens past position {TRAINED_CONTEXT} (the embedded model's trained "
+                  "context):", "", "| method | cache | ppl, tokens 1..8192 | ppl, tokens 8193.. |", "|---|---|---|---|"]
+        for r in long_runs:
+            nlls = [float(x) for x in (r["folder"] / "nlls.txt").read_text().split()]
+            cache = "all" if r["args"]["method"] == "full" else r["args"]["cache_size"]
+            curves[f"{r['args']['method']} ({cache})"] = nlls
+            lines.append(f"| {r['args']['method']} | {cache} | {running_ppl(nlls[:TRAINED_CONTEXT]):.2f} | "
+                         f"{running_ppl(nlls[TRAINED_CONTEXT:]):.2f} |")
+        png = running_ppl_plot(curves, Path(assets.folder) / f"{tag}_long.png", f"{folder}", window=512,
+                               marker=TRAINED_CONTEXT)
+        if png is not None:
+            rel = png.resolve().relative_to(assets.page.resolve().parent)
+            lines += ["", f"![{tag}_long.png]({rel.as_posix()})"]
+        lines.append("")
     plots = sorted(folder.rglob("comparison.png"))
     for png in plots:
         lines.append(assets.link(png, f"{tag}_{png.parent.name}_comparison.png"))
     return lines + [""]
+
+
+def running_ppl(nlls: List[float]) -> float:
+    return math.exp(sum(nlls) / len(nlls)) if nlls else float("nan")
 
 
 # ------------------------------------------------------------------------------------------ LongBench
