@@ -1,5 +1,6 @@
 """niah/: haystack construction (depth, size, seeds), scores, results file, and niah/pred.py end to end on a tiny model."""
 import csv
+import importlib.util
 import random
 import string
 
@@ -11,15 +12,7 @@ from tiny import tiny_model, tiny_tokenizer
 pytestmark = pytest.mark.skipif(not HAS_CACHE_CLASSES, reason="prompt harnesses need transformers >= 4.36")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy shared CPU two OpenMP threads can be 100x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 def char_tokenizer(chat_template=None):
@@ -194,7 +187,8 @@ def test_end_to_end_writes_results_heatmap_and_summary(tiny_dir, tmp_path, capsy
                                                                      for d in ("0", "50", "100")}
         assert all(int(r["prompt_tokens"]) <= int(r["context_length"]) for r in rows)
         assert all(r["score"] in ("0", "100") for r in rows)
-        assert (folder / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if HAS_MATPLOTLIB:  # the plot is optional (the 4.43/4.33 test environments have no matplotlib)
+            assert (folder / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         summary = (folder / "summary.md").read_text()
         assert "| **all** |" in summary and "Llama3.2-3B-Instruct-128k" in summary  # the paper's table, quoted
         meta = json.loads((folder / "run.json").read_text())
