@@ -94,7 +94,8 @@ def ppl_section(title: str, folder: Path, table: Optional[str], assets: Assets, 
     lines = [f"### {title}", "",
              "Cells: ours / paper (difference) where the paper reports the same model and cache; "
              "lengths are scored tokens (1K = 1024).", "",
-             "| model | data | method | cache | ladder | " + " | ".join(lengths) + " | all tokens | tok/s | peak KV MiB |",
+             "| model | data | method | cache | ladder | " + "".join(f"{k} | " for k in lengths)
+             + "all tokens | tok/s | peak KV MiB |",
              "|" + "---|" * (8 + len(lengths))]
     order = {"full": 0, "streamingllm": 1, "lacache": 2}
     runs.sort(key=lambda r: (r["args"]["model_name_or_path"], -(r["args"]["cache_size"] if r["args"]["method"] != "full"
@@ -112,7 +113,7 @@ def ppl_section(title: str, folder: Path, table: Optional[str], assets: Assets, 
         ladder = f"S{a['span']} O{a['overlap']}" if method == "lacache" else ""
         cells = [cell(res["checkpoints"].get(k), paper_row.get(k)) for k in lengths]
         lines.append(f"| {model} | {Path(a['dataset_name']).name} | {method} | {cache} | {ladder} | "
-                     + " | ".join(cells) + f" | {res['ppl']:.2f} ({res['tokens_scored']}) | "
+                     + "".join(f"{c} | " for c in cells) + f"{res['ppl']:.2f} ({res['tokens_scored']}) | "
                      f"{res['tokens_per_s']:.1f} | {res['peak_kv_bytes'] / 2 ** 20:.1f} |")
     lines += ["", provenance(runs), ""]
     long_runs = [r for r in runs if r["results"]["tokens_scored"] > TRAINED_CONTEXT]
