@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every table script in --smoke mode (offline, embedded SmolLM2-135M, 2-core CPU), then RESULTS.md.
 # Prints each script's wall time. Resumable: rerun to finish an interrupted pass.
-#   bash scripts/smoke_all.sh [--out DIR]     (about 30-40 min on 2 CPU cores)
+#   bash scripts/smoke_all.sh [--out DIR]     (about 40 min on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

@@ -4,7 +4,7 @@
 # does not give RULER's ladder), plus the full cache. SQuAD and HotpotQA come from the hub (or
 # --squad/--hotpotqa files given to ruler/prepare.py); without them qa_1/qa_2 are skipped.
 #   bash scripts/table5_ruler.sh [--gpus N]   samples sharded over N GPUs with torchrun; ~6 GPU-hours per method
-#   bash scripts/table5_ruler.sh --smoke      embedded SmolLM2-135M, 2K context, 2 samples per task (~10 min CPU)
+#   bash scripts/table5_ruler.sh --smoke      embedded SmolLM2-135M, 2K context, 2 samples per task (~20 min CPU)
 source "$(dirname "$0")/lib.sh"
 parse_common "$@"
 if [ $SMOKE = 1 ]; then
