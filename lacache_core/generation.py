@@ -14,7 +14,7 @@ from typing import Iterable, List, Optional, Sequence
 
 import torch
 
-from .cache import CompressedCache, make_cache, prefill
+from .cache import CompressedCache, kv_bytes, make_cache, prefill
 from .errors import ConfigError
 from .policies import METHODS
 from .versions import HAS_CACHE_CLASSES
@@ -145,7 +145,8 @@ def answer(model, tokenizer, input_ids: torch.Tensor, spec: BudgetSpec, max_new_
     t0 = time.perf_counter()
     ids = greedy_answer(model, input_ids, cache, max_new_tokens, stop_ids, min_new_tokens, prefill_chunk_size)
     seconds = time.perf_counter() - t0
-    peak = cache.peak_bytes if isinstance(cache, CompressedCache) else 0
+    # an ordinary cache only grows, so its final size is its peak
+    peak = cache.peak_bytes if isinstance(cache, CompressedCache) else kv_bytes(cache)
     return Answer(ids, tokenizer.decode(ids, skip_special_tokens=True), input_ids.shape[1], seconds, peak)
 
 

@@ -70,7 +70,7 @@ def test_predictions_for_each_method_and_budget(tiny_dir, data_dir, tmp_path):
     assert lacache["cache_size"] == 50 and lacache["budget"] == 0.25
     full = read(tmp_path / "pred" / "tiny__full" / "hotpotqa.jsonl")
     small = read(tmp_path / "pred" / "tiny__lacache_b0.25_S2_O0" / "hotpotqa.jsonl")
-    assert all(r["peak_kv_bytes"] == 0 for r in full) and all(r["peak_kv_bytes"] > 0 for r in small)
+    assert all(f["peak_kv_bytes"] > s["peak_kv_bytes"] > 0 for f, s in zip(full, small) if f["prompt_tokens"] > 60)
     # and the folders score with longbench/eval.py: every dataset, one metric family each
     pytest.importorskip("rouge")
     from longbench.eval import main as evaluate
