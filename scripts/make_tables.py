@@ -228,7 +228,8 @@ def ruler_section(folder: Path) -> List[str]:
     ref_all = paper.ruler()
     tasks = [t for t in next(iter(ref_all.values())) if t != "avg"]
     present = [t for t in tasks if any(t in s for _, _, s in runs)]
-    header = [f"{run.get('method', name)}" + (f" {run.get('budget')}" if run.get("budget") else "") for name, run, _ in runs]
+    header = [f"{run.get('method', name)}" + (f" {run.get('budget')}" if run.get("budget") else "")
+              + (f" @ {run['max_length']} tokens" if run.get("max_length") else "") for name, run, _ in runs]
     lines = ["### Table 5: RULER", "", "Cells: ours / paper (difference); the paper's numbers are LongChat-7b-v1.5-32k "
              "at 16K with a 50% budget, so the difference means something only for that setting.", "",
              "| task | " + " | ".join(header) + " |", "|" + "---|" * (len(header) + 1)]
