@@ -13,6 +13,14 @@ from .errors import ConfigError
 from .policies import METHODS
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises :class:`ConfigError` (one line naming the flag) instead of printing usage and
+    exiting, so that :func:`run_main` reports a bad flag like any other bad setting."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
 def add_policy_flags(g) -> None:
     """The methods' own hyper-parameters (every harness, ``ppl/`` included)."""
     g.add_argument("--span", type=int, default=16, help="LaCache ladder span S")

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tqdm.auto import tqdm  # noqa: E402
 
 from lacache_core import paper  # noqa: E402
-from lacache_core.cli import (add_method_flags, check_common, method_settings, method_tag,  # noqa: E402
+from lacache_core.cli import (ArgumentParser, add_method_flags, check_common, method_settings, method_tag,  # noqa: E402
                               parse_methods, run_main)
 from lacache_core.errors import ConfigError  # noqa: E402
 from lacache_core.generation import BudgetSpec, answer, budget_cache_size, stop_token_ids  # noqa: E402
@@ -62,15 +62,9 @@ PAPER_NOTE = ("Paper (LaCache, Figs. 8-9, passkey averages only): other models, 
               "cell, so comparable in trend only.")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises :class:`ConfigError` (one line, names the flag) instead of printing usage."""
-
-    def error(self, message):
-        raise ConfigError(message)
-
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name", "--model_name_or_path", dest="model_name", default=DEFAULT_MODEL,
                    help=f"hub name, local folder, or {DEFAULT_MODEL!r} (embedded SmolLM2-135M-Instruct, offline)")
     p.add_argument("--max_tokens", type=int, default=4096, help="largest context length in tokens (official: 4096)")

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lacache_core import paper  # noqa: E402
 from lacache_core.errors import ConfigError  # noqa: E402
-from lacache_core.cli import run_main  # noqa: E402
+from lacache_core.cli import ArgumentParser, run_main  # noqa: E402
 from ruler.metrics import metric_for  # noqa: E402
 from ruler.tasks import TASK_NAMES  # noqa: E402
 
@@ -33,13 +33,9 @@ PAPER_NOTE = ("paper: LaCache Table 5 (LongChat-7b-v1.5-32k, 50% KV budget, 16K 
               "comparable only in that setting")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ConfigError(message)
-
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pred_dir", nargs="+", required=True, help="run folder(s) with {task}.jsonl predictions")
     p.add_argument("--output_dir", default=None,
                    help="where comparison.md goes (default: the run folders' common parent); written when several "

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lacache_core.errors import ConfigError  # noqa: E402
-from lacache_core.cli import run_main  # noqa: E402
+from lacache_core.cli import ArgumentParser, run_main  # noqa: E402
 from lacache_core.models import DEFAULT_MODEL, resolve_model_path  # noqa: E402
 from lacache_core.runlog import run_record, write_json  # noqa: E402
 from ruler.tasks import TASK_NAMES, TASKS, RulerGenerator, load_hotpotqa, load_squad  # noqa: E402
@@ -43,15 +43,9 @@ QA_SOURCES = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises :class:`ConfigError` (one line, names the flag) instead of exiting."""
-
-    def error(self, message):
-        raise ConfigError(message)
-
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", default=DEFAULT_MODEL,
                    help=f"tokenizer: hub name, local folder, or {DEFAULT_MODEL!r} (embedded, offline; the default)")
     p.add_argument("--max_length", type=int, action="append", default=None,
