@@ -36,8 +36,7 @@ from lacache_core.cli import (add_method_flags, check_common, method_settings, m
 from lacache_core.errors import ConfigError  # noqa: E402
 from lacache_core.generation import (BudgetSpec, answer, budget_cache_size, stop_token_ids,  # noqa: E402
                                      truncate_middle)
-from lacache_core.records import (JsonlResults, barrier, init_distributed, local_device,  # noqa: E402
-                                  merge_shards, read_jsonl, shard, shard_path)
+from lacache_core.records import init_distributed, local_device, read_jsonl, sharded_results  # noqa: E402
 from lacache_core.runlog import run_record, write_json  # noqa: E402
 from longbench.config import (DATASETS, DATASETS_E, MAX_NEW_TOKENS, MODEL_MAX_LENGTH, NO_CHAT,  # noqa: E402
                               PROMPTS)
@@ -182,10 +181,7 @@ def predict_dataset(args, method, dataset, model, tokenizer, rank, world) -> Pat
     spec = BudgetSpec(method, None if method == "full" else args.cache_size, args.start_size,
                       settings=method_settings(args))
     stop = stop_token_ids(tokenizer, model, extra=["\n"] if dataset == "samsum" else ())
-    with JsonlResults(shard_path(final, rank, world)) as out:
-        # a shard rerun also skips what an earlier merge already put in the final file
-        finished = out.done | ({row.get("_id") for row in read_jsonl(final)} if world > 1 else set())
-        todo = [s for s in shard(samples, rank, world) if s["_id"] not in finished]
+    with sharded_results(final, samples, "_id", rank, world) as (todo, out):
         for sample in tqdm(todo, desc=f"{method} {dataset}", disable=rank > 0):
             ids = encode(tokenizer, PROMPTS[dataset].format(**sample), dataset, args)
             limit = min(MAX_NEW_TOKENS[dataset], args.max_new_tokens or MAX_NEW_TOKENS[dataset])
@@ -195,8 +191,6 @@ def predict_dataset(args, method, dataset, model, tokenizer, rank, world) -> Pat
                         "all_classes": sample.get("all_classes"), "length": sample.get("length"),
                         "prompt_tokens": res.prompt_tokens, "seconds": round(res.seconds, 3),
                         "peak_kv_bytes": res.peak_kv_bytes})
-    if world > 1 and barrier() and rank == 0:
-        merge_shards(final, world, order=[s["_id"] for s in samples])
     return final
 
 

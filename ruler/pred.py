@@ -27,8 +27,7 @@ from lacache_core.cli import (add_method_flags, check_common, method_settings, m
 from lacache_core.errors import ConfigError  # noqa: E402
 from lacache_core.generation import BudgetSpec, answer, budget_cache_size, encode_prompt, stop_token_ids  # noqa: E402
 from lacache_core.models import DEFAULT_MODEL  # noqa: E402
-from lacache_core.records import (JsonlResults, barrier, init_distributed, local_device, merge_shards,  # noqa: E402
-                                  read_jsonl, shard, shard_path)
+from lacache_core.records import init_distributed, local_device, read_jsonl, sharded_results  # noqa: E402
 from lacache_core.runlog import run_record, write_json  # noqa: E402
 
 TASKS = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
@@ -75,9 +74,7 @@ def predict_task(args, method, task, model, tokenizer, rank, world) -> None:
     samples = read_jsonl(Path(args.data_dir) / f"{task}.jsonl")[:args.num_samples]
     final = run_folder(args, method) / f"{task}.jsonl"
     stop = stop_token_ids(tokenizer, model)
-    with JsonlResults(shard_path(final, rank, world), key="index") as out:
-        finished = out.done | ({row.get("index") for row in read_jsonl(final)} if world > 1 else set())
-        todo = [s for s in shard(samples, rank, world) if s["index"] not in finished]
+    with sharded_results(final, samples, "index", rank, world) as (todo, out):
         for sample in tqdm(todo, desc=f"{method} {task}", disable=rank > 0):
             ids = encode_prompt(tokenizer, sample["input"], chat=not args.no_chat,
                                 answer_prefix=sample.get("answer_prefix", ""))
@@ -88,8 +85,6 @@ def predict_task(args, method, task, model, tokenizer, rank, world) -> None:
             out.append({"index": sample["index"], "pred": res.text, "outputs": sample["outputs"],
                         "length": sample["length"], "prompt_tokens": res.prompt_tokens, "cache_size": cache_size,
                         "seconds": round(res.seconds, 3), "peak_kv_bytes": res.peak_kv_bytes})
-    if world > 1 and barrier() and rank == 0:
-        merge_shards(final, world, key="index", order=[s["index"] for s in samples])
 
 
 def _main(args) -> int:

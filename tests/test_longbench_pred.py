@@ -110,6 +110,7 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tiny_dir, data_dir, 
 
 
 def test_data_parallel_shards_merge_to_the_single_process_result(tiny_dir, data_dir, tmp_path, monkeypatch):
+    import lacache_core.records as records
     import longbench.pred as pred
 
     assert run(tiny_dir, data_dir, tmp_path / "one", "--method", "streamingllm", "--budget", "0.25",
@@ -117,7 +118,7 @@ def test_data_parallel_shards_merge_to_the_single_process_result(tiny_dir, data_
     # two ranks run one after the other (rank 0 last, so that its barrier means "all done"): each writes
     # its shard, rank 0 merges them
     folder = tmp_path / "two" / "pred" / "tiny__streamingllm_b0.25"
-    monkeypatch.setattr(pred, "barrier", lambda: True)
+    monkeypatch.setattr(records, "barrier", lambda: True)
     for rank in (1, 0):
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setattr(pred, "init_distributed", lambda: (rank, 2))
