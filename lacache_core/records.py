@@ -31,7 +31,28 @@ def read_jsonl(path: Path) -> List[dict]:
     return rows
 
 
-class JsonlResults:
+class AppendOnlyFile:
+    """Base of the results files: opened for appending, every record flushed and fsynced as it is written,
+    so a kill loses at most the record being written (which the reader then drops)."""
+
+    def _open(self, path: Path, **kwargs) -> None:
+        self._file = open(path, "a", encoding="utf-8", **kwargs)
+
+    def _sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class JsonlResults(AppendOnlyFile):
     """One JSONL file of results keyed by ``key`` (e.g. ``"_id"``), opened for appending.
 
     Example
@@ -47,7 +68,7 @@ class JsonlResults:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._drop_partial_line()
         self.done: Set = {row.get(key) for row in read_jsonl(self.path)}
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._open(self.path)
 
     def _drop_partial_line(self) -> None:
         if not self.path.exists():
@@ -58,18 +79,8 @@ class JsonlResults:
 
     def append(self, row: dict) -> None:
         self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._sync()
         self.done.add(row.get(self.key))
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def rank_and_world() -> Tuple[int, int]:

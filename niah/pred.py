@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import statistics
 import sys
 import time
@@ -48,6 +47,7 @@ from lacache_core.cli import (ArgumentParser, add_method_flags, check_common, me
                               parse_methods, run_main)
 from lacache_core.errors import ConfigError  # noqa: E402
 from lacache_core.generation import BudgetSpec, answer, budget_cache_size, stop_token_ids  # noqa: E402
+from lacache_core.records import AppendOnlyFile  # noqa: E402
 from lacache_core.runlog import run_record, write_json  # noqa: E402
 from niah.haystack import MODES, build_prompt, depth_label, score  # noqa: E402
 from niah.plot import average, cell_means, heatmap, length_label  # noqa: E402
@@ -141,7 +141,7 @@ def _key(length, depth, test):
     return int(length), depth_label(depth), int(test)
 
 
-class CsvResults:
+class CsvResults(AppendOnlyFile):
     """``results.csv`` opened for appending, one flushed row per test (the CSV twin of ``JsonlResults``).
 
     On opening, a row cut short by a kill (no final newline, or an unterminated quoted field) is
@@ -154,11 +154,11 @@ class CsvResults:
         self.rows = self._read_complete()
         self.done = {_key(r["context_length"], r["depth"], r["test"]) for r in self.rows}
         fresh = not self.path.exists() or self.path.stat().st_size == 0
-        self._file = open(self.path, "a", newline="", encoding="utf-8")
+        self._open(self.path, newline="")
         self._writer = csv.writer(self._file, lineterminator="\n")
         if fresh:
             self._writer.writerow(COLUMNS)
-            self._file.flush()
+            self._sync()
 
     def _read_complete(self) -> List[dict]:
         if not self.path.exists():
@@ -189,19 +189,9 @@ class CsvResults:
 
     def append(self, row: dict) -> None:
         self._writer.writerow([row[c] for c in COLUMNS])
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._sync()
         self.rows.append({c: str(row[c]) for c in COLUMNS})
         self.done.add(_key(row["context_length"], row["depth"], row["test"]))
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def read_results(path: Path) -> List[dict]:
