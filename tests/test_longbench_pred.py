@@ -18,14 +18,6 @@ def words(rng, n):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_lb")
-    tiny_tokenizer().save_pretrained(folder)
-    tiny_model("llama", "sdpa", layers=4).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lb_data")
     rng = random.Random(0)

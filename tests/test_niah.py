@@ -154,14 +154,6 @@ def test_csv_results_drop_a_cut_off_row(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- pred.py
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_niah")
-    tiny_tokenizer().save_pretrained(folder)
-    tiny_model("llama", "sdpa", layers=4).save_pretrained(folder)
-    return folder
-
-
 def run(tiny_dir, out, *extra):
     from niah.pred import main
     return main(["--model_name", str(tiny_dir), "--max_tokens", "200", "--interval", "100", "--num_tests", "2",

@@ -4,17 +4,8 @@ import json
 import pytest
 
 from lacache_core.versions import HAS_CACHE_CLASSES
-from tiny import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(not HAS_CACHE_CLASSES, reason="prompt harnesses need transformers >= 4.36")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_ruler")
-    tiny_tokenizer().save_pretrained(folder)
-    tiny_model("llama", "sdpa", layers=4).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
