@@ -34,8 +34,8 @@ from tqdm.auto import tqdm  # noqa: E402
 from lacache_core.cli import (add_method_flags, check_common, method_settings, method_tag,  # noqa: E402
                               parse_methods, run_main)
 from lacache_core.errors import ConfigError  # noqa: E402
-from lacache_core.generation import (BudgetSpec, answer, budget_cache_size, stop_token_ids,  # noqa: E402
-                                     truncate_middle)
+from lacache_core.generation import (BudgetSpec, answer, budget_cache_size, encode_prompt,  # noqa: E402
+                                     stop_token_ids, truncate_middle)
 from lacache_core.records import init_distributed, local_device, read_jsonl, sharded_results  # noqa: E402
 from lacache_core.runlog import run_record, write_json  # noqa: E402
 from longbench.config import (DATASETS, DATASETS_E, MAX_NEW_TOKENS, MODEL_MAX_LENGTH, NO_CHAT,  # noqa: E402
@@ -153,17 +153,13 @@ def longbench_wrapper(prompt: str, name: str):
 
 def encode(tokenizer, prompt: str, dataset: str, args):
     """``[1, T]`` ids of one sample's prompt: truncated in the middle, then wrapped for chat."""
-    import torch
-
     prompt = truncate_middle(tokenizer, prompt, args.max_length)
-    if dataset not in NO_CHAT and args.chat_template != "none":
-        if args.chat_template == "auto" and getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
-            return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-        wrapped = longbench_wrapper(prompt, args.model if args.chat_template == "auto" else args.weights)
-        prompt = wrapped or prompt
-    return torch.as_tensor([tokenizer(prompt).input_ids])
+    chat = dataset not in NO_CHAT and args.chat_template != "none"
+    if chat and args.chat_template == "auto" and getattr(tokenizer, "chat_template", None):
+        return encode_prompt(tokenizer, prompt, chat=True)
+    if chat:
+        prompt = longbench_wrapper(prompt, args.model if args.chat_template == "auto" else args.weights) or prompt
+    return encode_prompt(tokenizer, prompt, chat=False)
 
 
 # ----------------------------------------------------------------------------------------- run
