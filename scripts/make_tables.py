@@ -23,13 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lacache_core import paper  # noqa: E402
 from lacache_core.plots import running_ppl_plot  # noqa: E402
+from longbench.eval import PAPER_MODELS  # noqa: E402  (LongBench model name -> the paper's)
 
 TRAINED_CONTEXT = 8192  # SmolLM2's; only runs longer than this get the "past the trained context" table
 
 PPL_MODELS = {"Llama-2-7b-hf": "Llama2-7B", "Llama-2-7b-chat-hf": "Llama2-7B-Chat", "Llama-2-13b-hf": "Llama2-13B",
               "Meta-Llama-3-8B": "Llama3-8B"}
-LONGBENCH_MODELS = {"llama2-7b-chat-4k": "llama2-7b-chat", "llama2-13b-chat-4k": "llama2-13b-chat",
-                    "smollm2-1.7b-instruct": "smollm2-1.7b-instruct"}
 METHOD_LABELS = {"full": "full", "streamingllm": "StreamingLLM", "lacache": "LaCache"}
 
 
@@ -159,7 +158,7 @@ def longbench_section(title: str, folder: Path) -> List[str]:
     for name, run, _ in runs:
         method, budget = run.get("method", "?"), run.get("budget")
         column = "full" if method == "full" else f"{method}_{budget}"
-        model = LONGBENCH_MODELS.get(run.get("model", ""))
+        model = PAPER_MODELS.get(run.get("model", ""))
         refs.append(paper.longbench(model).get(column, {}) if model else {})
         ladder = f" S{run.get('span')} O{run.get('overlap')}" if method == "lacache" else ""
         header.append(f"{run.get('model', name)} {method}" + ("" if method == "full" else f" {budget}") + ladder)
