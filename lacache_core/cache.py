@@ -1,10 +1,12 @@
 """Hugging Face cache objects that apply a :class:`CachePolicy` as the model runs.
 
-:class:`CompressedCache` is a ``DynamicCache`` that stores keys *before* RoPE (the patched
-attention rotates them by cache slot at every step) and compacts all layers right after the last
-layer has appended its new tokens: the same moment the official harness calls its policy. It
-therefore works unchanged in a plain forward loop and in ``model.generate(past_key_values=...)``,
-and bounds memory in both.
+:class:`CompressedCache` is a ``DynamicCache`` that stores keys *before* RoPE. The model's own
+attention forward runs unchanged and stores its new keys through :meth:`CompressedCache.update`
+(the position-shift hook has made them un-rotated); the attention kernel then makes one call,
+:meth:`CompressedCache.attend`, which rotates the query and every cached key to the positions the
+policy declares, lets scoring policies see them, compacts the layer for the next step, and hands
+the rotated tensors back. It therefore works in a plain forward loop and in
+``model.generate(past_key_values=...)``, and bounds memory in both.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 
 from .policies import CachePolicy, build_policy
 from .policies.base import gather_layer
-from .versions import HAS_CACHE_CLASSES
+from .versions import HAS_CACHE_CLASSES, with_cache
 
 if HAS_CACHE_CLASSES:
     from transformers import DynamicCache
@@ -23,21 +25,19 @@ else:  # transformers < 4.36 has tuple caches only; see ppl_legacy/
 
 
 class CompressedCache(DynamicCache):
-    """A ``DynamicCache`` compacted by ``policy`` after every forward pass.
-
-    The patched attention stores un-rotated keys through :meth:`update`, shows scoring policies
-    each layer's queries and keys, and calls :meth:`end_of_layer`; after the last layer the policy
-    picks the slots to keep and every layer is gathered once.
+    """A ``DynamicCache`` of un-rotated keys, compacted layer by layer by ``policy``.
 
     Parameters
     ----------
     policy : CachePolicy
-        Decides which slots each layer keeps (e.g. :class:`lacache_core.LaCache`).
+        Decides which slots each layer keeps (e.g. :class:`lacache_core.LaCache`) and where kept
+        keys sit (``policy.position_mode``: cache slot or original position).
     num_layers : int
-        Decoder layers of the model (compaction runs after the last one).
+        Decoder layers of the model.
     query_at_slot : bool
-        Rotate queries at the slot their key occupies (``True``, correct and what generate needs)
-        or at the ``position_ids`` the caller passes (reproduces a harness's own positions).
+        For slot-position policies: rotate queries at the slot their key occupies (``True``, correct
+        and what generate needs) or at the ``position_ids`` the caller passes (reproduces the
+        official harness's positions).
     """
 
     def __init__(self, policy: CachePolicy, num_layers: int, query_at_slot: bool = True):
@@ -49,7 +49,8 @@ class CompressedCache(DynamicCache):
         self.num_layers = num_layers
         self.query_at_slot = query_at_slot
         self.peak_bytes = 0
-        self.patched_forward_seen = not policy.position_shift
+        self._step_bytes = 0
+        self._unread = [False] * num_layers
         # transformers >= 4.54 keeps per-layer objects, older versions two lists of tensors
         self._layered = isinstance(getattr(self, "layers", None), list)
 
@@ -70,32 +71,62 @@ class CompressedCache(DynamicCache):
         return kv_bytes(self)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if layer_idx == self.num_layers - 1 and not self.patched_forward_seen:
+        # A layer written twice without being read went through an unpatched attention: its keys were
+        # rotated by the model, and the next step would silently mix rotated and un-rotated keys.
+        if self._unread[layer_idx]:
             raise RuntimeError(
-                "this model's attention is not patched: call lacache_core.enable_position_shift(model) "
+                "this model's attention is not position-shifted: call lacache_core.enable_position_shift(model) "
                 "before running it with a CompressedCache"
             )
+        self._unread[layer_idx] = True
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
-    def end_of_layer(self, layer_idx: int) -> None:
-        """Called by the patched attention after each layer; compacts all layers after the last one."""
-        if layer_idx == self.num_layers - 1:
-            self._compact()
+    def attend(self, layer_idx: int, query: torch.Tensor, rotation, scaling: float,
+               position_ids: Optional[torch.Tensor] = None):
+        """The attention's one call: rotated query, keys and values for layer ``layer_idx``.
 
-    def _compact(self) -> None:
-        self.peak_bytes = max(self.peak_bytes, self.kv_bytes())
-        n = self._layer(0)[0].shape[-2]
-        keep = self.policy.compact(n, self.num_layers)
-        if keep is None:
-            return
-        if isinstance(keep, torch.Tensor):  # one host-to-device copy per compaction, not one per layer
-            keep = keep.to(self._layer(0)[0].device)
-        for i in range(self.num_layers):
-            self._set_layer(i, *gather_layer(*self._layer(i), keep[i]))
+        Parameters
+        ----------
+        query : ``[b, heads, q, d]``, un-rotated (the newest ``q`` tokens).
+        rotation : :class:`lacache_core.rope.Rotation` of the model.
+        scaling : the attention's softmax scale.
+        position_ids : ``[b, q]``, the caller's positions (used only when ``query_at_slot`` is off).
+
+        Returns
+        -------
+        ``(query, key, value)``: query ``[b, heads, q, d]`` and keys ``[b, kv_heads, n, d]`` rotated,
+        values ``[b, kv_heads, n, d]``, all ``n`` slots including the new ones. The layer is compacted
+        for the next step after this call; the tensors returned are those of this step.
+        """
+        key, value = self._layer(layer_idx)
+        self._unread[layer_idx] = False
+        n, q_len = key.shape[-2], query.shape[-2]
+        policy = self.policy
+        held = policy.record(layer_idx, n)
+        if policy.position_mode == "slot":
+            keys = rotation.from_slot(key, 0)
+            if self.query_at_slot or position_ids is None:
+                query = rotation.from_slot(query, n - q_len)
+            else:
+                query = rotation.at(query, position_ids)
+        else:
+            keys = rotation.at(key, held, per_head=held.dim() == 2)
+            query = rotation.from_slot(query, policy.seen - q_len)
+        if policy.observes:
+            policy.observe(layer_idx, query, keys, scaling)
+        if layer_idx == 0:
+            self._step_bytes = 0
+        self._step_bytes += key.numel() * key.element_size() + value.numel() * value.element_size()
+        if layer_idx == self.num_layers - 1:
+            self.peak_bytes = max(self.peak_bytes, self._step_bytes)
+        keep = policy.settle(layer_idx, n)
+        if keep is not None:
+            self._set_layer(layer_idx, *gather_layer(key, value, keep))
+        return query, keys, value
 
     def kept_positions(self):
-        """Original token positions held: ``LongTensor [num_layers, n]``, or for the prefill-time methods
-        a list with one ``[n_l]`` or ``[kv_heads, n_l]`` tensor per layer."""
+        """Original token positions held: ``LongTensor [num_layers, n]``, or, where layers or heads differ
+        (the prefill-time methods), a list with one ``[n_l]`` or ``[kv_heads, n_l]`` tensor per layer."""
         return self.policy.positions
 
 
@@ -109,7 +140,7 @@ def cache_layers(cache) -> list:
     if isinstance(cache, CompressedCache):
         return [cache._layer(i) for i in range(cache.num_layers)]
     if isinstance(getattr(cache, "layers", None), list):
-        return [(layer.keys, layer.values) for layer in cache.layers if layer.keys is not None]
+        return [(layer.keys, layer.values) for layer in cache.layers if getattr(layer, "keys", None) is not None]
     return list(zip(cache.key_cache, cache.value_cache))
 
 
@@ -130,8 +161,6 @@ def make_cache(method: str, model_or_config, query_at_slot: bool = True, **setti
     config = getattr(model_or_config, "config", model_or_config)
     policy = build_policy(method, **settings)
     return CompressedCache(policy, config.num_hidden_layers, query_at_slot=query_at_slot)
-
-
 def prefill(model, input_ids: torch.Tensor, cache, chunk_size: Optional[int] = None) -> torch.Tensor:
     """Feed a prompt into ``cache``, whole or ``chunk_size`` tokens at a time; returns the last logits ``[b, vocab]``.
 
@@ -156,6 +185,6 @@ def prefill(model, input_ids: torch.Tensor, cache, chunk_size: Optional[int] = N
     step = chunk_size or input_ids.shape[1]
     logits = None
     for start in range(0, input_ids.shape[1], step):
-        out = model(input_ids[:, start:start + step], past_key_values=cache, use_cache=True, **extra)
+        out = model(input_ids[:, start:start + step], use_cache=True, **with_cache(cache), **extra)
         logits = out.logits[:, -1]
     return logits

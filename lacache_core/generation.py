@@ -17,7 +17,7 @@ import torch
 from .cache import CompressedCache, kv_bytes, make_cache, prefill
 from .errors import ConfigError
 from .policies import METHODS
-from .versions import HAS_CACHE_CLASSES
+from .versions import HAS_CACHE_CLASSES, with_cache
 
 #: Leading tokens every method keeps in the official LongBench harness, at most.
 LONGBENCH_START_CAP = 128
@@ -132,7 +132,7 @@ def greedy_answer(model, input_ids: torch.Tensor, cache, max_new_tokens: int, st
         if len(out) == max_new_tokens:
             break
         step = torch.tensor([[token]], device=input_ids.device)
-        logits = model(step, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(step, use_cache=True, **with_cache(cache)).logits[:, -1]
     return out
 
 

@@ -16,6 +16,7 @@ from typing import Tuple
 import torch
 
 from .errors import ConfigError
+from .versions import DTYPE_KWARG
 
 EMBEDDED_ALIASES = ("smollm2-135m", "smollm2-135m-instruct", "smollm2")
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,7 +50,7 @@ def embedded_model_dir() -> Path:
             f"`python -m lacache_core.models` once in the main environment (it writes {out}), then rerun"
         )
     src = embedded_gguf_dir()
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=EMBEDDED_GGUF, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=EMBEDDED_GGUF, **{DTYPE_KWARG: torch.float32})
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=EMBEDDED_GGUF)
     model.hf_quantizer = None  # weights are dequantised to fp32; nothing quantised remains
     if hasattr(model.config, "quantization_config"):
@@ -110,7 +111,7 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
 
     torch_dtype = parse_dtype(dtype)
     path = resolve_model_path(name_or_path)
-    kwargs = {"torch_dtype": torch_dtype}
+    kwargs = {DTYPE_KWARG: torch_dtype}
     if attn_implementation:
         if Version(__version__) < Version("4.36"):
             if attn_implementation != "eager":

@@ -70,3 +70,50 @@ class RopeTable:
         """``(cos, sin)`` at arbitrary ``position_ids [b, q]``, each ``[b, q, d]``."""
         cos, sin = self.get(int(position_ids.max()) + 1, like)
         return cos[position_ids], sin[position_ids]
+
+
+def standard_apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """The rotate-half RoPE of Llama-style models, for models whose code has no module-level function."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class Rotation:
+    """Rotates queries and keys to given positions with a model's own RoPE.
+
+    Parameters
+    ----------
+    rotary_fn : ``fn(x, position_ids [b, m]) -> (cos, sin) [b, m, r]``, the model's rotary module.
+    apply_fn : the model's ``apply_rotary_pos_emb(q, k, cos, sin)``; it fixes the rotation layout
+        (rotate-half or interleaved). Partial rotary (``r < head_dim``) rotates the first ``r``
+        channels and passes the rest, as every partial-rotary family in transformers does.
+    """
+
+    def __init__(self, rotary_fn: RotaryFn, apply_fn=standard_apply):
+        self.table = RopeTable(rotary_fn)
+        self.apply_fn = apply_fn
+
+    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        r = cos.shape[-1]
+        part, rest = (x, None) if r == x.shape[-1] else (x[..., :r], x[..., r:])
+        # the model's function rotates a (q, k) pair; a one-head slice stands in for the second
+        out = self.apply_fn(part, part[:, :1], cos, sin)[0]
+        return out if rest is None else torch.cat([out, rest], -1)
+
+    def from_slot(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """``x [b, h, n, d]`` rotated to positions ``start .. start + n - 1``."""
+        n = x.shape[-2]
+        cos, sin = self.table.get(start + n, x)
+        return self._apply(x, cos[None, start:], sin[None, start:])
+
+    def at(self, x: torch.Tensor, positions: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+        """``x [b, h, n, d]`` rotated to ``positions``: ``[n]`` or ``[b, n]``, or with ``per_head`` ``[h, n]``."""
+        cos, sin = self.table.get(int(positions.max()) + 1, x)
+        pos = positions.to(cos.device)
+        if per_head:
+            b, h, n, d = x.shape  # fold the heads into the batch: the model's function broadcasts over heads
+            out = self._apply(x.reshape(b * h, 1, n, d), cos[pos].repeat(b, 1, 1), sin[pos].repeat(b, 1, 1))
+            return out.reshape(b, h, n, -1)
+        if pos.dim() == 1:
+            pos = pos[None]
+        return self._apply(x, cos[pos], sin[pos])

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from .cache import CompressedCache, cache_layers, kv_bytes
 from .errors import ConfigError
 from .patches import enable_position_shift
-from .policies import CachePolicy
-from .versions import HAS_CACHE_CLASSES
+from .policies import CachePolicy, FullCache
+from .versions import HAS_CACHE_CLASSES, output_cache, with_cache
 
 QUERY_POSITIONS = ("slot", "official")
 
@@ -69,7 +69,7 @@ def next_query_position(previous: int, held: int, mode: str = "slot") -> int:
 def _new_cache(policy: CachePolicy, num_layers: int, legacy: bool, query_position: str):
     if legacy:
         return None
-    if policy.position_shift:
+    if not isinstance(policy, FullCache):
         return CompressedCache(policy, num_layers, query_at_slot=query_position == "slot")
     from transformers import DynamicCache
     return DynamicCache()
@@ -84,7 +84,6 @@ def _restore_cache(state: dict, policy: CachePolicy, num_layers: int, legacy: bo
     for i, (k, v) in enumerate(layers):
         DynamicCache.update(cache, k, v, i)  # the base update: no compaction, the policy state is restored as is
     if isinstance(cache, CompressedCache):
-        cache.patched_forward_seen = True
         cache.peak_bytes = state["peak_kv_bytes"]
     return cache
 
@@ -142,7 +141,7 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
     if policy.prefill_only:
         raise ConfigError(f"--method {policy.name} compresses a prompt once (prefill-time) and the token-by-token "
                           "perplexity protocol has no prompt; use it where there is one (generate, LongBench, NIAH)")
-    if policy.position_shift:
+    if not isinstance(policy, FullCache):
         enable_position_shift(model)
     result, position, skip = StreamResult(), -1, (0, -1)
     if resume is not None:
@@ -168,9 +167,9 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
                 else:
                     held = cache.get_seq_length()
                 position = next_query_position(position, held, query_position)
-                out = model(ids[:, idx:idx + 1], past_key_values=cache, use_cache=True,
+                out = model(ids[:, idx:idx + 1], use_cache=True, **with_cache(cache),
                             position_ids=torch.tensor([[position]], device=device))
-                cache = out.past_key_values
+                cache = output_cache(out)
                 if legacy:
                     result.peak_kv_bytes = max(result.peak_kv_bytes, kv_bytes(cache))
                     cache = policy(cache)

@@ -1,12 +1,9 @@
-"""Position-shift attention: keys cached before RoPE and rotated by their cache slot.
+"""Position shift: keys cached before RoPE and rotated where each method says its kept keys sit.
 
-One patch per transformers generation, shared by Llama, Mistral and Qwen2 (they have the same
-attention layout), never one per method:
-
-* :mod:`.modern`: transformers >= 4.48 (attention through ``ALL_ATTENTION_FUNCTIONS``: eager,
-  sdpa, flash_attention_2 and any registered kernel).
+* :mod:`.modern`: transformers >= 4.48, through public extension points only (module hooks, the
+  attention-function registry, the Cache API), for any RoPE decoder family.
 * :mod:`.legacy`: transformers 4.33 to 4.47 (separate eager/sdpa/flash classes, tuple caches
-  before 4.36).
+  before 4.36), Llama, Mistral and Qwen2.
 
 The patch is installed on a model *instance* and is inert unless the cache passed in is a
 :class:`lacache_core.cache.CompressedCache` (or, before 4.36, a tuple cache on a model patched for
@@ -18,41 +15,46 @@ import types
 
 import torch
 
-from ..rope import RopeTable, rotary_fn_from_module
+from ..rope import Rotation, rotary_fn_from_module
 from ..versions import MODERN_ATTENTION, TRANSFORMERS
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+#: Families the legacy patch (transformers < 4.48) knows; the modern one takes any RoPE decoder.
+LEGACY_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 def _decoder_layers(model: torch.nn.Module):
     base = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = getattr(base, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: no decoder layers found; supported model types: {SUPPORTED_MODEL_TYPES}")
+    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
+        raise ValueError(f"model type {getattr(model.config, 'model_type', None)!r}: no decoder layers with "
+                         "self_attn found; position shift needs a RoPE decoder")
     return base, layers
 
 
 def enable_position_shift(model: torch.nn.Module) -> torch.nn.Module:
-    """Patch ``model``'s attention so that caches from :mod:`lacache_core` re-rotate keys by slot.
+    """Make ``model`` run :class:`lacache_core.CompressedCache` objects (keys stored un-rotated).
 
-    Idempotent; returns ``model``. Raises ``ValueError`` for unsupported architectures.
+    Idempotent; returns ``model``. Raises ``ValueError`` for a model without RoPE.
     """
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"position shift supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
     base, layers = _decoder_layers(model)
     if MODERN_ATTENTION:
-        from .modern import position_shift_forward
-        table = RopeTable(rotary_fn_from_module(base.rotary_emb))
+        from .modern import install
+
+        install(model, base, layers)
     else:
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in LEGACY_MODEL_TYPES:
+            raise ValueError(f"position shift on transformers {TRANSFORMERS} supports model types "
+                             f"{LEGACY_MODEL_TYPES}, got {model_type!r}; use transformers >= 4.48 for others")
         from .legacy import position_shift_forward
-        table = RopeTable(rotary_fn_from_module(layers[0].self_attn.rotary_emb))
-    for layer in layers:
-        attn = layer.self_attn
-        if getattr(attn, "_lacache_original_forward", None) is None:
-            attn._lacache_original_forward = attn.forward
-        attn._lacache_rope = table
-        attn.forward = types.MethodType(position_shift_forward, attn)
+
+        rotation = Rotation(rotary_fn_from_module(layers[0].self_attn.rotary_emb))
+        for layer in layers:
+            attn = layer.self_attn
+            if getattr(attn, "_lacache_original_forward", None) is None:
+                attn._lacache_original_forward = attn.forward
+            attn._lacache_rotation = rotation
+            attn.forward = types.MethodType(position_shift_forward, attn)
     model._lacache_position_shift = True
     return model
 
@@ -61,4 +63,4 @@ def is_position_shifted(model: torch.nn.Module) -> bool:
     return bool(getattr(model, "_lacache_position_shift", False))
 
 
-__all__ = ["enable_position_shift", "is_position_shifted", "SUPPORTED_MODEL_TYPES", "TRANSFORMERS"]
+__all__ = ["enable_position_shift", "is_position_shifted", "LEGACY_MODEL_TYPES", "TRANSFORMERS"]

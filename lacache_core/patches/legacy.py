@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import CompressedCache
-from ..rope import apply_rope
 from ..versions import HAS_CACHE_CLASSES
 
 
@@ -76,7 +75,7 @@ def position_shift_forward(self, hidden_states, attention_mask=None, position_id
     ``[b, kv_heads, n, d]``. Returns ``(output, weights, present)`` like the forwards it replaces.
     """
     tuple_mode = not HAS_CACHE_CLASSES
-    ours = isinstance(past_key_value, CompressedCache) and past_key_value.policy.position_shift
+    ours = isinstance(past_key_value, CompressedCache)
     if not (tuple_mode or ours):
         return self._lacache_original_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                               past_key_value=past_key_value, output_attentions=output_attentions,
@@ -92,25 +91,14 @@ def position_shift_forward(self, hidden_states, attention_mask=None, position_id
             key = torch.cat([past_key_value[0], key], dim=2)
             value = torch.cat([past_key_value[1], value], dim=2)
         present = (key, value) if use_cache else None
-        query_at_slot = True
-    else:
-        past_key_value.patched_forward_seen = True
-        past = past_key_value.get_seq_length(self.layer_idx)
-        key, value = past_key_value.update(key, value, self.layer_idx)
+        key = self._lacache_rotation.from_slot(key, 0)
+        query = self._lacache_rotation.from_slot(query, past)
+    else:  # the same one call into the cache as the modern integration makes
+        past_key_value.update(key, value, self.layer_idx)
+        query, key, value = past_key_value.attend(self.layer_idx, query, self._lacache_rotation,
+                                                  self.head_dim ** -0.5, position_ids)
         present = past_key_value
-        query_at_slot = past_key_value.query_at_slot
 
-    cos, sin = self._lacache_rope.get(key.shape[-2], query)
-    key = apply_rope(key, cos, sin)
-    if query_at_slot:
-        query = apply_rope(query, cos[past:past + q_len], sin[past:past + q_len])
-    else:
-        query = apply_rope(query, *self._lacache_rope.at(position_ids, query))
-
-    if not tuple_mode and past_key_value.policy.observes:
-        past_key_value.policy.observe(self.layer_idx, query, key, self.head_dim ** -0.5)
     out, weights = _attend(self, query, key, value, attention_mask, output_attentions)
     out = self.o_proj(out.reshape(bsz, q_len, -1).contiguous())
-    if not tuple_mode:
-        past_key_value.end_of_layer(self.layer_idx)
     return out, weights, present

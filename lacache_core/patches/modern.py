@@ -1,69 +1,147 @@
-"""Position-shift attention forward for transformers >= 4.48 (Llama, Mistral, Qwen2)."""
+"""Position shift for transformers >= 4.48 through public extension points only.
+
+Nothing of the model's own attention forward is copied or replaced. Three pieces, installed on a
+model *instance*:
+
+1. A forward pre-hook on each attention module (``torch.nn.Module.register_forward_pre_hook``).
+   When the call carries a :class:`CompressedCache` (whatever the keyword is called), it hands the
+   model's forward an identity rotation (``cos = 1``, ``sin = 0``), so the model computes its
+   query and key exactly as usual, norms and all, but stores its key un-rotated.
+2. An attention function registered in transformers' registry (``AttentionInterface`` /
+   ``ALL_ATTENTION_FUNCTIONS``) as ``lacache_<kernel>``, wrapping the kernel the user chose
+   (eager, sdpa, flash_attention_2, ...). With a compressed cache it makes the one call
+   :meth:`CompressedCache.attend`, which rotates the query and keys with the model's own rotary
+   module and ``apply_rotary_pos_emb``; otherwise it calls the kernel untouched.
+3. The model's mask function for that kernel, registered under the same name (4.53+), so the
+   masks are those the kernel expects.
+
+A model whose decoder has no rotary module (GPT-2, ...) is refused with a one-line error.
+"""
 from __future__ import annotations
 
 import sys
+from typing import Callable
+
+import torch
 
 from ..cache import CompressedCache
-from ..rope import apply_rope
+from ..rope import Rotation, rotary_fn_from_module, standard_apply
+
+PREFIX = "lacache_"
 
 
-def _attention_interface(module):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+def _registry():
+    from transformers import modeling_utils
 
-    impl = module.config._attn_implementation
-    eager = sys.modules[type(module).__module__].eager_attention_forward
-    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
-        return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
-    return eager if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
+    return modeling_utils.ALL_ATTENTION_FUNCTIONS
 
 
-def position_shift_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
-                           past_key_values=None, **kwargs):
-    """Attention with keys cached un-rotated and rotated by cache slot ``0 .. n-1`` at every step.
+def _inner_kernel(module, name: str) -> Callable:
+    if name == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return _registry()[name]
 
-    Shapes: ``hidden_states [b, q, hidden]``; queries ``[b, heads, q, d]``; cached keys and values
-    ``[b, kv_heads, n, d]``. With any other cache than :class:`CompressedCache`, the model's own
-    forward runs unchanged.
+
+def _fit_mask(mask, key_len: int, q_len: int):
+    """The model builds one mask, sized for layer 0; layers of a prefill-time method hold other lengths.
+
+    A 4D mask shorter than this layer's keys is widened on the left (older slots, visible to every
+    query of this step); a 2D padding mask (flash kernels) without padding is dropped.
     """
-    if "past_key_value" in kwargs and past_key_values is None:  # 4.48 - 4.55 spell it singular
-        past_key_values = kwargs.pop("past_key_value")
-    cache = past_key_values
-    if not isinstance(cache, CompressedCache) or not cache.policy.position_shift:
-        return self._lacache_original_forward(hidden_states, position_embeddings=position_embeddings,
-                                              attention_mask=attention_mask, past_key_values=past_key_values,
-                                              **kwargs)
-    cache.patched_forward_seen = True
-    input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, self.head_dim)
-    query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    if not isinstance(mask, torch.Tensor):
+        return mask
+    if mask.dim() == 2:
+        if mask.shape[-1] == key_len:
+            return mask
+        if bool(mask.all()):
+            return None
+        raise NotImplementedError("padded batches with a compressed cache on a flash kernel are not supported yet")
+    if mask.dim() == 4 and mask.shape[-1] < key_len:
+        fill = True if mask.dtype == torch.bool else 0.0
+        pad = mask.new_full((*mask.shape[:-1], key_len - mask.shape[-1]), fill)
+        return torch.cat([pad, mask], -1)
+    return mask
 
-    past = cache.get_seq_length(self.layer_idx)
-    key, value = cache.update(key, value, self.layer_idx)
-    cos, sin = self._lacache_rope.get(key.shape[-2], query)
-    key = apply_rope(key, cos, sin)
-    if cache.query_at_slot:
-        q_len = query.shape[-2]
-        query = apply_rope(query, cos[past:past + q_len], sin[past:past + q_len])
-    else:
-        query = apply_rope(query, *position_embeddings)
 
-    if cache.policy.observes:
-        cache.policy.observe(self.layer_idx, query, key, self.scaling)
-    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] != key.shape[-2]:
-        # layers of a prefill-time method hold different lengths; the model built the mask for layer 0
-        q_len = query.shape[-2]
-        attention_mask = None if q_len == 1 else attention_mask[..., -key.shape[-2]:]
-    extra = {}
-    window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
-    if window is not None:
-        extra["sliding_window"] = window
-    attn_output, attn_weights = _attention_interface(self)(
-        self, query, key, value, attention_mask,
-        dropout=0.0 if not self.training else self.attention_dropout,
-        scaling=self.scaling, **extra, **kwargs,
-    )
-    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-    cache.end_of_layer(self.layer_idx)
-    return self.o_proj(attn_output), attn_weights
+def _wrapper(inner_name: str) -> Callable:
+    def lacache_attention(module, query, key, value, attention_mask, **kwargs):
+        cache = getattr(module, "_lacache_active", None)
+        if cache is not None:
+            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            query, key, value = cache.attend(module.layer_idx, query, module._lacache_rotation, scaling,
+                                             kwargs.get("position_ids"))
+            attention_mask = _fit_mask(attention_mask, key.shape[-2], query.shape[-2])
+        return _inner_kernel(module, inner_name)(module, query, key, value, attention_mask, **kwargs)
+
+    lacache_attention.__name__ = f"{PREFIX}{inner_name}"
+    return lacache_attention
+
+
+def register(inner_name: str) -> str:
+    """Register ``lacache_<inner_name>`` (attention function and, where transformers has one, mask)."""
+    name = PREFIX + inner_name
+    registry = _registry()
+    if name not in registry:
+        fn = _wrapper(inner_name)
+        try:
+            from transformers import AttentionInterface
+
+            AttentionInterface.register(name, fn)
+        except ImportError:  # 4.48 - 4.49: a plain dict
+            registry[name] = fn
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError:  # before 4.53 the model builds eager-style 4D masks for a registered name
+        return name
+    if name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner_name])
+    return name
+
+
+def _find_cache(args, kwargs):
+    for value in list(kwargs.values()) + list(args):
+        if isinstance(value, CompressedCache):
+            return value
+    return None
+
+
+def _pre_hook(module, args, kwargs):
+    cache = _find_cache(args, kwargs)
+    module._lacache_active = cache
+    if cache is None:
+        return None
+    embeddings = kwargs.get("position_embeddings")
+    if embeddings is None:
+        raise ValueError(f"{type(module).__name__} takes no position_embeddings from its model: it cannot be "
+                         "position-shifted through transformers' extension points")
+    cos, sin = embeddings
+    kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
+    return args, kwargs
+
+
+def _post_hook(module, args, kwargs, output):
+    module._lacache_active = None
+    return None
+
+
+def install(model, base, layers) -> None:
+    """Install the hooks and the registered kernel on ``model`` (idempotent)."""
+    rotary = getattr(base, "rotary_emb", None)
+    if not isinstance(rotary, torch.nn.Module):
+        raise ValueError(f"model type {model.config.model_type!r} has no rotary embedding (model.rotary_emb): "
+                         "position shift needs a RoPE decoder")
+    first = layers[0].self_attn
+    apply_fn = getattr(sys.modules[type(first).__module__], "apply_rotary_pos_emb", standard_apply)
+    rotation = Rotation(rotary_fn_from_module(rotary), apply_fn)
+    current = model.config._attn_implementation or "eager"
+    inner = current[len(PREFIX):] if current.startswith(PREFIX) else current
+    model.config._attn_implementation = register(inner)
+    for layer in layers:
+        attn = layer.self_attn
+        attn._lacache_rotation = rotation
+        if getattr(attn, "_lacache_hooks", None) is None:
+            attn._lacache_active = None
+            attn._lacache_hooks = (
+                attn.register_forward_pre_hook(_pre_hook, with_kwargs=True),
+                attn.register_forward_hook(_post_hook, with_kwargs=True, always_call=True),
+            )

@@ -1,10 +1,19 @@
 """Common machinery of every cache policy.
 
-A policy decides, after each forward pass, which cache slots every layer keeps. It never touches
-tensors itself: :meth:`CachePolicy.compact` returns one index row per layer, and the caller (the
-official-style ``policy(past_key_values)`` call, or :class:`lacache_core.cache.CompressedCache`)
-gathers keys and values with it. Keeping the policy tensor-free makes it testable on positions
-alone and lets every cache container share the same gather code.
+A policy decides which cache slots each layer keeps. It never touches key or value tensors: it
+answers :meth:`CachePolicy.keep` with an index tensor per layer (``[n_keep]``, or ``[kv_heads,
+n_keep]`` for a per-head choice), and the caller (:class:`lacache_core.cache.CompressedCache`, or the
+official-style ``policy(past_key_values)`` call) gathers keys and values with it. That one
+contract serves decode-time and prefill-time methods alike, and keeps policies testable on
+positions alone.
+
+The policy also records the original token position held in each slot, and declares where its
+kept keys sit when they are rotated (:attr:`CachePolicy.key_positions`):
+
+* ``"slot"``: at their slot in the cache, ``0 .. n-1`` (position shift, as the LaCache and
+  StreamingLLM code do);
+* ``"original"``: at the position the token had in the input (the reference implementations of
+  H2O, TOVA, SnapKV, PyramidKV and PyramidInfer, and how kvpress and KVCache-Factory run them).
 """
 from __future__ import annotations
 
@@ -16,44 +25,66 @@ import torch
 from ..errors import ConfigError
 
 KVList = Sequence[Tuple[torch.Tensor, torch.Tensor]]
+POSITION_MODES = ("slot", "original")
 
 
 @dataclass
 class CachePolicy:
-    """Base class: tracks which original token positions each layer holds.
+    """Base class: per-layer bookkeeping of original positions, and the one :meth:`keep` contract.
 
-    Subclasses implement :meth:`select`. Everything about bookkeeping (new tokens appended since
-    the last call, original positions, index caching per device) lives here.
+    Subclasses implement either :meth:`select` (one ``[num_layers, n_keep]`` choice from the slot
+    count alone, computed once per forward pass) or :meth:`keep` (per layer, after :meth:`observe`).
+
+    Parameters
+    ----------
+    key_positions : {"slot", "original"}, optional
+        Where kept keys are rotated. ``None``: the method's reference (:attr:`default_positions`).
+        Keyword-only, so that every method takes it the same way.
     """
 
     name: ClassVar[str] = "base"
-    #: ``True`` for policies whose cache slots are re-rotated (keys cached before RoPE).
-    position_shift: ClassVar[bool] = True
+    #: Where the method's reference implementation puts kept keys ("slot" or "original").
+    default_positions: ClassVar[str] = "original"
     #: ``True`` for policies that score tokens: :meth:`observe` then sees every layer's queries and keys.
     observes: ClassVar[bool] = False
     #: ``True`` for policies that compress once, after the first forward pass (the prompt), and never again.
     prefill_only: ClassVar[bool] = False
 
-    _positions: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
+    key_positions: Optional[str] = field(default=None, kw_only=True)
+
+    _layer_positions: List[Optional[torch.Tensor]] = field(default_factory=list, init=False, repr=False)
     _num_layers: Optional[int] = field(default=None, init=False, repr=False)
     _seen: int = field(default=0, init=False, repr=False)
+    _plan: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
 
     # ----------------------------------------------------------------- hooks for subclasses
     def validate(self, num_layers: int) -> None:
         """Raise :class:`ConfigError` if the settings cannot work with ``num_layers`` layers."""
 
     def select(self, n: int, num_layers: int) -> Optional[torch.Tensor]:
-        """Slots to keep, given ``n`` cached slots in every layer.
+        """Slots to keep in every layer, given ``n`` cached slots in each (position-only methods).
 
         Returns
         -------
-        torch.LongTensor of shape ``[num_layers, n_keep]`` (increasing per row; any device), or
-        ``None`` when nothing is evicted.
+        torch.LongTensor of shape ``[num_layers, n_keep]`` (increasing per row), or ``None`` when
+        nothing is evicted.
         """
         raise NotImplementedError
 
+    def keep(self, layer: int, n: int) -> Optional[torch.Tensor]:
+        """Slots layer ``layer`` keeps out of its ``n`` (new tokens included): the one contract.
+
+        Returns
+        -------
+        ``LongTensor [n_keep]`` (every head alike) or ``[kv_heads, n_keep]`` (per KV head), increasing
+        along the last dimension, on any device; ``None`` when the layer keeps everything.
+        """
+        if layer == 0:
+            self._plan = self.select(n, self._num_layers)
+        return None if self._plan is None else self._plan[layer]
+
     def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        """See one layer's attention inputs of the current forward pass (before compaction).
+        """See one layer's attention inputs of the current forward pass (before it is compacted).
 
         Parameters
         ----------
@@ -63,63 +94,111 @@ class CachePolicy:
         """
 
     def max_cache_len(self, num_layers: int) -> Optional[int]:
-        """Largest number of slots a layer holds after a call (``None``: unbounded)."""
+        """Largest number of slots a layer holds after a forward pass (``None``: unbounded)."""
         return None
 
     # ----------------------------------------------------------------- shared machinery
+    @property
+    def position_mode(self) -> str:
+        """``"slot"`` or ``"original"``: the ``key_positions`` setting, or the method's reference default."""
+        return self.default_positions if self.key_positions is None else self.key_positions
+
     @classmethod
     def hyperparameters(cls) -> List[str]:
         return [f.name for f in fields(cls) if f.init]
 
     def settings(self) -> dict:
-        """The hyper-parameters, as a JSON-friendly dict (for run records)."""
-        return {"method": self.name, **{k: getattr(self, k) for k in self.hyperparameters()}}
+        """The hyper-parameters, as a JSON-friendly dict (for run records); ``key_positions`` resolved."""
+        out = {"method": self.name, **{k: getattr(self, k) for k in self.hyperparameters()}}
+        out["key_positions"] = self.position_mode
+        return out
 
     def reset(self) -> None:
         """Forget all state (start a new sequence)."""
-        self._positions, self._num_layers, self._seen = None, None, 0
+        self._layer_positions, self._num_layers, self._seen, self._plan = [], None, 0, None
         self._reset_state()
 
     def _reset_state(self) -> None:
         """Subclasses reset their own running state here."""
 
     def bind(self, num_layers: int) -> None:
+        if self.key_positions is not None and self.key_positions not in POSITION_MODES:
+            raise ConfigError(f"--key_positions must be one of {POSITION_MODES}, got {self.key_positions!r}")
         if self._num_layers is None:
             self.validate(num_layers)
             self._num_layers = num_layers
+            self._layer_positions = [None] * num_layers
         elif self._num_layers != num_layers:
             raise ConfigError(
                 f"cache policy was used with {self._num_layers} layers, now {num_layers}; call reset() between models"
             )
 
     @property
-    def positions(self) -> Optional[torch.Tensor]:
-        """Original token position held in each slot, ``LongTensor [num_layers, n]`` (or ``None``)."""
-        return self._positions
+    def seen(self) -> int:
+        """Tokens seen so far (the original position of the next token)."""
+        return self._seen
 
-    def positions_per_layer(self) -> List[List[int]]:
-        """Per layer, the original token positions held (for tests and plots)."""
-        return [] if self._positions is None else self._positions.tolist()
+    def record(self, layer: int, n: int) -> torch.Tensor:
+        """Note that ``layer`` now holds ``n`` slots (the newest ones just appended); returns its positions.
 
-    def compact(self, n: int, num_layers: int) -> Optional[torch.Tensor]:
-        """Record that every layer now holds ``n`` slots and return the slots to keep (or ``None``)."""
-        self.bind(num_layers)
-        self._observe(n, num_layers)
-        keep = self.select(n, num_layers)
-        if keep is not None:
-            self._positions = torch.gather(self._positions, 1, keep.to(self._positions.device))
-        return keep
-
-    def _observe(self, n: int, num_layers: int) -> None:
-        held = 0 if self._positions is None else self._positions.shape[1]
+        Layer 0 is recorded first in every forward pass and counts the new tokens.
+        """
+        held_positions = self._layer_positions[layer]
+        held = 0 if held_positions is None else held_positions.shape[-1]
         new = n - held
         if new < 0:
             raise RuntimeError(
                 f"the cache shrank from {held} to {n} slots outside the policy; use a fresh cache per sequence"
             )
-        fresh = torch.arange(self._seen, self._seen + new).expand(num_layers, new)
-        self._positions = fresh.clone() if self._positions is None else torch.cat([self._positions, fresh], 1)
-        self._seen += new
+        if layer == 0:
+            self._seen += new
+        fresh = torch.arange(self._seen - new, self._seen)
+        if held_positions is None:
+            self._layer_positions[layer] = fresh
+        else:
+            fresh = fresh.expand(*held_positions.shape[:-1], new)
+            self._layer_positions[layer] = torch.cat([held_positions, fresh], -1)
+        return self._layer_positions[layer]
+
+    def apply(self, layer: int, keep: Optional[torch.Tensor]) -> None:
+        """Carry the original positions of ``layer`` along a :meth:`keep` answer."""
+        if keep is None:
+            return
+        pos, idx = self._layer_positions[layer], keep.cpu()
+        if idx.dim() == 2 and pos.dim() == 1:
+            pos = pos.expand(idx.shape[0], pos.shape[0])
+        self._layer_positions[layer] = pos.gather(-1, idx) if pos.dim() == idx.dim() else pos[..., idx]
+
+    def settle(self, layer: int, n: int) -> Optional[torch.Tensor]:
+        """After :meth:`record` (and :meth:`observe`): choose what ``layer`` keeps and carry its positions along."""
+        keep = self.keep(layer, n)
+        self.apply(layer, keep)
+        return keep
+
+    @property
+    def positions(self):
+        """Original positions per layer: ``LongTensor [num_layers, n]`` when every layer holds the same
+        slots for all heads, else a list of ``[n_l]`` or ``[kv_heads, n_l]`` tensors (``None`` before use)."""
+        rows = self._layer_positions
+        if not rows or rows[0] is None:
+            return None
+        if all(r is not None and r.dim() == 1 and r.shape == rows[0].shape for r in rows):
+            return torch.stack(rows)
+        return list(rows)
+
+    def positions_per_layer(self) -> List[list]:
+        """Per layer, the original token positions held (for tests and plots)."""
+        return [] if not self._layer_positions or self._layer_positions[0] is None else \
+            [p.tolist() for p in self._layer_positions]
+
+    def compact(self, n: int, num_layers: int) -> Optional[List[Optional[torch.Tensor]]]:
+        """Every layer now holds ``n`` slots: one :meth:`keep` answer per layer, or ``None`` if none evicts."""
+        self.bind(num_layers)
+        keep = []
+        for layer in range(num_layers):
+            self.record(layer, n)
+            keep.append(self.settle(layer, n))
+        return None if all(k is None for k in keep) else keep
 
     def __call__(self, past_key_values: KVList) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Official-repository API: compact a list of ``(key, value)`` pairs.
@@ -136,11 +215,10 @@ class CachePolicy:
         if past_key_values is None:
             return past_key_values
         pkv = [tuple(layer) for layer in past_key_values]
-        n = pkv[0][0].shape[-2]
-        keep = self.compact(n, len(pkv))
+        keep = self.compact(pkv[0][0].shape[-2], len(pkv))
         if keep is None:
             return pkv
-        return [gather_layer(k, v, row) for (k, v), row in zip(pkv, keep)]
+        return [(k, v) if row is None else gather_layer(k, v, row) for (k, v), row in zip(pkv, keep)]
 
 
 def gather_layer(key: torch.Tensor, value: torch.Tensor, keep_row: torch.Tensor):

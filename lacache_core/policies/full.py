@@ -11,10 +11,9 @@ from .base import CachePolicy
 
 @dataclass
 class FullCache(CachePolicy):
-    """Never evicts. Keys keep their true positions, so no position shift is needed."""
+    """Never evicts; keys sit at their original positions, as in the unmodified model."""
 
     name: ClassVar[str] = "full"
-    position_shift: ClassVar[bool] = False
 
     def select(self, n: int, num_layers: int) -> Optional[torch.Tensor]:
         return None

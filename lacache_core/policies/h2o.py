@@ -58,10 +58,9 @@ class H2O(CachePolicy):
         n = key.shape[2]
         self._scores[layer] = pad_to(self._scores[layer], n, key.device) + attention_mass(query, key, scaling)
 
-    def select(self, n: int, num_layers: int):
+    def keep(self, layer: int, n: int):
         if n <= self.cache_size:
             return None
-        keep = torch.stack([keep_top(self._scores[i], n, self.start_size, self.recent_size, self.cache_size)
-                            for i in range(num_layers)])
-        self._scores = [s[row] for s, row in zip(self._scores, keep)]
-        return keep
+        row = keep_top(self._scores[layer], n, self.start_size, self.recent_size, self.cache_size)
+        self._scores[layer] = self._scores[layer][row]
+        return row

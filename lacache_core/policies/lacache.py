@@ -86,6 +86,7 @@ class LaCache(CachePolicy):
     """
 
     name: ClassVar[str] = "lacache"
+    default_positions: ClassVar[str] = "slot"
 
     cache_size: int = 256
     span: int = 16

@@ -69,8 +69,7 @@ class LSHE(CachePolicy):
         agree = (q_hash == k_hash).sum(-1).float()  # [b, kvh, g, n]
         self._sim[layer] = agree.mean((0, 1, 2))
 
-    def select(self, n: int, num_layers: int):
+    def keep(self, layer: int, n: int):
         if n <= self.cache_size:
             return None
-        return torch.stack([keep_top(self._sim[i], n, self.start_size, self.recent_window, self.cache_size)
-                            for i in range(num_layers)])
+        return keep_top(self._sim[layer], n, self.start_size, self.recent_window, self.cache_size)

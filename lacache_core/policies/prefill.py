@@ -1,9 +1,10 @@
 """Shared machinery of the prefill-time methods (SnapKV, PyramidKV, PyramidInfer).
 
-They compress the prompt once, at the end of the first forward pass, and let the cache grow
-during decoding, as in their papers. Layers may then hold different numbers of slots, and SnapKV
-and PyramidKV choose slots per KV head, so this base class keeps its own per-layer record of
-original positions instead of the ``[num_layers, n]`` tensor of the decode-time methods.
+They compress the prompt once, in the first forward pass (each layer right after it attended),
+and let the cache grow during decoding, as in their papers. Layers may then hold different
+numbers of slots, and SnapKV and PyramidKV choose slots per KV head (``[kv_heads, n_keep]``
+answers to :meth:`CachePolicy.keep`). Kept keys stay at their original positions, as in the
+reference implementations.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ class PrefillPolicy(CachePolicy):
     window_size: int = 32
 
     _window_scores: List[Optional[torch.Tensor]] = field(default_factory=list, init=False, repr=False)
-    _layer_positions: Optional[List[torch.Tensor]] = field(default=None, init=False, repr=False)
     _done: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -39,7 +39,7 @@ class PrefillPolicy(CachePolicy):
         check_int("cache_size", self.cache_size, self.start_size + self.window_size + 1)
 
     def _reset_state(self) -> None:
-        self._window_scores, self._layer_positions, self._done = [], None, False
+        self._window_scores, self._done = [], False
 
     def layer_budgets(self, num_layers: int) -> List[int]:
         """Slots each layer keeps after the prompt (sinks and window included)."""
@@ -80,40 +80,13 @@ class PrefillPolicy(CachePolicy):
                           torch.arange(n - w, n, device=top.device).expand(heads, w)], dim=-1)
         return keep if self.per_head else keep[0]
 
-    # -- bookkeeping with per-layer (and per-head) positions
-    def compact(self, n: int, num_layers: int):
-        self.bind(num_layers)
-        if self._layer_positions is None:
-            self._layer_positions = [torch.arange(n) for _ in range(num_layers)]
-            self._seen = n
-        else:
-            new = torch.arange(self._seen, self._seen + n - self._layer_positions[0].shape[-1])
-            self._seen += new.shape[0]
-            self._layer_positions = [torch.cat([p, new.expand(*p.shape[:-1], new.shape[0])], -1)
-                                     for p in self._layer_positions]
+    def keep(self, layer: int, n: int):
         if self._done:
             return None
-        self._done = True
-        budgets = self.layer_budgets(num_layers)
-        if n <= min(budgets):
-            return None
-        keep = []
-        for layer, budget in enumerate(budgets):
-            if n <= budget:
-                keep.append(torch.arange(n))
-                continue
-            row = self.layer_keep(layer, n, budget)
-            keep.append(row)
-            pos = self._layer_positions[layer]
-            self._layer_positions[layer] = pos[row.cpu()] if row.dim() == 1 else pos.expand(row.shape[0], n)[
-                torch.arange(row.shape[0])[:, None], row.cpu()]
-        self._window_scores = []
-        return keep
-
-    @property
-    def positions(self):
-        """Per layer, the original positions held: ``[n_l]`` or ``[kv_heads, n_l]`` tensors."""
-        return self._layer_positions
-
-    def positions_per_layer(self):
-        return [] if self._layer_positions is None else [p.tolist() for p in self._layer_positions]
+        if layer == self._num_layers - 1:
+            self._done = True  # the first forward pass (the prompt) ends with this layer
+        budget = self.layer_budgets(self._num_layers)[layer]
+        row = None if n <= budget else self.layer_keep(layer, n, budget)
+        ensure_layer(self._window_scores, layer)
+        self._window_scores[layer] = None
+        return row

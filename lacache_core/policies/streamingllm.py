@@ -24,6 +24,7 @@ class StreamingLLM(CachePolicy):
     """
 
     name: ClassVar[str] = "streamingllm"
+    default_positions: ClassVar[str] = "slot"
 
     start_size: int = 4
     recent_size: int = 252

@@ -41,8 +41,7 @@ class TOVA(CachePolicy):
         ensure_layer(self._last, layer)
         self._last[layer] = attention_probs(query[:, :, -1:], key, scaling)[:, :, -1].mean((0, 1))
 
-    def select(self, n: int, num_layers: int):
+    def keep(self, layer: int, n: int):
         if n <= self.cache_size:
             return None
-        return torch.stack([keep_top(self._last[i], n, self.start_size, 0, self.cache_size)
-                            for i in range(num_layers)])
+        return keep_top(self._last[layer], n, self.start_size, 0, self.cache_size)
