@@ -60,7 +60,11 @@ def test_after_eviction_matches_from_scratch_step(family, attn, policy):
     _, cache = step_logits(model, cache, TOKENS[:, :150])
     kept = cache.kept_positions()
     assert kept.shape[1] < 150, "the policy must have evicted"
-    expected = manual_next_logits(model, int(TOKENS[0, 150]), cached_unrotated(cache))
+    if cache.policy.position_mode == "slot":
+        expected = manual_next_logits(model, int(TOKENS[0, 150]), cached_unrotated(cache))
+    else:  # kept keys at their original positions, the query at the next token's (150)
+        expected = manual_next_logits(model, int(TOKENS[0, 150]), cached_unrotated(cache), query_pos=150,
+                                      key_positions=kept)
     ours, _ = step_logits(model, cache, TOKENS[:, 150:151])
     torch.testing.assert_close(ours[0], expected, atol=2e-5, rtol=1e-4)
 

@@ -38,11 +38,13 @@ def rotate(x, pos, theta, dim):
     return x * ang.cos() + rot * ang.sin()
 
 
-def manual_next_logits(model, token, kv_unrotated, query_pos=None):
+def manual_next_logits(model, token, kv_unrotated, query_pos=None, key_positions=None):
     """Logits for one new ``token`` given each layer's cached *un-rotated* keys and values.
 
     A from-scratch re-derivation of a decoder step: keys at their cache slots ``0..n`` (the new
     key at slot ``n``), the query at ``query_pos`` (default: slot ``n``). Independent of the patch.
+    With ``key_positions`` (per layer ``[n]`` or per KV head ``[kv_heads, n]``, the cached keys'
+    original positions), old keys sit there instead and the new key at ``query_pos``.
     """
     cfg = model.config
     theta = getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]
@@ -50,7 +52,7 @@ def manual_next_logits(model, token, kv_unrotated, query_pos=None):
     d = cfg.hidden_size // heads
     base = model.get_decoder()
     h = base.embed_tokens(torch.tensor([[token]]))
-    for layer, (k_old, v_old) in zip(base.layers, kv_unrotated):
+    for i, (layer, (k_old, v_old)) in enumerate(zip(base.layers, kv_unrotated)):
         attn = layer.self_attn
         x = rms_norm(layer.input_layernorm, h)
         q = attn.q_proj(x).view(1, 1, heads, d).transpose(1, 2)
@@ -58,8 +60,15 @@ def manual_next_logits(model, token, kv_unrotated, query_pos=None):
         v = attn.v_proj(x).view(1, 1, kvh, d).transpose(1, 2)
         keys, values = torch.cat([k_old, k], 2), torch.cat([v_old, v], 2)
         n = keys.shape[2]
-        keys = rotate(keys, torch.arange(n), theta, d)
-        q = rotate(q, torch.tensor([n - 1 if query_pos is None else query_pos]), theta, d)
+        qpos = n - 1 if query_pos is None else query_pos
+        if key_positions is None:
+            keys = rotate(keys, torch.arange(n), theta, d)
+        else:
+            pos = key_positions[i]
+            pos = pos.expand(kvh, n - 1) if pos.dim() == 1 else pos
+            pos = torch.cat([pos, torch.full((kvh, 1), qpos)], 1)
+            keys = torch.stack([rotate(keys[:, h], pos[h], theta, d) for h in range(kvh)], 1)
+        q = rotate(q, torch.tensor([qpos]), theta, d)
         keys = keys.repeat_interleave(heads // kvh, 1)
         values = values.repeat_interleave(heads // kvh, 1)
         w = torch.softmax((q @ keys.transpose(2, 3)) / d ** 0.5, -1)

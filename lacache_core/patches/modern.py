@@ -46,7 +46,8 @@ def _fit_mask(mask, key_len: int, q_len: int):
     """The model builds one mask, sized for layer 0; layers of a prefill-time method hold other lengths.
 
     A 4D mask shorter than this layer's keys is widened on the left (older slots, visible to every
-    query of this step); a 2D padding mask (flash kernels) without padding is dropped.
+    query of this step), a longer one cut to its first ``key_len`` columns, as transformers' own
+    kernels do; a 2D padding mask (flash kernels) without padding is dropped.
     """
     if not isinstance(mask, torch.Tensor):
         return mask
@@ -60,6 +61,8 @@ def _fit_mask(mask, key_len: int, q_len: int):
         fill = True if mask.dtype == torch.bool else 0.0
         pad = mask.new_full((*mask.shape[:-1], key_len - mask.shape[-1]), fill)
         return torch.cat([pad, mask], -1)
+    if mask.dim() == 4 and mask.shape[-1] > key_len:  # what transformers' own kernels slice (not all do)
+        return mask[..., :key_len]
     return mask
 
 
