@@ -1,0 +1,80 @@
+"""Every method on every RoPE decoder family, through the public extension points (transformers >= 4.48).
+
+Two checks per family and method: with a budget larger than the text, logits equal the unpatched
+model's; with eviction, ``generate()`` stays within budget. A model without RoPE is refused.
+"""
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+
+from lacache_core import METHODS, build_policy, enable_position_shift, make_cache
+from lacache_core.cache import CompressedCache
+from lacache_core.versions import with_cache
+
+pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.48"),
+                                reason="the extension-point integration needs transformers >= 4.48")
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {"use_sliding_window": False}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16, "use_sliding_window": False}),  # q/k norms
+    "phi3": ("Phi3Config", {}),  # fused qkv projection
+    "olmo2": ("Olmo2Config", {}),  # q/k norms over all heads
+    "gemma": ("GemmaConfig", {"head_dim": 16}),
+    "stablelm": ("StableLmConfig", {"partial_rotary_factor": 0.25}),  # rotary on 4 of 16 channels
+}
+BIG = dict(cache_size=1000, recent_size=996, span=2, window_size=8, recent_window=8)
+SMALL = dict(cache_size=40, recent_size=36, span=2, window_size=8, recent_window=8, beta=2)
+TOKENS = torch.randint(3, 128, (1, 120), generator=torch.Generator().manual_seed(3))
+
+
+def family_model(family, attn="sdpa"):
+    name, extra = FAMILIES[family]
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        pytest.skip(f"{family} is not in transformers {transformers.__version__}")
+    torch.manual_seed(0)
+    config = cls(**COMMON, **extra)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_no_eviction_equals_unpatched(family, method):
+    model = family_model(family)
+    with torch.no_grad():
+        reference = model(TOKENS[:, :60]).logits[0]
+        enable_position_shift(model)
+        cache = make_cache(method, model, **BIG)
+        steps = [model(TOKENS[:, :40], use_cache=True, **with_cache(cache)).logits[0]]
+        steps += [model(TOKENS[:, t:t + 1], use_cache=True, **with_cache(cache)).logits[0] for t in range(40, 60)]
+    torch.testing.assert_close(torch.cat(steps), reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if m != "full"))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_generate_within_budget(family, method):
+    model = enable_position_shift(family_model(family))
+    layers = model.config.num_hidden_layers
+    policy = build_policy(method, **SMALL)
+    cache = CompressedCache(policy, layers)
+    out = model.generate(TOKENS[:, :60], max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                         **with_cache(cache))
+    assert out.shape[1] == 100
+    lengths = [cache.get_seq_length(i) for i in range(layers)]
+    if policy.prefill_only:  # compressed once after the prompt, then grows by the 39 tokens fed back
+        assert lengths == [min(b, 60) + 39 for b in policy.layer_budgets(layers)]
+    else:
+        assert max(lengths) <= policy.max_cache_len(layers)
+        assert cache.kept_positions()[:, -1].tolist() == [98] * layers or method == "tova"
+
+
+def test_model_without_rope_is_refused():
+    config = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=2)
+    model = transformers.GPT2LMHeadModel(config)
+    with pytest.raises(ValueError, match="RoPE"):
+        enable_position_shift(model)
