@@ -6,7 +6,7 @@ attention forward runs unchanged and stores its new keys through :meth:`Compress
 :meth:`CompressedCache.attend`, which rotates the query and every cached key to the positions the
 policy declares, lets scoring policies see them, compacts the layer for the next step, and hands
 the rotated tensors back. It therefore works in a plain forward loop and in
-``model.generate(past_key_values=...)``, and bounds memory in both.
+``model.generate(past_key_values=...)`` (``cache=`` from transformers 5.24), and bounds memory in both.
 """
 from __future__ import annotations
 

@@ -36,6 +36,9 @@ def add_policy_flags(g) -> None:
     g.add_argument("--kernel_size", type=int, default=7, help="SnapKV/PyramidKV: pooling kernel")
     g.add_argument("--pooling", choices=["max", "avg"], default="max", help="SnapKV/PyramidKV: pooling")
     g.add_argument("--beta", type=int, default=20, help="PyramidKV: budget ratio of first to last layer")
+    g.add_argument("--key_positions", choices=["slot", "original"], default=None,
+                   help="where kept keys are rotated: their cache slot (position shift) or their original position "
+                        "(default: the method's reference; slot for lacache and streamingllm, original for the others)")
 
 
 def add_method_flags(p: argparse.ArgumentParser, span: int = 16, overlap: int = 0, budget: float = 0.5,
@@ -85,7 +88,7 @@ def method_settings(args) -> dict:
     return dict(span=args.span, overlap=args.overlap, compensate=not args.no_compensate,
                 ladder_layout=args.ladder_layout, recent_ratio=args.recent_ratio, recent_window=args.recent_window,
                 lsh_dim=args.lsh_dim, window_size=args.window_size, kernel_size=args.kernel_size,
-                pooling=args.pooling, beta=args.beta)
+                pooling=args.pooling, beta=args.beta, key_positions=getattr(args, "key_positions", None))
 
 
 def method_tag(args, method: str) -> str:
@@ -101,6 +104,8 @@ def method_tag(args, method: str) -> str:
             tag += f"_r{args.recent_ratio:g}"
         if args.start_size is not None:
             tag += f"_s{args.start_size}"
+        if getattr(args, "key_positions", None):
+            tag += f"_k{args.key_positions}"
     if args.prefill_chunk_size:
         tag += f"_chunk{args.prefill_chunk_size}"
     return tag + ("" if args.dtype == "float32" else f"_{args.dtype}")

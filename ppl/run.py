@@ -114,6 +114,8 @@ def run_tag(args, method: str) -> str:
         tag += f"_c{args.cache_size}"
     if args.query_position != "slot":
         tag += f"_q{args.query_position}"
+    if args.key_positions and method != "full":
+        tag += f"_k{args.key_positions}"
     return tag + f"__n{args.num_eval_tokens or 'all'}__{args.dtype}"
 
 

@@ -34,6 +34,7 @@ from lacache_core.policies.base import CachePolicy  # noqa: E402
 from lacache_core.reference import ReferenceLaCache  # noqa: E402
 from lacache_core.models import load_model  # noqa: E402
 from lacache_core.runlog import process_rss_bytes, run_record, write_json  # noqa: E402
+from lacache_core.versions import with_cache  # noqa: E402
 
 
 SHAPES = {  # random-weight models: speed depends on shape, not on weights
@@ -55,19 +56,21 @@ def random_llama(shape: str, device: str, dtype: torch.dtype, attn: str):
 
 
 class CompactionTimer:
-    """Accumulates the wall time spent in ``CompressedCache._compact``."""
+    """Accumulates the wall time spent in ``CompressedCache.attend``: rotating queries and keys,
+    scoring, and compacting, i.e. everything position shift and the policy add to a step."""
 
     def __init__(self, cache, device):
-        self.total, original = 0.0, cache._compact
+        self.total, original = 0.0, cache.attend
 
-        def timed():
+        def timed(*args):
             sync(device)
             t = time.perf_counter()
-            original()
+            out = original(*args)
             sync(device)
             self.total += time.perf_counter() - t
+            return out
 
-        cache._compact = timed
+        cache.attend = timed
 
 
 @dataclass
@@ -75,6 +78,7 @@ class _Passive(CachePolicy):
     """Keeps everything: the container the slow official way rebuilds after every step."""
 
     name: ClassVar[str] = "passive"
+    default_positions: ClassVar[str] = "slot"
 
     def select(self, n, num_layers):
         return None
@@ -84,7 +88,6 @@ def _passive_cache(layers):
     from transformers import DynamicCache
 
     cache = CompressedCache(_Passive(), len(layers))
-    cache.patched_forward_seen = True
     for i, (k, v) in enumerate(layers):
         DynamicCache.update(cache, k, v, i)
     return cache
@@ -123,13 +126,13 @@ def bench_official_slow(model, settings, context, steps, vocab, device):
     with torch.inference_mode():
         cache = _passive_cache([])
         for start in range(0, context, FILL_CHUNK):  # the official way compacts after every forward pass
-            model(prompt[:, start:start + FILL_CHUNK], past_key_values=cache, use_cache=True)
+            model(prompt[:, start:start + FILL_CHUNK], use_cache=True, **with_cache(cache))
             cache = slow_compact(cache)
         overhead, token = 0.0, prompt[:, -1:]
         for _ in range(steps):
             sync(device)
             t = time.perf_counter()
-            out = model(token, past_key_values=cache, use_cache=True)
+            out = model(token, use_cache=True, **with_cache(cache))
             cache = slow_compact(cache)
             token = out.logits[:, -1:].argmax(-1)
             sync(device)
@@ -172,7 +175,7 @@ def plot(rows, path: Path):
 def bench_one(model, method, settings, context, steps, vocab, device):
     num_layers = model.config.num_hidden_layers
     policy = build_policy(method, **settings)
-    if policy.position_shift:
+    if method != "full":
         enable_position_shift(model)
         cache = CompressedCache(policy, num_layers)
     else:
@@ -189,7 +192,7 @@ def bench_one(model, method, settings, context, steps, vocab, device):
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            out = model(token, past_key_values=cache, use_cache=True)
+            out = model(token, use_cache=True, **with_cache(cache))
             token = out.logits[:, -1:].argmax(-1)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -215,6 +218,10 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--attn_implementation", default="sdpa")
+    p.add_argument("--shift_ratio", action="store_true",
+                   help="only the position-shift cost: a LaCache step at the largest --contexts vs a full-cache step "
+                        "at context --cache_size (the same number of cached tokens), interleaved --rounds times")
+    p.add_argument("--rounds", type=int, default=5, help="with --shift_ratio: interleaved measurement rounds")
     p.add_argument("--output", default="outputs/bench/bench_decode.json")
     args = p.parse_args(argv)
     try:
@@ -230,6 +237,8 @@ def main(argv=None):
         overlap = span // 2 if args.overlap is None else args.overlap
         settings = dict(cache_size=args.cache_size, recent_size=args.cache_size - 4, start_size=4, span=span,
                         overlap=overlap, recent_window=32)
+        if args.shift_ratio:
+            return shift_ratio(model, settings, args, vocab)
         # warm-up: first use of each kernel shape (CUDA lazy loading, cuBLAS heuristics) is not what we measure
         for method in args.methods.split(","):
             bench_one(model, method, settings, min(int(c) for c in args.contexts.split(",")), 8, vocab, args.device)
@@ -247,6 +256,27 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 2
     _summarise(rows, args, span, overlap)
+    return 0
+
+
+def shift_ratio(model, settings, args, vocab) -> int:
+    """Median LaCache step at a long context over median full-cache step at context ``cache_size``."""
+    context = max(int(c) for c in args.contexts.split(","))
+    full, lacache, overhead = [], [], []
+    for _ in range(args.rounds):  # interleaved, so that a slow spell of a shared machine hits both
+        full.append(bench_one(model, "full", settings, args.cache_size, args.steps, vocab, args.device))
+        lacache.append(bench_one(model, "lacache", settings, context, args.steps, vocab, args.device))
+    f = statistics.median(r["step_ms"] for r in full)
+    la = statistics.median(r["step_ms"] for r in lacache)
+    attend = statistics.median(r["compaction_ms_per_token"] for r in lacache)
+    print(f"full cache, context {args.cache_size}: step {f:.2f} ms (median of {args.rounds} rounds)")
+    print(f"lacache (cache {args.cache_size}, span {settings['span']}, overlap {settings['overlap']}), "
+          f"context {context}: step {la:.2f} ms, of which {attend:.2f} ms in CompressedCache.attend "
+          "(rotation + compaction)")
+    print(f"step ratio lacache@{context} / full@{args.cache_size} = {la / f:.3f}")
+    out = Path(args.output)
+    write_json(out, run_record(vars(args), full=full, lacache=lacache, ratio=la / f))
+    print(f"results: {out}")
     return 0
 
 

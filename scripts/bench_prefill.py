@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def one_run(args) -> dict:
     from lacache_core import build_policy, CompressedCache, enable_position_shift, prefill
+    from lacache_core.versions import with_cache  # noqa: E402
     from lacache_core.data import load_texts
     from lacache_core.models import load_model
 
@@ -42,7 +43,7 @@ def one_run(args) -> dict:
         seconds = time.perf_counter() - start
         nlls = [F.cross_entropy(logits[0].float(), ids[0, args.prompt_tokens]).item()]
         for t in range(args.prompt_tokens, args.prompt_tokens + args.eval_tokens):
-            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, t:t + 1], use_cache=True, **with_cache(cache))
             nlls.append(F.cross_entropy(out.logits[0, -1].float(), ids[0, t + 1]).item())
     return {"chunk": args.chunk, "prefill_s": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_kv_mib": cache.peak_bytes / 2 ** 20, "continuation_ppl": math.exp(sum(nlls) / len(nlls))}

@@ -16,14 +16,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lacache_core import enable_position_shift, make_cache  # noqa: E402
+from lacache_core.versions import output_cache, with_cache  # noqa: E402
 
 
 def logits_loop(model, tokens, cache):
     out = []
     with torch.inference_mode():
         for t in range(tokens.shape[1]):
-            res = model(tokens[:, t:t + 1], past_key_values=cache, use_cache=True)
-            cache = res.past_key_values
+            res = model(tokens[:, t:t + 1], use_cache=True, **with_cache(cache))
+            cache = output_cache(res)
             out.append(res.logits[0, -1].float())
     return torch.stack(out)
 

@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lacache_core import ConfigError, enable_position_shift, make_cache  # noqa: E402
+from lacache_core.versions import with_cache  # noqa: E402
 from lacache_core.models import load_model  # noqa: E402
 from lacache_core.runlog import process_rss_bytes, run_record, write_json  # noqa: E402
 
@@ -116,7 +117,7 @@ def main(argv=None):
     start = time.perf_counter()
     sampling = {"do_sample": True, "temperature": 0.8, "top_k": 50} if args.sample else {"do_sample": False}
     with torch.inference_mode():
-        out = model.generate(prompt, past_key_values=cache, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
+        out = model.generate(prompt, **with_cache(cache), max_new_tokens=args.tokens, min_new_tokens=args.tokens,
                              streamer=reporter, pad_token_id=0, **sampling)
     seconds = time.perf_counter() - start
     kv = [r["kv_bytes"] for r in reporter.log]
