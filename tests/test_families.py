@@ -3,6 +3,8 @@
 Two checks per family and method: with a budget larger than the text, logits equal the unpatched
 model's; with eviction, ``generate()`` stays within budget. A model without RoPE is refused.
 """
+import copy
+
 import pytest
 import torch
 import transformers
@@ -39,7 +41,13 @@ def family_model(family, attn="sdpa"):
         pytest.skip(f"{family} is not in transformers {transformers.__version__}")
     torch.manual_seed(0)
     config = cls(**COMMON, **extra)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    try:
+        enable_position_shift(copy.deepcopy(model))
+    except ValueError as err:  # e.g. StableLM before its attention used the registry
+        assert "AttentionInterface" in str(err)
+        pytest.skip(f"{family} in transformers {transformers.__version__}: {err}")
+    return model
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -134,6 +134,11 @@ def install(model, base, layers) -> None:
         raise ValueError(f"model type {model.config.model_type!r} has no rotary embedding (model.rotary_emb): "
                          "position shift needs a RoPE decoder")
     first = layers[0].self_attn
+    if "ALL_ATTENTION_FUNCTIONS" not in vars(sys.modules[type(first).__module__]):
+        import transformers
+
+        raise ValueError(f"model type {model.config.model_type!r} does not dispatch attention through "
+                         f"AttentionInterface in transformers {transformers.__version__}; use a newer release")
     apply_fn = getattr(sys.modules[type(first).__module__], "apply_rotary_pos_emb", standard_apply)
     rotation = Rotation(rotary_fn_from_module(rotary), apply_fn)
     current = model.config._attn_implementation or "eager"
