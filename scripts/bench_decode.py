@@ -34,7 +34,7 @@ from lacache_core.policies.base import CachePolicy  # noqa: E402
 from lacache_core.reference import ReferenceLaCache  # noqa: E402
 from lacache_core.models import load_model  # noqa: E402
 from lacache_core.runlog import process_rss_bytes, run_record, write_json  # noqa: E402
-from lacache_core.versions import with_cache  # noqa: E402
+from lacache_core.versions import DTYPE_KWARG, with_cache  # noqa: E402
 
 
 SHAPES = {  # random-weight models: speed depends on shape, not on weights
@@ -51,7 +51,7 @@ def random_llama(shape: str, device: str, dtype: torch.dtype, attn: str):
     cfg = transformers.LlamaConfig(max_position_embeddings=131072, **SHAPES[shape])
     torch.manual_seed(0)
     with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, torch_dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, **{DTYPE_KWARG: dtype})
     return model.to(device, dtype).eval()
 
 
