@@ -1,4 +1,4 @@
-"""Rotary position embedding helpers shared by the position-shift patches."""
+"""Rotary position embeddings for the position-shift integrations: tables and rotation with the model's own RoPE."""
 from __future__ import annotations
 
 import inspect
@@ -12,13 +12,6 @@ RotaryFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tens
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[b, heads, n, d]`` by ``cos``/``sin`` of shape ``[n, d]`` or ``[b, n, d]``."""
-    if cos.dim() == 3:
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
 
 
 def rotary_fn_from_module(rotary: torch.nn.Module) -> RotaryFn:
@@ -66,10 +59,6 @@ class RopeTable:
             self._tables[key] = table
         return table[0][:n], table[1][:n]
 
-    def at(self, position_ids: torch.Tensor, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` at arbitrary ``position_ids [b, q]``, each ``[b, q, d]``."""
-        cos, sin = self.get(int(position_ids.max()) + 1, like)
-        return cos[position_ids], sin[position_ids]
 
 
 def standard_apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

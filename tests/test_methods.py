@@ -181,18 +181,23 @@ def test_pyramid_budgets_by_hand():
     assert PyramidInfer(cache_size=70, start_size=1, window_size=2, decay=0.5).layer_budgets(3) == [120, 60, 30]
 
 
+@pytest.mark.parametrize("key_positions", [None, "slot"])
 @pytest.mark.parametrize("method", PREFILL)
-def test_prefill_methods_next_step_matches_from_scratch(method):
+def test_prefill_methods_next_step_matches_from_scratch(method, key_positions):
     from tiny import manual_next_logits
 
     model = enable_position_shift(tiny_model("llama", "eager"))
-    cache = CompressedCache(build_policy(method, **PREFILL_SETTINGS), model.config.num_hidden_layers)
+    policy = build_policy(method, key_positions=key_positions, **PREFILL_SETTINGS)
+    cache = CompressedCache(policy, model.config.num_hidden_layers)
     with torch.no_grad():
         model(TOKENS[:, :120], past_key_values=cache, use_cache=True)
         kv = [cache._layer(i) for i in range(cache.num_layers)]
-        # prefill-time methods keep their keys at the original positions (their reference code)
-        expected = manual_next_logits(model, int(TOKENS[0, 120]), kv, query_pos=120,
-                                      key_positions=cache.kept_positions())
+        if key_positions is None:  # the reference default: kept keys at their original positions
+            assert policy.position_mode == "original"
+            expected = manual_next_logits(model, int(TOKENS[0, 120]), kv, query_pos=120,
+                                          key_positions=cache.kept_positions())
+        else:  # the ablation: kept keys at their slots, the query after them
+            expected = manual_next_logits(model, int(TOKENS[0, 120]), kv)
         ours = model(TOKENS[:, 120:121], past_key_values=cache, use_cache=True).logits[0, -1]
     torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)
 
@@ -263,3 +268,12 @@ def test_chunked_prefill_rejected_for_prefill_time_methods():
 
 def build_cache(model, method, **settings):
     return CompressedCache(build_policy(method, **settings), model.config.num_hidden_layers)
+
+
+def test_key_positions_flag_is_checked():
+    from lacache_core import ConfigError
+
+    with pytest.raises(ConfigError, match="--key_positions must be one of"):
+        CompressedCache(build_policy("h2o", key_positions="sideways", cache_size=40), 4)
+    assert build_policy("lacache").settings()["key_positions"] == "slot"
+    assert build_policy("snapkv").settings()["key_positions"] == "original"
