@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from lacache_core import ConfigError, enable_position_shift, make_cache
+from lacache_core.versions import with_cache
 from lacache_core.cache import kv_bytes
 from lacache_core.generation import (BudgetSpec, answer, budget_cache_size, greedy_answer, official_start_size,
                                      stop_token_ids, truncate_middle)
@@ -40,7 +41,7 @@ def test_compressed_answer_equals_generate_with_the_same_cache(method):
     enable_position_shift(model)
     settings = dict(cache_size=48, start_size=4, span=2, overlap=0)
     cache = make_cache(method, model, **settings)
-    ref = model.generate(PROMPT, past_key_values=cache, max_new_tokens=30, do_sample=False, min_new_tokens=30)
+    ref = model.generate(PROMPT, **with_cache(cache), max_new_tokens=30, do_sample=False, min_new_tokens=30)
     spec = BudgetSpec(method, 48, 4, settings={"span": 2, "overlap": 0})
     ours = greedy_answer(model, PROMPT, spec.make(model, PROMPT.shape[1]), 30)
     assert ours == ref[0, PROMPT.shape[1]:].tolist()

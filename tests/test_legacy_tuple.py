@@ -5,6 +5,7 @@ import transformers
 from packaging.version import Version
 
 from lacache_core import LaCache, StreamingLLM, enable_position_shift
+from lacache_core.versions import with_cache
 from tiny import manual_next_logits, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) >= Version("4.36"),
@@ -16,7 +17,7 @@ def run(model, tokens, policy=None, past=None):
     logits = []
     with torch.no_grad():
         for t in range(tokens.shape[1]):
-            res = model(tokens[:, t:t + 1], past_key_values=past, use_cache=True)
+            res = model(tokens[:, t:t + 1], **with_cache(past), use_cache=True)
             past = res.past_key_values
             if policy is not None:
                 past = policy(past)

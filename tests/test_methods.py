@@ -10,6 +10,7 @@ import transformers
 from packaging.version import Version
 
 from lacache_core import H2O, LSHE, METHODS, TOVA, CompressedCache, LaCache, build_policy, enable_position_shift
+from lacache_core.versions import with_cache
 from tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
@@ -40,10 +41,10 @@ def test_budget_duplicates_sinks(method, prefill):
     budget = policy.max_cache_len(model.config.num_hidden_layers)
     cache = CompressedCache(policy, model.config.num_hidden_layers)
     with torch.no_grad():
-        model(TOKENS[:, :prefill], past_key_values=cache, use_cache=True)
+        model(TOKENS[:, :prefill], **with_cache(cache), use_cache=True)
         check_cache(cache, budget, prefill, method)
         for t in range(prefill, prefill + 100):
-            model(TOKENS[:, t:t + 1], past_key_values=cache, use_cache=True)
+            model(TOKENS[:, t:t + 1], **with_cache(cache), use_cache=True)
             check_cache(cache, budget, t + 1, method)
 
 
@@ -52,7 +53,7 @@ def test_generate_within_budget(method):
     model = enable_position_shift(tiny_model("qwen2", "sdpa"))
     policy = build_policy(method, **SETTINGS)
     cache = CompressedCache(policy, model.config.num_hidden_layers)
-    out = model.generate(TOKENS[:, :10], past_key_values=cache, max_new_tokens=80, min_new_tokens=80, do_sample=False)
+    out = model.generate(TOKENS[:, :10], **with_cache(cache), max_new_tokens=80, min_new_tokens=80, do_sample=False)
     assert out.shape[1] == 90
     check_cache(cache, policy.max_cache_len(model.config.num_hidden_layers), 89, method)
 
@@ -133,9 +134,9 @@ def test_prefill_methods_compress_once_then_grow(method, family):
     budgets = policy.layer_budgets(L)
     cache = CompressedCache(policy, L)
     with torch.no_grad():
-        model(TOKENS[:, :120], past_key_values=cache, use_cache=True)
+        model(TOKENS[:, :120], **with_cache(cache), use_cache=True)
         for step in range(5):
-            model(TOKENS[:, 120 + step:121 + step], past_key_values=cache, use_cache=True)
+            model(TOKENS[:, 120 + step:121 + step], **with_cache(cache), use_cache=True)
     for layer, pos in enumerate(cache.kept_positions()):
         rows = pos.tolist() if pos.dim() == 2 else [pos.tolist()]
         for row in rows:
@@ -190,7 +191,7 @@ def test_prefill_methods_next_step_matches_from_scratch(method, key_positions):
     policy = build_policy(method, key_positions=key_positions, **PREFILL_SETTINGS)
     cache = CompressedCache(policy, model.config.num_hidden_layers)
     with torch.no_grad():
-        model(TOKENS[:, :120], past_key_values=cache, use_cache=True)
+        model(TOKENS[:, :120], **with_cache(cache), use_cache=True)
         kv = [cache._layer(i) for i in range(cache.num_layers)]
         if key_positions is None:  # the reference default: kept keys at their original positions
             assert policy.position_mode == "original"
@@ -198,7 +199,7 @@ def test_prefill_methods_next_step_matches_from_scratch(method, key_positions):
                                           key_positions=cache.kept_positions())
         else:  # the ablation: kept keys at their slots, the query after them
             expected = manual_next_logits(model, int(TOKENS[0, 120]), kv)
-        ours = model(TOKENS[:, 120:121], past_key_values=cache, use_cache=True).logits[0, -1]
+        ours = model(TOKENS[:, 120:121], **with_cache(cache), use_cache=True).logits[0, -1]
     torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)
 
 
@@ -208,7 +209,7 @@ def test_prefill_methods_generate(method):
     L = model.config.num_hidden_layers
     policy = build_policy(method, **PREFILL_SETTINGS)
     cache = CompressedCache(policy, L)
-    out = model.generate(TOKENS[:, :100], past_key_values=cache, max_new_tokens=20, min_new_tokens=20,
+    out = model.generate(TOKENS[:, :100], **with_cache(cache), max_new_tokens=20, min_new_tokens=20,
                          do_sample=False)
     assert out.shape[1] == 120
     assert [cache.get_seq_length(i) for i in range(L)] == [b + 19 for b in policy.layer_budgets(L)]

@@ -5,6 +5,7 @@ import transformers
 from packaging.version import Version
 
 from lacache_core import H2O, LSHE, TOVA, LaCache, StreamingLLM, enable_position_shift, make_cache
+from lacache_core.versions import with_cache
 from tiny import ATTN, FAMILIES, manual_next_logits, tiny_model
 
 MODERN = Version(transformers.__version__) >= Version("4.36")
@@ -18,7 +19,7 @@ def step_logits(model, cache, tokens, positions=None):
     with torch.no_grad():
         for t in range(tokens.shape[1]):
             kw = {} if positions is None else {"position_ids": torch.tensor([[positions[t]]])}
-            res = model(tokens[:, t:t + 1], past_key_values=cache, use_cache=True, **kw)
+            res = model(tokens[:, t:t + 1], **with_cache(cache), use_cache=True, **kw)
             cache = res.past_key_values
             out.append(res.logits[0, -1])
     return torch.stack(out), cache
@@ -110,11 +111,11 @@ def test_generate_with_cache(family, method):
     ref = model.generate(prompt, max_new_tokens=30, do_sample=False, min_new_tokens=30)
     enable_position_shift(model)
     big = make_cache(method, model, cache_size=1000, recent_size=996, span=2)
-    same = model.generate(prompt, past_key_values=big, max_new_tokens=30, do_sample=False, min_new_tokens=30)
+    same = model.generate(prompt, **with_cache(big), max_new_tokens=30, do_sample=False, min_new_tokens=30)
     assert torch.equal(same, ref), "without eviction generate must be unchanged"
 
     small = make_cache(method, model, cache_size=40, recent_size=36, span=2)
-    out = model.generate(prompt, past_key_values=small, max_new_tokens=200, do_sample=False, min_new_tokens=200)
+    out = model.generate(prompt, **with_cache(small), max_new_tokens=200, do_sample=False, min_new_tokens=200)
     assert out.shape[1] == 220
     assert small.get_seq_length() <= small.policy.max_cache_len(model.config.num_hidden_layers)
     assert small.kept_positions()[:, -1].tolist() == [218] * model.config.num_hidden_layers

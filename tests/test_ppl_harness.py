@@ -7,6 +7,7 @@ import torch
 import transformers
 
 from lacache_core import LaCache
+from lacache_core.versions import with_cache
 from lacache_core.data import load_texts
 from lacache_core.errors import ConfigError
 from lacache_core.streaming import next_query_position
@@ -86,7 +87,7 @@ def test_full_method_matches_plain_hf_loop(tiny_dir, text_file, tmp_path):
     past, ref = None, []
     with torch.no_grad():
         for i in range(121):
-            res = model(ids[:, i:i + 1], past_key_values=past, use_cache=True)
+            res = model(ids[:, i:i + 1], **with_cache(past), use_cache=True)
             past = res.past_key_values
             ref.append(torch.nn.functional.cross_entropy(res.logits[0, -1], ids[0, i + 1]).item())
     assert ours == pytest.approx(ref, abs=1e-5)

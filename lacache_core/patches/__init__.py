@@ -15,6 +15,8 @@ import types
 
 import torch
 
+from ..errors import ConfigError
+
 from ..rope import Rotation, rotary_fn_from_module
 from ..versions import MODERN_ATTENTION, TRANSFORMERS
 
@@ -26,7 +28,7 @@ def _decoder_layers(model: torch.nn.Module):
     base = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = getattr(base, "layers", None)
     if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
-        raise ValueError(f"model type {getattr(model.config, 'model_type', None)!r}: no decoder layers with "
+        raise ConfigError(f"model type {getattr(model.config, 'model_type', None)!r}: no decoder layers with "
                          "self_attn found; position shift needs a RoPE decoder")
     return base, layers
 
@@ -34,7 +36,7 @@ def _decoder_layers(model: torch.nn.Module):
 def enable_position_shift(model: torch.nn.Module) -> torch.nn.Module:
     """Make ``model`` run :class:`lacache_core.CompressedCache` objects (keys stored un-rotated).
 
-    Idempotent; returns ``model``. Raises ``ValueError`` for a model without RoPE.
+    Idempotent; returns ``model``. Raises :class:`ConfigError` (a ``ValueError``, one line) for a model without RoPE.
     """
     base, layers = _decoder_layers(model)
     if MODERN_ATTENTION:
@@ -44,7 +46,7 @@ def enable_position_shift(model: torch.nn.Module) -> torch.nn.Module:
     else:
         model_type = getattr(model.config, "model_type", None)
         if model_type not in LEGACY_MODEL_TYPES:
-            raise ValueError(f"position shift on transformers {TRANSFORMERS} supports model types "
+            raise ConfigError(f"position shift on transformers {TRANSFORMERS} supports model types "
                              f"{LEGACY_MODEL_TYPES}, got {model_type!r}; use transformers >= 4.48 for others")
         from .legacy import position_shift_forward
 

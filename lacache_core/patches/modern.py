@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 
+from ..errors import ConfigError
+
 from ..cache import CompressedCache
 from ..rope import Rotation, rotary_fn_from_module, standard_apply
 
@@ -115,7 +117,7 @@ def _pre_hook(module, args, kwargs):
         return None
     embeddings = kwargs.get("position_embeddings")
     if embeddings is None:
-        raise ValueError(f"{type(module).__name__} takes no position_embeddings from its model: it cannot be "
+        raise ConfigError(f"{type(module).__name__} takes no position_embeddings from its model: it cannot be "
                          "position-shifted through transformers' extension points")
     cos, sin = embeddings
     kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
@@ -131,13 +133,13 @@ def install(model, base, layers) -> None:
     """Install the hooks and the registered kernel on ``model`` (idempotent)."""
     rotary = getattr(base, "rotary_emb", None)
     if not isinstance(rotary, torch.nn.Module):
-        raise ValueError(f"model type {model.config.model_type!r} has no rotary embedding (model.rotary_emb): "
+        raise ConfigError(f"model type {model.config.model_type!r} has no rotary embedding (model.rotary_emb): "
                          "position shift needs a RoPE decoder")
     first = layers[0].self_attn
     if "ALL_ATTENTION_FUNCTIONS" not in vars(sys.modules[type(first).__module__]):
         import transformers
 
-        raise ValueError(f"model type {model.config.model_type!r} does not dispatch attention through "
+        raise ConfigError(f"model type {model.config.model_type!r} does not dispatch attention through "
                          f"AttentionInterface in transformers {transformers.__version__}; use a newer release")
     apply_fn = getattr(sys.modules[type(first).__module__], "apply_rotary_pos_emb", standard_apply)
     rotation = Rotation(rotary_fn_from_module(rotary), apply_fn)
