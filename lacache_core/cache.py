@@ -102,7 +102,7 @@ class CompressedCache(DynamicCache):
         self._unread[layer_idx] = False
         n, q_len = key.shape[-2], query.shape[-2]
         policy = self.policy
-        held = policy.record(layer_idx, n)
+        policy.record(layer_idx, n)
         if policy.position_mode == "slot":
             keys = rotation.from_slot(key, 0)
             if self.query_at_slot or position_ids is None:
@@ -110,6 +110,7 @@ class CompressedCache(DynamicCache):
             else:
                 query = rotation.at(query, position_ids)
         else:
+            held = policy.layer_positions(layer_idx)
             keys = rotation.at(key, held, per_head=held.dim() == 2)
             query = rotation.from_slot(query, policy.seen - q_len)
         if policy.observes:

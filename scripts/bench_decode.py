@@ -274,10 +274,34 @@ def shift_ratio(model, settings, args, vocab) -> int:
           f"context {context}: step {la:.2f} ms, of which {attend:.2f} ms in CompressedCache.attend "
           "(rotation + compaction)")
     print(f"step ratio lacache@{context} / full@{args.cache_size} = {la / f:.3f}")
+    rotate = rotation_ms(model, args.cache_size, args.device)
+    print(f"of the attend time: rotating {args.cache_size} cached keys and one query in every layer "
+          f"costs {rotate:.2f} ms per step")
     out = Path(args.output)
-    write_json(out, run_record(vars(args), full=full, lacache=lacache, ratio=la / f))
+    write_json(out, run_record(vars(args), full=full, lacache=lacache, ratio=la / f, rotation_ms=rotate))
     print(f"results: {out}")
     return 0
+
+
+def rotation_ms(model, n, device, reps=50) -> float:
+    """Time of the per-step rotation alone: ``n`` keys and one query per layer, with the model's own RoPE."""
+    attn = model.get_decoder().layers[0].self_attn
+    rotation, cfg = attn._lacache_rotation, model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype = next(model.parameters()).dtype
+    key = torch.randn(1, cfg.num_key_value_heads, n, head_dim, device=device, dtype=dtype)
+    query = torch.randn(1, cfg.num_attention_heads, 1, head_dim, device=device, dtype=dtype)
+    times = []
+    with torch.inference_mode():
+        for _ in range(reps):
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(cfg.num_hidden_layers):
+                rotation.from_slot(key, 0)
+                rotation.from_slot(query, n - 1)
+            sync(device)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
 
 
 def report(row):

@@ -53,6 +53,8 @@ class CachePolicy:
     key_positions: Optional[str] = field(default=None, kw_only=True)
 
     _layer_positions: List[Optional[torch.Tensor]] = field(default_factory=list, init=False, repr=False)
+    _held: List[int] = field(default_factory=list, init=False, repr=False)
+    _pending: List[int] = field(default_factory=list, init=False, repr=False)
     _num_layers: Optional[int] = field(default=None, init=False, repr=False)
     _seen: int = field(default=0, init=False, repr=False)
     _plan: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
@@ -115,7 +117,8 @@ class CachePolicy:
 
     def reset(self) -> None:
         """Forget all state (start a new sequence)."""
-        self._layer_positions, self._num_layers, self._seen, self._plan = [], None, 0, None
+        self._layer_positions, self._held, self._pending = [], [], []
+        self._num_layers, self._seen, self._plan = None, 0, None
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -128,6 +131,7 @@ class CachePolicy:
             self.validate(num_layers)
             self._num_layers = num_layers
             self._layer_positions = [None] * num_layers
+            self._held, self._pending = [0] * num_layers, [0] * num_layers
         elif self._num_layers != num_layers:
             raise ConfigError(
                 f"cache policy was used with {self._num_layers} layers, now {num_layers}; call reset() between models"
@@ -138,13 +142,14 @@ class CachePolicy:
         """Tokens seen so far (the original position of the next token)."""
         return self._seen
 
-    def record(self, layer: int, n: int) -> torch.Tensor:
-        """Note that ``layer`` now holds ``n`` slots (the newest ones just appended); returns its positions.
+    def record(self, layer: int, n: int) -> None:
+        """Note that ``layer`` now holds ``n`` slots, the newest ones just appended.
 
-        Layer 0 is recorded first in every forward pass and counts the new tokens.
+        Layer 0 is recorded first in every forward pass and counts the new tokens. The new
+        positions are only counted here and written out when needed (:meth:`layer_positions`),
+        since a position-only method needs them just at its compactions.
         """
-        held_positions = self._layer_positions[layer]
-        held = 0 if held_positions is None else held_positions.shape[-1]
+        held = self._held[layer]
         new = n - held
         if new < 0:
             raise RuntimeError(
@@ -152,22 +157,28 @@ class CachePolicy:
             )
         if layer == 0:
             self._seen += new
-        fresh = torch.arange(self._seen - new, self._seen)
-        if held_positions is None:
-            self._layer_positions[layer] = fresh
-        else:
-            fresh = fresh.expand(*held_positions.shape[:-1], new)
-            self._layer_positions[layer] = torch.cat([held_positions, fresh], -1)
-        return self._layer_positions[layer]
+        self._held[layer] = n
+        self._pending[layer] += new
+
+    def layer_positions(self, layer: int) -> torch.Tensor:
+        """Original positions held by ``layer``: ``LongTensor [n]``, or ``[kv_heads, n]`` after a per-head choice."""
+        new = self._pending[layer]
+        pos = self._layer_positions[layer]
+        if new or pos is None:
+            fresh = torch.arange(self._seen - new, self._seen)
+            pos = fresh if pos is None else torch.cat([pos, fresh.expand(*pos.shape[:-1], new)], -1)
+            self._layer_positions[layer], self._pending[layer] = pos, 0
+        return pos
 
     def apply(self, layer: int, keep: Optional[torch.Tensor]) -> None:
         """Carry the original positions of ``layer`` along a :meth:`keep` answer."""
         if keep is None:
             return
-        pos, idx = self._layer_positions[layer], keep.cpu()
+        pos, idx = self.layer_positions(layer), keep.cpu()
         if idx.dim() == 2 and pos.dim() == 1:
             pos = pos.expand(idx.shape[0], pos.shape[0])
         self._layer_positions[layer] = pos.gather(-1, idx) if pos.dim() == idx.dim() else pos[..., idx]
+        self._held[layer] = idx.shape[-1]
 
     def settle(self, layer: int, n: int) -> Optional[torch.Tensor]:
         """After :meth:`record` (and :meth:`observe`): choose what ``layer`` keeps and carry its positions along."""
@@ -179,17 +190,17 @@ class CachePolicy:
     def positions(self):
         """Original positions per layer: ``LongTensor [num_layers, n]`` when every layer holds the same
         slots for all heads, else a list of ``[n_l]`` or ``[kv_heads, n_l]`` tensors (``None`` before use)."""
-        rows = self._layer_positions
-        if not rows or rows[0] is None:
+        if not self._held or self._seen == 0:
             return None
-        if all(r is not None and r.dim() == 1 and r.shape == rows[0].shape for r in rows):
+        rows = [self.layer_positions(layer) for layer in range(self._num_layers)]
+        if all(r.dim() == 1 and r.shape == rows[0].shape for r in rows):
             return torch.stack(rows)
-        return list(rows)
+        return rows
 
     def positions_per_layer(self) -> List[list]:
         """Per layer, the original token positions held (for tests and plots)."""
-        return [] if not self._layer_positions or self._layer_positions[0] is None else \
-            [p.tolist() for p in self._layer_positions]
+        rows = self.positions
+        return [] if rows is None else [r.tolist() for r in rows]
 
     def compact(self, n: int, num_layers: int) -> Optional[List[Optional[torch.Tensor]]]:
         """Every layer now holds ``n`` slots: one :meth:`keep` answer per layer, or ``None`` if none evicts."""
