@@ -45,6 +45,7 @@ class RopeTable:
     def __init__(self, rotary_fn: RotaryFn):
         self.rotary_fn = rotary_fn
         self._tables: Dict[Tuple[torch.device, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._signed: Dict[Tuple[torch.device, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, n: int, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)``, each ``[n, d]``, in ``like``'s dtype and device."""
@@ -59,6 +60,16 @@ class RopeTable:
             self._tables[key] = table
         return table[0][:n], table[1][:n]
 
+    def signed_sin(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """:func:`signed` of the ``sin`` table, ``[n, r]``, kept with it (the fast rotate-half path)."""
+        sin = self.get(n, like)[1]
+        key = (like.device, like.dtype)
+        cached = self._signed.get(key)
+        if cached is None or cached[0] is not self._tables[key][1]:
+            cached = (self._tables[key][1], signed(self._tables[key][1]))
+            self._signed[key] = cached
+        return cached[1][:sin.shape[0]]
+
 
 
 def standard_apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -67,16 +78,20 @@ def standard_apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-def rotate_half_fast(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on half-width tensors: ``x [b, h, n, r]``, ``cos``/``sin`` ``[b, n, r]`` with equal halves.
+def rotate_half_fast(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE in three operations: ``x [b, h, n, r]``, ``cos``/``signed_sin`` ``[b, n, r]``.
 
-    Equal to ``x * cos + rotate_half(x) * sin`` element for element (the same products and sums),
-    in fewer and smaller operations.
+    ``signed_sin`` is ``sin`` with its first half negated (:func:`signed`). For tables with equal
+    halves this equals ``x * cos + rotate_half(x) * sin`` element for element: the same products
+    (a product with ``-s`` is the negated product) and the same sums.
     """
-    h = x.shape[-1] // 2
-    c, s = cos[..., :h].unsqueeze(1), sin[..., :h].unsqueeze(1)
-    x1, x2 = x[..., :h], x[..., h:]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+    return x * cos.unsqueeze(1) + torch.roll(x, x.shape[-1] // 2, -1) * signed_sin.unsqueeze(1)
+
+
+def signed(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with the first half of its last dimension negated."""
+    h = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :h], sin[..., h:]], -1)
 
 
 class Rotation:
@@ -101,17 +116,18 @@ class Rotation:
         h = cos.shape[-1] // 2
         if cos.shape[-1] % 2 or not (torch.equal(cos[..., :h], cos[..., h:]) and torch.equal(sin[..., :h], sin[..., h:])):
             return False
-        probe = torch.randn(1, 2, cos.shape[-2], cos.shape[-1], device=x.device, dtype=x.dtype,
-                            generator=torch.Generator(device=x.device).manual_seed(0))
-        return torch.equal(self.apply_fn(probe, probe, cos, sin)[0], rotate_half_fast(probe, cos, sin))
+        probe = torch.randn(1, 2, cos.shape[-2], cos.shape[-1], generator=torch.Generator().manual_seed(0))
+        probe = probe.to(x.device, x.dtype)
+        return torch.equal(self.apply_fn(probe, probe, cos, sin)[0], rotate_half_fast(probe, cos, signed(sin)))
 
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               signed_sin: Optional[torch.Tensor] = None) -> torch.Tensor:
         r = cos.shape[-1]
         part, rest = (x, None) if r == x.shape[-1] else (x[..., :r], x[..., r:])
         if self._fast is None:
             self._fast = self._is_rotate_half(part, cos, sin)
         if self._fast:
-            out = rotate_half_fast(part, cos, sin)
+            out = rotate_half_fast(part, cos, signed(sin) if signed_sin is None else signed_sin)
         else:  # the model's function rotates a (q, k) pair; a one-head slice stands in for the second
             out = self.apply_fn(part, part[:, :1], cos, sin)[0]
         return out if rest is None else torch.cat([out, rest], -1)
@@ -120,7 +136,8 @@ class Rotation:
         """``x [b, h, n, d]`` rotated to positions ``start .. start + n - 1``."""
         n = x.shape[-2]
         cos, sin = self.table.get(start + n, x)
-        return self._apply(x, cos[None, start:], sin[None, start:])
+        signed_sin = self.table.signed_sin(start + n, x)
+        return self._apply(x, cos[None, start:], sin[None, start:], signed_sin[None, start:])
 
     def at(self, x: torch.Tensor, positions: torch.Tensor, per_head: bool = False) -> torch.Tensor:
         """``x [b, h, n, d]`` rotated to ``positions``: ``[n]`` or ``[b, n]``, or with ``per_head`` ``[h, n]``."""

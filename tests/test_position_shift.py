@@ -119,3 +119,17 @@ def test_generate_with_cache(family, method):
     assert out.shape[1] == 220
     assert small.get_seq_length() <= small.policy.max_cache_len(model.config.num_hidden_layers)
     assert small.kept_positions()[:, -1].tolist() == [218] * model.config.num_hidden_layers
+
+
+def test_fast_rotation_is_bitwise_the_models_own_rope():
+    """The rotate-half shortcut is taken only where it gives the model's own function's numbers exactly."""
+    from lacache_core.rope import Rotation
+
+    model = enable_position_shift(tiny_model("llama", "sdpa"))
+    fast = model.get_decoder().layers[0].self_attn._lacache_rotation
+    slow = Rotation(fast.table.rotary_fn, fast.apply_fn)
+    slow._fast = False  # always the model's apply_rotary_pos_emb
+    x = torch.randn(2, 2, 50, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fast.from_slot(x, 7), slow.from_slot(x, 7)) and fast._fast
+    pos = torch.randint(0, 300, (2, 50), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(fast.at(x, pos, per_head=True), slow.at(x, pos, per_head=True))
