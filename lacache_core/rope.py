@@ -109,6 +109,17 @@ class Rotation:
         self.table = RopeTable(rotary_fn)
         self.apply_fn = apply_fn
         self._fast: Optional[bool] = None
+        self._identity = None
+
+    def identity(self, embeddings: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(1, 0)`` tensors shaped like the model's ``(cos, sin)``: a rotation that leaves q and k as they are.
+
+        Every layer of a forward pass gets the same ``embeddings`` object, so one pair serves them all.
+        """
+        if self._identity is None or self._identity[0] is not embeddings:
+            cos, sin = embeddings
+            self._identity = (embeddings, (torch.ones_like(cos), torch.zeros_like(sin)))
+        return self._identity[1]
 
     def _is_rotate_half(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
         """Whether the model's function is the rotate-half layout with duplicated frequencies, checked

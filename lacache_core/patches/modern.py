@@ -119,8 +119,7 @@ def _pre_hook(module, args, kwargs):
     if embeddings is None:
         raise ConfigError(f"{type(module).__name__} takes no position_embeddings from its model: it cannot be "
                          "position-shifted through transformers' extension points")
-    cos, sin = embeddings
-    kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
+    kwargs["position_embeddings"] = module._lacache_rotation.identity(embeddings)
     return args, kwargs
 
 
