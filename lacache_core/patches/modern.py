@@ -44,6 +44,19 @@ def _inner_kernel(module, name: str) -> Callable:
     return _registry()[name]
 
 
+def _flash_mask(mask):
+    """Before 4.53 a registered name gets eager-style 4D masks; flash kernels take a 2D padding mask or None.
+
+    Without padding the last query row allows every key, and the kernel's own causal flag suffices.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return mask
+    last = mask[..., -1, :]
+    if bool((last if last.dtype == torch.bool else last == 0).all()):
+        return None
+    raise NotImplementedError("padded batches with a compressed cache on a flash kernel are not supported yet")
+
+
 def _fit_mask(mask, key_len: int, q_len: int):
     """The model builds one mask, sized for layer 0; layers of a prefill-time method hold other lengths.
 
@@ -76,6 +89,8 @@ def _wrapper(inner_name: str) -> Callable:
             query, key, value = cache.attend(module.layer_idx, query, module._lacache_rotation, scaling,
                                              kwargs.get("position_ids"))
             attention_mask = _fit_mask(attention_mask, key.shape[-2], query.shape[-2])
+            if inner_name.startswith("flash"):
+                attention_mask = _flash_mask(attention_mask)
         return _inner_kernel(module, inner_name)(module, query, key, value, attention_mask, **kwargs)
 
     lacache_attention.__name__ = f"{PREFIX}{inner_name}"
