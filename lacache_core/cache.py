@@ -102,7 +102,7 @@ class CompressedCache(DynamicCache):
         self._unread[layer_idx] = False
         n, q_len = key.shape[-2], query.shape[-2]
         policy = self.policy
-        policy.record(layer_idx, n)
+        policy.record(layer_idx, n, key.device)
         if policy.position_mode == "slot":
             keys = rotation.from_slot(key, 0)
             if self.query_at_slot or position_ids is None:
@@ -111,7 +111,7 @@ class CompressedCache(DynamicCache):
                 query = rotation.at(query, position_ids)
         else:
             held = policy.layer_positions(layer_idx)
-            keys = rotation.at(key, held, per_head=held.dim() == 2)
+            keys = rotation.at(key, held, per_head=held.dim() == 2, limit=policy.seen)
             query = rotation.from_slot(query, policy.seen - q_len)
         if policy.observes:
             policy.observe(layer_idx, query, keys, scaling)
@@ -162,6 +162,8 @@ def make_cache(method: str, model_or_config, query_at_slot: bool = True, **setti
     config = getattr(model_or_config, "config", model_or_config)
     policy = build_policy(method, **settings)
     return CompressedCache(policy, config.num_hidden_layers, query_at_slot=query_at_slot)
+
+
 def prefill(model, input_ids: torch.Tensor, cache, chunk_size: Optional[int] = None) -> torch.Tensor:
     """Feed a prompt into ``cache``, whole or ``chunk_size`` tokens at a time; returns the last logits ``[b, vocab]``.
 

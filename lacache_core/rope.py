@@ -44,11 +44,13 @@ class RopeTable:
 
     def __init__(self, rotary_fn: RotaryFn):
         self.rotary_fn = rotary_fn
-        self._tables: Dict[Tuple[torch.device, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
-        self._signed: Dict[Tuple[torch.device, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: Dict[Tuple[torch.device, torch.dtype], Tuple[torch.Tensor, ...]] = {}
 
-    def get(self, n: int, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)``, each ``[n, d]``, in ``like``'s dtype and device."""
+    def get(self, n: int, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(cos, sin, signed sin)``, each ``[m, d]`` for ``m >= n`` positions, in ``like``'s dtype and device.
+
+        The signed copy (:func:`signed`) serves the fast rotate-half path; it is made once per table.
+        """
         key = (like.device, like.dtype)
         table = self._tables.get(key)
         if table is None or table[0].shape[0] < n:
@@ -56,20 +58,10 @@ class RopeTable:
             probe = torch.zeros(1, device=like.device, dtype=torch.float32)
             pos = torch.arange(size, device=like.device)[None]
             cos, sin = self.rotary_fn(probe, pos)
-            table = (cos[0].to(like.dtype), sin[0].to(like.dtype))
+            cos, sin = cos[0].to(like.dtype), sin[0].to(like.dtype)
+            table = (cos, sin, signed(sin))
             self._tables[key] = table
-        return table[0][:n], table[1][:n]
-
-    def signed_sin(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        """:func:`signed` of the ``sin`` table, ``[n, r]``, kept with it (the fast rotate-half path)."""
-        sin = self.get(n, like)[1]
-        key = (like.device, like.dtype)
-        cached = self._signed.get(key)
-        if cached is None or cached[0] is not self._tables[key][1]:
-            cached = (self._tables[key][1], signed(self._tables[key][1]))
-            self._signed[key] = cached
-        return cached[1][:sin.shape[0]]
-
+        return table
 
 
 def standard_apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -131,33 +123,36 @@ class Rotation:
         probe = probe.to(x.device, x.dtype)
         return torch.equal(self.apply_fn(probe, probe, cos, sin)[0], rotate_half_fast(probe, cos, signed(sin)))
 
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               signed_sin: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         r = cos.shape[-1]
         part, rest = (x, None) if r == x.shape[-1] else (x[..., :r], x[..., r:])
         if self._fast is None:
             self._fast = self._is_rotate_half(part, cos, sin)
         if self._fast:
-            out = rotate_half_fast(part, cos, signed(sin) if signed_sin is None else signed_sin)
+            out = rotate_half_fast(part, cos, signed_sin)
         else:  # the model's function rotates a (q, k) pair; a one-head slice stands in for the second
             out = self.apply_fn(part, part[:, :1], cos, sin)[0]
         return out if rest is None else torch.cat([out, rest], -1)
 
     def from_slot(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """``x [b, h, n, d]`` rotated to positions ``start .. start + n - 1``."""
-        n = x.shape[-2]
-        cos, sin = self.table.get(start + n, x)
-        signed_sin = self.table.signed_sin(start + n, x)
-        return self._apply(x, cos[None, start:], sin[None, start:], signed_sin[None, start:])
+        cos, sin, signed_sin = self.table.get(start + x.shape[-2], x)
+        end = start + x.shape[-2]
+        return self._apply(x, cos[None, start:end], sin[None, start:end], signed_sin[None, start:end])
 
-    def at(self, x: torch.Tensor, positions: torch.Tensor, per_head: bool = False) -> torch.Tensor:
-        """``x [b, h, n, d]`` rotated to ``positions``: ``[n]`` or ``[b, n]``, or with ``per_head`` ``[h, n]``."""
-        cos, sin = self.table.get(int(positions.max()) + 1, x)
+    def at(self, x: torch.Tensor, positions: torch.Tensor, per_head: bool = False,
+           limit: Optional[int] = None) -> torch.Tensor:
+        """``x [b, h, n, d]`` rotated to ``positions``: ``[n]`` or ``[b, n]``, or with ``per_head`` ``[h, n]``.
+
+        ``limit``: an upper bound on the positions, if the caller knows one (saves reading their maximum
+        back from the device).
+        """
+        cos, sin, signed_sin = self.table.get(int(positions.max()) + 1 if limit is None else limit, x)
         pos = positions.to(cos.device)
         if per_head:
             b, h, n, d = x.shape  # fold the heads into the batch: the model's function broadcasts over heads
-            out = self._apply(x.reshape(b * h, 1, n, d), cos[pos].repeat(b, 1, 1), sin[pos].repeat(b, 1, 1))
-            return out.reshape(b, h, n, -1)
+            tables = [t[pos].repeat(b, 1, 1) for t in (cos, sin, signed_sin)]
+            return self._apply(x.reshape(b * h, 1, n, d), *tables).reshape(b, h, n, -1)
         if pos.dim() == 1:
             pos = pos[None]
-        return self._apply(x, cos[pos], sin[pos])
+        return self._apply(x, cos[pos], sin[pos], signed_sin[pos])

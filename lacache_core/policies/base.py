@@ -58,6 +58,9 @@ class CachePolicy:
     _num_layers: Optional[int] = field(default=None, init=False, repr=False)
     _seen: int = field(default=0, init=False, repr=False)
     _plan: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
+    #: Where the cache's tensors live: positions and position-only plans are kept there, so that a
+    #: compaction needs no host round trip per layer.
+    _device: torch.device = field(default=torch.device("cpu"), init=False, repr=False)
 
     # ----------------------------------------------------------------- hooks for subclasses
     def validate(self, num_layers: int) -> None:
@@ -82,7 +85,8 @@ class CachePolicy:
         along the last dimension, on any device; ``None`` when the layer keeps everything.
         """
         if layer == 0:
-            self._plan = self.select(n, self._num_layers)
+            plan = self.select(n, self._num_layers)
+            self._plan = None if plan is None else plan.to(self._device)  # one copy per compaction
         return None if self._plan is None else self._plan[layer]
 
     def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
@@ -142,13 +146,15 @@ class CachePolicy:
         """Tokens seen so far (the original position of the next token)."""
         return self._seen
 
-    def record(self, layer: int, n: int) -> None:
-        """Note that ``layer`` now holds ``n`` slots, the newest ones just appended.
+    def record(self, layer: int, n: int, device: Optional[torch.device] = None) -> None:
+        """Note that ``layer`` now holds ``n`` slots, the newest ones just appended, on ``device``.
 
         Layer 0 is recorded first in every forward pass and counts the new tokens. The new
         positions are only counted here and written out when needed (:meth:`layer_positions`),
         since a position-only method needs them just at its compactions.
         """
+        if device is not None:
+            self._device = device
         held = self._held[layer]
         new = n - held
         if new < 0:
@@ -164,8 +170,10 @@ class CachePolicy:
         """Original positions held by ``layer``: ``LongTensor [n]``, or ``[kv_heads, n]`` after a per-head choice."""
         new = self._pending[layer]
         pos = self._layer_positions[layer]
+        if pos is not None and pos.device != self._device:  # e.g. a policy restored from a checkpoint
+            pos = self._layer_positions[layer] = pos.to(self._device)
         if new or pos is None:
-            fresh = torch.arange(self._seen - new, self._seen)
+            fresh = torch.arange(self._seen - new, self._seen, device=self._device)
             pos = fresh if pos is None else torch.cat([pos, fresh.expand(*pos.shape[:-1], new)], -1)
             self._layer_positions[layer], self._pending[layer] = pos, 0
         return pos
@@ -174,7 +182,7 @@ class CachePolicy:
         """Carry the original positions of ``layer`` along a :meth:`keep` answer."""
         if keep is None:
             return
-        pos, idx = self.layer_positions(layer), keep.cpu()
+        pos, idx = self.layer_positions(layer), keep.to(self._device)
         if idx.dim() == 2 and pos.dim() == 1:
             pos = pos.expand(idx.shape[0], pos.shape[0])
         self._layer_positions[layer] = pos.gather(-1, idx) if pos.dim() == idx.dim() else pos[..., idx]
@@ -202,12 +210,13 @@ class CachePolicy:
         rows = self.positions
         return [] if rows is None else [r.tolist() for r in rows]
 
-    def compact(self, n: int, num_layers: int) -> Optional[List[Optional[torch.Tensor]]]:
-        """Every layer now holds ``n`` slots: one :meth:`keep` answer per layer, or ``None`` if none evicts."""
+    def compact(self, n: int, num_layers: int,
+                device: Optional[torch.device] = None) -> Optional[List[Optional[torch.Tensor]]]:
+        """Every layer now holds ``n`` slots (on ``device``): one :meth:`keep` answer per layer, or ``None``."""
         self.bind(num_layers)
         keep = []
         for layer in range(num_layers):
-            self.record(layer, n)
+            self.record(layer, n, device)
             keep.append(self.settle(layer, n))
         return None if all(k is None for k in keep) else keep
 
@@ -226,7 +235,7 @@ class CachePolicy:
         if past_key_values is None:
             return past_key_values
         pkv = [tuple(layer) for layer in past_key_values]
-        keep = self.compact(pkv[0][0].shape[-2], len(pkv))
+        keep = self.compact(pkv[0][0].shape[-2], len(pkv), pkv[0][0].device)
         if keep is None:
             return pkv
         return [(k, v) if row is None else gather_layer(k, v, row) for (k, v), row in zip(pkv, keep)]
