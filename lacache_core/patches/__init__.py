@@ -16,7 +16,6 @@ import types
 import torch
 
 from ..errors import ConfigError
-
 from ..rope import Rotation, rotary_fn_from_module
 from ..versions import MODERN_ATTENTION, TRANSFORMERS
 
@@ -29,7 +28,7 @@ def _decoder_layers(model: torch.nn.Module):
     layers = getattr(base, "layers", None)
     if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
         raise ConfigError(f"model type {getattr(model.config, 'model_type', None)!r}: no decoder layers with "
-                         "self_attn found; position shift needs a RoPE decoder")
+                          "self_attn found; position shift needs a RoPE decoder")
     return base, layers
 
 
@@ -47,7 +46,7 @@ def enable_position_shift(model: torch.nn.Module) -> torch.nn.Module:
         model_type = getattr(model.config, "model_type", None)
         if model_type not in LEGACY_MODEL_TYPES:
             raise ConfigError(f"position shift on transformers {TRANSFORMERS} supports model types "
-                             f"{LEGACY_MODEL_TYPES}, got {model_type!r}; use transformers >= 4.48 for others")
+                              f"{LEGACY_MODEL_TYPES}, got {model_type!r}; use transformers >= 4.48 for others")
         from .legacy import position_shift_forward
 
         rotation = Rotation(rotary_fn_from_module(layers[0].self_attn.rotary_emb))

@@ -19,14 +19,14 @@ A model whose decoder has no rotary module (GPT-2, ...) is refused with a one-li
 """
 from __future__ import annotations
 
+import itertools
 import sys
 from typing import Callable
 
 import torch
 
-from ..errors import ConfigError
-
 from ..cache import CompressedCache
+from ..errors import ConfigError
 from ..rope import Rotation, rotary_fn_from_module, standard_apply
 
 PREFIX = "lacache_"
@@ -44,41 +44,39 @@ def _inner_kernel(module, name: str) -> Callable:
     return _registry()[name]
 
 
-def _flash_mask(mask):
-    """Before 4.53 a registered name gets eager-style 4D masks; flash kernels take a 2D padding mask or None.
+def _fit_mask(mask, key_len: int):
+    """The model builds one 4D mask, sized for layer 0; layers of a prefill-time method hold other lengths.
 
-    Without padding the last query row allows every key, and the kernel's own causal flag suffices.
-    """
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
-        return mask
-    last = mask[..., -1, :]
-    if bool((last if last.dtype == torch.bool else last == 0).all()):
-        return None
-    raise NotImplementedError("padded batches with a compressed cache on a flash kernel are not supported yet")
-
-
-def _fit_mask(mask, key_len: int, q_len: int):
-    """The model builds one mask, sized for layer 0; layers of a prefill-time method hold other lengths.
-
-    A 4D mask shorter than this layer's keys is widened on the left (older slots, visible to every
+    A mask shorter than this layer's keys is widened on the left (older slots, visible to every
     query of this step), a longer one cut to its first ``key_len`` columns, as transformers' own
-    kernels do; a 2D padding mask (flash kernels) without padding is dropped.
+    kernels do.
     """
-    if not isinstance(mask, torch.Tensor):
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-1] == key_len:
+        return mask
+    if mask.shape[-1] > key_len:  # what transformers' own kernels slice (not all do)
+        return mask[..., :key_len]
+    fill = True if mask.dtype == torch.bool else 0.0
+    pad = mask.new_full((*mask.shape[:-1], key_len - mask.shape[-1]), fill)
+    return torch.cat([pad, mask], -1)
+
+
+def _flash_mask(mask, key_len: int):
+    """Flash kernels take a 2D padding mask or None; without padding, None (their own causal flag suffices).
+
+    They get a 2D mask sized for layer 0, or before 4.53 the eager-style 4D mask transformers builds
+    for a registered name. Without padding, the 2D mask is all ones and the 4D mask's last query row
+    allows every key.
+    """
+    if not isinstance(mask, torch.Tensor) or (mask.dim() == 2 and mask.shape[-1] == key_len):
         return mask
     if mask.dim() == 2:
-        if mask.shape[-1] == key_len:
-            return mask
-        if bool(mask.all()):
-            return None
-        raise NotImplementedError("padded batches with a compressed cache on a flash kernel are not supported yet")
-    if mask.dim() == 4 and mask.shape[-1] < key_len:
-        fill = True if mask.dtype == torch.bool else 0.0
-        pad = mask.new_full((*mask.shape[:-1], key_len - mask.shape[-1]), fill)
-        return torch.cat([pad, mask], -1)
-    if mask.dim() == 4 and mask.shape[-1] > key_len:  # what transformers' own kernels slice (not all do)
-        return mask[..., :key_len]
-    return mask
+        unpadded = bool(mask.all())
+    else:
+        last = mask[..., -1, :]
+        unpadded = bool((last if last.dtype == torch.bool else last == 0).all())
+    if unpadded:
+        return None
+    raise NotImplementedError("padded batches with a compressed cache on a flash kernel are not supported yet")
 
 
 def _wrapper(inner_name: str) -> Callable:
@@ -88,9 +86,8 @@ def _wrapper(inner_name: str) -> Callable:
             scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
             query, key, value = cache.attend(module.layer_idx, query, module._lacache_rotation, scaling,
                                              kwargs.get("position_ids"))
-            attention_mask = _fit_mask(attention_mask, key.shape[-2], query.shape[-2])
-            if inner_name.startswith("flash"):
-                attention_mask = _flash_mask(attention_mask)
+            fit = _flash_mask if inner_name.startswith("flash") else _fit_mask
+            attention_mask = fit(attention_mask, key.shape[-2])
         return _inner_kernel(module, inner_name)(module, query, key, value, attention_mask, **kwargs)
 
     lacache_attention.__name__ = f"{PREFIX}{inner_name}"
@@ -119,7 +116,7 @@ def register(inner_name: str) -> str:
 
 
 def _find_cache(args, kwargs):
-    for value in list(kwargs.values()) + list(args):
+    for value in itertools.chain(kwargs.values(), args):
         if isinstance(value, CompressedCache):
             return value
     return None
@@ -133,7 +130,7 @@ def _pre_hook(module, args, kwargs):
     embeddings = kwargs.get("position_embeddings")
     if embeddings is None:
         raise ConfigError(f"{type(module).__name__} takes no position_embeddings from its model: it cannot be "
-                         "position-shifted through transformers' extension points")
+                          "position-shifted through transformers' extension points")
     kwargs["position_embeddings"] = module._lacache_rotation.identity(embeddings)
     return args, kwargs
 
@@ -148,13 +145,13 @@ def install(model, base, layers) -> None:
     rotary = getattr(base, "rotary_emb", None)
     if not isinstance(rotary, torch.nn.Module):
         raise ConfigError(f"model type {model.config.model_type!r} has no rotary embedding (model.rotary_emb): "
-                         "position shift needs a RoPE decoder")
+                          "position shift needs a RoPE decoder")
     first = layers[0].self_attn
     if "ALL_ATTENTION_FUNCTIONS" not in vars(sys.modules[type(first).__module__]):
         import transformers
 
         raise ConfigError(f"model type {model.config.model_type!r} does not dispatch attention through "
-                         f"AttentionInterface in transformers {transformers.__version__}; use a newer release")
+                          f"AttentionInterface in transformers {transformers.__version__}; use a newer release")
     apply_fn = getattr(sys.modules[type(first).__module__], "apply_rotary_pos_emb", standard_apply)
     rotation = Rotation(rotary_fn_from_module(rotary), apply_fn)
     current = model.config._attn_implementation or "eager"
