@@ -2,8 +2,8 @@
 
 For each context length n, the cache is filled to n tokens (4096-token passes, the policy
 compacting after each), and a window of single-token decode steps is timed there. Reports the median step
-time, the part of it spent compacting (policy + gathers), tokens/s and KV bytes; writes JSON and
-a PNG (step time and KV memory vs context).
+time, the part of it spent in ``CompressedCache.attend`` (the "compaction" column: rotation, scoring,
+policy and gathers), tokens/s and KV bytes; writes JSON and a PNG (step time and KV memory vs context).
 
 ``--official_slow`` adds "lacache-official-slow": the official algorithm done the official way
 (per-layer Python index lists from :mod:`lacache_core.reference`, and the whole cache turned into
