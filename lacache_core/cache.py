@@ -1,11 +1,13 @@
 """Hugging Face cache objects that apply a :class:`CachePolicy` as the model runs.
 
-:class:`CompressedCache` is a ``DynamicCache`` that stores keys *before* RoPE. The model's own
-attention forward runs unchanged and stores its new keys through :meth:`CompressedCache.update`
-(the position-shift hook has made them un-rotated); the attention kernel then makes one call,
-:meth:`CompressedCache.attend`, which rotates the query and every cached key to the positions the
-policy declares, lets scoring policies see them, compacts the layer for the next step, and hands
-the rotated tensors back. It therefore works in a plain forward loop and in
+:class:`CompressedCache` is a ``DynamicCache`` whose keys sit at the positions its policy declares
+(cache slot or original position). The model's own attention forward runs unchanged: the
+position-shift hook gives it the rotation the cache asks for (:meth:`CompressedCache.position_embeddings`),
+it stores its new keys through :meth:`CompressedCache.update`, and the attention kernel then makes
+one call, :meth:`CompressedCache.attend`, which lets scoring policies see the rotated query and
+keys, compacts the layer for the next step, and hands the tensors of this step back. Keys are
+stored rotated (``key_rotation="incremental"``) or un-rotated and rotated at every step
+(``"every_step"``, the official code's way). It therefore works in a plain forward loop and in
 ``model.generate(past_key_values=...)`` (``cache=`` from transformers 5.24), and bounds memory in both.
 """
 from __future__ import annotations
@@ -14,9 +16,12 @@ from typing import Optional
 
 import torch
 
+from .errors import ConfigError
 from .policies import CachePolicy, build_policy
 from .policies.base import gather_layer
 from .versions import HAS_CACHE_CLASSES, with_cache
+
+KEY_ROTATIONS = ("auto", "every_step", "incremental")
 
 if HAS_CACHE_CLASSES:
     from transformers import DynamicCache
@@ -25,7 +30,7 @@ else:  # transformers < 4.36 has tuple caches only; see ppl_legacy/
 
 
 class CompressedCache(DynamicCache):
-    """A ``DynamicCache`` of un-rotated keys, compacted layer by layer by ``policy``.
+    """A ``DynamicCache`` compacted layer by layer by ``policy``, its keys at the policy's positions.
 
     Parameters
     ----------
@@ -38,12 +43,33 @@ class CompressedCache(DynamicCache):
         For slot-position policies: rotate queries at the slot their key occupies (``True``, correct
         and what generate needs) or at the ``position_ids`` the caller passes (reproduces the
         official harness's positions).
+    key_rotation : {"auto", "every_step", "incremental"}
+        How stored keys get their rotation.
+
+        * ``"every_step"``: keys are stored un-rotated and all of them are rotated at every step, as
+          the official code does. Exact in any dtype; costs a rotation of the whole cache per layer and step.
+        * ``"incremental"``: keys are stored rotated. A new key is rotated once; when a compaction
+          moves kept keys of a slot-position policy to lower slots, they are rotated back by the
+          shift (one rotation of the kept keys per compaction). Original-position policies never
+          move a key, so this is exact for them; for slot policies each compaction adds one
+          rounding of the key (about 1e-7 relative in float32).
+        * ``"auto"`` (default): ``"incremental"`` for original-position policies, and for slot
+          policies in float32/float64 with a RoPE whose position 0 is the identity; ``"every_step"``
+          otherwise (in bf16/fp16 the roundings of repeated shifts add up; YaRN's scaled tables do not compose).
     """
 
-    def __init__(self, policy: CachePolicy, num_layers: int, query_at_slot: bool = True):
+    def __init__(self, policy: CachePolicy, num_layers: int, query_at_slot: bool = True,
+                 key_rotation: str = "auto"):
         if not HAS_CACHE_CLASSES:
             raise RuntimeError("CompressedCache needs transformers >= 4.36; use ppl_legacy/ with tuple caches")
+        if key_rotation not in KEY_ROTATIONS:
+            raise ConfigError(f"--key_rotation must be one of {KEY_ROTATIONS}, got {key_rotation!r}")
+        if key_rotation == "incremental" and not query_at_slot and policy.position_mode == "slot":
+            raise ConfigError("--key_rotation incremental needs queries at their keys' slots (--query_position slot)")
         super().__init__()
+        self.key_rotation = key_rotation
+        self._stored_rotated: Optional[bool] = None  # resolved from "auto" at the first step
+        self._next_position = 0  # original position of the first new token of the current forward pass
         policy.bind(num_layers)
         self.policy = policy
         self.num_layers = num_layers
@@ -51,6 +77,7 @@ class CompressedCache(DynamicCache):
         self.peak_bytes = 0
         self._step_bytes = 0
         self._unread = [False] * num_layers
+        self._arrived_rotated = [False] * num_layers
         # transformers >= 4.54 keeps per-layer objects, older versions two lists of tensors
         self._layered = isinstance(getattr(self, "layers", None), list)
 
@@ -87,7 +114,8 @@ class CompressedCache(DynamicCache):
 
         Parameters
         ----------
-        query : ``[b, heads, q, d]``, un-rotated (the newest ``q`` tokens).
+        query : ``[b, heads, q, d]``, the newest ``q`` tokens' (rotated already if :meth:`position_embeddings`
+            gave the model a rotation for this layer, else un-rotated).
         rotation : :class:`lacache_core.rope.Rotation` of the model.
         scaling : the attention's softmax scale.
         position_ids : ``[b, q]``, the caller's positions (used only when ``query_at_slot`` is off).
@@ -103,16 +131,24 @@ class CompressedCache(DynamicCache):
         n, q_len = key.shape[-2], query.shape[-2]
         policy = self.policy
         policy.record(layer_idx, n, key.device)
-        if policy.position_mode == "slot":
-            keys = rotation.from_slot(key, 0)
-            if self.query_at_slot or position_ids is None:
-                query = rotation.from_slot(query, n - q_len)
-            else:
-                query = rotation.at(query, position_ids)
+        slot = policy.position_mode == "slot"
+        if self._arrived_rotated[layer_idx]:  # rotated by the model itself (position_embeddings)
+            self._arrived_rotated[layer_idx] = False
+            keys = key
         else:
-            held = policy.layer_positions(layer_idx)
-            keys = rotation.at(key, held, per_head=held.dim() == 2, limit=policy.seen)
-            query = rotation.from_slot(query, policy.seen - q_len)
+            first = n - q_len if slot else policy.seen - q_len  # position of the first new token
+            if slot and not (self.query_at_slot or position_ids is None):
+                query = rotation.at(query, position_ids)
+            else:
+                query = rotation.from_slot(query, first)
+            if self.stores_rotated(rotation, key):
+                new = rotation.from_slot(key[..., n - q_len:, :], first)
+                keys = self._rotate_new(layer_idx, key, value, q_len, new)
+            elif slot:
+                keys = rotation.from_slot(key, 0)
+            else:
+                held = policy.layer_positions(layer_idx)
+                keys = rotation.at(key, held, per_head=held.dim() == 2, limit=policy.seen)
         if policy.observes:
             policy.observe(layer_idx, query, keys, scaling)
         if layer_idx == 0:
@@ -122,8 +158,50 @@ class CompressedCache(DynamicCache):
             self.peak_bytes = max(self.peak_bytes, self._step_bytes)
         keep = policy.settle(layer_idx, n)
         if keep is not None:
-            self._set_layer(layer_idx, *gather_layer(key, value, keep))
+            kept_key, kept_value = gather_layer(keys if self._stored_rotated else key, value, keep)
+            if self._stored_rotated and slot:  # kept keys move down to slots 0 .. n_keep - 1
+                shift = keep.to(key.device) - torch.arange(keep.shape[-1], device=key.device)
+                kept_key = rotation.at(kept_key, shift, per_head=shift.dim() == 2, limit=n, inverse=True)
+            self._set_layer(layer_idx, kept_key, kept_value)
         return query, keys, value
+
+    def position_embeddings(self, layer_idx: int, embeddings, rotation):
+        """The ``(cos, sin)`` the model's attention should use for its new query and keys.
+
+        Asked by the position-shift pre-hook before each attention forward. For keys stored
+        un-rotated, an identity rotation; for keys stored rotated, the rotation to the new tokens'
+        positions (their slots, or their original positions), so that the model's own RoPE code
+        rotates them once and :meth:`attend` has nothing left to rotate.
+        """
+        if layer_idx == 0:
+            self._next_position = self.policy.seen
+        if not self.stores_rotated(rotation, embeddings[0]):
+            return rotation.identity(embeddings)
+        self._arrived_rotated[layer_idx] = True
+        slot = self.policy.position_mode == "slot"
+        return rotation.embeddings(self.get_seq_length(layer_idx) if slot else self._next_position, embeddings)
+
+    def stores_rotated(self, rotation, like: torch.Tensor) -> bool:
+        """Whether stored keys carry their rotation (``key_rotation`` resolved on the first call)."""
+        if self._stored_rotated is None:
+            mode = self.key_rotation
+            if mode == "auto":
+                exact = self.policy.position_mode == "original"
+                accurate = like.dtype in (torch.float32, torch.float64) and rotation.composes(like)
+                at_slot = self.query_at_slot or self.policy.position_mode == "original"
+                mode = "incremental" if at_slot and (exact or accurate) else "every_step"
+            self._stored_rotated = mode == "incremental"
+        return self._stored_rotated
+
+    def _rotate_new(self, layer_idx: int, key, value, q_len: int, rotated: torch.Tensor) -> torch.Tensor:
+        """Store the rotated new keys in place of the un-rotated ones ``update`` appended; all keys, rotated."""
+        n = key.shape[-2]
+        if key.requires_grad or rotated.requires_grad:  # in-place writes would break autograd
+            key = torch.cat([key[..., :n - q_len, :], rotated], -2)
+            self._set_layer(layer_idx, key, value)
+        else:
+            key[..., n - q_len:, :] = rotated
+        return key
 
     def kept_positions(self):
         """Original token positions held: ``LongTensor [num_layers, n]``, or, where layers or heads differ
@@ -150,7 +228,8 @@ def kv_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache_layers(cache) for t in layer)
 
 
-def make_cache(method: str, model_or_config, query_at_slot: bool = True, **settings) -> CompressedCache:
+def make_cache(method: str, model_or_config, query_at_slot: bool = True, key_rotation: str = "auto",
+               **settings) -> CompressedCache:
     """Build a :class:`CompressedCache` for ``method`` sized to a model (or its config).
 
     Example
@@ -161,7 +240,7 @@ def make_cache(method: str, model_or_config, query_at_slot: bool = True, **setti
     """
     config = getattr(model_or_config, "config", model_or_config)
     policy = build_policy(method, **settings)
-    return CompressedCache(policy, config.num_hidden_layers, query_at_slot=query_at_slot)
+    return CompressedCache(policy, config.num_hidden_layers, query_at_slot=query_at_slot, key_rotation=key_rotation)
 
 
 def prefill(model, input_ids: torch.Tensor, cache, chunk_size: Optional[int] = None) -> torch.Tensor:

@@ -102,6 +102,7 @@ class Rotation:
         self.apply_fn = apply_fn
         self._fast: Optional[bool] = None
         self._identity = None
+        self._shifted = None
 
     def identity(self, embeddings: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(1, 0)`` tensors shaped like the model's ``(cos, sin)``: a rotation that leaves q and k as they are.
@@ -112,6 +113,22 @@ class Rotation:
             cos, sin = embeddings
             self._identity = (embeddings, (torch.ones_like(cos), torch.zeros_like(sin)))
         return self._identity[1]
+
+    def embeddings(self, first: int, like: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` shaped like the model's ``like`` pair, for positions ``first, first + 1, ...``.
+
+        Given to the model's attention in place of its own, they make it rotate its new query and
+        keys to positions of our choosing with its own code. Layers at the same position share a pair.
+        """
+        cos = like[0]
+        if self._shifted is None or self._shifted[0] is not like:
+            self._shifted = (like, {})
+        pairs = self._shifted[1]
+        if first not in pairs:
+            q = cos.shape[-2]
+            table_cos, table_sin, _ = self.table.get(first + q, cos)
+            pairs[first] = tuple(t[first:first + q].expand(cos.shape) for t in (table_cos, table_sin))
+        return pairs[first]
 
     def _is_rotate_half(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
         """Whether the model's function is the rotate-half layout with duplicated frequencies, checked
@@ -134,6 +151,12 @@ class Rotation:
             out = self.apply_fn(part, part[:, :1], cos, sin)[0]
         return out if rest is None else torch.cat([out, rest], -1)
 
+    def composes(self, like: torch.Tensor) -> bool:
+        """Whether rotating twice equals rotating once by the sum, up to rounding: true when position 0
+        is the identity (``cos = 1``, ``sin = 0``), false for tables scaled by an attention factor (YaRN)."""
+        cos, sin, _ = self.table.get(1, like)
+        return bool((cos[0] == 1).all() and (sin[0] == 0).all())
+
     def from_slot(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """``x [b, h, n, d]`` rotated to positions ``start .. start + n - 1``."""
         cos, sin, signed_sin = self.table.get(start + x.shape[-2], x)
@@ -141,18 +164,21 @@ class Rotation:
         return self._apply(x, cos[None, start:end], sin[None, start:end], signed_sin[None, start:end])
 
     def at(self, x: torch.Tensor, positions: torch.Tensor, per_head: bool = False,
-           limit: Optional[int] = None) -> torch.Tensor:
+           limit: Optional[int] = None, inverse: bool = False) -> torch.Tensor:
         """``x [b, h, n, d]`` rotated to ``positions``: ``[n]`` or ``[b, n]``, or with ``per_head`` ``[h, n]``.
 
         ``limit``: an upper bound on the positions, if the caller knows one (saves reading their maximum
-        back from the device).
+        back from the device). ``inverse``: rotate by ``-positions`` instead (``cos`` is even, ``sin`` odd).
         """
-        cos, sin, signed_sin = self.table.get(int(positions.max()) + 1 if limit is None else limit, x)
-        pos = positions.to(cos.device)
+        table = self.table.get(int(positions.max()) + 1 if limit is None else limit, x)
+        pos = positions.to(table[0].device)
+        if pos.dim() == 1 and not per_head:
+            pos = pos[None]
+        cos, sin, signed_sin = (t[pos] for t in table)
+        if inverse:
+            sin, signed_sin = -sin, -signed_sin
         if per_head:
             b, h, n, d = x.shape  # fold the heads into the batch: the model's function broadcasts over heads
-            tables = [t[pos].repeat(b, 1, 1) for t in (cos, sin, signed_sin)]
+            tables = [t.repeat(b, 1, 1) for t in (cos, sin, signed_sin)]
             return self._apply(x.reshape(b * h, 1, n, d), *tables).reshape(b, h, n, -1)
-        if pos.dim() == 1:
-            pos = pos[None]
-        return self._apply(x, cos[pos], sin[pos], signed_sin[pos])
+        return self._apply(x, cos, sin, signed_sin)

@@ -66,11 +66,11 @@ def next_query_position(previous: int, held: int, mode: str = "slot") -> int:
     return previous + 1 if previous + 1 <= held else previous
 
 
-def _new_cache(policy: CachePolicy, num_layers: int, legacy: bool, query_position: str):
+def _new_cache(policy: CachePolicy, num_layers: int, legacy: bool, query_position: str, key_rotation: str = "auto"):
     if legacy:
         return None
     if not isinstance(policy, FullCache):
-        return CompressedCache(policy, num_layers, query_at_slot=query_position == "slot")
+        return CompressedCache(policy, num_layers, query_at_slot=query_position == "slot", key_rotation=key_rotation)
     from transformers import DynamicCache
     return DynamicCache()
 
@@ -79,7 +79,10 @@ def _restore_cache(state: dict, policy: CachePolicy, num_layers: int, legacy: bo
     layers = [(k.to(device), v.to(device)) for k, v in state["layers"]]
     if legacy:
         return layers or None
-    cache = _new_cache(policy, num_layers, legacy, query_position)
+    # the saved keys carry their rotation or not: the restored cache must treat them the same way
+    stored_rotated = state.get("stored_rotated")
+    key_rotation = {True: "incremental", False: "every_step"}.get(stored_rotated, "auto")
+    cache = _new_cache(policy, num_layers, legacy, query_position, key_rotation)
     from transformers import DynamicCache
     for i, (k, v) in enumerate(layers):
         DynamicCache.update(cache, k, v, i)  # the base update: no compaction, the policy state is restored as is
@@ -93,7 +96,8 @@ def save_checkpoint(path: Path, policy: CachePolicy, cache, result: "StreamResul
     """Everything needed to continue the stream: scored NLLs, where we are, policy state and cache."""
     state = {"nlls": result.nlls, "where": where, "position": position, "seconds": result.seconds,
              "peak_kv_bytes": result.peak_kv_bytes if not isinstance(cache, CompressedCache) else cache.peak_bytes,
-             "policy": policy, "layers": [(k.cpu(), v.cpu()) for k, v in cache_layers(cache)], "meta": meta}
+             "policy": policy, "layers": [(k.cpu(), v.cpu()) for k, v in cache_layers(cache)], "meta": meta,
+             "stored_rotated": getattr(cache, "_stored_rotated", None)}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
@@ -107,7 +111,8 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
                       num_eval_tokens: Optional[int] = None, query_position: str = "slot",
                       on_token: Optional[Callable[[int, float], None]] = None, desc: str = "ppl",
                       checkpoint: Optional[Path] = None, checkpoint_every: int = 0,
-                      resume: Optional[dict] = None, meta: Optional[dict] = None) -> StreamResult:
+                      resume: Optional[dict] = None, meta: Optional[dict] = None,
+                      key_rotation: str = "auto") -> StreamResult:
     """Stream ``texts`` through ``model`` one token at a time under ``policy``.
 
     Parameters
@@ -128,6 +133,8 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
     resume : dict, optional
         A state from :func:`load_checkpoint`; ``policy`` is then replaced by the saved one and the
         stream continues exactly where it stopped (same NLLs as an uninterrupted run).
+    key_rotation : {"auto", "every_step", "incremental"}
+        How the cache rotates stored keys (:class:`lacache_core.CompressedCache`).
     """
     if query_position not in QUERY_POSITIONS:
         raise ConfigError(f"--query_position must be one of {QUERY_POSITIONS}, got {query_position!r}")
@@ -150,7 +157,7 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
         result.nlls, result.seconds = list(resume["nlls"]), resume["seconds"]
         result.peak_kv_bytes, position, skip = resume["peak_kv_bytes"], resume["position"], tuple(resume["where"])
     else:
-        cache = _new_cache(policy, num_layers, legacy, query_position)
+        cache = _new_cache(policy, num_layers, legacy, query_position, key_rotation)
 
     limit = None if num_eval_tokens is None else num_eval_tokens + 1
     bar = tqdm(total=limit, initial=len(result.nlls), desc=desc, unit="tok", dynamic_ncols=True)

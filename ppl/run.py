@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lacache_core import METHODS, ConfigError, build_policy  # noqa: E402
+from lacache_core.cache import KEY_ROTATIONS  # noqa: E402
 from lacache_core.cli import add_policy_flags, method_settings  # noqa: E402
 from lacache_core.data import load_texts  # noqa: E402
 from lacache_core.models import DEFAULT_MODEL, load_model  # noqa: E402
@@ -50,6 +51,10 @@ def parse_args(argv=None):
     add_policy_flags(p)
     p.add_argument("--query_position", choices=QUERY_POSITIONS, default="slot",
                    help="slot: query at its key's cache slot; official: reproduce the official harness's drift")
+    p.add_argument("--key_rotation", choices=KEY_ROTATIONS, default="auto",
+                   help="every_step: store keys un-rotated and rotate all at each step (official); incremental: store "
+                        "them rotated, re-rotate kept keys by their shift at each compaction; auto: incremental where "
+                        "exact or float32-accurate (see CompressedCache)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     p.add_argument("--attn_implementation", default=None, choices=[None, "eager", "sdpa", "flash_attention_2"])
@@ -116,6 +121,8 @@ def run_tag(args, method: str) -> str:
         tag += f"_q{args.query_position}"
     if args.key_positions and method != "full":
         tag += f"_k{args.key_positions}"
+    if args.key_rotation != "auto" and method != "full":
+        tag += f"_r{args.key_rotation}"
     return tag + f"__n{args.num_eval_tokens or 'all'}__{args.dtype}"
 
 
@@ -156,7 +163,7 @@ def run_method(args, method, model, tokenizer, texts):
         res = stream_perplexity(model, tokenizer, texts, policy, args.num_eval_tokens, args.query_position,
                                 on_token=append, desc=method, checkpoint=ckpt_path,
                                 checkpoint_every=args.checkpoint_every, resume=resume,
-                                meta={"identity": identity(args, method)})
+                                meta={"identity": identity(args, method)}, key_rotation=args.key_rotation)
     num_layers = model.config.num_hidden_layers
     results = {
         "ppl": res.ppl, "checkpoints": checkpoints(res.nlls), "tokens_scored": len(res.nlls),

@@ -189,7 +189,7 @@ def test_prefill_methods_next_step_matches_from_scratch(method, key_positions):
 
     model = enable_position_shift(tiny_model("llama", "eager"))
     policy = build_policy(method, key_positions=key_positions, **PREFILL_SETTINGS)
-    cache = CompressedCache(policy, model.config.num_hidden_layers)
+    cache = CompressedCache(policy, model.config.num_hidden_layers, key_rotation="every_step")  # un-rotated storage
     with torch.no_grad():
         model(TOKENS[:, :120], **with_cache(cache), use_cache=True)
         kv = [cache._layer(i) for i in range(cache.num_layers)]

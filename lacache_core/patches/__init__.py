@@ -33,7 +33,7 @@ def _decoder_layers(model: torch.nn.Module):
 
 
 def enable_position_shift(model: torch.nn.Module) -> torch.nn.Module:
-    """Make ``model`` run :class:`lacache_core.CompressedCache` objects (keys stored un-rotated).
+    """Make ``model`` run :class:`lacache_core.CompressedCache` objects (keys at their policy's positions).
 
     Idempotent; returns ``model``. Raises :class:`ConfigError` (a ``ValueError``, one line) for a model without RoPE.
     """

@@ -5,13 +5,15 @@ model *instance*:
 
 1. A forward pre-hook on each attention module (``torch.nn.Module.register_forward_pre_hook``).
    When the call carries a :class:`CompressedCache` (whatever the keyword is called), it hands the
-   model's forward an identity rotation (``cos = 1``, ``sin = 0``), so the model computes its
-   query and key exactly as usual, norms and all, but stores its key un-rotated.
+   model's forward the ``position_embeddings`` the cache asks for
+   (:meth:`CompressedCache.position_embeddings`): the rotation to the new tokens' positions in the
+   cache, or an identity rotation (``cos = 1``, ``sin = 0``) where keys are stored un-rotated. The
+   model computes and rotates its query and key exactly as usual, norms and all.
 2. An attention function registered in transformers' registry (``AttentionInterface`` /
    ``ALL_ATTENTION_FUNCTIONS``) as ``lacache_<kernel>``, wrapping the kernel the user chose
    (eager, sdpa, flash_attention_2, ...). With a compressed cache it makes the one call
-   :meth:`CompressedCache.attend`, which rotates the query and keys with the model's own rotary
-   module and ``apply_rotary_pos_emb``; otherwise it calls the kernel untouched.
+   :meth:`CompressedCache.attend` (which, for un-rotated storage, rotates the query and keys with
+   the model's own rotary module and ``apply_rotary_pos_emb``); otherwise it calls the kernel untouched.
 3. The model's mask function for that kernel, registered under the same name (4.53+), so the
    masks are those the kernel expects.
 
@@ -131,7 +133,7 @@ def _pre_hook(module, args, kwargs):
     if embeddings is None:
         raise ConfigError(f"{type(module).__name__} takes no position_embeddings from its model: it cannot be "
                           "position-shifted through transformers' extension points")
-    kwargs["position_embeddings"] = module._lacache_rotation.identity(embeddings)
+    kwargs["position_embeddings"] = cache.position_embeddings(module.layer_idx, embeddings, module._lacache_rotation)
     return args, kwargs
 
 
