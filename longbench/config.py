@@ -20,16 +20,18 @@ DATASETS_E = [
     "samsum", "passage_count", "passage_retrieval_en", "lcc", "repobench-p",
 ]
 
-# The narrativeqa prompt is the latest THUDM/LongBench text ("as concisely"). Earlier copies of
-# the file, and many forks, read "asconcisely" (a missing space) in both sentences; the change
-# cannot matter for the metric beyond a token of prompt.
+# Character for character the texts of LongBench's config/dataset2prompt.json, which the LaCache
+# repository copies unchanged: THUDM/LongBench LongBench/config/dataset2prompt.json @ c5ea10b
+# (sha256 56d22ad4...7c30, the same file as GATECH-EIC/LaCache LongBench/config/dataset2prompt.json
+# @ 0f27c33). That includes narrativeqa's "asconcisely" (a missing space, twice): the text that
+# produced the published scores. tests/test_longbench_prompts.py holds each prompt's sha256.
 #: dataset -> prompt format with ``{context}`` and ``{input}`` placeholders (dataset2prompt.json).
 PROMPTS = {
     "narrativeqa": (
         "You are given a story, which can be either a novel or a movie script, and a question. Answer the question "
-        "as concisely as you can, using a single phrase if possible. Do not provide any explanation.\n\n"
+        "asconcisely as you can, using a single phrase if possible. Do not provide any explanation.\n\n"
         "Story: {context}\n\n"
-        "Now, answer the question based on the story as concisely as you can, using a single phrase if possible. "
+        "Now, answer the question based on the story asconcisely as you can, using a single phrase if possible. "
         "Do not provide any explanation.\n\n"
         "Question: {input}\n\n"
         "Answer:"

@@ -26,6 +26,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -54,7 +57,8 @@ MODEL_PATHS = {
     "smollm2-135m-instruct": "smollm2-135m",  # the embedded offline model
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
-CHAT_MODES = ("auto", "official", "none")
+#: ``official`` is the old name of ``lacache``.
+CHAT_MODES = ("auto", "lacache", "longbench", "none", "official")
 DEFAULT_HUB = "THUDM/LongBench"
 
 
@@ -74,9 +78,11 @@ def parse_args(argv=None):
                    help="folder of {dataset}.jsonl (LongBench's data.zip unpacked); default: --hub_dataset")
     p.add_argument("--hub_dataset", default=DEFAULT_HUB, help="hub dataset with one config per LongBench dataset")
     p.add_argument("--chat_template", choices=CHAT_MODES, default="auto",
-                   help="auto: the tokenizer's chat template (else LongBench's wrapper for --model); official: "
-                        "LongBench's name tests applied to the weights' path, as the LaCache repository ran them "
-                        "(no wrapper for meta-llama/Llama-2-7b-chat-hf; repeats the published numbers); none: raw")
+                   help="auto: the tokenizer's own chat template (none if it has none); lacache: LongBench's wrapper "
+                        "rule applied to the weights' name as the LaCache repository's pred.py does (no wrapper for "
+                        "meta-llama/Llama-2-7b-chat-hf: the paper's Table 3); longbench: the rule applied to the "
+                        "LongBench model name, as THUDM/LongBench's pred.py does ([INST] for llama2-7b-chat-4k); "
+                        "none: raw prompts; official: old name of lacache"),
     p.add_argument("--output_dir", default="outputs/longbench")
     add_method_flags(p, span=16, overlap=0, budget=0.5)
     args = p.parse_args(argv)
@@ -108,6 +114,14 @@ def validate(args) -> None:
         raise ConfigError(f"--num_samples must be >= 1, got {args.num_samples}")
     args.weights = args.model_name_or_path or MODEL_PATHS[args.model]
     args.cache_size = budget_cache_size(args.budget, args.max_length)
+    if args.chat_template == "official":
+        print("note: --chat_template official is the old name of --chat_template lacache", file=sys.stderr)
+        args.chat_template = "lacache"
+    if args.chat_template in RULE_INPUT:
+        name = RULE_INPUT[args.chat_template](args)
+        if "chatglm" in name:
+            raise ConfigError(f"--chat_template {args.chat_template}: {name!r} gets ChatGLM's wrapper, which needs its "
+                              "remote tokenizer code; not supported (use --chat_template auto or none)")
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -135,36 +149,62 @@ def load_samples(name: str, data_dir, hub: str) -> list:
 
 
 # ----------------------------------------------------------------------------------------- prompts
-def longbench_wrapper(prompt: str, name: str):
-    """LongBench's own chat wrappers, chosen by substrings of ``name`` (``None``: no wrapper)."""
-    name = name.lower()
-    if "longchat" in name or "vicuna" in name:
-        return ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-                f"helpful, detailed, and polite answers to the user's questions. USER: {prompt} ASSISTANT:")
-    if "llama2" in name:
-        return f"[INST]{prompt}[/INST]"
-    if "xgen" in name:
-        return ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-                f"helpful, detailed, and polite answers to the human's questions.\n\n ### Human: {prompt}\n###")
-    if "internlm" in name:
-        return f"<|User|>:{prompt}<eoh>\n<|Bot|>:"
+#: LongBench's chat wrappers as ``(prefix, suffix)``, in the order its ``build_chat`` tests for the
+#: (case-sensitive) substrings of a model name: THUDM/LongBench ``LongBench/pred.py`` @ c5ea10b, the
+#: same function in the LaCache repository's ``LongBench/pred.py`` @ 0f27c33. (ChatGLM's wrapper,
+#: tested first there, comes from its remote tokenizer code and is refused in ``validate``.) The
+#: vicuna text is what fastchat's "vicuna" conversation template renders.
+CHAT_RULES = (
+    (("longchat", "vicuna"),
+     ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+      "detailed, and polite answers to the user's questions. USER: ", " ASSISTANT:")),
+    (("llama2",), ("[INST]", "[/INST]")),
+    (("xgen",),
+     ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+      "detailed, and polite answers to the human's questions.\n\n ### Human: ", "\n###")),
+    (("internlm",), ("<|User|>:", "<eoh>\n<|Bot|>:")),
+)
+
+#: The name each rule-based mode tests: LaCache's pred.py gets the weights' hub path as ``--model``;
+#: THUDM's gets the LongBench model name.
+RULE_INPUT = {"lacache": lambda args: args.weights, "longbench": lambda args: args.model}
+
+
+def longbench_wrapper(name: str) -> Optional[Tuple[str, str]]:
+    """LongBench's chat wrapper for a model ``name`` (``(prefix, suffix)``), or ``None`` for no wrapper."""
+    for needles, wrapper in CHAT_RULES:
+        if any(needle in name for needle in needles):
+            return wrapper
     return None
 
 
-def encode(tokenizer, prompt: str, dataset: str, args):
+def chat_wrapper(args, tokenizer) -> dict:
+    """What wraps the prompts of the chat datasets in this run (recorded in ``run.json``)."""
+    mode = args.chat_template
+    if mode in RULE_INPUT:
+        name = RULE_INPUT[mode](args)
+        wrapper = longbench_wrapper(name)
+        return {"mode": mode, "rule_applied_to": name, "wrapper": None if wrapper is None else list(wrapper)}
+    template = getattr(tokenizer, "chat_template", None) if mode == "auto" else None
+    return {"mode": mode, "tokenizer_chat_template": template}
+
+
+def encode(tokenizer, prompt: str, dataset: str, args) -> torch.Tensor:
     """``[1, T]`` ids of one sample's prompt: truncated in the middle, then wrapped for chat."""
     prompt = truncate_middle(tokenizer, prompt, args.max_length)
-    chat = dataset not in NO_CHAT and args.chat_template != "none"
-    if chat and args.chat_template == "auto" and getattr(tokenizer, "chat_template", None):
-        return encode_prompt(tokenizer, prompt, chat=True)
-    if chat:
-        prompt = longbench_wrapper(prompt, args.model if args.chat_template == "auto" else args.weights) or prompt
-    return encode_prompt(tokenizer, prompt, chat=False)
+    chat = dataset not in NO_CHAT
+    if chat and args.chat_template in RULE_INPUT:
+        wrapper = longbench_wrapper(RULE_INPUT[args.chat_template](args))
+        if wrapper is not None:
+            prompt = wrapper[0] + prompt + wrapper[1]
+        chat = False
+    return encode_prompt(tokenizer, prompt, chat=chat and args.chat_template == "auto")
 
 
 # ----------------------------------------------------------------------------------------- run
 def run_folder(args, method: str) -> Path:
-    return Path(args.output_dir) / ("pred_e" if args.e else "pred") / f"{args.model}__{method_tag(args, method)}"
+    chat = "" if args.chat_template == "auto" else f"_chat-{args.chat_template}"  # modes never share a folder
+    return Path(args.output_dir) / ("pred_e" if args.e else "pred") / f"{args.model}__{method_tag(args, method)}{chat}"
 
 
 def predict_dataset(args, method, dataset, model, tokenizer, rank, world) -> Path:
@@ -213,7 +253,7 @@ def _main(args) -> int:
                 {k: v for k, v in vars(args).items() if k != "methods"},
                 model=args.model, method=method, budget=None if method == "full" else args.budget,
                 cache_size=None if method == "full" else args.cache_size, span=args.span, overlap=args.overlap,
-                max_length=args.max_length, e=args.e, world_size=world))
+                max_length=args.max_length, e=args.e, world_size=world, chat=chat_wrapper(args, tokenizer)))
         for dataset in args.dataset_list:
             predict_dataset(args, method, dataset, model, tokenizer, rank, world)
         if rank == 0:

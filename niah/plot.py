@@ -35,8 +35,11 @@ def length_label(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
-def heatmap(rows: Iterable[dict], path: Path, title: str) -> Optional[Path]:
-    """Write the heatmap of ``rows`` to ``path``; ``None`` (nothing written) when matplotlib is missing."""
+def heatmap(rows: Iterable[dict], path: Path, title: str, labels: Optional[Dict[int, str]] = None) -> Optional[Path]:
+    """Write the heatmap of ``rows`` to ``path``; ``None`` (nothing written) when matplotlib is missing.
+
+    ``labels``: column label per context length (default :func:`length_label`).
+    """
     try:
         import matplotlib
 
@@ -52,7 +55,7 @@ def heatmap(rows: Iterable[dict], path: Path, title: str) -> Optional[Path]:
     cmap = LinearSegmentedColormap.from_list("niah", COLORS)
     fig, ax = plt.subplots(figsize=(max(4.0, 1.0 + 0.9 * len(lengths)), max(3.0, 0.8 + 0.45 * len(depths))))
     im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=100, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
+    ax.set_xticks(range(len(lengths)), [(labels or {}).get(n) or length_label(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth (%)")

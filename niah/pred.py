@@ -12,15 +12,17 @@ Per method, ``{output_dir}/{model}__{mode}__{method}/`` gets ``results.csv``
 (``context_length,depth,test,score,pred,prompt_tokens``, one row per test appended as it is
 produced; a rerun skips the rows already there), ``run.json``, ``summary.md`` and ``heatmap.png``.
 
-Unlike the official script (one key per test index, reused in every cell), each test's key is drawn
-from ``(seed, length, depth, test)``, so any cell can be recomputed alone.
+``--protocol clean`` (default) draws each test's key from ``(seed, length, depth, test)``, so any cell
+can be recomputed alone, and fits prompts to the lengths in tokens. ``--protocol lacache`` builds the
+prompts, keys, answer budgets and ``official.csv`` as the LaCache repository's script does (see
+``niah/official.py``); ``scripts/niah.sh`` uses it to reproduce the paper.
 
 Examples
 --------
 The paper's setting (Llama-3.2-3B-Instruct, 16K..128K, 11 depths, 50 tests per cell)::
 
     python niah/pred.py --model_name meta-llama/Llama-3.2-3B-Instruct --max_tokens 131072 --interval 16384 \\
-        --num_tests 50 --enable_lacache --span 14 --overlap 0 --budget 0.5
+        --num_tests 50 --enable_lacache --span 14 --overlap 0 --budget 0.5 --protocol lacache
 
 Offline quick run on the embedded SmolLM2-135M-Instruct::
 
@@ -36,7 +38,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,10 +48,12 @@ from lacache_core import paper  # noqa: E402
 from lacache_core.cli import (ArgumentParser, add_method_flags, check_common, method_settings, method_tag,  # noqa: E402
                               parse_methods, run_main)
 from lacache_core.errors import ConfigError  # noqa: E402
-from lacache_core.generation import BudgetSpec, answer, budget_cache_size, stop_token_ids  # noqa: E402
+from lacache_core.generation import (BudgetSpec, answer, budget_cache_size, encode_prompt,  # noqa: E402
+                                     stop_token_ids)
 from lacache_core.records import AppendOnlyFile  # noqa: E402
 from lacache_core.runlog import run_record, write_json  # noqa: E402
-from niah.haystack import MODES, build_prompt, depth_label, score  # noqa: E402
+from niah import official  # noqa: E402
+from niah.haystack import MODES, Prompt, build_prompt, depth_label, score  # noqa: E402
 from niah.plot import average, cell_means, heatmap, length_label  # noqa: E402
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -57,6 +61,7 @@ DEFAULT_MODEL = "smollm2-135m"
 NIAH_START_SIZE = 64
 DEFAULT_DEPTHS = [float(d) for d in range(0, 101, 10)]
 MAX_NEW_TOKENS = {"passkey": 16, "essays": 64}
+PROTOCOLS = ("clean", "lacache")
 COLUMNS = ["context_length", "depth", "test", "score", "pred", "prompt_tokens"]
 PAPER_NOTE = ("Paper (LaCache, Figs. 8-9, passkey averages only): other models, 16K..128K contexts and 50 tests per "
               "cell, so comparable in trend only.")
@@ -80,6 +85,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_new_tokens", type=int, default=None, help="answer tokens (default: 16 passkey, 64 essays)")
     p.add_argument("--no_chat", action="store_true",
                    help="feed the raw prompt (default: wrapped in the tokenizer's chat template when it has one)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="clean",
+                   help="passkey construction. clean: prompts fitted to at most each length in tokens, whole "
+                        "sentences, a key per cell, chat template; lacache: the LaCache repository's niah/pred.py "
+                        "(filler sized in characters, ~3.75 per token; a key per test index; its wording; no chat "
+                        "template; the key's token count as answer budget; its CSV), used by scripts/niah.sh")
     p.add_argument("--output_dir", default="outputs/niah")
     add_method_flags(p, span=14, overlap=0, budget=0.5,
                      start_help=f"leading tokens kept by every method (default {NIAH_START_SIZE}, as the official "
@@ -115,6 +125,7 @@ def validate(args) -> None:
     if args.num_tests < 1:
         raise ConfigError(f"--num_tests must be >= 1, got {args.num_tests}")
     args.depth_list = parse_depths(args.depths)
+    args.max_new_tokens_given = args.max_new_tokens is not None
     if args.max_new_tokens is None:
         args.max_new_tokens = MAX_NEW_TOKENS[args.mode]
     if args.max_new_tokens < 1:
@@ -122,6 +133,24 @@ def validate(args) -> None:
     if args.start_size == NIAH_START_SIZE:
         args.start_size = None  # the default, spelled out: same results, same folder
     args.lengths = [args.interval * k for k in range(1, args.max_tokens // args.interval + 1)]
+    if args.protocol == "lacache":
+        validate_official(args)
+
+
+def validate_official(args) -> None:
+    """``--protocol lacache``: its grid, answer budget and prompt are fixed by the official script."""
+    if args.mode != "passkey":
+        raise ConfigError(f"--protocol lacache is the official passkey test; it cannot run --mode {args.mode}")
+    fixed = [flag for flag, given in (("--depths", args.depths is not None), ("--no_chat", args.no_chat),
+                                      ("--max_new_tokens", args.max_new_tokens_given)) if given]
+    if fixed:
+        raise ConfigError(f"{fixed[0]} cannot be used with --protocol lacache: the official script fixes the depths "
+                          "(11 filler prefixes), the prompt (no chat template) and the answer budget (the key's tokens)")
+    if official.garbage_chars(0, args.interval) == 0:
+        raise ConfigError(f"--interval must be >= {official.min_interval()} with --protocol lacache, got "
+                          f"{args.interval} (no filler; the official script divides by zero there)")
+    args.cells = official.grid(args.max_tokens, args.interval)
+    args.depth_list = sorted({c.depth for c in args.cells})
 
 
 def start_size(args) -> int:
@@ -133,7 +162,8 @@ def model_label(name: str) -> str:
 
 
 def run_folder(args, method: str) -> Path:
-    return Path(args.output_dir) / f"{model_label(args.model_name)}__{args.mode}__{method_tag(args, method)}"
+    mode = args.mode if args.protocol == "clean" else f"{args.mode}-{args.protocol}"
+    return Path(args.output_dir) / f"{model_label(args.model_name)}__{mode}__{method_tag(args, method)}"
 
 
 # ----------------------------------------------------------------------------------------- results file
@@ -240,27 +270,66 @@ def make_spec(args, method: str, prompt_tokens: int) -> BudgetSpec:
     return BudgetSpec(method, cache_size, start, settings=method_settings(args))
 
 
+def make_prompt(args, tokenizer, length: int, depth: float, test: int, essays=None, guess=None):
+    """``(Prompt, answer tokens)`` of one test under ``--protocol``."""
+    if args.protocol == "lacache":
+        cell = next(c for c in args.cells if c.length == length and depth_label(c.depth) == depth_label(depth))
+        text, key = official.prompt(cell, test)
+        ids = encode_prompt(tokenizer, text, chat=False)
+        return Prompt(text, ids, key, 0), official.answer_budget(tokenizer, key)
+    prompt = build_prompt(tokenizer, args.mode, length, depth, args.seed, test, chat=not args.no_chat,
+                          essays=essays, guess=guess)
+    return prompt, args.max_new_tokens
+
+
+def grid_cells(args) -> list:
+    """``(length, depth, test)`` of every test, in order."""
+    if args.protocol == "lacache":
+        return [(c.length, c.depth, t) for c in args.cells for t in range(args.num_tests)]
+    return [(n, d, t) for n in args.lengths for d in args.depth_list for t in range(args.num_tests)]
+
+
+def write_official_csv(args, method: str, folder: Path, rows: List[dict]) -> Dict[int, str]:
+    """``official.csv`` as the LaCache script writes it: per cell, the mean prompt tokens (floor), the
+    depth label and the number of tests passed. Returns the official heatmap label of each length."""
+    sums = {}
+    for r in rows:
+        key = (int(r["context_length"]), depth_label(r["depth"]))
+        tokens, passed = sums.get(key, (0, 0))
+        sums[key] = (tokens + int(r["prompt_tokens"]), passed + int(float(r["score"]) > 0))
+    labels = {}
+    with open(folder / "official.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(official.CSV_COLUMNS)
+        for cell in args.cells:
+            if (cell.length, depth_label(cell.depth)) in sums:
+                tokens, passed = sums[cell.length, depth_label(cell.depth)]
+                writer.writerow((tokens // args.num_tests, cell.depth, passed))
+                labels.setdefault(cell.length, official.column_label(tokens // args.num_tests, method))
+    return labels
+
+
 def run_method(args, method, model, tokenizer, essays, stop) -> List[dict]:
     folder = run_folder(args, method)
     settings = method_settings(args)
-    common = dict(model=model_label(args.model_name), method=method, mode=args.mode, lengths=args.lengths,
-                  depths=args.depth_list, num_tests=args.num_tests, max_new_tokens=args.max_new_tokens,
-                  chat=not args.no_chat, budget=None if method == "full" else args.budget,
+    common = dict(model=model_label(args.model_name), method=method, mode=args.mode, protocol=args.protocol,
+                  lengths=args.lengths, depths=args.depth_list, num_tests=args.num_tests,
+                  max_new_tokens="key tokens + 1" if args.protocol == "lacache" else args.max_new_tokens,
+                  chat=not args.no_chat and args.protocol == "clean", budget=None if method == "full" else args.budget,
                   start_size=None if method == "full" else start_size(args),
                   settings=None if method == "full" else settings)
-    run_args = {k: v for k, v in vars(args).items() if k not in ("methods",)}
+    run_args = {k: v for k, v in vars(args).items() if k not in ("methods", "cells", "max_new_tokens_given")}
     write_json(folder / "run.json", run_record(run_args, **common))
-    cells = [(n, d, t) for n in args.lengths for d in args.depth_list for t in range(args.num_tests)]
+    cells = grid_cells(args)
     guesses = {}
     t0 = time.perf_counter()
     with CsvResults(folder / "results.csv") as out:
         todo = [c for c in cells if _key(*c) not in out.done]
         for length, depth, test in tqdm(todo, desc=f"{method} {args.mode}"):
-            prompt = build_prompt(tokenizer, args.mode, length, depth, args.seed, test, chat=not args.no_chat,
-                                  essays=essays, guess=guesses.get(length))
+            prompt, limit = make_prompt(args, tokenizer, length, depth, test, essays, guesses.get(length))
             guesses[length] = prompt.units
             spec = make_spec(args, method, prompt.tokens)
-            res = answer(model, tokenizer, prompt.input_ids, spec, args.max_new_tokens, stop,
+            res = answer(model, tokenizer, prompt.input_ids, spec, limit, stop,
                          prefill_chunk_size=args.prefill_chunk_size)
             out.append({"context_length": length, "depth": depth_label(depth), "test": test,
                         "score": f"{score(args.mode, res.text, prompt.answer):g}", "pred": res.text,
@@ -271,7 +340,8 @@ def run_method(args, method, model, tokenizer, essays, stop) -> List[dict]:
     write_json(folder / "run.json", run_record(run_args, **common, average_score=average(means),
                                                seconds=round(time.perf_counter() - t0, 1), tests=len(rows)))
     title = f"{model_label(args.model_name)} {args.mode}, {method_tag(args, method)}"
-    if heatmap(rows, folder / "heatmap.png", title) is None:
+    labels = write_official_csv(args, method, folder, rows) if args.protocol == "lacache" else None
+    if heatmap(rows, folder / "heatmap.png", title, labels) is None:
         print("note: matplotlib is not installed; no heatmap.png (pip install matplotlib, then "
               f"python niah/plot.py {folder / 'results.csv'})")
     print(write_summary(args, method, folder, rows))
@@ -312,8 +382,8 @@ def _main(argv) -> int:
     enable_position_shift(model)
     stop = stop_token_ids(tokenizer, model)
     # reject impossible budgets before the first test: the smallest prompt gets the smallest cache
-    first = build_prompt(tokenizer, args.mode, args.lengths[0], args.depth_list[0], args.seed, 0,
-                         chat=not args.no_chat, essays=essays)
+    length, depth, _ = grid_cells(args)[0]
+    first, _ = make_prompt(args, tokenizer, length, depth, 0, essays)
     for method in args.methods:
         if method != "full":
             make_spec(args, method, first.tokens).make(model, first.tokens)

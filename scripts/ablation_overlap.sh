@@ -12,7 +12,7 @@ if [ $SMOKE = 1 ]; then
     "$PY" longbench/synthetic.py --output_dir "$OUT/data/longbench_synthetic" --num_samples 2
 else
     MODEL=llama2-7b-chat-4k; SPAN=16; SETS=(narrativeqa,qasper,multifieldqa_en,multifieldqa_zh,passage_count,passage_retrieval_en,passage_retrieval_zh)
-    DATA=(--chat_template official)
+    DATA=(--chat_template lacache)
 fi
 RUN=$(launcher)
 dir=$OUT/ablation_overlap

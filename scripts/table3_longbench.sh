@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Table 3: LongBench (21 datasets) on Llama2-7B-Chat and Llama2-13B-Chat, full cache vs StreamingLLM vs
 # LaCache at 50% (span 16, overlap 0) and 25% (span 9, overlap 3) of the 3500-token input; 128 start
-# tokens by the official rule; the official repository's prompts (--chat_template official: no
+# tokens by the official rule; the official repository's prompts (--chat_template lacache: no
 # [INST] wrapper for meta-llama/Llama-2-*-chat-hf, see README). Then scoring and the paper-side table.
 #   bash scripts/table3_longbench.sh [--gpus N]   samples sharded over N GPUs with torchrun; ~4 GPU-hours per run
 #   bash scripts/table3_longbench.sh --smoke      embedded SmolLM2-135M, offline synthetic samples (~5 min CPU)
@@ -17,7 +17,7 @@ fi
 RUN=$(launcher)
 dir=$OUT/table3
 for model in "${MODELS[@]}"; do
-    common=(--model "$model" "${DATA[@]}" --chat_template official --output_dir "$dir")
+    common=(--model "$model" "${DATA[@]}" --chat_template lacache --output_dir "$dir")
     $RUN longbench/pred.py "${common[@]}" --method full
     $RUN longbench/pred.py "${common[@]}" --method streamingllm,lacache --budget 0.5 --span 16 --overlap 0
     $RUN longbench/pred.py "${common[@]}" --method streamingllm,lacache --budget 0.25 --span 9 --overlap 3

@@ -127,10 +127,10 @@ def test_data_parallel_shards_merge_to_the_single_process_result(tiny_dir, data_
 def test_chat_wrappers():
     from longbench.pred import encode, longbench_wrapper
 
-    assert longbench_wrapper("Q", "llama2-7b-chat-4k") == "[INST]Q[/INST]"
-    # the official repository passes the weights' path, which has no "llama2": no wrapper
-    assert longbench_wrapper("Q", "meta-llama/Llama-2-7b-chat-hf") is None
-    assert longbench_wrapper("Q", "lmsys/longchat-7b-v1.5-32k").endswith("USER: Q ASSISTANT:")
+    assert longbench_wrapper("llama2-7b-chat-4k") == ("[INST]", "[/INST]")
+    # the LaCache repository passes the weights' path, which has no "llama2": no wrapper
+    assert longbench_wrapper("meta-llama/Llama-2-7b-chat-hf") is None
+    assert longbench_wrapper("lmsys/longchat-7b-v1.5-32k")[1] == " ASSISTANT:"
     template = "{% for m in messages %}w7 {{ m['content'] }} w8{% endfor %}{% if add_generation_prompt %} w9{% endif %}"
     tok = tiny_tokenizer(chat_template=template)
 

@@ -1,0 +1,123 @@
+"""``niah/pred.py --protocol lacache`` against a re-derivation of the LaCache repository's
+``niah/pred.py`` @ 0f27c33 (``generate_prompt_landmark`` and its sweep loop)."""
+import csv
+import random
+import string
+import types
+
+import pytest
+
+# the official filler snippet and text, as that script has them
+SNIPPET = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+           "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+
+
+def reference_prompt(n_garbage: int, n_prefix: int, seed: int):
+    garbage = SNIPPET * 5000
+    key = random.Random(seed).randint(1, 99999)
+    lines = ["There is important information hidden in a lot of irrelevant text. Find it and memorize it. "
+             "You will be quizzed on this hidden information.",
+             garbage[:n_prefix], f"The pass key is {key}. Remember it. {key} is the pass key.",
+             garbage[:n_garbage - n_prefix], "What is the pass key? The pass key is"]
+    return "\n".join(lines), str(key)
+
+
+def reference_sweep(max_tokens: int, interval: int, num_tests: int):
+    """(point, n_garbage, prefix, depth label, seed) in the official loop order."""
+    out = []
+    for point in range(max_tokens // interval):
+        n_garbage = int(3.75 * (point + 1) * interval // 1024 * 1024)
+        for prefix in range(0, n_garbage + 1, max(n_garbage // 10, 1)):
+            for seed in range(num_tests):
+                out.append((point, n_garbage, prefix, round(prefix / n_garbage * 100, -1), seed))
+    return out
+
+
+def bos_char_tokenizer():
+    import transformers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(sorted(set(string.printable)))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def char_model_dir(tmp_path_factory):
+    from tiny import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny_char")
+    bos_char_tokenizer().save_pretrained(folder)
+    tiny_model("llama", "sdpa", layers=4).save_pretrained(folder)
+    return folder
+
+
+def run(folder, out, monkeypatch, *extra):
+    import niah.pred as pred
+
+    calls = []
+
+    def record(model, tok, ids, spec, limit, stop, **kwargs):
+        calls.append((ids[0].tolist(), limit, spec))
+        key = tok.decode(ids[0].tolist()).split("The pass key is ")[1].split(".")[0]
+        text = f" {key}" if len(calls) % 2 else " 0"  # every other test answers its key
+        return types.SimpleNamespace(text=text, prompt_tokens=ids.shape[1], seconds=0.0, peak_kv_bytes=0)
+
+    monkeypatch.setattr(pred, "answer", record)
+    rc = pred.main(["--model_name", str(folder), "--max_tokens", "1024", "--interval", "300", "--num_tests", "2",
+                    "--protocol", "lacache", "--device", "cpu", "--output_dir", str(out), *extra])
+    return rc, calls
+
+
+def test_prompts_keys_budgets_and_csv_follow_the_official_script(char_model_dir, tmp_path, monkeypatch):
+    tok = bos_char_tokenizer()
+    rc, calls = run(char_model_dir, tmp_path, monkeypatch, "--method", "full")
+    assert rc == 0
+    sweep = reference_sweep(1024, 300, 2)
+    assert len(calls) == len(sweep) == 3 * 11 * 2
+    for (ids, limit, _), (_, n_garbage, prefix, _, seed) in zip(calls, sweep):
+        text, key = reference_prompt(n_garbage, prefix, seed)
+        assert ids == tok(text).input_ids  # BOS, no chat template
+        assert limit == len(tok(key).input_ids)  # the official answer budget (BOS included)
+    # the same test index has the same key in every cell
+    assert len({reference_prompt(1024, p, 0)[1] for p in (0, 512, 1024)}) == 1
+    folder = next(tmp_path.glob("*__passkey-lacache__full"))
+    with open(folder / "official.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["Context Length", "Document Depth", "Score"] and len(rows) == 1 + 3 * 11
+    expected = []
+    for i in range(0, len(sweep), 2):
+        _, n_garbage, prefix, depth, _ = sweep[i]
+        tokens = sum(len(tok(reference_prompt(n_garbage, prefix, s)[0]).input_ids) for s in (0, 1))
+        expected.append([str(tokens // 2), f"{depth}", "1"])  # test 0 answers its key, test 1 does not
+    assert rows[1:] == expected
+
+
+def test_cache_budget_is_budget_times_prompt_tokens_with_64_sinks(char_model_dir, tmp_path, monkeypatch):
+    rc, calls = run(char_model_dir, tmp_path, monkeypatch, "--method", "lacache", "--span", "2", "--budget", "0.5")
+    assert rc == 0
+    for ids, _, spec in calls:
+        assert spec.cache_size == int(0.5 * len(ids)) and spec.start_size == 64
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--interval", "256"], "--interval must be >= 274 with --protocol lacache"),
+    (["--depths", "0,50"], "--depths cannot be used with --protocol lacache"),
+    (["--max_new_tokens", "8"], "--max_new_tokens cannot be used with --protocol lacache"),
+    (["--mode", "essays"], "--protocol lacache is the official passkey test"),
+])
+def test_official_protocol_flags_give_one_line_errors(char_model_dir, tmp_path, monkeypatch, capsys, flags, message):
+    rc, _ = run(char_model_dir, tmp_path, monkeypatch, *flags)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err.startswith("error: ") and message in err
+
+
+def test_official_column_labels():
+    from niah.official import column_label
+
+    assert column_label(1499, "full") == "1k" and column_label(2600, "full") == "3k"
+    assert column_label(11000, "lacache") == "11k" and column_label(16400, "lacache") == "16k"
