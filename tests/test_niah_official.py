@@ -7,6 +7,10 @@ import types
 
 import pytest
 
+from lacache_core.versions import HAS_CACHE_CLASSES
+
+pytestmark = pytest.mark.skipif(not HAS_CACHE_CLASSES, reason="prompt harnesses need transformers >= 4.36")
+
 # the official filler snippet and text, as that script has them
 SNIPPET = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
            "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
