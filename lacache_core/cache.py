@@ -143,7 +143,7 @@ class CompressedCache(DynamicCache):
                 query = rotation.from_slot(query, first)
             if self.stores_rotated(rotation, key):
                 new = rotation.from_slot(key[..., n - q_len:, :], first)
-                keys = self._rotate_new(layer_idx, key, value, q_len, new)
+                key = keys = self._rotate_new(layer_idx, key, value, q_len, new)
             elif slot:
                 keys = rotation.from_slot(key, 0)
             else:
@@ -158,7 +158,7 @@ class CompressedCache(DynamicCache):
             self.peak_bytes = max(self.peak_bytes, self._step_bytes)
         keep = policy.settle(layer_idx, n)
         if keep is not None:
-            kept_key, kept_value = gather_layer(keys if self._stored_rotated else key, value, keep)
+            kept_key, kept_value = gather_layer(key, value, keep)  # the stored keys, rotated or not
             if self._stored_rotated and slot:  # kept keys move down to slots 0 .. n_keep - 1
                 shift = keep.to(key.device) - torch.arange(keep.shape[-1], device=key.device)
                 kept_key = rotation.at(kept_key, shift, per_head=shift.dim() == 2, limit=n, inverse=True)

@@ -101,30 +101,32 @@ class Rotation:
         self.table = RopeTable(rotary_fn)
         self.apply_fn = apply_fn
         self._fast: Optional[bool] = None
-        self._identity = None
-        self._shifted = None
+        self._pass = None
+
+    def _for_pass(self, embeddings: Tuple[torch.Tensor, torch.Tensor]) -> dict:
+        """Pairs made for one forward pass: every layer of a pass gets the same ``embeddings`` object,
+        so what one layer builds from it serves the others."""
+        if self._pass is None or self._pass[0] is not embeddings:
+            self._pass = (embeddings, {})
+        return self._pass[1]
 
     def identity(self, embeddings: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(1, 0)`` tensors shaped like the model's ``(cos, sin)``: a rotation that leaves q and k as they are.
-
-        Every layer of a forward pass gets the same ``embeddings`` object, so one pair serves them all.
-        """
-        if self._identity is None or self._identity[0] is not embeddings:
+        """``(1, 0)`` tensors shaped like the model's ``(cos, sin)``: a rotation that leaves q and k as they are."""
+        pairs = self._for_pass(embeddings)
+        if "identity" not in pairs:
             cos, sin = embeddings
-            self._identity = (embeddings, (torch.ones_like(cos), torch.zeros_like(sin)))
-        return self._identity[1]
+            pairs["identity"] = (torch.ones_like(cos), torch.zeros_like(sin))
+        return pairs["identity"]
 
     def embeddings(self, first: int, like: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` shaped like the model's ``like`` pair, for positions ``first, first + 1, ...``.
 
         Given to the model's attention in place of its own, they make it rotate its new query and
-        keys to positions of our choosing with its own code. Layers at the same position share a pair.
+        keys to positions of our choosing with its own code.
         """
-        cos = like[0]
-        if self._shifted is None or self._shifted[0] is not like:
-            self._shifted = (like, {})
-        pairs = self._shifted[1]
+        pairs = self._for_pass(like)
         if first not in pairs:
+            cos = like[0]
             q = cos.shape[-2]
             table_cos, table_sin, _ = self.table.get(first + q, cos)
             pairs[first] = tuple(t[first:first + q].expand(cos.shape) for t in (table_cos, table_sin))

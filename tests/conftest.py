@@ -17,9 +17,6 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A saved 4-layer tiny Llama with the tiny word-level tokenizer: what the prompt harnesses load by path."""
-    from tiny import tiny_model, tiny_tokenizer
+    from tiny import save_tiny_model, tiny_tokenizer
 
-    folder = tmp_path_factory.mktemp("tiny_llama4")
-    tiny_tokenizer().save_pretrained(folder)
-    tiny_model("llama", "sdpa", layers=4).save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama4"), tiny_tokenizer())

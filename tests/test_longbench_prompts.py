@@ -12,6 +12,7 @@ import types
 import pytest
 
 from longbench.config import DATASETS, DATASETS_E, MAX_NEW_TOKENS, PROMPTS
+from tiny import char_tokenizer
 
 #: sha256 of each prompt string (UTF-8) of the reference dataset2prompt.json
 REFERENCE_PROMPT_SHA256 = {
@@ -92,23 +93,10 @@ def reference_ids(tokenizer, sample: dict, dataset: str, max_length: int, wrap_n
 TEMPLATE = "{% for m in messages %}<s>[U]{{ m['content'] }}[/U]{% endfor %}{% if add_generation_prompt %}[A]{% endif %}"
 
 
-def char_tokenizer(chat_template=None):
-    """One token per character, BOS added and removed as a special token (as Llama's tokenizer does)."""
-    import transformers
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
+def llama_char_tokenizer(chat_template=None):
+    """One token per character of the prompts, samples and wrappers, BOS as Llama's tokenizer adds it."""
     wrappers = "".join(reference_wrap("", n) for n in ("vicuna", "llama2", "xgen", "internlm")) + TEMPLATE
-    chars = sorted(set("".join(PROMPTS.values()) + SAMPLE_TEXT + wrappers))
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                                eos_token="</s>")
-    if chat_template:
-        fast.chat_template = chat_template
-    return fast
+    return char_tokenizer("".join(PROMPTS.values()) + SAMPLE_TEXT + wrappers, bos=True, chat_template=chat_template)
 
 
 SAMPLE_TEXT = "Paragraph 3: the quick brown fox 0123456789 {}[]()\n文章段落问题回答。"
@@ -156,7 +144,7 @@ def ids_reaching_generate(tmp_path, monkeypatch, tokenizer, flags, datasets, e=F
 @pytest.mark.parametrize("model,weights", MODELS)
 @pytest.mark.parametrize("mode", ["lacache", "longbench", "none", "official"])
 def test_rule_modes_give_the_reference_ids_for_every_dataset(tmp_path, monkeypatch, model, weights, mode):
-    tok = char_tokenizer()
+    tok = llama_char_tokenizer()
     seen, args = ids_reaching_generate(tmp_path, monkeypatch, tok, ["--model", model, "--chat_template", mode],
                                        DATASETS)
     wrap_name = {"lacache": weights, "official": weights, "longbench": model, "none": None}[mode]
@@ -168,7 +156,7 @@ def test_rule_modes_give_the_reference_ids_for_every_dataset(tmp_path, monkeypat
 
 
 def test_the_two_references_differ_for_llama2_only_in_the_wrapper(tmp_path, monkeypatch):
-    tok = char_tokenizer()
+    tok = llama_char_tokenizer()
     lacache, _ = ids_reaching_generate(tmp_path, monkeypatch, tok, ["--model", "llama2-7b-chat-4k",
                                                                      "--chat_template", "lacache"], ["hotpotqa"])
     thudm, _ = ids_reaching_generate(tmp_path, monkeypatch, tok, ["--model", "llama2-7b-chat-4k",
@@ -183,7 +171,7 @@ def test_the_two_references_differ_for_llama2_only_in_the_wrapper(tmp_path, monk
 
 @pytest.mark.parametrize("e", [False, True], ids=["longbench", "longbench-e"])
 def test_auto_uses_the_tokenizers_template_and_longbench_e_the_same_prompts(tmp_path, monkeypatch, e):
-    tok = char_tokenizer(TEMPLATE)
+    tok = llama_char_tokenizer(TEMPLATE)
     if not hasattr(tok, "apply_chat_template"):
         pytest.skip("chat templates need transformers >= 4.34")
     pool = DATASETS_E if e else DATASETS
@@ -206,10 +194,10 @@ def test_run_json_names_the_mode_and_wrapper(tmp_path, monkeypatch):
 
     args = pred.parse_args(["--model", "llama2-7b-chat-4k", "--chat_template", "longbench", "--max_length", "100"])
     pred.validate(args)
-    assert pred.chat_wrapper(args, char_tokenizer()) == {
+    assert pred.chat_wrapper(args, llama_char_tokenizer()) == {
         "mode": "longbench", "rule_applied_to": "llama2-7b-chat-4k", "wrapper": ["[INST]", "[/INST]"]}
     args.chat_template = "lacache"
-    assert pred.chat_wrapper(args, char_tokenizer())["wrapper"] is None
+    assert pred.chat_wrapper(args, llama_char_tokenizer())["wrapper"] is None
     assert pred.run_folder(args, "full").name.endswith("_chat-lacache")
 
 
@@ -228,7 +216,7 @@ def test_chatglm_rule_is_refused_in_one_line():
 def test_middle_truncation_at_its_boundary(max_length, extra):
     from lacache_core.generation import truncate_middle
 
-    tok = char_tokenizer()
+    tok = llama_char_tokenizer()
     text = ("the quick brown fox " * 10)[:max_length - 1 + extra]  # + BOS: max_length + extra tokens
     ids = tok(text, truncation=False).input_ids
     assert len(ids) == max_length + extra

@@ -2,33 +2,16 @@
 import csv
 import importlib.util
 import random
-import string
 
 import pytest
 
 from lacache_core.versions import HAS_CACHE_CLASSES
-from tiny import tiny_model, tiny_tokenizer
+from tiny import char_tokenizer, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(not HAS_CACHE_CLASSES, reason="prompt harnesses need transformers >= 4.36")
 
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
-
-
-def char_tokenizer(chat_template=None):
-    """One token per character (digits survive, unlike the tiny word-level tokenizer)."""
-    import transformers
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-
-    chars = sorted(set(string.printable))
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                                eos_token="</s>")
-    if chat_template:
-        fast.chat_template = chat_template
-    return fast
 
 
 ESSAYS = [" ".join(f"Essay {e} sentence {i} says something{'!' if i % 3 else '.'}" for i in range(40))

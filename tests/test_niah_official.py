@@ -2,12 +2,12 @@
 ``niah/pred.py`` @ 0f27c33 (``generate_prompt_landmark`` and its sweep loop)."""
 import csv
 import random
-import string
 import types
 
 import pytest
 
 from lacache_core.versions import HAS_CACHE_CLASSES
+from tiny import char_tokenizer, save_tiny_model
 
 pytestmark = pytest.mark.skipif(not HAS_CACHE_CLASSES, reason="prompt harnesses need transformers >= 4.36")
 
@@ -37,27 +37,9 @@ def reference_sweep(max_tokens: int, interval: int, num_tests: int):
     return out
 
 
-def bos_char_tokenizer():
-    import transformers
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(sorted(set(string.printable)))}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                                eos_token="</s>")
-
-
 @pytest.fixture(scope="module")
 def char_model_dir(tmp_path_factory):
-    from tiny import tiny_model
-
-    folder = tmp_path_factory.mktemp("tiny_char")
-    bos_char_tokenizer().save_pretrained(folder)
-    tiny_model("llama", "sdpa", layers=4).save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_char"), char_tokenizer(bos=True))
 
 
 def run(folder, out, monkeypatch, *extra):
@@ -78,7 +60,7 @@ def run(folder, out, monkeypatch, *extra):
 
 
 def test_prompts_keys_budgets_and_csv_follow_the_official_script(char_model_dir, tmp_path, monkeypatch):
-    tok = bos_char_tokenizer()
+    tok = char_tokenizer(bos=True)
     rc, calls = run(char_model_dir, tmp_path, monkeypatch, "--method", "full")
     assert rc == 0
     sweep = reference_sweep(1024, 300, 2)

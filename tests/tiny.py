@@ -81,6 +81,35 @@ def manual_next_logits(model, token, kv_unrotated, query_pos=None, key_positions
 TINY_WORDS = [f"w{i}" for i in range(120)]
 
 
+def char_tokenizer(chars=None, bos=False, chat_template=None):
+    """One token per character of ``chars`` (default: ``string.printable``; others are ``<unk>``), so digits
+    and wrapper text survive, unlike the tiny word-level tokenizer. Decoding joins the characters. With
+    ``bos``, encoding adds ``<s>`` and decoding with ``skip_special_tokens`` drops it, as Llama's tokenizer does."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    chars = sorted(set(string.printable if chars is None else chars))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def save_tiny_model(folder, tokenizer, layers=4):
+    """``folder`` holding ``tokenizer`` and a tiny sdpa Llama: what the harnesses load by path."""
+    tokenizer.save_pretrained(folder)
+    tiny_model("llama", "sdpa", layers=layers).save_pretrained(folder)
+    return folder
+
+
 def tiny_tokenizer(chat_template=None):
     """A whitespace word-level tokenizer over ``w0 .. w119`` plus ``<unk>``, ``<s>``, ``</s>`` and newline
     (vocabulary 124 < the tiny models' 128)."""
