@@ -29,11 +29,11 @@ from typing import Dict, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lacache_core.errors import ConfigError  # noqa: E402
-from lacache_core.cli import run_main  # noqa: E402
+from harness.runner import run_main  # noqa: E402
 from longbench.config import DATASETS, METRICS  # noqa: E402
 from longbench.metrics import BUCKETS, score, score_e  # noqa: E402
 
-#: run.json ``model`` -> the model name of ``lacache_core.paper.longbench``
+#: run.json ``model`` -> the model name of ``harness.paper.longbench``
 PAPER_MODELS = {
     "llama2-7b-chat-4k": "llama2-7b-chat",
     "llama2-13b-chat-4k": "llama2-13b-chat",
@@ -163,7 +163,7 @@ def paper_reference(run: dict):
         return None
     else:
         column = f"{method}_{float(run['budget']):g}"
-    from lacache_core.paper import longbench
+    from harness.paper import longbench
     numbers = longbench(model).get(column)
     return (model, column, numbers) if numbers else None
 

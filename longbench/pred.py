@@ -23,7 +23,6 @@ sample; rank 0 merges the shards), or ``--device auto`` to spread one large mode
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional, Tuple
@@ -32,15 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tqdm.auto import tqdm  # noqa: E402
-
-from lacache_core.cli import (add_method_flags, check_common, method_settings, method_tag,  # noqa: E402
-                              parse_methods, run_main)
+from harness.flags import add_method_flags, hyperparameters, method_identity, method_tag, parser  # noqa: E402
+from harness.generation import answer, budget_spec, encode_prompt, stop_token_ids, truncate_middle  # noqa: E402
+from harness.records import read_jsonl, sharded_results  # noqa: E402
+from harness.runner import (Run, add_model_flags, add_output_flags, check_budgets, check_run_flags, cli,  # noqa: E402
+                            load, progress)
 from lacache_core.errors import ConfigError  # noqa: E402
-from lacache_core.generation import (BudgetSpec, answer, budget_cache_size, encode_prompt,  # noqa: E402
-                                     stop_token_ids, truncate_middle)
-from lacache_core.records import init_distributed, local_device, read_jsonl, sharded_results  # noqa: E402
-from lacache_core.runlog import run_record, write_json  # noqa: E402
 from longbench.config import (DATASETS, DATASETS_E, MAX_NEW_TOKENS, MODEL_MAX_LENGTH, NO_CHAT,  # noqa: E402
                               PROMPTS)
 
@@ -63,44 +59,43 @@ DEFAULT_HUB = "THUDM/LongBench"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"LongBench model name (sets the maximum input length and weights): {sorted(MODEL_PATHS)}")
-    p.add_argument("--model_name_or_path", default=None, help="weights to load instead of --model's (hub or folder)")
-    p.add_argument("--e", action="store_true", help="LongBench-E (13 datasets, length buckets)")
-    p.add_argument("--datasets", default=None, help="comma list (default: all 21, or the 13 of LongBench-E with --e)")
-    p.add_argument("--max_length", type=int, default=None,
-                   help="maximum input tokens (default: LongBench's value for --model); the budget is a fraction of it")
-    p.add_argument("--num_samples", type=int, default=None, help="first N samples per dataset (quick runs)")
-    p.add_argument("--max_new_tokens", type=int, default=None,
-                   help="cap on answer tokens (default: LongBench's per-dataset length; quick runs only)")
-    p.add_argument("--data_dir", default=None,
+    p, g = parser(__doc__)
+    g["model"].add_argument("--model", default=DEFAULT_MODEL,
+                            help=f"LongBench model name (sets the maximum input length and the weights): "
+                                 f"{sorted(MODEL_PATHS)}; any other value is taken as the weights (then give "
+                                 "--max_length)")
+    add_model_flags(g["model"], default=None, names=("--model_name_or_path", "--model_name"),
+                    help="weights to load instead of --model's (hub name or local folder)")
+    d = g["data"]
+    d.add_argument("--e", action="store_true", help="LongBench-E (13 datasets, length buckets)")
+    d.add_argument("--datasets", default=None, help="comma list (default: all 21, or the 13 of LongBench-E with --e)")
+    d.add_argument("--data_dir", default=None,
                    help="folder of {dataset}.jsonl (LongBench's data.zip unpacked); default: --hub_dataset")
-    p.add_argument("--hub_dataset", default=DEFAULT_HUB, help="hub dataset with one config per LongBench dataset")
-    p.add_argument("--chat_template", choices=CHAT_MODES, default="auto",
+    d.add_argument("--hub_dataset", default=DEFAULT_HUB, help="hub dataset with one config per LongBench dataset")
+    d.add_argument("--num_samples", type=int, default=None, help="first N samples per dataset (quick runs)")
+    d.add_argument("--max_length", type=int, default=None,
+                   help="maximum input tokens (default: LongBench's value for --model); the budget is a fraction of it")
+    d.add_argument("--max_new_tokens", type=int, default=None,
+                   help="cap on answer tokens (default: LongBench's per-dataset length; quick runs only)")
+    d.add_argument("--chat_template", choices=CHAT_MODES, default="auto",
                    help="auto: the tokenizer's own chat template (none if it has none); lacache: LongBench's wrapper "
                         "rule applied to the weights' name as the LaCache repository's pred.py does (no wrapper for "
                         "meta-llama/Llama-2-7b-chat-hf: the paper's Table 3); longbench: the rule applied to the "
                         "LongBench model name, as THUDM/LongBench's pred.py does ([INST] for llama2-7b-chat-4k); "
-                        "none: raw prompts; official: old name of lacache"),
-    p.add_argument("--output_dir", default="outputs/longbench")
-    add_method_flags(p, span=16, overlap=0, budget=0.5)
-    args = p.parse_args(argv)
-    return args
+                        "none: raw prompts; official: old name of lacache")
+    add_method_flags(g["method"], budget=0.5)
+    add_output_flags(g["output"], "outputs/longbench")
+    return p.parse_args(argv)
 
 
 def validate(args) -> None:
-    check_common(args)
-    args.methods = parse_methods(args.method)
+    check_run_flags(args)
     pool = DATASETS_E if args.e else DATASETS
     args.dataset_list = pool if args.datasets is None else [d.strip() for d in args.datasets.split(",") if d.strip()]
     unknown = [d for d in args.dataset_list if d not in pool]
     if unknown:
         raise ConfigError(f"--datasets must be a comma list of {pool}{' (LongBench-E)' if args.e else ''}, "
                           f"got {','.join(unknown)}")
-    if args.model not in MODEL_PATHS and args.model_name_or_path is None:
-        raise ConfigError(f"--model must be one of {sorted(MODEL_PATHS)} (or give --model_name_or_path), "
-                          f"got {args.model!r}")
     if args.max_length is None:
         if args.model not in MODEL_MAX_LENGTH:
             raise ConfigError(f"--max_length is required for --model {args.model!r} (LongBench knows "
@@ -112,8 +107,8 @@ def validate(args) -> None:
         raise ConfigError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.num_samples is not None and args.num_samples < 1:
         raise ConfigError(f"--num_samples must be >= 1, got {args.num_samples}")
-    args.weights = args.model_name_or_path or MODEL_PATHS[args.model]
-    args.cache_size = budget_cache_size(args.budget, args.max_length)
+    args.weights = args.model_name_or_path or MODEL_PATHS.get(args.model, args.model)
+    args.model_name_or_path = args.weights
     if args.chat_template == "official":
         print("note: --chat_template official is the old name of --chat_template lacache", file=sys.stderr)
         args.chat_template = "lacache"
@@ -202,23 +197,38 @@ def encode(tokenizer, prompt: str, dataset: str, args) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- run
-def run_folder(args, method: str) -> Path:
-    chat = "" if args.chat_template == "auto" else f"_chat-{args.chat_template}"  # modes never share a folder
-    return Path(args.output_dir) / ("pred_e" if args.e else "pred") / f"{args.model}__{method_tag(args, method)}{chat}"
+def model_label(args) -> str:
+    return args.model if args.model in MODEL_PATHS else (Path(args.model.rstrip("/")).name or args.model)
 
 
-def predict_dataset(args, method, dataset, model, tokenizer, rank, world) -> Path:
+def run_name(args, method: str) -> str:
+    chat = "" if args.chat_template == "auto" else f"_chat-{args.chat_template}"  # readable; the hash has it too
+    return f"{model_label(args)}__{method_tag(args, method)}{chat}"
+
+
+def open_run(args, method: str, tokenizer) -> Run:
+    """The result folder of one method: readable name, the hash of the complete setting."""
+    name = run_name(args, method)
+    data = {"data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
+            "hub_dataset": None if args.data_dir else args.hub_dataset, "e": args.e}
+    setting = {"model": {**args.model_identity, "longbench_name": args.model}, "data": data,
+               "method": method_identity(args, method),
+               "generation": {"max_length": args.max_length, "max_new_tokens": args.max_new_tokens,
+                              "chat": chat_wrapper(args, tokenizer)},
+               "cache": {"dtype": args.dtype, "attn_implementation": args.attn_implementation}, "seed": None}
+    return Run(Path(args.output_dir) / ("pred_e" if args.e else "pred"), name, setting, args, args.rank)
+
+
+def predict_dataset(args, method, dataset, model, tokenizer, folder: Path) -> Path:
     name = f"{dataset}_e" if args.e else dataset
     samples = load_samples(name, args.data_dir, args.hub_dataset)[:args.num_samples]
     for i, sample in enumerate(samples):
         sample.setdefault("_id", f"{name}-{i}")
-    folder = run_folder(args, method)
     final = folder / f"{dataset}.jsonl"
-    spec = BudgetSpec(method, None if method == "full" else args.cache_size, args.start_size,
-                      settings=method_settings(args))
+    spec = budget_spec(args, method, args.max_length)
     stop = stop_token_ids(tokenizer, model, extra=["\n"] if dataset == "samsum" else ())
-    with sharded_results(final, samples, "_id", rank, world) as (todo, out):
-        for sample in tqdm(todo, desc=f"{method} {dataset}", disable=rank > 0):
+    with sharded_results(final, samples, "_id", args.rank, args.world) as (todo, out):
+        for sample in progress(todo, f"{method} {dataset}", args.rank):
             ids = encode(tokenizer, PROMPTS[dataset].format(**sample), dataset, args)
             limit = min(MAX_NEW_TOKENS[dataset], args.max_new_tokens or MAX_NEW_TOKENS[dataset])
             res = answer(model, tokenizer, ids, spec, limit, stop,
@@ -230,35 +240,24 @@ def predict_dataset(args, method, dataset, model, tokenizer, rank, world) -> Pat
     return final
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    return run_main(lambda _: _main(args))
-
-
 def _main(args) -> int:
-    validate(args)
-    from lacache_core import enable_position_shift
-    from lacache_core.models import load_model
-
-    rank, world = init_distributed()
-    model, tokenizer = load_model(args.weights, args.dtype, local_device(args.device), args.attn_implementation)
-    enable_position_shift(model)
+    model, tokenizer = load(args)
+    check_budgets(args, model, args.max_length, lambda m, n: budget_spec(args, m, n))
     for method in args.methods:
-        if method != "full":  # reject impossible budgets before the first sample
-            BudgetSpec(method, args.cache_size, args.start_size, settings=method_settings(args)).make(
-                model, args.max_length)
-        folder = run_folder(args, method)
-        if rank == 0:
-            write_json(folder / "run.json", run_record(
-                {k: v for k, v in vars(args).items() if k != "methods"},
-                model=args.model, method=method, budget=None if method == "full" else args.budget,
-                cache_size=None if method == "full" else args.cache_size, span=args.span, overlap=args.overlap,
-                max_length=args.max_length, e=args.e, world_size=world, chat=chat_wrapper(args, tokenizer)))
+        spec = budget_spec(args, method, args.max_length)
+        run = open_run(args, method, tokenizer)
+        run.start(model=args.model, method=method, budget=None if method == "full" else args.budget,
+                  cache_size=spec.cache_size, max_length=args.max_length, e=args.e, world_size=args.world,
+                  chat=chat_wrapper(args, tokenizer), **hyperparameters(args, method))
         for dataset in args.dataset_list:
-            predict_dataset(args, method, dataset, model, tokenizer, rank, world)
-        if rank == 0:
-            print(f"[{method}] predictions in {folder}; score them with: python longbench/eval.py --path {folder}")
+            predict_dataset(args, method, dataset, model, tokenizer, run.folder)
+        if args.rank == 0:
+            print(f"[{method}] predictions in {run.folder}; score them with: python longbench/eval.py "
+                  f"--path {run.folder}")
     return 0
+
+
+main = cli(parse_args, _main, validate)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lacache_core.cli import run_main  # noqa: E402
+from harness.runner import run_main  # noqa: E402
 from lacache_core.errors import ConfigError  # noqa: E402
 
 RETRIEVAL_PARAGRAPHS = 30  # LongBench's prompt says "Here are 30 paragraphs"
@@ -31,7 +31,7 @@ RETRIEVAL_PARAGRAPHS = 30  # LongBench's prompt says "Here are 30 paragraphs"
 
 def essay_paragraphs(words_per_paragraph: int) -> list:
     """Essay text cut into paragraphs of about ``words_per_paragraph`` words, on sentence ends."""
-    from lacache_core.data import pg_essays
+    from harness.data import pg_essays
 
     out = []
     for essay in pg_essays():

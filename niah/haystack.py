@@ -11,7 +11,7 @@ Two modes:
     digits appear in the answer, else 0 (the official rule ``str(key) in answer``).
 
 ``essays`` (Kamradt's needle-in-a-haystack)
-    Paul Graham's essays (``lacache_core.data.pg_essays()``), starting from an essay drawn per test
+    Paul Graham's essays (``harness.data.pg_essays()``), starting from an essay drawn per test
     (seeded like the pass keys) and cycling through all of them, with the sentence
     ``"The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny
     day."`` inserted at the depth, then ``"What is the best thing to do in San Francisco? Don't give
@@ -216,7 +216,7 @@ def build_prompt(tokenizer, mode: str, length: int, depth: float, seed: int, tes
 
     ``guess``: a unit count to start the size search from (e.g. the previous test's), to save tokenizer calls.
     """
-    from lacache_core.generation import encode_prompt
+    from harness.generation import encode_prompt
 
     if mode == "passkey":
         key = pass_key(seed, length, depth, test)

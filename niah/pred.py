@@ -31,7 +31,6 @@ Offline quick run on the embedded SmolLM2-135M-Instruct::
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import statistics
@@ -42,16 +41,13 @@ from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tqdm.auto import tqdm  # noqa: E402
-
-from lacache_core import paper  # noqa: E402
-from lacache_core.cli import (ArgumentParser, add_method_flags, check_common, method_settings, method_tag,  # noqa: E402
-                              parse_methods, run_main)
+from harness import paper  # noqa: E402
+from harness.flags import add_method_flags, hyperparameters, method_identity, method_tag, parser  # noqa: E402
+from harness.generation import BudgetSpec, answer, budget_spec, encode_prompt, stop_token_ids  # noqa: E402
+from harness.records import AppendOnlyFile  # noqa: E402
+from harness.runner import (Run, add_model_flags, add_output_flags, check_budgets, check_run_flags, cli,  # noqa: E402
+                            load, progress)
 from lacache_core.errors import ConfigError  # noqa: E402
-from lacache_core.generation import (BudgetSpec, answer, budget_cache_size, encode_prompt,  # noqa: E402
-                                     stop_token_ids)
-from lacache_core.records import AppendOnlyFile  # noqa: E402
-from lacache_core.runlog import run_record, write_json  # noqa: E402
 from niah import official  # noqa: E402
 from niah.haystack import MODES, Prompt, build_prompt, depth_label, score  # noqa: E402
 from niah.plot import average, cell_means, heatmap, length_label  # noqa: E402
@@ -68,33 +64,32 @@ PAPER_NOTE = ("Paper (LaCache, Figs. 8-9, passkey averages only): other models, 
 
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name", "--model_name_or_path", dest="model_name", default=DEFAULT_MODEL,
-                   help=f"hub name, local folder, or {DEFAULT_MODEL!r} (embedded SmolLM2-135M-Instruct, offline)")
-    p.add_argument("--max_tokens", type=int, default=4096, help="largest context length in tokens (official: 4096)")
-    p.add_argument("--interval", type=int, default=2948,
+def parse_args(argv=None):
+    p, g = parser(__doc__)
+    add_model_flags(g["model"], names=("--model_name", "--model_name_or_path", "--model"))
+    d = g["data"]
+    d.add_argument("--max_tokens", type=int, default=4096, help="largest context length in tokens (official: 4096)")
+    d.add_argument("--interval", type=int, default=2948,
                    help="context lengths are interval, 2*interval, ... up to max_tokens (official default 2948)")
-    p.add_argument("--num_tests", type=int, default=5, help="tests per (length, depth) cell (official: 5)")
-    p.add_argument("--enable_lacache", action="store_true", help="the official flag: same as --method lacache")
-    p.add_argument("--mode", choices=MODES, default="passkey",
+    d.add_argument("--num_tests", type=int, default=5, help="tests per (length, depth) cell (official: 5)")
+    d.add_argument("--mode", choices=MODES, default="passkey",
                    help="passkey: the paper's test; essays: Paul Graham essays + San Francisco needle")
-    p.add_argument("--depths", default=None,
+    d.add_argument("--depths", default=None,
                    help="comma list of needle depths in percent (default: 0,10,...,100, the official 11)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the pass keys / starting essays")
-    p.add_argument("--max_new_tokens", type=int, default=None, help="answer tokens (default: 16 passkey, 64 essays)")
-    p.add_argument("--no_chat", action="store_true",
+    d.add_argument("--seed", type=int, default=1234, help="seed of the pass keys / starting essays")
+    d.add_argument("--max_new_tokens", type=int, default=None, help="answer tokens (default: 16 passkey, 64 essays)")
+    d.add_argument("--no_chat", action="store_true",
                    help="feed the raw prompt (default: wrapped in the tokenizer's chat template when it has one)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="clean",
+    d.add_argument("--protocol", choices=PROTOCOLS, default="clean",
                    help="passkey construction. clean: prompts fitted to at most each length in tokens, whole "
                         "sentences, a key per cell, chat template; lacache: the LaCache repository's niah/pred.py "
                         "(filler sized in characters, ~3.75 per token; a key per test index; its wording; no chat "
                         "template; the key's token count as answer budget; its CSV), used by scripts/niah.sh")
-    p.add_argument("--output_dir", default="outputs/niah")
-    add_method_flags(p, span=14, overlap=0, budget=0.5,
+    g["method"].add_argument("--enable_lacache", action="store_true", help="the official flag: same as --method lacache")
+    add_method_flags(g["method"], default_method=None, budget=0.5, defaults={"span": 14},
                      start_help=f"leading tokens kept by every method (default {NIAH_START_SIZE}, as the official "
                                 "NIAH script)")
-    p.set_defaults(method=None)
+    add_output_flags(g["output"], "outputs/niah")
     return p.parse_args(argv)
 
 
@@ -111,13 +106,13 @@ def parse_depths(text) -> List[float]:
 
 
 def validate(args) -> None:
-    check_common(args)
     if args.enable_lacache:
         if args.method is None:
             args.method = "lacache"
-        elif "lacache" not in parse_methods(args.method):
+        elif "lacache" not in [m.strip() for m in args.method.split(",")]:
             raise ConfigError(f"--enable_lacache means --method lacache, but --method is {args.method!r}")
-    args.methods = parse_methods(args.method or "full")
+    args.method = args.method or "full"
+    check_run_flags(args)
     if args.max_tokens < 1:
         raise ConfigError(f"--max_tokens must be >= 1, got {args.max_tokens}")
     if not 1 <= args.interval <= args.max_tokens:
@@ -161,9 +156,23 @@ def model_label(name: str) -> str:
     return Path(name.rstrip("/")).name or name
 
 
-def run_folder(args, method: str) -> Path:
+def answer_tokens(args):
+    return "key tokens + 1" if args.protocol == "lacache" else args.max_new_tokens
+
+
+def open_run(args, method: str) -> Run:
+    """The result folder of one method: readable name, the hash of the complete setting. The grid (lengths,
+    depths, tests) is not part of it: rows are keyed by cell, so a wider rerun extends the same results."""
     mode = args.mode if args.protocol == "clean" else f"{args.mode}-{args.protocol}"
-    return Path(args.output_dir) / f"{model_label(args.model_name)}__{mode}__{method_tag(args, method)}"
+    ident = method_identity(args, method)
+    if method != "full":
+        ident["start_size"] = start_size(args)
+    setting = {"model": args.model_identity, "data": {"mode": args.mode, "protocol": args.protocol},
+               "method": ident,
+               "generation": {"max_new_tokens": answer_tokens(args), "chat": not args.no_chat and args.protocol == "clean"},
+               "cache": {"dtype": args.dtype, "attn_implementation": args.attn_implementation}, "seed": args.seed}
+    return Run(args.output_dir, f"{model_label(args.model_name_or_path)}__{mode}__{method_tag(args, method)}", setting,
+               args)
 
 
 # ----------------------------------------------------------------------------------------- results file
@@ -252,7 +261,7 @@ def paper_table() -> str:
 
 def write_summary(args, method: str, folder: Path, rows: List[dict]) -> str:
     budget = "full cache" if method == "full" else f"budget {args.budget:g} x prompt tokens, start {start_size(args)}"
-    head = f"## NIAH {args.mode}: {model_label(args.model_name)}, {method_tag(args, method)} ({budget})"
+    head = f"## NIAH {args.mode}: {model_label(args.model_name_or_path)}, {method_tag(args, method)} ({budget})"
     table = summary_table(rows)
     (folder / "summary.md").write_text(f"{head}\n\n{table}\n\n{PAPER_NOTE}\n\n{paper_table()}\n", encoding="utf-8")
     return f"{head}\n\n{table}"
@@ -261,13 +270,7 @@ def write_summary(args, method: str, folder: Path, rows: List[dict]) -> str:
 # ----------------------------------------------------------------------------------------- run
 def make_spec(args, method: str, prompt_tokens: int) -> BudgetSpec:
     """The cache of one prompt: ``budget x prompt_tokens`` slots (official NIAH), ``start_size`` sinks."""
-    if method == "full":
-        return BudgetSpec("full")
-    cache_size, start = budget_cache_size(args.budget, prompt_tokens), start_size(args)
-    if cache_size <= start:
-        raise ConfigError(f"--budget {args.budget:g} gives a {cache_size}-slot cache for a {prompt_tokens}-token "
-                          f"prompt, not more than --start_size {start}; raise --budget or lower --start_size")
-    return BudgetSpec(method, cache_size, start, settings=method_settings(args))
+    return budget_spec(args, method, prompt_tokens, start_size=NIAH_START_SIZE)
 
 
 def make_prompt(args, tokenizer, length: int, depth: float, test: int, essays=None, guess=None):
@@ -310,22 +313,20 @@ def write_official_csv(args, method: str, folder: Path, rows: List[dict]) -> Dic
 
 
 def run_method(args, method, model, tokenizer, essays, stop) -> List[dict]:
-    folder = run_folder(args, method)
-    settings = method_settings(args)
-    common = dict(model=model_label(args.model_name), method=method, mode=args.mode, protocol=args.protocol,
+    run = open_run(args, method)
+    folder = run.folder
+    common = dict(model=model_label(args.model_name_or_path), method=method, mode=args.mode, protocol=args.protocol,
                   lengths=args.lengths, depths=args.depth_list, num_tests=args.num_tests,
-                  max_new_tokens="key tokens + 1" if args.protocol == "lacache" else args.max_new_tokens,
-                  chat=not args.no_chat and args.protocol == "clean", budget=None if method == "full" else args.budget,
-                  start_size=None if method == "full" else start_size(args),
-                  settings=None if method == "full" else settings)
-    run_args = {k: v for k, v in vars(args).items() if k not in ("methods", "cells", "max_new_tokens_given")}
-    write_json(folder / "run.json", run_record(run_args, **common))
+                  max_new_tokens=answer_tokens(args), chat=not args.no_chat and args.protocol == "clean",
+                  budget=None if method == "full" else args.budget,
+                  start_size=None if method == "full" else start_size(args), **hyperparameters(args, method))
+    run.start(**common)
     cells = grid_cells(args)
     guesses = {}
     t0 = time.perf_counter()
     with CsvResults(folder / "results.csv") as out:
         todo = [c for c in cells if _key(*c) not in out.done]
-        for length, depth, test in tqdm(todo, desc=f"{method} {args.mode}"):
+        for length, depth, test in progress(todo, f"{method} {args.mode}"):
             prompt, limit = make_prompt(args, tokenizer, length, depth, test, essays, guesses.get(length))
             guesses[length] = prompt.units
             spec = make_spec(args, method, prompt.tokens)
@@ -337,9 +338,8 @@ def run_method(args, method, model, tokenizer, essays, stop) -> List[dict]:
         wanted = {_key(*c) for c in cells}  # the file may hold other cells from a wider earlier run
         rows = [r for r in out.rows if _key(r["context_length"], r["depth"], r["test"]) in wanted]
     means = cell_means(rows)
-    write_json(folder / "run.json", run_record(run_args, **common, average_score=average(means),
-                                               seconds=round(time.perf_counter() - t0, 1), tests=len(rows)))
-    title = f"{model_label(args.model_name)} {args.mode}, {method_tag(args, method)}"
+    run.finish(**common, average_score=average(means), seconds=round(time.perf_counter() - t0, 1), tests=len(rows))
+    title = f"{model_label(args.model_name_or_path)} {args.mode}, {method_tag(args, method)}"
     labels = write_official_csv(args, method, folder, rows) if args.protocol == "lacache" else None
     if heatmap(rows, folder / "heatmap.png", title, labels) is None:
         print("note: matplotlib is not installed; no heatmap.png (pip install matplotlib, then "
@@ -364,33 +364,24 @@ def comparison(args, results) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    return run_main(_main, argv)
-
-
-def _main(argv) -> int:
-    args = parse_args(argv)
-    validate(args)
-    from lacache_core import enable_position_shift
-    from lacache_core.models import load_model
-
+def _main(args) -> int:
     essays = None
     if args.mode == "essays":
-        from lacache_core.data import pg_essays
+        from harness.data import pg_essays
         essays = pg_essays()
-    model, tokenizer = load_model(args.model_name, args.dtype, args.device, args.attn_implementation)
-    enable_position_shift(model)
+    model, tokenizer = load(args)
     stop = stop_token_ids(tokenizer, model)
     # reject impossible budgets before the first test: the smallest prompt gets the smallest cache
     length, depth, _ = grid_cells(args)[0]
     first, _ = make_prompt(args, tokenizer, length, depth, 0, essays)
-    for method in args.methods:
-        if method != "full":
-            make_spec(args, method, first.tokens).make(model, first.tokens)
+    check_budgets(args, model, first.tokens, lambda m, n: make_spec(args, m, n))
     results = {m: run_method(args, m, model, tokenizer, essays, stop) for m in args.methods}
     if len(results) > 1:
         print(f"\n## average score per context length ({args.mode})\n\n{comparison(args, results)}")
     return 0
+
+
+main = cli(parse_args, _main, validate)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ppl.run import main  # noqa: E402
+from ppl.run import legacy_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(legacy=True))
+    sys.exit(legacy_main())

@@ -23,9 +23,10 @@ from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lacache_core import paper  # noqa: E402
+from harness import paper  # noqa: E402
 from lacache_core.errors import ConfigError  # noqa: E402
-from lacache_core.cli import ArgumentParser, run_main  # noqa: E402
+from harness.flags import ArgumentParser  # noqa: E402
+from harness.runner import run_main  # noqa: E402
 from ruler.metrics import metric_for  # noqa: E402
 from ruler.tasks import TASK_NAMES  # noqa: E402
 

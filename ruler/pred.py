@@ -13,42 +13,39 @@ Example (offline, embedded model)::
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tqdm.auto import tqdm  # noqa: E402
-
-from lacache_core.cli import (add_method_flags, check_common, method_settings, method_tag,  # noqa: E402
-                              parse_methods, run_main)
+from harness.flags import add_method_flags, hyperparameters, method_identity, method_tag, parser  # noqa: E402
+from harness.generation import answer, budget_spec, encode_prompt, stop_token_ids  # noqa: E402
+from harness.records import read_jsonl, sharded_results  # noqa: E402
+from harness.runner import (Run, add_model_flags, add_output_flags, check_budgets, check_run_flags, cli,  # noqa: E402
+                            load, progress)
 from lacache_core.errors import ConfigError  # noqa: E402
-from lacache_core.generation import BudgetSpec, answer, budget_cache_size, encode_prompt, stop_token_ids  # noqa: E402
-from lacache_core.models import DEFAULT_MODEL  # noqa: E402
-from lacache_core.records import init_distributed, local_device, read_jsonl, sharded_results  # noqa: E402
-from lacache_core.runlog import run_record, write_json  # noqa: E402
 
 TASKS = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
          "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name_or_path", default=DEFAULT_MODEL, help="hub name, local folder or the embedded alias")
-    p.add_argument("--data_dir", required=True, help="folder of {task}.jsonl written by ruler/prepare.py")
-    p.add_argument("--tasks", default=None, help=f"comma list (default: every task file in --data_dir of {TASKS})")
-    p.add_argument("--num_samples", type=int, default=None, help="first N samples per task")
-    p.add_argument("--no_chat", action="store_true", help="do not wrap prompts in the tokenizer's chat template")
-    p.add_argument("--output_dir", default="outputs/ruler")
-    add_method_flags(p, span=16, overlap=0, budget=0.5)
+    p, g = parser(__doc__)
+    add_model_flags(g["model"])
+    g["data"].add_argument("--data_dir", required=True, help="folder of {task}.jsonl written by ruler/prepare.py")
+    g["data"].add_argument("--tasks", default=None,
+                           help=f"comma list (default: every task file in --data_dir of {TASKS})")
+    g["data"].add_argument("--num_samples", type=int, default=None, help="first N samples per task")
+    g["data"].add_argument("--no_chat", action="store_true",
+                           help="do not wrap prompts in the tokenizer's chat template")
+    add_method_flags(g["method"], budget=0.5)
+    add_output_flags(g["output"], "outputs/ruler")
     return p.parse_args(argv)
 
 
 def validate(args) -> None:
-    check_common(args)
-    args.methods = parse_methods(args.method)
+    check_run_flags(args)
     data = Path(args.data_dir)
     if not data.is_dir():
         raise ConfigError(f"--data_dir {data}: no such folder (write one with ruler/prepare.py)")
@@ -65,63 +62,59 @@ def validate(args) -> None:
         raise ConfigError(f"--num_samples must be >= 1, got {args.num_samples}")
 
 
-def run_folder(args, method: str) -> Path:
+def prepare_record(args) -> dict:
+    path = Path(args.data_dir) / "prepare.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def open_run(args, method: str) -> Run:
     model = Path(args.model_name_or_path.rstrip("/")).name
-    return Path(args.output_dir) / f"{model}__{Path(args.data_dir).name}__{method_tag(args, method)}"
+    prepared = prepare_record(args).get("args", {})
+    setting = {"model": args.model_identity,
+               "data": {"data_dir": str(Path(args.data_dir).resolve()), "prepared_with": prepared},
+               "method": method_identity(args, method), "generation": {"chat": not args.no_chat},
+               "cache": {"dtype": args.dtype, "attn_implementation": args.attn_implementation},
+               "seed": prepared.get("seed")}
+    return Run(args.output_dir, f"{model}__{Path(args.data_dir).name}__{method_tag(args, method)}", setting, args,
+               args.rank)
 
 
-def predict_task(args, method, task, model, tokenizer, rank, world) -> None:
+def predict_task(args, method, task, model, tokenizer, folder: Path) -> None:
     samples = read_jsonl(Path(args.data_dir) / f"{task}.jsonl")[:args.num_samples]
-    final = run_folder(args, method) / f"{task}.jsonl"
+    final = folder / f"{task}.jsonl"
     stop = stop_token_ids(tokenizer, model)
-    with sharded_results(final, samples, "index", rank, world) as (todo, out):
-        for sample in tqdm(todo, desc=f"{method} {task}", disable=rank > 0):
+    with sharded_results(final, samples, "index", args.rank, args.world) as (todo, out):
+        for sample in progress(todo, f"{method} {task}", args.rank):
             ids = encode_prompt(tokenizer, sample["input"], chat=not args.no_chat,
                                 answer_prefix=sample.get("answer_prefix", ""))
-            cache_size = None if method == "full" else budget_cache_size(args.budget, ids.shape[1])
-            spec = BudgetSpec(method, cache_size, args.start_size, settings=method_settings(args))
+            spec = budget_spec(args, method, ids.shape[1])
             res = answer(model, tokenizer, ids, spec, sample["max_new_tokens"], stop,
                          prefill_chunk_size=args.prefill_chunk_size)
             out.append({"index": sample["index"], "pred": res.text, "outputs": sample["outputs"],
-                        "length": sample["length"], "prompt_tokens": res.prompt_tokens, "cache_size": cache_size,
+                        "length": sample["length"], "prompt_tokens": res.prompt_tokens, "cache_size": spec.cache_size,
                         "seconds": round(res.seconds, 3), "peak_kv_bytes": res.peak_kv_bytes})
 
 
 def _main(args) -> int:
-    validate(args)
-    from lacache_core import enable_position_shift
-    from lacache_core.models import load_model
-
-    rank, world = init_distributed()
-    model, tokenizer = load_model(args.model_name_or_path, args.dtype, local_device(args.device),
-                                  args.attn_implementation)
-    enable_position_shift(model)
+    model, tokenizer = load(args)
     prepared = read_jsonl(Path(args.data_dir) / f"{args.task_list[0]}.jsonl")
-    prepare_record = Path(args.data_dir) / "prepare.json"
-    max_length = (json.loads(prepare_record.read_text()).get("args", {}).get("max_length")
-                  if prepare_record.exists() else None) or max((s["length"] for s in prepared), default=None)
+    max_length = prepare_record(args).get("args", {}).get("max_length") or max(
+        (s["length"] for s in prepared), default=None)
+    if prepared:
+        check_budgets(args, model, prepared[0]["length"], lambda m, n: budget_spec(args, m, n))
     for method in args.methods:
-        if method != "full" and prepared:  # reject impossible budgets before the first sample
-            n = prepared[0]["length"]
-            BudgetSpec(method, budget_cache_size(args.budget, n), args.start_size,
-                       settings=method_settings(args)).make(model, n)
-        folder = run_folder(args, method)
-        if rank == 0:
-            write_json(folder / "run.json", run_record(
-                {k: v for k, v in vars(args).items() if k != "methods"}, model=args.model_name_or_path,
-                method=method, budget=None if method == "full" else args.budget, span=args.span,
-                overlap=args.overlap, max_length=max_length,
-                world_size=world))
+        run = open_run(args, method)
+        run.start(model=args.model_name_or_path, method=method, budget=None if method == "full" else args.budget,
+                  max_length=max_length, world_size=args.world, **hyperparameters(args, method))
         for task in args.task_list:
-            predict_task(args, method, task, model, tokenizer, rank, world)
-        if rank == 0:
-            print(f"[{method}] predictions in {folder}; score them with: python ruler/eval.py --pred_dir {folder}")
+            predict_task(args, method, task, model, tokenizer, run.folder)
+        if args.rank == 0:
+            print(f"[{method}] predictions in {run.folder}; score them with: python ruler/eval.py --pred_dir "
+                  f"{run.folder}")
     return 0
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    return run_main(lambda _: _main(args))
+main = cli(parse_args, _main, validate)
 
 
 if __name__ == "__main__":

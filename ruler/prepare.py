@@ -29,9 +29,10 @@ from urllib.parse import urlparse
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lacache_core.errors import ConfigError  # noqa: E402
-from lacache_core.cli import ArgumentParser, run_main  # noqa: E402
-from lacache_core.models import DEFAULT_MODEL, resolve_model_path  # noqa: E402
-from lacache_core.runlog import run_record, write_json  # noqa: E402
+from harness.flags import ArgumentParser  # noqa: E402
+from harness.runner import run_main  # noqa: E402
+from harness.models import DEFAULT_MODEL, resolve_model_path  # noqa: E402
+from harness.runlog import run_record, write_json  # noqa: E402
 from ruler.tasks import TASK_NAMES, TASKS, RulerGenerator, load_hotpotqa, load_squad  # noqa: E402
 
 # --squad / --hotpotqa: the task they feed, the default hub dataset, and the official file they accept.

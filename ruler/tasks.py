@@ -7,7 +7,7 @@ distractor needles, list entries or documents) and a random generator re-seeded 
 ``n`` is searched so that ``input + answer_prefix`` plus the task's ``max_new_tokens`` fits
 ``max_length`` tokens of the target tokenizer as tightly as the haystack unit allows.
 
-Offline sources: the Paul Graham essays of ``lacache_core.data.pg_essays()`` (the essay haystack,
+Offline sources: the Paul Graham essays of ``harness.data.pg_essays()`` (the essay haystack,
 and the vocabulary of common words for ``cwe``); word keys are ``adjective-noun`` pairs from the
 lists below (RULER draws the same shape from ``wonderwords``). SQuAD v2.0 / HotpotQA are read by
 :func:`load_squad` / :func:`load_hotpotqa` from the official JSON files or ``datasets`` rows.
@@ -153,7 +153,7 @@ _ESSAY_FIXES = str.maketrans({"\x97": "\u2014", "\x92": "\u2019", "\x93": "\u201
 @lru_cache(maxsize=1)
 def essay_words() -> Tuple[str, ...]:
     """All Paul Graham essays as one whitespace-split word sequence (RULER's essay haystack)."""
-    from lacache_core.data import pg_essays
+    from harness.data import pg_essays
 
     text = " ".join(e.translate(_ESSAY_FIXES) for e in pg_essays())
     return tuple(text.split())

@@ -32,8 +32,8 @@ from lacache_core import CompressedCache, ConfigError, build_policy, enable_posi
 from lacache_core.cache import kv_bytes, prefill  # noqa: E402
 from lacache_core.policies.base import CachePolicy  # noqa: E402
 from lacache_core.reference import ReferenceLaCache  # noqa: E402
-from lacache_core.models import load_model  # noqa: E402
-from lacache_core.runlog import process_rss_bytes, run_record, write_json  # noqa: E402
+from harness.models import load_model  # noqa: E402
+from harness.runlog import process_rss_bytes, run_record, write_json  # noqa: E402
 from lacache_core.versions import DTYPE_KWARG, with_cache  # noqa: E402
 
 
@@ -229,7 +229,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         if args.model in SHAPES:
-            from lacache_core.models import parse_dtype
+            from harness.models import parse_dtype
             model = random_llama(args.model, args.device, parse_dtype(args.dtype), args.attn_implementation)
             vocab = model.config.vocab_size
         else:

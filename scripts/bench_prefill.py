@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def one_run(args) -> dict:
     from lacache_core import build_policy, CompressedCache, enable_position_shift, prefill
     from lacache_core.versions import with_cache  # noqa: E402
-    from lacache_core.data import load_texts
-    from lacache_core.models import load_model
+    from harness.data import load_texts
+    from harness.models import load_model
 
     model, tok = load_model(args.model, "float32", "cpu", "sdpa")
     text = "\n\n".join(load_texts(args.dataset_name))
@@ -77,7 +77,7 @@ def main(argv=None):
         rows.append(row)
         print(f"chunk {row['chunk'] or 'whole':>6}: prefill {row['prefill_s']:.1f} s, peak RSS {row['peak_rss_mib']:.0f} MiB, "
               f"peak KV {row['peak_kv_mib']:.1f} MiB, continuation ppl {row['continuation_ppl']:.3f}", flush=True)
-    from lacache_core.runlog import run_record, write_json
+    from harness.runlog import run_record, write_json
     write_json(Path(args.output), run_record(vars(args), rows=rows))
     print(f"results: {args.output}")
     return 0

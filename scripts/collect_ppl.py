@@ -11,9 +11,9 @@ from pathlib import Path
 
 
 def rows(folder: Path):
-    for path in sorted(folder.rglob("summary.json")):
+    for path in sorted(folder.rglob("run.json")):
         run = json.loads(path.read_text())
-        if not run.get("complete"):
+        if not run.get("complete") or "ppl" not in (run.get("results") or {}):  # finished perplexity runs only
             continue
         args, res, pol = run["args"], run["results"], run.get("policy", {})
         extra = {k: v for k, v in pol.items() if k not in ("method", "cache_size", "start_size", "num_layers")}

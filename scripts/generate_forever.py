@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lacache_core import ConfigError, enable_position_shift, make_cache  # noqa: E402
 from lacache_core.versions import with_cache  # noqa: E402
-from lacache_core.models import load_model  # noqa: E402
-from lacache_core.runlog import process_rss_bytes, run_record, write_json  # noqa: E402
+from harness.models import load_model  # noqa: E402
+from harness.runlog import process_rss_bytes, run_record, write_json  # noqa: E402
 
 
 class Reporter:

@@ -21,8 +21,8 @@ from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lacache_core import paper  # noqa: E402
-from lacache_core.plots import running_ppl_plot  # noqa: E402
+from harness import paper  # noqa: E402
+from harness.plots import running_ppl_plot  # noqa: E402
 from longbench.eval import PAPER_MODELS  # noqa: E402  (LongBench model name -> the paper's)
 
 TRAINED_CONTEXT = 8192  # SmolLM2's; only runs longer than this get the "past the trained context" table
@@ -76,9 +76,9 @@ class Assets:
 # ------------------------------------------------------------------------------------------ perplexity
 def ppl_runs(folder: Path) -> List[dict]:
     runs = []
-    for path in sorted(folder.rglob("summary.json")):
+    for path in sorted(folder.rglob("run.json")):
         run = json.loads(path.read_text())
-        if run.get("complete"):
+        if run.get("complete") and "ppl" in (run.get("results") or {}):  # a perplexity run, finished
             run["folder"] = path.parent
             runs.append(run)
     return runs
@@ -109,7 +109,8 @@ def ppl_section(title: str, folder: Path, table: Optional[str], assets: Assets, 
         if table == "Table 2":
             label = "full" if method == "full" else METHOD_LABELS.get(method, method)
         paper_row = ref.get(label, {}) if model in PPL_MODELS else {}
-        ladder = f"S{a['span']} O{a['overlap']}" if method == "lacache" else ""
+        pol = r.get("policy") or a  # the resolved hyper-parameters (args hold None for "the method's default")
+        ladder = f"S{pol.get('span')} O{pol.get('overlap')}" if method == "lacache" else ""
         cells = [cell(res["checkpoints"].get(k), paper_row.get(k)) for k in lengths]
         lines.append(f"| {model} | {Path(a['dataset_name']).name} | {method} | {cache} | {ladder} | "
                      + "".join(f"{c} | " for c in cells) + f"{res['ppl']:.2f} ({res['tokens_scored']}) | "

@@ -1,11 +1,11 @@
-"""lacache_core.generation: budgets, greedy answers under every kind of cache, chunked prefill."""
+"""harness.generation: budgets, greedy answers under every kind of cache, chunked prefill."""
 import pytest
 import torch
 
 from lacache_core import ConfigError, enable_position_shift, make_cache
 from lacache_core.versions import with_cache
 from lacache_core.cache import kv_bytes
-from lacache_core.generation import (BudgetSpec, answer, budget_cache_size, greedy_answer, official_start_size,
+from harness.generation import (BudgetSpec, answer, budget_cache_size, greedy_answer, official_start_size,
                                      stop_token_ids, truncate_middle)
 from lacache_core.versions import HAS_CACHE_CLASSES
 from tiny import tiny_model, tiny_tokenizer

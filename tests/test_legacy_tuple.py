@@ -46,7 +46,7 @@ def test_after_eviction_matches_from_scratch_step(policy):
 
 def test_scoring_methods_need_cache_objects():
     from lacache_core import H2O, ConfigError
-    from lacache_core.streaming import stream_perplexity
+    from harness.streaming import stream_perplexity
 
     model = tiny_model("llama", "eager")
     with pytest.raises(ConfigError, match="--method h2o"):

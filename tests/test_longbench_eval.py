@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lacache_core.errors import ConfigError
-from lacache_core.paper import longbench as paper_longbench
+from harness.paper import longbench as paper_longbench
 from longbench.eval import main
 
 EVAL_SCRIPT = Path(__file__).resolve().parents[1] / "longbench" / "eval.py"

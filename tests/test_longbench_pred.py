@@ -5,7 +5,7 @@ import random
 import pytest
 
 from lacache_core.versions import HAS_CACHE_CLASSES
-from tiny import TINY_WORDS, tiny_model, tiny_tokenizer
+from tiny import TINY_WORDS, result_dir, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(not HAS_CACHE_CLASSES, reason="prompt harnesses need transformers >= 4.36")
 
@@ -48,8 +48,9 @@ def read(path):
 
 def test_predictions_for_each_method_and_budget(tiny_dir, data_dir, tmp_path):
     assert run(tiny_dir, data_dir, tmp_path, "--method", "full,streamingllm,lacache", "--budget", "0.25") == 0
-    folders = sorted((tmp_path / "pred").iterdir())
-    assert [f.name for f in folders] == ["tiny__full", "tiny__lacache_b0.25_S2_O0", "tiny__streamingllm_b0.25"]
+    folders = [result_dir(tmp_path / "pred", name)
+               for name in ("tiny__full", "tiny__lacache_b0.25_S2_O0", "tiny__streamingllm_b0.25")]
+    assert len(list((tmp_path / "pred").iterdir())) == 3
     for folder in folders:
         meta = json.loads((folder / "run.json").read_text())
         assert meta["max_length"] == 200 and "transformers" in meta["versions"]
@@ -58,10 +59,10 @@ def test_predictions_for_each_method_and_budget(tiny_dir, data_dir, tmp_path):
             assert [r["_id"] for r in rows] == [f"{name}-{i}" for i in range(3)]
             assert all({"pred", "answers", "all_classes", "length"} <= set(r) for r in rows)
             assert all(r["prompt_tokens"] <= 200 + 60 for r in rows)  # truncated prompt + prompt format
-    lacache = json.loads((tmp_path / "pred" / "tiny__lacache_b0.25_S2_O0" / "run.json").read_text())
+    lacache = json.loads((result_dir(tmp_path / "pred", "tiny__lacache_b0.25_S2_O0") / "run.json").read_text())
     assert lacache["cache_size"] == 50 and lacache["budget"] == 0.25
-    full = read(tmp_path / "pred" / "tiny__full" / "hotpotqa.jsonl")
-    small = read(tmp_path / "pred" / "tiny__lacache_b0.25_S2_O0" / "hotpotqa.jsonl")
+    full = read(result_dir(tmp_path / "pred", "tiny__full") / "hotpotqa.jsonl")
+    small = read(result_dir(tmp_path / "pred", "tiny__lacache_b0.25_S2_O0") / "hotpotqa.jsonl")
     assert all(f["peak_kv_bytes"] > s["peak_kv_bytes"] > 0 for f, s in zip(full, small) if f["prompt_tokens"] > 60)
     # and the folders score with longbench/eval.py: every dataset, one metric family each
     pytest.importorskip("rouge")
@@ -90,37 +91,37 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tiny_dir, data_dir, 
     with pytest.raises(KeyboardInterrupt):
         run(tiny_dir, data_dir, tmp_path / "cut", "--method", "lacache", "--budget", "0.25")
     monkeypatch.setattr(pred, "answer", real)
-    folder = tmp_path / "cut" / "pred" / "tiny__lacache_b0.25_S2_O0"
+    folder = result_dir(tmp_path / "cut" / "pred", "tiny__lacache_b0.25_S2_O0")
     assert sum(len(read(p)) for p in folder.glob("*.jsonl")) == 7
     with open(folder / "trec.jsonl", "a") as f:
         f.write('{"_id": "trec-1", "pred')  # and a line cut short by the kill
     assert run(tiny_dir, data_dir, tmp_path / "cut", "--method", "lacache", "--budget", "0.25") == 0
-    clean = tmp_path / "clean" / "pred" / "tiny__lacache_b0.25_S2_O0"
+    clean = result_dir(tmp_path / "clean" / "pred", "tiny__lacache_b0.25_S2_O0")
     for name in DATASETS:
         a, b = read(clean / f"{name}.jsonl"), read(folder / f"{name}.jsonl")
         assert [(r["_id"], r["pred"]) for r in a] == [(r["_id"], r["pred"]) for r in b]
 
 
 def test_data_parallel_shards_merge_to_the_single_process_result(tiny_dir, data_dir, tmp_path, monkeypatch):
-    import lacache_core.records as records
-    import longbench.pred as pred
+    import harness.records as records
+    import harness.runner as runner
 
     assert run(tiny_dir, data_dir, tmp_path / "one", "--method", "streamingllm", "--budget", "0.25",
                "--datasets", "hotpotqa") == 0
     # two ranks run one after the other (rank 0 last, so that its barrier means "all done"): each writes
     # its shard, rank 0 merges them
-    folder = tmp_path / "two" / "pred" / "tiny__streamingllm_b0.25"
     monkeypatch.setattr(records, "barrier", lambda: True)
     for rank in (1, 0):
         monkeypatch.setenv("WORLD_SIZE", "2")
-        monkeypatch.setattr(pred, "init_distributed", lambda: (rank, 2))
+        monkeypatch.setattr(runner, "init_distributed", lambda: (rank, 2))
         assert run(tiny_dir, data_dir, tmp_path / "two", "--method", "streamingllm", "--budget", "0.25",
                    "--datasets", "hotpotqa") == 0
+        folder = result_dir(tmp_path / "two" / "pred", "tiny__streamingllm_b0.25")
         if rank == 1:
             assert [r["_id"] for r in read(folder / "hotpotqa.rank1-of-2.jsonl")] == ["hotpotqa-1"]
     assert not list(folder.glob("*.rank*"))
-    one = read(tmp_path / "one" / "pred" / "tiny__streamingllm_b0.25" / "hotpotqa.jsonl")
-    two = read(tmp_path / "two" / "pred" / "tiny__streamingllm_b0.25" / "hotpotqa.jsonl")
+    one = read(result_dir(tmp_path / "one" / "pred", "tiny__streamingllm_b0.25") / "hotpotqa.jsonl")
+    two = read(result_dir(tmp_path / "two" / "pred", "tiny__streamingllm_b0.25") / "hotpotqa.jsonl")
     assert [(r["_id"], r["pred"]) for r in one] == [(r["_id"], r["pred"]) for r in two]
 
 
@@ -178,7 +179,7 @@ def test_offline_without_data_says_how_to_provide_it(tiny_dir, tmp_path, capsys,
 def test_prefill_chunk_size_bounds_peak_kv(tiny_dir, data_dir, tmp_path):
     assert run(tiny_dir, data_dir, tmp_path, "--method", "lacache", "--budget", "0.25", "--datasets", "gov_report",
                "--prefill_chunk_size", "16") == 0
-    rows = read(tmp_path / "pred" / "tiny__lacache_b0.25_S2_O0_chunk16" / "gov_report.jsonl")
+    rows = read(result_dir(tmp_path / "pred", "tiny__lacache_b0.25_S2_O0_chunk16") / "gov_report.jsonl")
     model = tiny_model("llama", "sdpa", layers=4)
     per_token = 2 * 4 * model.config.num_key_value_heads * 16 * 4  # k+v, layers, kv heads, head_dim, fp32
     assert all(r["peak_kv_bytes"] <= (50 + 16) * per_token for r in rows)
@@ -187,7 +188,7 @@ def test_prefill_chunk_size_bounds_peak_kv(tiny_dir, data_dir, tmp_path):
 
 def test_longbench_e_reads_the_e_files_and_scores_by_length_bucket(tiny_dir, data_dir, tmp_path):
     assert run(tiny_dir, data_dir, tmp_path, "--e", "--datasets", "hotpotqa", "--method", "full") == 0
-    folder = tmp_path / "pred_e" / "tiny__full"
+    folder = result_dir(tmp_path / "pred_e", "tiny__full")
     assert [r["_id"] for r in read(folder / "hotpotqa.jsonl")] == ["hotpotqa-0", "hotpotqa-1"]
     from longbench.eval import main as evaluate
     assert evaluate(["--path", str(folder), "--e"]) == 0

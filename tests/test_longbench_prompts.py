@@ -136,8 +136,9 @@ def ids_reaching_generate(tmp_path, monkeypatch, tokenizer, flags, datasets, e=F
     args = pred.parse_args(["--data_dir", str(data), "--method", "full", "--max_length", "120",
                             "--output_dir", str(tmp_path / "out")] + (["--e"] if e else []) + flags)
     pred.validate(args)
+    args.rank, args.world = 0, 1
     for current in datasets:
-        pred.predict_dataset(args, "full", current, None, tokenizer, 0, 1)
+        pred.predict_dataset(args, "full", current, None, tokenizer, tmp_path / "out" / pred.run_name(args, "full"))
     return seen, args
 
 
@@ -198,7 +199,7 @@ def test_run_json_names_the_mode_and_wrapper(tmp_path, monkeypatch):
         "mode": "longbench", "rule_applied_to": "llama2-7b-chat-4k", "wrapper": ["[INST]", "[/INST]"]}
     args.chat_template = "lacache"
     assert pred.chat_wrapper(args, llama_char_tokenizer())["wrapper"] is None
-    assert pred.run_folder(args, "full").name.endswith("_chat-lacache")
+    assert pred.run_name(args, "full").endswith("_chat-lacache")
 
 
 def test_chatglm_rule_is_refused_in_one_line():
@@ -214,7 +215,7 @@ def test_chatglm_rule_is_refused_in_one_line():
 @pytest.mark.parametrize("max_length", [119, 120])
 @pytest.mark.parametrize("extra", [-1, 0, 1, 2])
 def test_middle_truncation_at_its_boundary(max_length, extra):
-    from lacache_core.generation import truncate_middle
+    from harness.generation import truncate_middle
 
     tok = llama_char_tokenizer()
     text = ("the quick brown fox " * 10)[:max_length - 1 + extra]  # + BOS: max_length + extra tokens

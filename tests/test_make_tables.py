@@ -15,7 +15,7 @@ def ppl_run(folder: Path, model: str, method: str, cache: int, checkpoints: dict
             "span": 16, "overlap": 0}
     results = {"checkpoints": checkpoints, "ppl": 5.0, "tokens_scored": tokens, "tokens_per_s": 10.0,
                "peak_kv_bytes": 2 ** 20}
-    (folder / "summary.json").write_text(json.dumps({"complete": True, "args": args, "results": results,
+    (folder / "run.json").write_text(json.dumps({"complete": True, "args": args, "results": results,
                                                      "versions": {"transformers": "9.9"}, "date": "2026-11-22T00"}))
 
 

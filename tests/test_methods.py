@@ -147,7 +147,7 @@ def test_prefill_methods_compress_once_then_grow(method, family):
 
 def test_prefill_methods_rejected_in_token_by_token_harness():
     from lacache_core import ConfigError
-    from lacache_core.streaming import stream_perplexity
+    from harness.streaming import stream_perplexity
 
     with pytest.raises(ConfigError, match="prefill-time"):
         stream_perplexity(tiny_model("llama", "eager"), None, [], SnapKV(cache_size=40, window_size=8))

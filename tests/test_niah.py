@@ -6,7 +6,7 @@ import random
 import pytest
 
 from lacache_core.versions import HAS_CACHE_CLASSES
-from tiny import char_tokenizer, tiny_model, tiny_tokenizer
+from tiny import char_tokenizer, result_dir, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(not HAS_CACHE_CLASSES, reason="prompt harnesses need transformers >= 4.36")
 
@@ -155,7 +155,7 @@ def test_end_to_end_writes_results_heatmap_and_summary(tiny_dir, tmp_path, capsy
     assert run(tiny_dir, tmp_path, "--method", "full,lacache", "--budget", "0.5") == 0
     name = tiny_dir.name
     for tag in ("full", "lacache_b0.5_S2_O0_s4"):
-        folder = tmp_path / f"{name}__passkey__{tag}"
+        folder = result_dir(tmp_path, f"{name}__passkey__{tag}")
         rows = rows_of(folder / "results.csv")
         assert len(rows) == 2 * 3 * 2
         assert {(r["context_length"], r["depth"]) for r in rows} == {(n, d) for n in ("100", "200")
@@ -168,8 +168,9 @@ def test_end_to_end_writes_results_heatmap_and_summary(tiny_dir, tmp_path, capsy
         assert "| **all** |" in summary and "Llama3.2-3B-Instruct-128k" in summary  # the paper's table, quoted
         meta = json.loads((folder / "run.json").read_text())
         assert meta["lengths"] == [100, 200] and meta["tests"] == 12 and "transformers" in meta["versions"]
-    meta = json.loads((tmp_path / f"{name}__passkey__lacache_b0.5_S2_O0_s4" / "run.json").read_text())
-    assert meta["start_size"] == 4 and meta["budget"] == 0.5 and meta["settings"]["span"] == 2
+    meta = json.loads((result_dir(tmp_path, f"{name}__passkey__lacache_b0.5_S2_O0_s4") / "run.json").read_text())
+    assert meta["start_size"] == 4 and meta["budget"] == 0.5 and meta["span"] == 2
+    assert meta["setting"]["method"]["span"] == 2 and meta["setting"]["method"]["overlap"] == 0  # defaults resolved
     out = capsys.readouterr().out
     assert "average score per context length" in out and "| 100 |" in out
 
@@ -192,7 +193,7 @@ def test_interrupted_run_resumes_to_the_same_rows(tiny_dir, tmp_path, monkeypatc
         run(tiny_dir, tmp_path / "cut", *flags)
     monkeypatch.setattr(pred, "answer", real)
     tag = f"{tiny_dir.name}__passkey__lacache_b0.5_S2_O0_s4"
-    path = tmp_path / "cut" / tag / "results.csv"
+    path = result_dir(tmp_path / "cut", tag) / "results.csv"
     assert len(rows_of(path)) == 5
     with open(path, "a") as f:
         f.write("200,0,1,0,w1 w")  # and a row cut short by the kill
@@ -201,7 +202,7 @@ def test_interrupted_run_resumes_to_the_same_rows(tiny_dir, tmp_path, monkeypatc
     def key(r):
         return r["context_length"], r["depth"], r["test"], r["pred"], r["prompt_tokens"]
 
-    clean, resumed = rows_of(tmp_path / "clean" / tag / "results.csv"), rows_of(path)
+    clean, resumed = rows_of(result_dir(tmp_path / "clean", tag) / "results.csv"), rows_of(path)
     assert len(resumed) == 12 and [key(r) for r in resumed] == [key(r) for r in clean]
 
 

@@ -71,7 +71,7 @@ def test_prompts_keys_budgets_and_csv_follow_the_official_script(char_model_dir,
         assert limit == len(tok(key).input_ids)  # the official answer budget (BOS included)
     # the same test index has the same key in every cell
     assert len({reference_prompt(1024, p, 0)[1] for p in (0, 512, 1024)}) == 1
-    folder = next(tmp_path.glob("*__passkey-lacache__full"))
+    folder = next(tmp_path.glob("*__passkey-lacache__full-*"))
     with open(folder / "official.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["Context Length", "Document Depth", "Score"] and len(rows) == 1 + 3 * 11

@@ -1,7 +1,7 @@
-"""lacache_core.records: resumable JSONL results and data-parallel shards."""
+"""harness.records: resumable JSONL results and data-parallel shards."""
 import json
 
-from lacache_core.records import JsonlResults, merge_shards, read_jsonl, shard, shard_path
+from harness.records import JsonlResults, merge_shards, read_jsonl, shard, shard_path
 
 
 def test_results_resume_and_drop_a_cut_off_line(tmp_path):

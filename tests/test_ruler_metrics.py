@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lacache_core import paper
+from harness import paper
 from lacache_core.errors import ConfigError
 from ruler import eval as ruler_eval
 from ruler.metrics import metric_for, postprocess, string_match_all, string_match_part

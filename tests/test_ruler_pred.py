@@ -4,6 +4,7 @@ import json
 import pytest
 
 from lacache_core.versions import HAS_CACHE_CLASSES
+from tiny import result_dir
 
 pytestmark = pytest.mark.skipif(not HAS_CACHE_CLASSES, reason="prompt harnesses need transformers >= 4.36")
 
@@ -34,7 +35,7 @@ def read(path):
 
 def test_predictions_budget_resume_and_scoring(tiny_dir, data_dir, tmp_path):
     assert run(tiny_dir, data_dir, tmp_path, "--method", "full,lacache", "--budget", "0.5") == 0
-    lacache = tmp_path / f"{tiny_dir.name}__256__lacache_b0.5_S2_O0"
+    lacache = result_dir(tmp_path, f"{tiny_dir.name}__256__lacache_b0.5_S2_O0")
     rows = read(lacache / "vt.jsonl")
     assert [r["index"] for r in rows] == [0, 1, 2]
     # budget x prompt tokens: the prompt is input + answer prefix (182 words)
@@ -45,7 +46,7 @@ def test_predictions_budget_resume_and_scoring(tiny_dir, data_dir, tmp_path):
     assert (lacache / "vt.jsonl").read_text() == before
 
     from ruler.eval import main as evaluate
-    full = tmp_path / f"{tiny_dir.name}__256__full"
+    full = result_dir(tmp_path, f"{tiny_dir.name}__256__full")
     assert evaluate(["--pred_dir", str(full), str(lacache)]) == 0
     summary = (lacache / "summary.csv").read_text()
     assert "niah_single_1" in summary and "vt" in summary

@@ -103,10 +103,10 @@ def char_tokenizer(chars=None, bos=False, chat_template=None):
     return fast
 
 
-def save_tiny_model(folder, tokenizer, layers=4):
+def save_tiny_model(folder, tokenizer, layers=4, seed=0):
     """``folder`` holding ``tokenizer`` and a tiny sdpa Llama: what the harnesses load by path."""
     tokenizer.save_pretrained(folder)
-    tiny_model("llama", "sdpa", layers=layers).save_pretrained(folder)
+    tiny_model("llama", "sdpa", layers=layers, seed=seed).save_pretrained(folder)
     return folder
 
 
@@ -124,3 +124,13 @@ def tiny_tokenizer(chat_template=None):
     if chat_template:
         fast.chat_template = chat_template
     return fast
+
+
+def result_dir(root, name):
+    """The one result folder ``{root}/{name}-{hash of the setting}`` (the harnesses' naming)."""
+    import re
+    from pathlib import Path
+
+    found = [p for p in Path(root).iterdir() if p.is_dir() and re.fullmatch(re.escape(name) + r"-[0-9a-f]{8}", p.name)]
+    assert len(found) == 1, f"{name}-<hash> in {root}: {sorted(p.name for p in Path(root).iterdir())}"
+    return found[0]

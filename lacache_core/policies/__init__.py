@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Dict, Type
+from typing import Dict, Tuple, Type
 
 from ..errors import ConfigError
 from .base import CachePolicy
@@ -21,6 +21,13 @@ METHODS: Dict[str, Type[CachePolicy]] = {
 }
 
 
+def budget_derived(cls: Type[CachePolicy]) -> Tuple[str, ...]:
+    """Fields that :func:`build_policy` derives from ``cache_size`` when they are not given: the window of a
+    method parameterised by its window rather than its size (StreamingLLM's ``recent_size``)."""
+    names = {f.name for f in fields(cls) if f.init}
+    return ("recent_size",) if "cache_size" not in names and "recent_size" in names else ()
+
+
 def build_policy(method: str, **settings) -> CachePolicy:
     """Instantiate the policy registered as ``method``; settings it does not take are ignored.
 
@@ -30,8 +37,7 @@ def build_policy(method: str, **settings) -> CachePolicy:
         raise ConfigError(f"--method must be one of {sorted(METHODS)}, got {method!r}")
     cls = METHODS[method]
     names = {f.name for f in fields(cls) if f.init}
-    if "cache_size" not in names and "recent_size" in names and settings.get("recent_size") is None \
-            and settings.get("cache_size") is not None:
+    if budget_derived(cls) and settings.get("recent_size") is None and settings.get("cache_size") is not None:
         # StreamingLLM is parameterised by its window: a cache_size budget means the same slots as for
         # every other method, sinks included
         start = settings.get("start_size")
@@ -43,4 +49,4 @@ def build_policy(method: str, **settings) -> CachePolicy:
 
 
 __all__ = ["CachePolicy", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "SnapKV", "PyramidKV",
-           "PyramidInfer", "METHODS", "build_policy"]
+           "PyramidInfer", "METHODS", "budget_derived", "build_policy"]

@@ -17,8 +17,10 @@ kept keys sit when they are rotated (:attr:`CachePolicy.key_positions`):
 """
 from __future__ import annotations
 
+import functools
+import typing
 from dataclasses import dataclass, field, fields
-from typing import ClassVar, List, Optional, Sequence, Tuple
+from typing import Callable, ClassVar, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -26,6 +28,81 @@ from ..errors import ConfigError
 
 KVList = Sequence[Tuple[torch.Tensor, torch.Tensor]]
 POSITION_MODES = ("slot", "original")
+
+BOUNDS = ("low", "high", "above", "below")
+Bound = Union[int, float, Callable[["CachePolicy"], Union[int, float]], None]
+
+
+def param(default, *, low: Bound = None, high: Bound = None, above: Bound = None, below: Bound = None,
+          flag: bool = True, short: Optional[str] = None):
+    """A hyper-parameter field with its valid range: the one place that range is declared.
+
+    ``low``/``high`` are inclusive bounds, ``above``/``below`` exclusive ones; a bound may be a
+    function of the policy (``high=lambda p: p.span - 1``). :meth:`CachePolicy.check_hyperparameters`
+    enforces them, and the harness's flags are generated from the same fields (their help is the
+    class docstring's ``Parameters`` entry). ``flag=False`` keeps a field off the command line;
+    ``short`` is its label in result-folder names (``S16``), which then always show it.
+    """
+    return field(default=default, metadata={"low": low, "high": high, "above": above, "below": below, "flag": flag,
+                                            "short": short})
+
+
+@functools.lru_cache(maxsize=None)
+def type_hints(cls) -> Dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def choices_of(annotation) -> Optional[Tuple]:
+    """The allowed values of a ``Literal[...]`` (or ``Optional[Literal[...]]``) annotation, else ``None``."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    if typing.get_origin(annotation) is Union:
+        for arg in typing.get_args(annotation):
+            if typing.get_origin(arg) is Literal:
+                return typing.get_args(arg)
+    return None
+
+
+def base_type(annotation):
+    """``int``, ``float``, ``bool`` or ``str`` behind ``Optional[...]`` / ``Literal[...]``."""
+    choices = choices_of(annotation)
+    if choices is not None:
+        return type(choices[0])
+    if typing.get_origin(annotation) is Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def _check_value(name: str, annotation, value, meta: dict, policy) -> None:
+    if value is None and typing.get_origin(annotation) is Union and type(None) in typing.get_args(annotation):
+        return
+    choices = choices_of(annotation)
+    if choices is not None:
+        if value not in choices:
+            raise ConfigError(f"--{name} must be one of {list(choices)}, got {value!r}")
+        return
+    kind = base_type(annotation)
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise ConfigError(f"--{name} must be {'an integer' if kind is int else 'a ' + kind.__name__}, got {value!r}")
+    bound = {k: (b(policy) if callable(b) else b) for k, b in meta.items()}
+    low, high, above, below = bound.get("low"), bound.get("high"), bound.get("above"), bound.get("below")
+    if ((low is not None and value < low) or (high is not None and value > high)
+            or (above is not None and value <= above) or (below is not None and value >= below)):
+        raise ConfigError(f"--{name} must be {describe_range(low, high, above, below)}, got {value!r}")
+
+
+def describe_range(low=None, high=None, above=None, below=None) -> str:
+    """``">= 1"``, ``"in [0, 15]"``, ``"in (0, 1]"``... (for errors and ``--help``)."""
+    lower = f"[{low}" if low is not None else (f"({above}" if above is not None else None)
+    upper = f"{high}]" if high is not None else (f"{below})" if below is not None else None)
+    if lower and upper:
+        return f"in {lower}, {upper}"
+    if lower:
+        return f">= {low}" if low is not None else f"> {above}"
+    return f"<= {high}" if high is not None else (f"< {below}" if below is not None else "any value")
 
 
 @dataclass
@@ -38,8 +115,8 @@ class CachePolicy:
     Parameters
     ----------
     key_positions : {"slot", "original"}, optional
-        Where kept keys are rotated. ``None``: the method's reference (:attr:`default_positions`).
-        Keyword-only, so that every method takes it the same way.
+        Where kept keys are rotated: at their cache slot (position shift) or at their original
+        position. ``None``: as the method's reference code does (:attr:`default_positions`).
     """
 
     name: ClassVar[str] = "base"
@@ -50,7 +127,7 @@ class CachePolicy:
     #: ``True`` for policies that compress once, after the first forward pass (the prompt), and never again.
     prefill_only: ClassVar[bool] = False
 
-    key_positions: Optional[str] = field(default=None, kw_only=True)
+    key_positions: Optional[Literal["slot", "original"]] = field(default=None, kw_only=True)
 
     _layer_positions: List[Optional[torch.Tensor]] = field(default_factory=list, init=False, repr=False)
     _held: List[int] = field(default_factory=list, init=False, repr=False)
@@ -61,6 +138,22 @@ class CachePolicy:
     #: Where the cache's tensors live: positions and position-only plans are kept there, so that a
     #: compaction needs no host round trip per layer.
     _device: torch.device = field(default=torch.device("cpu"), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.check_hyperparameters()
+
+    def check_hyperparameters(self) -> None:
+        """Raise a one-line :class:`ConfigError` for a hyper-parameter of the wrong type or out of its
+        :func:`param` range (fixed bounds first, then bounds that depend on other fields)."""
+        hints = type_hints(type(self))
+        hyper = [f for f in fields(self) if f.init]
+        for f in hyper:
+            fixed = {k: v for k, v in f.metadata.items() if not callable(v) and k in BOUNDS}
+            _check_value(f.name, hints[f.name], getattr(self, f.name), fixed, self)
+        for f in hyper:
+            if any(callable(v) for v in f.metadata.values()):
+                bounds = {k: v for k, v in f.metadata.items() if k in BOUNDS}
+                _check_value(f.name, hints[f.name], getattr(self, f.name), bounds, self)
 
     # ----------------------------------------------------------------- hooks for subclasses
     def validate(self, num_layers: int) -> None:
@@ -111,7 +204,8 @@ class CachePolicy:
 
     @classmethod
     def hyperparameters(cls) -> List[str]:
-        return [f.name for f in fields(cls) if f.init]
+        """Names of the settings a user chooses (``flag=False`` fields, such as ``num_layers``, excluded)."""
+        return [f.name for f in fields(cls) if f.init and f.metadata.get("flag", True)]
 
     def settings(self) -> dict:
         """The hyper-parameters, as a JSON-friendly dict (for run records); ``key_positions`` resolved."""
@@ -129,8 +223,6 @@ class CachePolicy:
         """Subclasses reset their own running state here."""
 
     def bind(self, num_layers: int) -> None:
-        if self.key_positions is not None and self.key_positions not in POSITION_MODES:
-            raise ConfigError(f"--key_positions must be one of {POSITION_MODES}, got {self.key_positions!r}")
         if self._num_layers is None:
             self.validate(num_layers)
             self._num_layers = num_layers
@@ -257,11 +349,3 @@ def gather_layer(key: torch.Tensor, value: torch.Tensor, keep_row: torch.Tensor)
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def check_int(flag: str, value, low: int, high: Optional[int] = None) -> None:
-    """Raise a one-line :class:`ConfigError` unless ``low <= value (<= high)``."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
-    if not ok:
-        rng = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ConfigError(f"--{flag} must be an integer in {rng}, got {value!r}")

@@ -6,8 +6,7 @@ from typing import ClassVar, List, Optional
 
 import torch
 
-from ..errors import ConfigError
-from .base import CachePolicy, check_int
+from .base import CachePolicy, param
 from .scoring import attention_mass, ensure_layer, keep_top, pad_to
 
 
@@ -31,17 +30,11 @@ class H2O(CachePolicy):
     name: ClassVar[str] = "h2o"
     observes: ClassVar[bool] = True
 
-    cache_size: int = 256
-    start_size: int = 4
-    recent_ratio: float = 0.5
+    cache_size: int = param(256, low=lambda p: p.start_size + 2)
+    start_size: int = param(4, low=0)
+    recent_ratio: float = param(0.5, low=0.0, below=1.0)
 
     _scores: List[Optional[torch.Tensor]] = field(default_factory=list, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        check_int("start_size", self.start_size, 0)
-        check_int("cache_size", self.cache_size, self.start_size + 2)
-        if not 0.0 <= self.recent_ratio < 1.0:
-            raise ConfigError(f"--recent_ratio must be in [0, 1), got {self.recent_ratio}")
 
     def _reset_state(self) -> None:
         self._scores = []

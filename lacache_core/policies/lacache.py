@@ -15,12 +15,12 @@ handful of ``arange`` ops, never Python lists per layer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 
 from ..errors import ConfigError
-from .base import CachePolicy, ceil_div, check_int
+from .base import CachePolicy, ceil_div, param
 
 
 def ladder_index(n: int, start: int, groups: int, group_size: int, inner: torch.Tensor,
@@ -48,9 +48,6 @@ def ladder_index(n: int, start: int, groups: int, group_size: int, inner: torch.
     tail_from = min(start + group_size * groups, n)
     tail = torch.arange(tail_from, n).expand(num_layers, n - tail_from)
     return torch.cat([head, body, tail], dim=1)
-
-
-LAYOUTS = ("official", "paper")
 
 
 @dataclass
@@ -88,25 +85,20 @@ class LaCache(CachePolicy):
     name: ClassVar[str] = "lacache"
     default_positions: ClassVar[str] = "slot"
 
-    cache_size: int = 256
-    span: int = 16
-    overlap: int = 0
-    start_size: int = 4
+    cache_size: int = param(256, low=1)
+    span: int = param(16, low=1, short="S")
+    overlap: int = param(0, low=0, high=lambda p: p.span - 1, short="O")
+    start_size: int = param(4, low=0)
     compensate: bool = True
-    ladder_layout: str = "official"
-    num_layers: Optional[int] = None
+    ladder_layout: Literal["official", "paper"] = "official"
+    num_layers: Optional[int] = param(None, low=1, flag=False)
 
     _capacity: int = field(default=0, init=False, repr=False)
     _cursor: int = field(default=0, init=False, repr=False)
     _compensated: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        check_int("span", self.span, 1)
-        check_int("overlap", self.overlap, 0, self.span - 1)
-        check_int("start_size", self.start_size, 0)
-        check_int("cache_size", self.cache_size, 1)
-        if self.ladder_layout not in LAYOUTS:
-            raise ConfigError(f"--ladder_layout must be one of {LAYOUTS}, got {self.ladder_layout!r}")
+        super().__post_init__()
         self._reset_state()
         if self.num_layers is not None:
             self.validate(self.num_layers)

@@ -6,7 +6,7 @@ from typing import ClassVar, List, Optional
 
 import torch
 
-from .base import CachePolicy, check_int
+from .base import CachePolicy, param
 from .scoring import ensure_layer, keep_top
 
 
@@ -23,7 +23,9 @@ class LSHE(CachePolicy):
     recent_window : int
         Most recent tokens never evicted (LSH-E's ``recent_window``).
     lsh_dim : int
-        Hash bits: signs of ``lsh_dim`` random Gaussian projections (seeded by ``seed``).
+        Hash bits: signs of ``lsh_dim`` random Gaussian projections.
+    lsh_seed : int
+        Seed of those projections.
 
     The score of a key is ``lsh_dim`` minus the Hamming distance between its hash and the newest
     query's, averaged over the query heads that share its KV head, then over heads (one ranking per
@@ -33,20 +35,14 @@ class LSHE(CachePolicy):
     name: ClassVar[str] = "lshe"
     observes: ClassVar[bool] = True
 
-    cache_size: int = 256
-    start_size: int = 4
-    recent_window: int = 32
-    lsh_dim: int = 8
-    seed: int = 0
+    cache_size: int = param(256, low=lambda p: p.start_size + p.recent_window + 1)
+    start_size: int = param(4, low=0)
+    recent_window: int = param(32, low=0)
+    lsh_dim: int = param(8, low=1, high=64)
+    lsh_seed: int = param(0, low=0)
 
     _sim: List[Optional[torch.Tensor]] = field(default_factory=list, init=False, repr=False)
     _proj: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        check_int("start_size", self.start_size, 0)
-        check_int("recent_window", self.recent_window, 0)
-        check_int("lsh_dim", self.lsh_dim, 1, 64)
-        check_int("cache_size", self.cache_size, self.start_size + self.recent_window + 1)
 
     def _reset_state(self) -> None:
         self._sim, self._proj = [], None
@@ -56,7 +52,7 @@ class LSHE(CachePolicy):
 
     def _hash(self, x: torch.Tensor) -> torch.Tensor:
         if self._proj is None or self._proj.device != x.device or self._proj.shape[0] != x.shape[-1]:
-            g = torch.Generator().manual_seed(self.seed)
+            g = torch.Generator().manual_seed(self.lsh_seed)
             self._proj = torch.randn(x.shape[-1], self.lsh_dim, generator=g).to(x.device)
         return (x.float() @ self._proj) > 0
 

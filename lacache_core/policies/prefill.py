@@ -14,29 +14,34 @@ from typing import ClassVar, List, Optional
 import torch
 
 from ..errors import ConfigError
-from .base import CachePolicy, check_int
+from .base import CachePolicy, param
 from .scoring import attention_probs, ensure_layer
 
 
 @dataclass
 class PrefillPolicy(CachePolicy):
-    """Base class: compress once after the prompt; subclasses implement :meth:`layer_keep`."""
+    """Base class: compress once after the prompt; subclasses implement :meth:`layer_keep`.
+
+    Parameters
+    ----------
+    cache_size : int
+        Slots each layer keeps after the prompt, on average over layers (sinks and window included).
+    start_size : int
+        Leading prompt tokens always kept.
+    window_size : int
+        The last prompt tokens: their queries score the rest, and they are always kept.
+    """
 
     observes: ClassVar[bool] = True
     prefill_only: ClassVar[bool] = True
     per_head: ClassVar[bool] = False
 
-    cache_size: int = 256
-    start_size: int = 4
-    window_size: int = 32
+    cache_size: int = param(256, low=lambda p: p.start_size + p.window_size + 1)
+    start_size: int = param(4, low=0)
+    window_size: int = param(32, low=1)
 
     _window_scores: List[Optional[torch.Tensor]] = field(default_factory=list, init=False, repr=False)
     _done: bool = field(default=False, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        check_int("start_size", self.start_size, 0)
-        check_int("window_size", self.window_size, 1)
-        check_int("cache_size", self.cache_size, self.start_size + self.window_size + 1)
 
     def _reset_state(self) -> None:
         self._window_scores, self._done = [], False

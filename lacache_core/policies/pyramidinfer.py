@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, List
 
-from ..errors import ConfigError
+from .base import param
 from .prefill import PrefillPolicy
 
 
@@ -16,16 +16,16 @@ class PyramidInfer(PrefillPolicy):
     over all heads: one choice per layer); the retained share shrinks geometrically with depth
     (layer ``l`` gets a budget proportional to ``decay ** l``, scaled so the average over layers is
     ``cache_size``). Compresses once after the prompt.
+
+    Parameters
+    ----------
+    decay : float
+        Geometric shrink of the layer budget per layer, in (0, 1] (1: the same budget everywhere).
     """
 
     name: ClassVar[str] = "pyramidinfer"
 
-    decay: float = 0.95
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 < self.decay <= 1.0:
-            raise ConfigError(f"--decay must be in (0, 1], got {self.decay}")
+    decay: float = param(0.95, above=0.0, high=1.0)
 
     def layer_budgets(self, num_layers: int) -> List[int]:
         weights = [self.decay ** i for i in range(num_layers)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, List
 
-from ..errors import ConfigError
+from .base import param
 from .snapkv import SnapKV
 
 
@@ -15,16 +15,16 @@ class PyramidKV(SnapKV):
     With ``C = cache_size`` and window ``w``: the last layer keeps ``(C - w) / beta`` prompt tokens,
     the first ``2 (C - w) - (C - w) / beta``, linearly in between (PyramidKV's schedule), plus the
     window; the average over layers stays ``C``, the same total budget as every other method.
+
+    Parameters
+    ----------
+    beta : int
+        Ratio of the first layer's prompt budget to the last layer's, roughly (PyramidKV's ``beta``).
     """
 
     name: ClassVar[str] = "pyramidkv"
 
-    beta: int = 20
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.beta < 1:
-            raise ConfigError(f"--beta must be >= 1, got {self.beta}")
+    beta: int = param(20, low=1)
 
     def layer_budgets(self, num_layers: int) -> List[int]:
         prompt = self.cache_size - self.window_size

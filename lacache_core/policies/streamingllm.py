@@ -6,7 +6,7 @@ from typing import ClassVar, Optional
 
 import torch
 
-from .base import CachePolicy, check_int
+from .base import CachePolicy, param
 
 
 @dataclass
@@ -20,18 +20,15 @@ class StreamingLLM(CachePolicy):
     start_size : int
         Attention sinks kept forever.
     recent_size : int
-        Most recent tokens kept. The cache holds at most ``start_size + recent_size`` slots.
+        Most recent tokens kept. The cache holds at most ``start_size + recent_size`` slots
+        (:func:`build_policy` given a ``cache_size`` sets ``cache_size - start_size``).
     """
 
     name: ClassVar[str] = "streamingllm"
     default_positions: ClassVar[str] = "slot"
 
-    start_size: int = 4
-    recent_size: int = 252
-
-    def __post_init__(self) -> None:
-        check_int("start_size", self.start_size, 0)
-        check_int("recent_size", self.recent_size, 1)
+    start_size: int = param(4, low=0)
+    recent_size: int = param(252, low=1)
 
     @property
     def cache_size(self) -> int:

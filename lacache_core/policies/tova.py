@@ -6,13 +6,20 @@ from typing import ClassVar, List, Optional
 
 import torch
 
-from .base import CachePolicy, check_int
+from .base import CachePolicy, param
 from .scoring import attention_probs, ensure_layer, keep_top
 
 
 @dataclass
 class TOVA(CachePolicy):
     """When over budget, drop per layer the tokens with the lowest attention from the newest query.
+
+    Parameters
+    ----------
+    cache_size : int
+        Slots per layer.
+    start_size : int
+        Leading tokens never dropped (the same sinks as every method).
 
     The score is the newest query's attention averaged over heads (one ranking per layer); one
     token over budget is dropped per decoding step. The first ``start_size`` tokens are never
@@ -22,14 +29,10 @@ class TOVA(CachePolicy):
     name: ClassVar[str] = "tova"
     observes: ClassVar[bool] = True
 
-    cache_size: int = 256
-    start_size: int = 4
+    cache_size: int = param(256, low=lambda p: p.start_size + 1)
+    start_size: int = param(4, low=0)
 
     _last: List[Optional[torch.Tensor]] = field(default_factory=list, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        check_int("start_size", self.start_size, 0)
-        check_int("cache_size", self.cache_size, self.start_size + 1)
 
     def _reset_state(self) -> None:
         self._last = []

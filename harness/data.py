@@ -20,7 +20,7 @@ import zipfile
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import ConfigError
+from lacache_core.errors import ConfigError
 from .models import cache_home
 
 EXLLAMA_WHEEL = "exllamav2==0.3.2"

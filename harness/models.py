@@ -15,8 +15,8 @@ from typing import Tuple
 
 import torch
 
-from .errors import ConfigError
-from .versions import DTYPE_KWARG
+from lacache_core.errors import ConfigError
+from lacache_core.versions import DTYPE_KWARG
 
 EMBEDDED_ALIASES = ("smollm2-135m", "smollm2-135m-instruct", "smollm2")
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,7 +47,7 @@ def embedded_model_dir() -> Path:
     if Version(__version__) < Version("4.41"):
         raise ConfigError(
             f"--model_name_or_path {DEFAULT_MODEL}: converting the GGUF file needs transformers >= 4.41; run "
-            f"`python -m lacache_core.models` once in the main environment (it writes {out}), then rerun"
+            f"`python -m harness.models` once in the main environment (it writes {out}), then rerun"
         )
     src = embedded_gguf_dir()
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=EMBEDDED_GGUF, **{DTYPE_KWARG: torch.float32})

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cache import CompressedCache, cache_layers, kv_bytes
-from .errors import ConfigError
-from .patches import enable_position_shift
-from .policies import CachePolicy, FullCache
-from .versions import HAS_CACHE_CLASSES, output_cache, with_cache
+from lacache_core.cache import CompressedCache, cache_layers, kv_bytes
+from lacache_core.errors import ConfigError
+from lacache_core.patches import enable_position_shift
+from lacache_core.policies import CachePolicy, FullCache
+from lacache_core.versions import HAS_CACHE_CLASSES, output_cache, with_cache
 
 QUERY_POSITIONS = ("slot", "official")
 

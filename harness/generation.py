@@ -14,10 +14,10 @@ from typing import Iterable, List, Optional, Sequence
 
 import torch
 
-from .cache import CompressedCache, kv_bytes, make_cache, prefill
-from .errors import ConfigError
-from .policies import METHODS
-from .versions import HAS_CACHE_CLASSES, with_cache
+from lacache_core.cache import CompressedCache, kv_bytes, make_cache, prefill
+from lacache_core.errors import ConfigError
+from lacache_core.policies import METHODS
+from lacache_core.versions import HAS_CACHE_CLASSES, with_cache
 
 #: Leading tokens every method keeps in the official LongBench harness, at most.
 LONGBENCH_START_CAP = 128
@@ -78,6 +78,23 @@ class BudgetSpec:
             return make_cache(self.method, model, **settings)
         except ConfigError as err:
             raise ConfigError(f"{err} (cache_size {self.cache_size}, start_size {start}, {layers} layers)") from None
+
+
+def budget_spec(args, method: str, prompt_len: int, start_size: Optional[int] = None) -> BudgetSpec:
+    """The cache of one prompt under the harness flags: ``--cache_size`` tokens, or ``--budget`` x
+    ``prompt_len`` (the official harnesses' rule); ``--start_size``, else ``start_size`` (``None``: the
+    LongBench rule, per prompt)."""
+    from .flags import method_settings
+
+    if method == "full":
+        return BudgetSpec("full")
+    cache_size = args.cache_size if args.cache_size is not None else budget_cache_size(args.budget, prompt_len)
+    start = args.start_size if args.start_size is not None else start_size
+    if start is not None and cache_size <= start:
+        given = "--cache_size" if args.cache_size is not None else f"--budget {args.budget:g}"
+        raise ConfigError(f"{given} gives a {cache_size}-slot cache for a {prompt_len}-token prompt, not more than "
+                          f"--start_size {start}; raise the budget or lower --start_size")
+    return BudgetSpec(method, cache_size, start, settings=method_settings(args, method))
 
 
 def stop_token_ids(tokenizer, model=None, extra: Iterable[str] = ()) -> List[int]:

@@ -1,0 +1,171 @@
+"""The one runner behind ``ppl/``, ``longbench/``, ``niah/`` and ``ruler/``.
+
+A benchmark folder keeps its own arguments, data, loop body and metrics; this module owns the
+rest:
+
+* the model flags (``--model_name_or_path``, also spelled ``--model_name`` and ``--model``; dtype,
+  device, attention kernel) and the output flags;
+* loading the model, under ``torchrun`` on this rank's device, with position shift installed;
+* budget checks before the first sample (:func:`check_budgets`);
+* result folders named by a readable tag and the hash of the complete setting, with ``run.json``
+  (arguments, setting, versions, git commit, date) and a one-line refusal when a folder holds
+  another setting (:class:`Run`);
+* tqdm progress on rank 0 only (:func:`progress`), rank sharding and merging
+  (:func:`harness.records.sharded_results`);
+* the one-line error exit (:func:`cli`).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from lacache_core.errors import ConfigError
+
+from .flags import ArgumentParser, check_method_flags
+from .identity import differences, digest, model_identity, normalise
+from .models import DEFAULT_MODEL, DTYPES
+from .records import init_distributed, local_device
+from .runlog import run_record, write_json
+
+MODEL_FLAGS = ("--model_name_or_path", "--model_name", "--model")
+ATTENTION = ("eager", "sdpa", "flash_attention_2")
+
+
+def add_model_flags(group, default: Optional[str] = DEFAULT_MODEL, names=MODEL_FLAGS,
+                    help: Optional[str] = None) -> None:
+    """The model and how it runs. Every spelling of the model flag sets ``args.model_name_or_path``."""
+    group.add_argument(*names, dest="model_name_or_path", default=default,
+                       help=help or f"hub name, local folder, or {DEFAULT_MODEL!r} (embedded SmolLM2-135M-Instruct, "
+                                    "offline; the default)")
+    add_runtime_flags(group)
+
+
+def add_runtime_flags(group) -> None:
+    group.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and cache dtype")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (device_map; default: cuda if "
+                                                      "available)")
+    group.add_argument("--attn_implementation", default=None, choices=ATTENTION,
+                       help="attention kernel (default: the model's)")
+
+
+def add_output_flags(group, default: str) -> None:
+    group.add_argument("--output_dir", default=default, help=f"results root (default {default})")
+
+
+def check_run_flags(args) -> None:
+    """One-line errors for the shared flags, and the device default."""
+    if hasattr(args, "method"):
+        check_method_flags(args)
+    if args.device is None:
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output_dir {out} is a file, not a folder")
+
+
+def load(args, position_shift: bool = True):
+    """``(model, tokenizer)`` for ``args``; sets ``args.rank``, ``args.world`` and ``args.model_identity``."""
+    from .models import load_model
+
+    args.rank, args.world = init_distributed()
+    model, tokenizer = load_model(args.model_name_or_path, args.dtype, local_device(args.device),
+                                  args.attn_implementation)
+    if position_shift:
+        from lacache_core import enable_position_shift
+        enable_position_shift(model)
+    args.model_identity = model_identity(args.model_name_or_path, model)
+    return model, tokenizer
+
+
+def check_budgets(args, model, prompt_len: int, spec_for: Callable) -> None:
+    """Build every method's cache for a ``prompt_len``-token prompt once, so that an impossible budget is
+    one error line before the first sample rather than after hours."""
+    for method in args.methods:
+        if method != "full":
+            spec_for(method, prompt_len).make(model, prompt_len)
+
+
+def progress(items: Iterable, desc: str, rank: int = 0, **kwargs):
+    from tqdm.auto import tqdm
+    return tqdm(items, desc=desc, disable=rank > 0, **kwargs)
+
+
+def recorded_args(args) -> dict:
+    """The command line's values for ``run.json`` (internal attributes left out)."""
+    return {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("model_identity",)}
+
+
+class Run:
+    """One setting's result folder: ``{root}/{name}-{hash of setting}``.
+
+    Opening it checks the ``run.json`` already there: the same setting resumes (the benchmark's
+    records skip what is done); another setting under the same name and hash (or an older folder
+    without a recorded setting) is refused in one line naming what differs.
+    """
+
+    def __init__(self, root: Path, name: str, setting: dict, args, rank: int = 0):
+        self.setting = normalise(setting)
+        self.folder = Path(root) / f"{name}-{digest(self.setting)}"
+        self.path = self.folder / "run.json"
+        self.args, self.rank = args, rank
+        self.previous = self._read()
+
+    def _read(self) -> Optional[dict]:
+        if not self.path.exists():
+            return None
+        try:
+            old = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{self.path}: unreadable run record ({type(err).__name__}); move the folder away "
+                              "to rerun") from None
+        if old.get("setting") != self.setting:
+            diff = differences(old.get("setting") or {}, self.setting)
+            raise ConfigError(f"{self.folder} holds another setting ({'; '.join(diff[:3]) or 'no setting recorded'}); "
+                              "use another --output_dir or move that folder away")
+        return old
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.previous and self.previous.get("complete"))
+
+    def start(self, **info) -> Path:
+        """Write ``run.json`` (rank 0): arguments, setting, versions, git commit, date, ``info``."""
+        if self.rank == 0:
+            write_json(self.path, run_record(recorded_args(self.args), setting=self.setting, complete=False, **info))
+        return self.folder
+
+    def finish(self, **results) -> None:
+        """Rewrite ``run.json`` with the results, marked complete."""
+        if self.rank == 0:
+            write_json(self.path, run_record(recorded_args(self.args), setting=self.setting, complete=True,
+                                             **results))
+
+
+def run_main(body: Callable[[Optional[list]], int], argv=None) -> int:
+    """Run ``body(argv)``, turning a :class:`ConfigError` (a bad flag or setting) into one ``error:`` line
+    and exit code 2."""
+    try:
+        return body(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def cli(parse: Callable[[Optional[list]], object], body: Callable[[object], int],
+        validate: Optional[Callable[[object], None]] = None) -> Callable[..., int]:
+    """``main(argv=None)`` of a harness: parse, validate, run, all under :func:`run_main`."""
+    def main(argv=None) -> int:
+        def run(argv):
+            args = parse(argv)
+            if validate is not None:
+                validate(args)
+            return body(args)
+        return run_main(run, argv)
+    return main
+
+
+__all__ = ["ArgumentParser", "Run", "add_model_flags", "add_output_flags", "add_runtime_flags", "check_budgets",
+           "check_run_flags", "cli", "load", "progress", "recorded_args", "run_main"]
