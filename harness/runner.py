@@ -88,6 +88,19 @@ def check_budgets(args, model, prompt_len: int, spec_for: Callable) -> None:
             spec_for(method, prompt_len).make(model, prompt_len)
 
 
+def predict_each(args, parts: Iterable, open_run: Callable, predict: Callable, scorer: str) -> None:
+    """For every method: ``open_run(method) -> (Run, info)``, write its ``run.json`` with ``info``, run
+    ``predict(method, part, folder)`` for every part (dataset, task), and say how to score the folder."""
+    parts = list(parts)
+    for method in args.methods:
+        run, info = open_run(method)
+        run.start(**info)
+        for part in parts:
+            predict(method, part, run.folder)
+        if args.rank == 0:
+            print(f"[{method}] predictions in {run.folder}; score them with: python {scorer} {run.folder}")
+
+
 def progress(items: Iterable, desc: str, rank: int = 0, **kwargs):
     from tqdm.auto import tqdm
     return tqdm(items, desc=desc, disable=rank > 0, **kwargs)
@@ -168,4 +181,4 @@ def cli(parse: Callable[[Optional[list]], object], body: Callable[[object], int]
 
 
 __all__ = ["ArgumentParser", "Run", "add_model_flags", "add_output_flags", "add_runtime_flags", "check_budgets",
-           "check_run_flags", "cli", "load", "progress", "recorded_args", "run_main"]
+           "check_run_flags", "cli", "load", "predict_each", "progress", "recorded_args", "run_main"]

@@ -35,7 +35,7 @@ from harness.flags import add_method_flags, hyperparameters, method_identity, me
 from harness.generation import answer, budget_spec, encode_prompt, stop_token_ids, truncate_middle  # noqa: E402
 from harness.records import read_jsonl, sharded_results  # noqa: E402
 from harness.runner import (Run, add_model_flags, add_output_flags, check_budgets, check_run_flags, cli,  # noqa: E402
-                            load, progress)
+                            load, predict_each, progress)
 from lacache_core.errors import ConfigError  # noqa: E402
 from longbench.config import (DATASETS, DATASETS_E, MAX_NEW_TOKENS, MODEL_MAX_LENGTH, NO_CHAT,  # noqa: E402
                               PROMPTS)
@@ -62,8 +62,9 @@ def parse_args(argv=None):
     p, g = parser(__doc__)
     g["model"].add_argument("--model", default=DEFAULT_MODEL,
                             help=f"LongBench model name (sets the maximum input length and the weights): "
-                                 f"{sorted(MODEL_PATHS)}; any other value is taken as the weights (then give "
-                                 "--max_length)")
+                                 f"{sorted(MODEL_PATHS)}, or the weights of one of them (the LaCache script's "
+                                 "spelling, e.g. meta-llama/Llama-2-7b-chat-hf); any other value is taken as the "
+                                 "weights (then give --max_length)")
     add_model_flags(g["model"], default=None, names=("--model_name_or_path", "--model_name"),
                     help="weights to load instead of --model's (hub name or local folder)")
     d = g["data"]
@@ -96,6 +97,10 @@ def validate(args) -> None:
     if unknown:
         raise ConfigError(f"--datasets must be a comma list of {pool}{' (LongBench-E)' if args.e else ''}, "
                           f"got {','.join(unknown)}")
+    by_weights = {path: name for name, path in MODEL_PATHS.items()}
+    if args.model in by_weights and args.model_name_or_path is None:
+        # the LaCache repository's pred.py takes the weights as --model (meta-llama/Llama-2-7b-chat-hf)
+        args.model, args.model_name_or_path = by_weights[args.model], args.model
     if args.max_length is None:
         if args.model not in MODEL_MAX_LENGTH:
             raise ConfigError(f"--max_length is required for --model {args.model!r} (LongBench knows "
@@ -206,8 +211,9 @@ def run_name(args, method: str) -> str:
     return f"{model_label(args)}__{method_tag(args, method)}{chat}"
 
 
-def open_run(args, method: str, tokenizer) -> Run:
-    """The result folder of one method: readable name, the hash of the complete setting."""
+def open_run(args, method: str, tokenizer) -> Tuple[Run, dict]:
+    """The result folder of one method (readable name, the hash of the complete setting) and what its
+    ``run.json`` adds to the setting."""
     name = run_name(args, method)
     data = {"data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
             "hub_dataset": None if args.data_dir else args.hub_dataset, "e": args.e}
@@ -216,7 +222,11 @@ def open_run(args, method: str, tokenizer) -> Run:
                "generation": {"max_length": args.max_length, "max_new_tokens": args.max_new_tokens,
                               "chat": chat_wrapper(args, tokenizer)},
                "cache": {"dtype": args.dtype, "attn_implementation": args.attn_implementation}, "seed": None}
-    return Run(Path(args.output_dir) / ("pred_e" if args.e else "pred"), name, setting, args, args.rank)
+    run = Run(Path(args.output_dir) / ("pred_e" if args.e else "pred"), name, setting, args, args.rank)
+    info = dict(model=args.model, method=method, budget=None if method == "full" else args.budget,
+                cache_size=budget_spec(args, method, args.max_length).cache_size, max_length=args.max_length,
+                e=args.e, world_size=args.world, chat=setting["generation"]["chat"], **hyperparameters(args, method))
+    return run, info
 
 
 def predict_dataset(args, method, dataset, model, tokenizer, folder: Path) -> Path:
@@ -243,17 +253,9 @@ def predict_dataset(args, method, dataset, model, tokenizer, folder: Path) -> Pa
 def _main(args) -> int:
     model, tokenizer = load(args)
     check_budgets(args, model, args.max_length, lambda m, n: budget_spec(args, m, n))
-    for method in args.methods:
-        spec = budget_spec(args, method, args.max_length)
-        run = open_run(args, method, tokenizer)
-        run.start(model=args.model, method=method, budget=None if method == "full" else args.budget,
-                  cache_size=spec.cache_size, max_length=args.max_length, e=args.e, world_size=args.world,
-                  chat=chat_wrapper(args, tokenizer), **hyperparameters(args, method))
-        for dataset in args.dataset_list:
-            predict_dataset(args, method, dataset, model, tokenizer, run.folder)
-        if args.rank == 0:
-            print(f"[{method}] predictions in {run.folder}; score them with: python longbench/eval.py "
-                  f"--path {run.folder}")
+    predict_each(args, args.dataset_list, lambda method: open_run(args, method, tokenizer),
+                 lambda method, dataset, folder: predict_dataset(args, method, dataset, model, tokenizer, folder),
+                 "longbench/eval.py --path")
     return 0
 
 

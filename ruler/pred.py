@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -23,7 +24,7 @@ from harness.flags import add_method_flags, hyperparameters, method_identity, me
 from harness.generation import answer, budget_spec, encode_prompt, stop_token_ids  # noqa: E402
 from harness.records import read_jsonl, sharded_results  # noqa: E402
 from harness.runner import (Run, add_model_flags, add_output_flags, check_budgets, check_run_flags, cli,  # noqa: E402
-                            load, progress)
+                            load, predict_each, progress)
 from lacache_core.errors import ConfigError  # noqa: E402
 
 TASKS = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
@@ -67,7 +68,9 @@ def prepare_record(args) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def open_run(args, method: str) -> Run:
+def open_run(args, method: str) -> Tuple[Run, dict]:
+    """The result folder of one method (readable name, the hash of the complete setting) and what its
+    ``run.json`` adds to the setting."""
     model = Path(args.model_name_or_path.rstrip("/")).name
     prepared = prepare_record(args).get("args", {})
     setting = {"model": args.model_identity,
@@ -75,8 +78,12 @@ def open_run(args, method: str) -> Run:
                "method": method_identity(args, method), "generation": {"chat": not args.no_chat},
                "cache": {"dtype": args.dtype, "attn_implementation": args.attn_implementation},
                "seed": prepared.get("seed")}
-    return Run(args.output_dir, f"{model}__{Path(args.data_dir).name}__{method_tag(args, method)}", setting, args,
-               args.rank)
+    run = Run(args.output_dir, f"{model}__{Path(args.data_dir).name}__{method_tag(args, method)}", setting, args,
+              args.rank)
+    samples = read_jsonl(Path(args.data_dir) / f"{args.task_list[0]}.jsonl")
+    max_length = prepared.get("max_length") or max((s["length"] for s in samples), default=None)
+    return run, dict(model=args.model_name_or_path, method=method, budget=None if method == "full" else args.budget,
+                     max_length=max_length, world_size=args.world, **hyperparameters(args, method))
 
 
 def predict_task(args, method, task, model, tokenizer, folder: Path) -> None:
@@ -98,19 +105,11 @@ def predict_task(args, method, task, model, tokenizer, folder: Path) -> None:
 def _main(args) -> int:
     model, tokenizer = load(args)
     prepared = read_jsonl(Path(args.data_dir) / f"{args.task_list[0]}.jsonl")
-    max_length = prepare_record(args).get("args", {}).get("max_length") or max(
-        (s["length"] for s in prepared), default=None)
     if prepared:
         check_budgets(args, model, prepared[0]["length"], lambda m, n: budget_spec(args, m, n))
-    for method in args.methods:
-        run = open_run(args, method)
-        run.start(model=args.model_name_or_path, method=method, budget=None if method == "full" else args.budget,
-                  max_length=max_length, world_size=args.world, **hyperparameters(args, method))
-        for task in args.task_list:
-            predict_task(args, method, task, model, tokenizer, run.folder)
-        if args.rank == 0:
-            print(f"[{method}] predictions in {run.folder}; score them with: python ruler/eval.py --pred_dir "
-                  f"{run.folder}")
+    predict_each(args, args.task_list, lambda method: open_run(args, method),
+                 lambda method, task, folder: predict_task(args, method, task, model, tokenizer, folder),
+                 "ruler/eval.py --pred_dir")
     return 0
 
 

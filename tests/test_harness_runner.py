@@ -125,6 +125,10 @@ def test_model_flag_spellings_and_budget_or_cache_size():
             assert parse([flag, "some/model"]).model_name_or_path == "some/model", (harness, flag)
     import longbench.pred as pred
 
+    official = pred.parse_args(["--model", "meta-llama/Llama-2-7b-chat-hf", "--method", "lacache", "--budget", "0.5"])
+    pred.validate(official)  # the LaCache repository's spelling: the weights as --model
+    assert (official.model, official.weights, official.max_length) == (
+        "llama2-7b-chat-4k", "meta-llama/Llama-2-7b-chat-hf", 3500)
     args = pred.parse_args(["--cache_size", "40", "--max_length", "100", "--method", "lacache"])
     pred.validate(args)
     assert args.budget is None and budget_spec(args, "lacache", 100).cache_size == 40
@@ -270,3 +274,23 @@ def test_every_field_range_is_declared_once_and_checked_by_the_policy():
                 assert f"--{f.name}" not in flags_source, f"harness/flags.py names --{f.name} itself"
     with pytest.raises(ConfigError, match=r"--overlap must be in \[0, 3\], got 4"):
         METHODS["lacache"](span=4, overlap=4)
+
+
+def test_the_official_scripts_flags_still_parse():
+    """The flags of the LaCache repository's ppl/run.py, LongBench/pred.py and niah/pred.py @ 0f27c33."""
+    import longbench.pred
+    import niah.pred
+    import ppl.run
+
+    args = ppl.run.parse_args(["--model_name_or_path", "m", "--dataset_name", "wikitext", "--task", "wikitext-2-raw-v1",
+                               "--split", "test", "--num_eval_tokens", "100", "--enable_lacache", "--cache_size", "256",
+                               "--span", "16", "--overlap", "0"])
+    assert (args.methods, args.cache_size, args.span, args.overlap) == (["lacache"], 256, 16, 0)
+    args = longbench.pred.parse_args(["--model", "meta-llama/Llama-2-7b-chat-hf", "--e", "--method", "lacache",
+                                      "--span", "9", "--overlap", "3", "--budget", "0.25"])
+    longbench.pred.validate(args)
+    assert (args.e, args.methods, args.span, args.overlap, args.budget) == (True, ["lacache"], 9, 3, 0.25)
+    args = niah.pred.parse_args(["--model_name", "m", "--max_tokens", "8192", "--interval", "2948", "--num_tests",
+                                 "5", "--enable_lacache", "--span", "14", "--overlap", "0", "--budget", "0.5"])
+    niah.pred.validate(args)
+    assert (args.methods, args.span, args.budget, args.max_tokens) == (["lacache"], 14, 0.5, 8192)
