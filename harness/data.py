@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -58,23 +59,61 @@ def pg_essays() -> List[str]:
     return [Path(f).read_text(encoding="utf-8") for f in files]
 
 
+def _json_rows(path: Path) -> List[dict]:
+    """Rows of a local ``.jsonl`` (one object per line) or ``.json`` (a list of objects, an object of
+    columns, or JSON lines), read without ``datasets`` and so without any network access."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None  # JSON lines under a .json name, as datasets accepts
+        if isinstance(data, list):
+            return data
+        if isinstance(data, dict):
+            columns = {k: v for k, v in data.items() if isinstance(v, list)}
+            n = min((len(v) for v in columns.values()), default=0)
+            return [{k: v[i] for k, v in columns.items()} for i in range(n)]
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ConfigError(f"--dataset_name {path}: line {number} is not JSON") from None
+    return rows
+
+
 def _local_texts(path: Path, split: Optional[str], field: str) -> List[str]:
     if path.is_file() and path.suffix == ".txt":
         return [path.read_text(encoding="utf-8")]
-    import datasets
-
-    if path.is_dir():
+    if path.is_file() and path.suffix in (".jsonl", ".json"):
+        rows = _json_rows(path)
+    elif path.is_file() and path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ConfigError(f"--dataset_name {path}: reading parquet needs `pip install pyarrow`") from None
+        rows = pq.read_table(path).to_pylist()
+    elif path.is_dir():
+        try:
+            import datasets
+        except ImportError:
+            raise ConfigError(f"--dataset_name {path}: a saved dataset folder needs `pip install datasets`") from None
         data = datasets.load_from_disk(str(path))
         if isinstance(data, datasets.DatasetDict):
             if split not in data:
                 raise ConfigError(f"--split must be one of {sorted(data)} for {path}, got {split!r}")
             data = data[split]
+        rows = data.to_list()
     else:
-        kind = "parquet" if path.suffix == ".parquet" else "json"
-        data = datasets.load_dataset(kind, data_files=str(path), split="train")
-    if field not in data.column_names:
-        raise ConfigError(f"--dataset_name {path}: no {field!r} field (columns: {data.column_names})")
-    return list(data[field])
+        raise ConfigError(f"--dataset_name {path}: a local file must end in one of {LOCAL_SUFFIXES}")
+    missing = next((i for i, row in enumerate(rows, 1) if not isinstance(row, dict) or field not in row), None)
+    if missing is not None:
+        raise ConfigError(f"--dataset_name {path}: row {missing} has no {field!r} field")
+    if not rows:
+        raise ConfigError(f"--dataset_name {path}: no rows")
+    return [row[field] for row in rows]
 
 
 def load_texts(dataset_name: str, task: Optional[str] = None, split: str = "test", field: str = "text") -> List[str]:

@@ -120,9 +120,10 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
             kwargs["attn_implementation"] = attn_implementation
     if device == "auto":
         kwargs["device_map"] = "auto"
+    local = {"local_files_only": True} if Path(path).is_dir() else {}  # a local folder never asks the Hub
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **local)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **local)
     except OSError as err:
         if not Path(path).exists():
             raise ConfigError(

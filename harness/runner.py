@@ -17,6 +17,7 @@ rest:
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -111,6 +112,13 @@ def recorded_args(args) -> dict:
     return {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("model_identity",)}
 
 
+def safe_name(text: str, limit: int = 160) -> str:
+    """One path component made of user input (model, data and method names): only letters, digits and
+    ``._=+-``, no leading dot, at most ``limit`` characters, so that it stays inside the output folder."""
+    name = re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).lstrip(".") or "_"
+    return name[:limit]
+
+
 class Run:
     """One setting's result folder: ``{root}/{name}-{hash of setting}``.
 
@@ -121,7 +129,7 @@ class Run:
 
     def __init__(self, root: Path, name: str, setting: dict, args, rank: int = 0):
         self.setting = normalise(setting)
-        self.folder = Path(root) / f"{name}-{digest(self.setting)}"
+        self.folder = Path(root) / f"{safe_name(name)}-{digest(self.setting)}"
         self.path = self.folder / "run.json"
         self.args, self.rank = args, rank
         self.previous = self._read()

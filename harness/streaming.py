@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from lacache_core.cache import CompressedCache, cache_layers, kv_bytes
 from lacache_core.errors import ConfigError
 from lacache_core.patches import enable_position_shift
-from lacache_core.policies import CachePolicy, FullCache
+from lacache_core.policies import CachePolicy, FullCache, policy_from_state
 from lacache_core.versions import HAS_CACHE_CLASSES, output_cache, with_cache
 
 QUERY_POSITIONS = ("slot", "official")
@@ -96,7 +96,7 @@ def save_checkpoint(path: Path, policy: CachePolicy, cache, result: "StreamResul
     """Everything needed to continue the stream: scored NLLs, where we are, policy state and cache."""
     state = {"nlls": result.nlls, "where": where, "position": position, "seconds": result.seconds,
              "peak_kv_bytes": result.peak_kv_bytes if not isinstance(cache, CompressedCache) else cache.peak_bytes,
-             "policy": policy, "layers": [(k.cpu(), v.cpu()) for k, v in cache_layers(cache)], "meta": meta,
+             "policy": policy.state_dict(), "layers": [(k.cpu(), v.cpu()) for k, v in cache_layers(cache)], "meta": meta,
              "stored_rotated": getattr(cache, "_stored_rotated", None)}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -104,7 +104,13 @@ def save_checkpoint(path: Path, policy: CachePolicy, cache, result: "StreamResul
 
 
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A :func:`save_checkpoint` state. Read with ``weights_only=True``: tensors, numbers, strings and
+    containers only, so a planted file cannot run code; anything else is refused in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle.UnpicklingError for a file with code in it, EOFError/RuntimeError if cut
+        raise ConfigError(f"{path}: not a checkpoint this harness wrote ({type(err).__name__}); delete it to start "
+                          "the run over") from None
 
 
 def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolicy,
@@ -152,7 +158,7 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
         enable_position_shift(model)
     result, position, skip = StreamResult(), -1, (0, -1)
     if resume is not None:
-        policy = resume["policy"]
+        policy = policy_from_state(resume["policy"])
         cache = _restore_cache(resume, policy, num_layers, legacy, query_position, device)
         result.nlls, result.seconds = list(resume["nlls"]), resume["seconds"]
         result.peak_kv_bytes, position, skip = resume["peak_kv_bytes"], resume["position"], tuple(resume["where"])

@@ -294,3 +294,24 @@ def test_the_official_scripts_flags_still_parse():
                                  "5", "--enable_lacache", "--span", "14", "--overlap", "0", "--budget", "0.5"])
     niah.pred.validate(args)
     assert (args.methods, args.span, args.budget, args.max_tokens) == (["lacache"], 14, 0.5, 8192)
+
+
+@pytest.mark.parametrize("name", ["../../../x", "/etc/passwd", "a/../../b", "..", "", "odd name:*?<>|\\x", "é" * 400])
+def test_result_folders_stay_inside_the_output_folder(tmp_path, name):
+    from harness.runner import Run
+
+    run = Run(tmp_path / "out", name, {"x": 1}, type("A", (), {})())
+    run.start()
+    assert run.folder.resolve().parent == (tmp_path / "out").resolve()
+    assert re.fullmatch(r"[A-Za-z0-9_=+-][A-Za-z0-9._=+-]*-[0-9a-f]{8}", run.folder.name)
+
+
+def test_no_code_runs_from_files_a_user_is_handed():
+    """No pickle loads, eval, remote code or shell in the project's own code."""
+    patterns = [r"weights_only\s*=\s*False", r"trust_remote_code\s*=\s*True", r"(?<![\w.])eval\(", r"\bpickle\.load",
+                r"shell\s*=\s*True", r"os\.system\("]
+    for folder in ("lacache_core", "harness", "ppl", "ppl_legacy", "longbench", "niah", "ruler", "scripts"):
+        for path in (ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            for pattern in patterns:
+                assert not re.search(pattern, text), f"{path}: {pattern}"

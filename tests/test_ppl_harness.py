@@ -189,3 +189,81 @@ def test_interrupted_run_resumes_with_identical_results(tiny_dir, text_file, tmp
     summary = json.loads((cut_dir / "run.json").read_text())
     assert summary["results"]["resumed"] is True and summary["complete"]
     assert (cut_dir / "nlls.txt").read_text() == clean  # resumed from the token-200 checkpoint, same numbers
+
+
+class _Planted:
+    """A pickle that would write a file when loaded."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))
+
+
+def test_a_planted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys):
+    import torch
+
+    from harness.streaming import load_checkpoint
+
+    planted, target = tmp_path / "resume.pt", tmp_path / "pwned"
+    torch.save({"nlls": [], "policy": _Planted(target)}, planted)
+    with pytest.raises(ConfigError, match="not a checkpoint this harness wrote"):
+        load_checkpoint(planted)
+    assert not target.exists()
+    planted.write_bytes(b"\x00garbage")
+    with pytest.raises(ConfigError):
+        load_checkpoint(planted)
+
+
+def test_policy_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    import torch
+
+    from lacache_core import enable_position_shift, make_cache
+    from lacache_core.policies import policy_from_state
+    from lacache_core.versions import with_cache
+    from tiny import tiny_model
+
+    model = tiny_model("llama", "eager", layers=4)
+    enable_position_shift(model)
+    for method, settings in (("lacache", dict(span=2)), ("h2o", {}), ("lshe", dict(recent_window=4)), ("tova", {})):
+        cache = make_cache(method, model, cache_size=24, start_size=2, **settings)
+        with torch.no_grad():
+            model(torch.arange(30)[None] % 100, use_cache=True, **with_cache(cache))
+            for t in range(12):
+                model(torch.tensor([[t + 3]]), use_cache=True, **with_cache(cache))
+        policy = cache.policy
+        path = tmp_path / f"{method}.pt"
+        torch.save({"policy": policy.state_dict()}, path)
+        restored = policy_from_state(torch.load(path, weights_only=True)["policy"])
+        assert restored.settings() == policy.settings() and restored.seen == policy.seen == 42
+        assert restored.positions_per_layer() == policy.positions_per_layer()
+        assert max(len(row) for row in restored.positions_per_layer()) <= restored.max_cache_len(4)
+
+
+def test_local_model_and_data_never_touch_the_network(tiny_dir, tmp_path, monkeypatch):
+    """With the HF offline variables unset, a local folder and local files load with every socket blocked."""
+    import socket
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    tried = []
+
+    def blocked(self, address, *a, **k):
+        tried.append(address)
+        raise OSError(f"network blocked in this test: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", blocked)
+    monkeypatch.setattr(socket.socket, "connect_ex", blocked)
+    monkeypatch.setattr(socket, "create_connection", lambda address, *a, **k: blocked(None, address))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": " ".join(["w1", "w2", "w3"] * 30)}) + "\n"
+                                              for _ in range(2)))
+    (tmp_path / "b.json").write_text(json.dumps([{"text": "w4 w5 " * 40}]))
+    for data in ("a.jsonl", "b.json"):
+        assert main(["--model_name_or_path", str(tiny_dir), "--dataset_name", str(tmp_path / data), "--device", "cpu",
+                     "--method", "streamingllm", "--cache_size", "32", "--num_eval_tokens", "40",
+                     "--output_dir", str(tmp_path / "out")]) == 0
+    assert tried == []
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "w1"}) + "\n{not json\n")
+    with pytest.raises(ConfigError, match=r"bad.jsonl: line 2 is not JSON"):
+        load_texts(str(tmp_path / "bad.jsonl"))

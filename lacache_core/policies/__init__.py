@@ -48,5 +48,14 @@ def build_policy(method: str, **settings) -> CachePolicy:
     return cls(**{k: v for k, v in settings.items() if k in names and v is not None})
 
 
+def policy_from_state(saved: dict) -> CachePolicy:
+    """The policy :meth:`CachePolicy.state_dict` saved: built from its settings, its running state restored."""
+    if saved.get("method") not in METHODS:
+        raise ConfigError(f"saved policy {saved.get('method')!r} is not a registered method ({sorted(METHODS)})")
+    policy = METHODS[saved["method"]](**saved["settings"])
+    policy.load_state_dict(saved)
+    return policy
+
+
 __all__ = ["CachePolicy", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "SnapKV", "PyramidKV",
-           "PyramidInfer", "METHODS", "budget_derived", "build_policy"]
+           "PyramidInfer", "METHODS", "budget_derived", "build_policy", "policy_from_state"]

@@ -213,6 +213,27 @@ class CachePolicy:
         out["key_positions"] = self.position_mode
         return out
 
+    def state_dict(self) -> dict:
+        """Settings and running state (the non-init fields) as numbers, strings, tensors and lists of them:
+        what ``torch.load(..., weights_only=True)`` reads back, so a saved policy can carry no code."""
+        state = {}
+        for f in fields(self):
+            if not f.init:
+                value = getattr(self, f.name)
+                state[f.name] = str(value) if isinstance(value, torch.device) else value
+        return {"method": self.name, "settings": {f.name: getattr(self, f.name) for f in fields(self) if f.init},
+                "state": state}
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Restore the running state :meth:`state_dict` saved (from a policy built with its settings)."""
+        names = {f.name for f in fields(self) if not f.init}
+        unknown = set(saved["state"]) - names
+        if unknown:
+            raise ConfigError(f"saved state of {saved.get('method')!r} has fields {sorted(unknown)} that "
+                              f"{type(self).__name__} does not")
+        for name, value in saved["state"].items():
+            setattr(self, name, torch.device(value) if name == "_device" else value)
+
     def reset(self) -> None:
         """Forget all state (start a new sequence)."""
         self._layer_positions, self._held, self._pending = [], [], []
