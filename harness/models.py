@@ -124,13 +124,15 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **local)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **local)
-    except OSError as err:
+    except (OSError, ValueError, KeyError) as err:  # json.JSONDecodeError is a ValueError
         if not Path(path).exists():
             raise ConfigError(
                 f"--model_name_or_path {name_or_path!r}: not a local folder and not loadable from the Hugging Face "
                 f"Hub (offline?); pass a local model folder, or {DEFAULT_MODEL!r} for the embedded SmolLM2-135M"
-            ) from err
-        raise
+            ) from None
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"--model_name_or_path {name_or_path}: not a loadable model folder "
+                          f"({type(err).__name__}: {first})") from None
     if device != "auto":
         model = model.to(device)
     return model.eval(), tokenizer

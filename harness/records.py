@@ -16,18 +16,37 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, List, Optional, Set, Tuple
 
+from lacache_core.errors import ConfigError
 
-def read_jsonl(path: Path) -> List[dict]:
-    """All complete records of ``path`` (a missing file reads as empty; a cut-off last line is skipped)."""
+
+def read_jsonl(path: Path, what: str = "") -> List[dict]:
+    """All records of ``path`` (a missing file reads as empty).
+
+    Only a last line without its newline (a write cut short by a kill) that does not parse is
+    dropped; any other line that is not a JSON object is a one-line :class:`ConfigError` naming the
+    file and the line (prefixed with ``what``, e.g. the flag that named the file).
+    """
     path = Path(path)
     if not path.exists():
         return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}{path}: not a UTF-8 text file") from None
+    lines = text.split("\n")  # the last item is "" when the file ends in a newline
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
             continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline after it: cut off
+                continue
+            raise ConfigError(f"{what}{path}:{number}: not a JSON line") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{what}{path}:{number}: not a JSON object")
+        rows.append(row)
     return rows
 
 

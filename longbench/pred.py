@@ -23,6 +23,7 @@ sample; rank 0 merges the shards), or ``--device auto`` to spread one large mode
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Tuple
@@ -131,7 +132,7 @@ def load_samples(name: str, data_dir, hub: str) -> list:
         path = Path(data_dir) / f"{name}.jsonl"
         if not path.exists():
             raise ConfigError(f"--data_dir {data_dir}: no {name}.jsonl there (unzip LongBench's data.zip into it)")
-        return read_jsonl(path)
+        return read_jsonl(path, "--data_dir: ")
     try:
         import datasets
         try:
@@ -232,6 +233,14 @@ def open_run(args, method: str, tokenizer) -> Tuple[Run, dict]:
 def predict_dataset(args, method, dataset, model, tokenizer, folder: Path) -> Path:
     name = f"{dataset}_e" if args.e else dataset
     samples = load_samples(name, args.data_dir, args.hub_dataset)[:args.num_samples]
+    if not samples:
+        raise ConfigError(f"--datasets {dataset}: no samples in {args.data_dir or args.hub_dataset}")
+    fields = sorted(set(re.findall(r"{(\w+)}", PROMPTS[dataset])) | {"answers"})
+    for i, sample in enumerate(samples, 1):
+        missing = [f for f in fields if f not in sample]
+        if missing:
+            raise ConfigError(f"--datasets {dataset}: sample {i} of {args.data_dir or args.hub_dataset} has no "
+                              f"{', '.join(map(repr, missing))} field")
     for i, sample in enumerate(samples):
         sample.setdefault("_id", f"{name}-{i}")
     final = folder / f"{dataset}.jsonl"

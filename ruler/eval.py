@@ -55,8 +55,11 @@ def read_predictions(path: Path):
         for num, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            if "pred" not in row or "outputs" not in row:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise ConfigError(f"--pred_dir: {path} line {num} is not JSON") from None
+            if not isinstance(row, dict) or "pred" not in row or "outputs" not in row:
                 raise ConfigError(f"--pred_dir: {path} line {num} lacks 'pred' or 'outputs'")
             preds.append(row["pred"] or "")
             refs.append(list(row["outputs"]))
@@ -81,7 +84,15 @@ def average(scores: Dict[str, dict]) -> Optional[float]:
 
 def read_run_info(run_dir: Path) -> dict:
     path = run_dir / "run.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"--pred_dir: {path} is not valid JSON") from None
+    if not isinstance(info, dict):
+        raise ConfigError(f"--pred_dir: {path} is not a JSON object")
+    return info
 
 
 def paper_scores(info: dict) -> Optional[Dict[str, float]]:

@@ -65,7 +65,13 @@ def validate(args) -> None:
 
 def prepare_record(args) -> dict:
     path = Path(args.data_dir) / "prepare.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"--data_dir: {path} is not valid JSON (rerun ruler/prepare.py)") from None
+    return record if isinstance(record, dict) else {}
 
 
 def open_run(args, method: str) -> Tuple[Run, dict]:
@@ -87,7 +93,13 @@ def open_run(args, method: str) -> Tuple[Run, dict]:
 
 
 def predict_task(args, method, task, model, tokenizer, folder: Path) -> None:
-    samples = read_jsonl(Path(args.data_dir) / f"{task}.jsonl")[:args.num_samples]
+    samples = read_jsonl(Path(args.data_dir) / f"{task}.jsonl", "--data_dir: ")[:args.num_samples]
+    if not samples:
+        raise ConfigError(f"--data_dir {args.data_dir}: {task}.jsonl has no samples (rerun ruler/prepare.py)")
+    for i, sample in enumerate(samples, 1):
+        missing = [f for f in ("index", "input", "outputs", "length", "max_new_tokens") if f not in sample]
+        if missing:
+            raise ConfigError(f"--data_dir {args.data_dir}: {task}.jsonl sample {i} has no {', '.join(missing)}")
     final = folder / f"{task}.jsonl"
     stop = stop_token_ids(tokenizer, model)
     with sharded_results(final, samples, "index", args.rank, args.world) as (todo, out):

@@ -315,3 +315,44 @@ def test_no_code_runs_from_files_a_user_is_handed():
             text = path.read_text()
             for pattern in patterns:
                 assert not re.search(pattern, text), f"{path}: {pattern}"
+
+
+@needs_cache_classes
+def test_bad_model_folders_and_data_files_are_one_line_errors(tiny_dir, tmp_path, capsys):
+    from longbench.pred import main as longbench
+    from ruler.pred import main as ruler
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((tiny_dir / "config.json").read_text())
+    data = _lb_data(tmp_path / "data")
+    base = ["--max_length", "160", "--data_dir", str(data), "--datasets", "hotpotqa", "--device", "cpu",
+            "--output_dir", str(tmp_path / "out"), "--method", "full"]
+    cases = [(["--model_name_or_path", str(m)] + base, "--model_name_or_path") for m in (broken, empty, no_weights)]
+    garbage = _lb_data(tmp_path / "garbage")
+    (garbage / "hotpotqa.jsonl").write_text('{"_id": "a"}\n{oops\n{"_id": "b"}\n')
+    cases.append((["--model_name_or_path", str(tiny_dir), *base, "--data_dir", str(garbage)], "hotpotqa.jsonl:2"))
+    nocontext = _lb_data(tmp_path / "nocontext")
+    (nocontext / "hotpotqa.jsonl").write_text(json.dumps({"_id": "a", "input": "w1", "answers": ["w2"]}) + "\n")
+    cases.append((["--model_name_or_path", str(tiny_dir), *base, "--data_dir", str(nocontext)], "'context'"))
+    hollow = _lb_data(tmp_path / "hollow")
+    (hollow / "hotpotqa.jsonl").write_text("")
+    cases.append((["--model_name_or_path", str(tiny_dir), *base, "--data_dir", str(hollow)], "no samples"))
+    (tmp_path / "file").write_text("x")
+    cases.append((["--model_name_or_path", str(tiny_dir), *base, "--output_dir", str(tmp_path / "file")],
+                  "--output_dir"))
+    for argv, needle in cases:
+        assert longbench(argv) == 2, argv
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and needle in err[0], (needle, err)
+    ruler_data = tmp_path / "ruler" / "256"
+    ruler_data.mkdir(parents=True)
+    (ruler_data / "vt.jsonl").write_text("")
+    assert ruler(["--model_name_or_path", str(tiny_dir), "--data_dir", str(ruler_data), "--device", "cpu",
+                  "--output_dir", str(tmp_path / "rout")]) == 2
+    assert "vt.jsonl has no samples" in capsys.readouterr().err
