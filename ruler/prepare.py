@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad or not tasks:
         raise ConfigError(f"--tasks must be a comma list of {', '.join(TASK_NAMES)}, got {args.tasks!r}")
     args.task_list = list(dict.fromkeys(tasks))
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise ConfigError(f"--output_dir {args.output_dir} is a file, not a folder")
     return args
 
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataclasses import dataclass  # noqa: E402
 from typing import ClassVar  # noqa: E402
 
-from lacache_core import CompressedCache, ConfigError, build_policy, enable_position_shift  # noqa: E402
+from lacache_core import METHODS, CompressedCache, ConfigError, build_policy, enable_position_shift  # noqa: E402
 from lacache_core.cache import kv_bytes, prefill  # noqa: E402
 from lacache_core.policies.base import CachePolicy  # noqa: E402
 from lacache_core.reference import ReferenceLaCache  # noqa: E402
@@ -206,6 +206,23 @@ def bench_one(model, method, settings, context, steps, vocab, device, key_rotati
             "tokens_per_s": 1.0 / step, "kv_bytes": kv_bytes(cache), "rss_bytes": process_rss_bytes()}
 
 
+def check_args(args) -> None:
+    """One-line errors for the flags, before any model is loaded."""
+    try:
+        contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
+    except ValueError:
+        contexts = []
+    if not contexts or min(contexts) < 1:
+        raise ConfigError(f"--contexts must be a comma list of positive token counts, got {args.contexts!r}")
+    for flag in ("steps", "rounds", "cache_size"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if not methods or bad:
+        raise ConfigError(f"--methods must be a comma list of {sorted(METHODS)}, got {args.methods!r}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m",
@@ -228,6 +245,7 @@ def main(argv=None):
     p.add_argument("--output", default="outputs/bench/bench_decode.json")
     args = p.parse_args(argv)
     try:
+        check_args(args)
         if args.model in SHAPES:
             from harness.models import parse_dtype
             model = random_llama(args.model, args.device, parse_dtype(args.dtype), args.attn_implementation)
