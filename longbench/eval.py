@@ -28,6 +28,8 @@ from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness.flags import ArgumentParser  # noqa: E402
+
 from lacache_core.errors import ConfigError  # noqa: E402
 from harness.runner import run_main  # noqa: E402
 from longbench.config import DATASETS, METRICS  # noqa: E402
@@ -42,7 +44,7 @@ PAPER_MODELS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
                    help="run name: scores {output_dir}/pred/NAME (official flag; pred_e/NAME with --e)")
     p.add_argument("--e", action="store_true", help="LongBench-E: scores by length bucket 0-4k / 4-8k / 8k+")
@@ -264,7 +266,7 @@ def comparison_markdown(entries: List[dict], e: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def _run(argv=None) -> int:
     """Score the folders named by ``--model`` / ``--path``; raise ConfigError for a bad flag."""
     args = parse_args(argv)
     entries = []
@@ -290,5 +292,9 @@ def main(argv=None) -> int:
     return 0
 
 
+def main(argv=None) -> int:
+    return run_main(_run, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(main())

@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.runner import run_main  # noqa: E402
+from harness.flags import ArgumentParser  # noqa: E402
+from harness.runner import cli  # noqa: E402
 from lacache_core.errors import ConfigError  # noqa: E402
 
 RETRIEVAL_PARAGRAPHS = 30  # LongBench's prompt says "Here are 30 paragraphs"
@@ -71,7 +72,7 @@ def count_sample(rng: random.Random, pool: list, index: int, total: int) -> dict
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="data/longbench_synthetic")
     p.add_argument("--num_samples", type=int, default=5, help="samples per task")
     p.add_argument("--words_per_paragraph", type=int, default=50, help="paragraph length (about 65 tokens per 50)")
@@ -102,9 +103,7 @@ def _main(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    return run_main(lambda _: _main(args))
+main = cli(parse_args, _main)
 
 
 if __name__ == "__main__":

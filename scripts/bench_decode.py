@@ -25,6 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness.flags import ArgumentParser  # noqa: E402
+from harness.runner import run_main  # noqa: E402
+
 from dataclasses import dataclass  # noqa: E402
 from typing import ClassVar  # noqa: E402
 
@@ -223,8 +226,8 @@ def check_args(args) -> None:
         raise ConfigError(f"--methods must be a comma list of {sorted(METHODS)}, got {args.methods!r}")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _run(argv=None) -> int:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m",
                    help=f"model name/path, or a random-weight shape: {sorted(SHAPES)}")
     p.add_argument("--contexts", default="1024,2048,4096,8192")
@@ -360,6 +363,10 @@ def _summarise(rows, args, span, overlap):
     write_json(out, run_record(vars(args) | {"span": span, "overlap": overlap}, rows=rows))
     png = plot(rows, out.with_suffix(".png"))
     print(f"results: {out}" + (f"  plot: {png}" if png else ""))
+
+
+def main(argv=None) -> int:
+    return run_main(_run, argv)
 
 
 if __name__ == "__main__":

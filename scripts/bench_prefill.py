@@ -22,6 +22,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness.flags import ArgumentParser  # noqa: E402
+from harness.runner import run_main  # noqa: E402
+from lacache_core import METHODS, ConfigError  # noqa: E402
+
 
 def one_run(args) -> dict:
     from lacache_core import build_policy, CompressedCache, enable_position_shift, prefill
@@ -49,8 +53,8 @@ def one_run(args) -> dict:
             "peak_kv_mib": cache.peak_bytes / 2 ** 20, "continuation_ppl": math.exp(sum(nlls) / len(nlls))}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _run(argv=None) -> int:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dataset_name", default="pg-essays")
     p.add_argument("--method", default="lacache")
@@ -61,11 +65,22 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=None, help=argparse.SUPPRESS)  # one configuration (child)
     p.add_argument("--output", default="outputs/bench/bench_prefill.json")
     args = p.parse_args(argv)
+    try:
+        chunks = [int(c) for c in args.chunks.split(",") if c.strip()]
+    except ValueError:
+        chunks = []
+    if not chunks or min(chunks) < 0:
+        raise ConfigError(f"--chunks must be a comma list of chunk sizes >= 0 (0: whole prompt), got {args.chunks!r}")
+    for flag in ("cache_size", "prompt_tokens", "eval_tokens"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.method not in METHODS:
+        raise ConfigError(f"--method must be one of {sorted(METHODS)}, got {args.method!r}")
     if args.chunk is not None:
         print(json.dumps(one_run(args)))
         return 0
     rows = []
-    for chunk in [int(c) for c in args.chunks.split(",")]:
+    for chunk in chunks:
         cmd = [sys.executable, __file__, "--chunk", str(chunk)] + [
             a for k in ("model", "dataset_name", "method", "cache_size", "prompt_tokens", "eval_tokens")
             for a in (f"--{k}", str(getattr(args, k)))]
@@ -81,6 +96,10 @@ def main(argv=None):
     write_json(Path(args.output), run_record(vars(args), rows=rows))
     print(f"results: {args.output}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(_run, argv)
 
 
 if __name__ == "__main__":

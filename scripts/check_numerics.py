@@ -7,13 +7,16 @@ Without eviction the patched model must reproduce the unpatched one up to the dt
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.flags import ArgumentParser  # noqa: E402
+from harness.runner import run_main  # noqa: E402
+from lacache_core.errors import ConfigError  # noqa: E402
 
 from lacache_core import enable_position_shift, make_cache  # noqa: E402
 from lacache_core.versions import output_cache, with_cache  # noqa: E402
@@ -29,13 +32,15 @@ def logits_loop(model, tokens, cache):
     return torch.stack(out)
 
 
-def main(argv=None):
+def _run(argv=None) -> int:
     import transformers
 
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokens", type=int, default=200)
     args = p.parse_args(argv)
+    if args.tokens < 1:
+        raise ConfigError(f"--tokens must be >= 1, got {args.tokens}")
     kernels = ["eager", "sdpa"]
     try:
         import flash_attn  # noqa: F401
@@ -64,5 +69,9 @@ def main(argv=None):
                       f"{agree:.3f} |", flush=True)
 
 
+def main(argv=None) -> int:
+    return run_main(_run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,6 +9,11 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.flags import ArgumentParser  # noqa: E402
+from harness.runner import run_main  # noqa: E402
+
 
 def rows(folder: Path):
     for path in sorted(folder.rglob("run.json")):
@@ -26,8 +31,8 @@ def rows(folder: Path):
         }
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _run(argv=None) -> int:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", type=Path)
     args = p.parse_args(argv)
     table = sorted(rows(args.folder), key=lambda r: (r["cache_size"], r["ppl"]))
@@ -40,6 +45,10 @@ def main(argv=None):
         print(f"| {r['model']} | {r['data']} | {r['method']} | {r['budget']} | {r['settings']} | {r['tokens']} | "
               f"{r['ppl']:.3f} | {r['tok/s']:.1f} | {r['KV MiB']:.2f} |")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(_run, argv)
 
 
 if __name__ == "__main__":

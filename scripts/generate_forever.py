@@ -17,6 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness.flags import ArgumentParser  # noqa: E402
+from harness.runner import run_main  # noqa: E402
+
 from lacache_core import ConfigError, enable_position_shift, make_cache  # noqa: E402
 from lacache_core.versions import with_cache  # noqa: E402
 from harness.models import load_model  # noqa: E402
@@ -80,8 +83,8 @@ def plot(log, path: Path, title: str):
     return path
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _run(argv=None) -> int:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="model name/path, or 'tiny' (random 4-layer Llama, hidden 64)")
     p.add_argument("--method", default="lacache")
     p.add_argument("--tokens", type=int, default=16384, help="tokens to generate")
@@ -135,6 +138,10 @@ def main(argv=None):
     if tok is not None:
         print("tail of the text:", repr(tok.decode(out[0, -200:])))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(_run, argv)
 
 
 if __name__ == "__main__":

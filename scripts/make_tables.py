@@ -21,6 +21,9 @@ from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness.flags import ArgumentParser  # noqa: E402
+from harness.runner import run_main  # noqa: E402
+
 from harness import paper  # noqa: E402
 from harness.plots import running_ppl_plot  # noqa: E402
 from longbench.eval import PAPER_MODELS  # noqa: E402  (LongBench model name -> the paper's)
@@ -286,8 +289,8 @@ def build(roots: List[Path], out: Path, assets_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _run(argv=None) -> int:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", nargs="+", type=Path, default=[Path("outputs")], help="result roots the scripts wrote")
     p.add_argument("--out", type=Path, default=Path("RESULTS.md"))
     p.add_argument("--assets", type=Path, default=Path("docs/results"), help="where plots are copied for the page")
@@ -295,6 +298,10 @@ def main(argv=None) -> int:
     args.out.write_text(build(args.root, args.out, args.assets))
     print(f"wrote {args.out} (plots in {args.assets})")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(_run, argv)
 
 
 if __name__ == "__main__":
