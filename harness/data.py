@@ -62,7 +62,10 @@ def pg_essays() -> List[str]:
 def _json_rows(path: Path) -> List[dict]:
     """Rows of a local ``.jsonl`` (one object per line) or ``.json`` (a list of objects, an object of
     columns, or JSON lines), read without ``datasets`` and so without any network access."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"--dataset_name {path}: not a UTF-8 text file") from None
     if path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -86,7 +89,10 @@ def _json_rows(path: Path) -> List[dict]:
 
 def _local_texts(path: Path, split: Optional[str], field: str) -> List[str]:
     if path.is_file() and path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
+        try:
+            return [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError:
+            raise ConfigError(f"--dataset_name {path}: not a UTF-8 text file") from None
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         rows = _json_rows(path)
     elif path.is_file() and path.suffix == ".parquet":

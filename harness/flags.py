@@ -165,6 +165,8 @@ def check_method_flags(args) -> None:
         if not any(m in flag.defaults for m in args.methods):  # e.g. one flag set for several runs of a script
             print(f"note: --{name} is ignored: {', '.join(args.methods)} does not take it "
                   f"({', '.join(flag.defaults)} does)", file=sys.stderr)
+    for method in args.methods:  # each method's own ranges, before any model is loaded
+        check_hyperparameters(method, method_settings(args, method), args.start_size)
     default_budget = getattr(args, "_budget_default", None)
     if default_budget is not None:
         if args.budget is not None and args.cache_size is not None:
@@ -179,6 +181,20 @@ def check_method_flags(args) -> None:
         raise ConfigError(f"--start_size must be >= 0, got {args.start_size}")
     if getattr(args, "prefill_chunk_size", None) is not None and args.prefill_chunk_size < 1:
         raise ConfigError(f"--prefill_chunk_size must be >= 1, got {args.prefill_chunk_size}")
+
+
+def check_hyperparameters(method: str, given: dict, start_size: Optional[int]) -> None:
+    """Build ``method`` with the given hyper-parameters and a budget that fits any of them, so that a value
+    out of its own range is one error line before the model loads (budget-dependent bounds are checked
+    when the harness builds the real cache)."""
+    cls = METHODS[method]
+    names = {f.name for f in fields(cls) if f.init}
+    settings = {k: v for k, v in given.items() if k in names}
+    if start_size is not None and "start_size" in names and start_size >= 0:
+        settings["start_size"] = start_size
+    if "cache_size" in names:
+        settings["cache_size"] = 1 << 30
+    cls(**settings)
 
 
 def parse_methods(text: str) -> List[str]:

@@ -92,6 +92,8 @@ def parse_args(argv=None):
 
 def validate(args) -> None:
     check_run_flags(args)
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise ConfigError(f"--data_dir {args.data_dir}: no such folder (unzip LongBench's data.zip into it)")
     pool = DATASETS_E if args.e else DATASETS
     args.dataset_list = pool if args.datasets is None else [d.strip() for d in args.datasets.split(",") if d.strip()]
     unknown = [d for d in args.dataset_list if d not in pool]

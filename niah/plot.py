@@ -83,7 +83,7 @@ def main(argv=None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not Path(args[0]).is_file():
-        print("usage: python niah/plot.py path/to/results.csv (writes heatmap.png beside it)", file=sys.stderr)
+        print("error: usage: python niah/plot.py path/to/results.csv (writes heatmap.png beside it)", file=sys.stderr)
         return 2
     csv_path = Path(args[0])
     with open(csv_path, newline="", encoding="utf-8") as f:

@@ -1,0 +1,243 @@
+"""Bad input to every CLI: a clean one-line ``error:`` and a non-zero exit, never a traceback or a hang.
+
+The cases are generated: every numeric flag of every CLI with a value that is not a number, every
+flag with choices with a value outside them, every method hyper-parameter just outside its declared
+range, and bad paths and files (a missing model, a corrupt or empty model folder, an output folder
+that is a file, garbage, binary and empty data files). Each case runs in a child forked from this
+warmed-up process (imports done once), so hundreds of cases take seconds.
+"""
+import importlib
+import importlib.util
+import json
+import os
+import select
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.flags import ArgumentParser, method_flags
+from harness.runner import run_main
+from lacache_core.versions import HAS_CACHE_CLASSES
+from tiny import TINY_WORDS
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the fuzz cases fork")
+
+CLIS = ["ppl.run", "longbench.pred", "longbench.eval", "longbench.synthetic", "niah.pred", "niah.plot",
+        "ruler.prepare", "ruler.pred", "ruler.eval"]
+SCRIPTS = ["bench_decode", "bench_prefill", "generate_forever", "check_numerics", "collect_ppl", "make_tables"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str):
+    if name in SCRIPTS:
+        key = f"script_{name}"
+        if key not in sys.modules:
+            spec = importlib.util.spec_from_file_location(key, ROOT / "scripts" / f"{name}.py")
+            sys.modules[key] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(sys.modules[key])
+        return sys.modules[key]
+    return importlib.import_module(name)
+
+
+class _Parser(BaseException):
+    def __init__(self, parser):
+        self.parser = parser
+
+
+def parser_of(module, monkeypatch):
+    """The argparse parser a CLI builds (captured when it parses)."""
+    def capture(self, *a, **k):
+        raise _Parser(self)
+    with monkeypatch.context() as m:
+        m.setattr(ArgumentParser, "parse_args", capture)
+        try:
+            module.main([])
+        except _Parser as got:
+            return got.parser
+    return None
+
+
+def run_forked(main, argv, env=None, timeout=120.0):
+    """``(exit code, stderr)`` of ``main(argv)`` in a forked child (99: it raised; -9: killed after ``timeout``)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 99
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(write, 2)
+            sys.stdout = open(1, "w", closefd=False)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # pytest's capture object is not fd 2
+            os.environ.update(env or {})
+            torch.set_num_threads(1)  # no OpenMP pool in a forked child
+            code = run_main(main, argv)
+            code = code if isinstance(code, int) else 0
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 99
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write)
+    chunks, deadline = [], time.monotonic() + timeout
+    while True:
+        ready, _, _ = select.select([read], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            break
+        data = os.read(read, 65536)
+        if not data:
+            break
+        chunks.append(data)
+    os.close(read)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return code, b"".join(chunks).decode("utf-8", "replace")
+
+
+def check(case, main, argv, needle=None, env=None):
+    code, err = run_forked(main, argv, env)
+    lines = [line.split("\r")[-1] for line in err.splitlines()]
+    errors = [line for line in lines if line.startswith("error:")]
+    problem = None
+    if "Traceback" in err or code == 99:
+        problem = "traceback"
+    elif code == -9:
+        problem = "hang"
+    elif code == 0:
+        problem = "exit 0"
+    elif len(errors) != 1:
+        problem = f"{len(errors)} error lines"
+    elif needle is not None and needle not in errors[0]:
+        problem = f"error does not name {needle!r}"
+    return None if problem is None else f"{case} {argv}: {problem}\n{err[-600:]}"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_dir):
+    root = tmp_path_factory.mktemp("fuzz")
+    out = {"tiny": str(tiny_dir), "root": root}
+    (root / "a_file").write_text("x")
+    (root / "binary.txt").write_bytes(bytes(range(256)) * 8)
+    (root / "garbage.jsonl").write_text('{"text": "w1"}\n{oops\n{"text": "w2"}\n')
+    (root / "empty.jsonl").write_text("")
+    corrupt = root / "corrupt_model"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{not json")
+    (root / "empty_model").mkdir()
+    lb = root / "lb"
+    lb.mkdir()
+    (lb / "hotpotqa.jsonl").write_text('{"_id": "a"}\n{oops\n')
+    ruler = root / "ruler" / "256"
+    ruler.mkdir(parents=True)
+    (ruler / "vt.jsonl").write_text("\x00\x01binary")
+    preds = root / "preds"
+    preds.mkdir()
+    (preds / "vt.jsonl").write_text("{oops\n")
+    (preds / "hotpotqa.jsonl").write_text("{oops\n")
+    (preds / "run.json").write_text("{oops")
+    text = root / "words.txt"
+    text.write_text(" ".join(TINY_WORDS[i % 100] for i in range(300)))
+    return out
+
+
+def generated_cases(monkeypatch):
+    """``(case, module name, argv, needle)`` for every numeric and choice flag of every CLI."""
+    cases = []
+    for name in CLIS + SCRIPTS:
+        module = load(name)
+        parser = parser_of(module, monkeypatch)
+        if parser is None:
+            continue
+        for action in parser._actions:
+            flag = next((o for o in action.option_strings if o.startswith("--")), None)
+            if flag is None:
+                continue
+            if action.type in (int, float):
+                cases += [("not a number", name, [flag, "abc"], flag), ("empty", name, [flag, ""], flag)]
+            if action.choices:
+                cases.append(("not a choice", name, [flag, "no-such-choice"], flag))
+    return cases
+
+
+def test_every_numeric_and_choice_flag_of_every_cli(monkeypatch):
+    cases = generated_cases(monkeypatch)
+    assert len(cases) > 150  # every CLI contributed
+    failures = [check(case, load(name).main, argv, needle) for case, name, argv, needle in cases]
+    failures = [f for f in failures if f]
+    assert not failures, "\n\n".join(failures[:10])
+
+
+def test_every_hyperparameter_just_outside_its_range(files):
+    harnesses = {"ppl.run": ["--model_name_or_path", files["tiny"]],
+                 "longbench.pred": ["--model_name_or_path", files["tiny"], "--max_length", "100"],
+                 "niah.pred": ["--model_name", files["tiny"]],
+                 "ruler.pred": ["--model_name_or_path", files["tiny"], "--data_dir", str(files["root"] / "ruler" / "256")]}
+    failures = []
+    from lacache_core.policies import METHODS
+    for flag in method_flags().values():
+        method = next(iter(flag.defaults))
+        f = next(f for f in __import__("dataclasses").fields(METHODS[method]) if f.name == flag.name)
+        low, above = f.metadata.get("low"), f.metadata.get("above")
+        bad = (low - 1 if isinstance(low, int) and not callable(low) else None) if above is None else above
+        if bad is None or flag.kind not in (int, float):
+            continue
+        for name, base in harnesses.items():
+            argv = base + ["--method", method, f"--{flag.name}", str(bad), "--output_dir", str(files["root"] / "o")]
+            failures.append(check("out of range", load(name).main, argv, f"--{flag.name}"))
+    failures = [f for f in failures if f]
+    assert not failures, "\n\n".join(failures[:10])
+
+
+def test_bad_paths_and_files(files):
+    root, tiny = files["root"], files["tiny"]
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    model_cases = []
+    for model in (str(root / "no_such_model"), str(root / "corrupt_model"), str(root / "empty_model"),
+                  str(root / "a_file")):
+        model_cases += [("ppl.run", ["--model_name_or_path", model, "--dataset_name", str(root / "words.txt")],
+                         "--model_name_or_path")]
+        if HAS_CACHE_CLASSES:
+            model_cases += [("niah.pred", ["--model_name", model, "--max_tokens", "100", "--interval", "100"],
+                             "--model_name_or_path"),
+                            ("longbench.pred", ["--model_name_or_path", model, "--max_length", "100",
+                                                "--data_dir", str(root / "lb")], "--model_name_or_path")]
+    data_cases = [
+        ("ppl.run", ["--model_name_or_path", tiny, "--dataset_name", str(root / "binary.txt")], "binary.txt"),
+        ("ppl.run", ["--model_name_or_path", tiny, "--dataset_name", str(root / "garbage.jsonl")], "garbage.jsonl"),
+        ("ppl.run", ["--model_name_or_path", tiny, "--dataset_name", str(root / "empty.jsonl")], "empty.jsonl"),
+        ("ppl.run", ["--model_name_or_path", tiny, "--dataset_name", str(root / "missing.jsonl")], "missing.jsonl"),
+        ("longbench.eval", ["--path", str(root / "preds")], "preds"),
+        ("longbench.eval", ["--path", str(root / "nowhere")], "--path"),
+        ("ruler.eval", ["--pred_dir", str(root / "preds")], "preds"),
+        ("niah.plot", [str(root / "nowhere.csv")], None),
+        ("scripts.collect", [str(root / "nowhere")], None),
+    ]
+    if HAS_CACHE_CLASSES:
+        data_cases += [
+            ("longbench.pred", ["--model_name_or_path", tiny, "--max_length", "100", "--data_dir", str(root / "lb"),
+                                "--datasets", "hotpotqa", "--method", "full", "--output_dir", str(root / "o")], "hotpotqa.jsonl:2"),
+            ("longbench.pred", ["--model_name_or_path", tiny, "--max_length", "100", "--data_dir", str(root / "nope"),
+                                "--datasets", "hotpotqa", "--method", "full", "--output_dir", str(root / "o")], "--data_dir"),
+            ("ruler.pred", ["--model_name_or_path", tiny, "--data_dir", str(root / "ruler" / "256"), "--method", "full",
+                            "--output_dir", str(root / "o")], "vt.jsonl"),
+            ("ruler.pred", ["--model_name_or_path", tiny, "--data_dir", str(root / "nope")], "--data_dir"),
+        ]
+    output_cases = [(name, base + ["--output_dir", str(root / "a_file")], "--output_dir") for name, base in (
+        ("ppl.run", ["--model_name_or_path", tiny, "--dataset_name", str(root / "words.txt")]),
+        ("longbench.pred", ["--model_name_or_path", tiny, "--max_length", "100", "--data_dir", str(root / "lb")]),
+        ("niah.pred", ["--model_name", tiny]),
+        ("ruler.pred", ["--model_name_or_path", tiny, "--data_dir", str(root / "ruler" / "256")]),
+        ("ruler.prepare", ["--tokenizer", tiny]))]
+    failures = []
+    for name, argv, needle in model_cases + data_cases + output_cases:
+        module = load("collect_ppl") if name == "scripts.collect" else load(name)
+        failures.append(check("bad path", module.main, argv, needle, env=offline))
+    failures = [f for f in failures if f]
+    assert not failures, "\n\n".join(failures[:10])
