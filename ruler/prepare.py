@@ -82,7 +82,7 @@ def load_tokenizer(name: str, path: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, **({"local_files_only": True} if Path(path).is_dir() else {}))
     except (OSError, ValueError) as err:
         raise ConfigError(f"--tokenizer {name!r}: not a local tokenizer folder and not loadable from the Hugging Face "
                           f"Hub (offline?); pass a local folder or {DEFAULT_MODEL!r}") from err

@@ -25,6 +25,7 @@ parse_common() {
     done
     if ! [[ $GPUS =~ ^[1-9][0-9]*$ ]]; then echo "error: --gpus must be an integer >= 1, got $GPUS" >&2; exit 2; fi
     if [ -z "$OUT" ]; then OUT=outputs; [ $SMOKE = 1 ] && OUT=outputs/smoke; fi
+    if [ -e "$OUT" ] && [ ! -d "$OUT" ]; then echo "error: --out $OUT is a file, not a folder" >&2; exit 2; fi
     mkdir -p "$OUT"
     START=$(date +%s)
 }

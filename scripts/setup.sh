@@ -9,6 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+case "${1:-}" in
+    ""|--all) ;;
+    *) echo "error: unknown flag $1 (valid: --all)" >&2; exit 2 ;;
+esac
 
 make_env() {  # make_env DIR LOCKFILE
     local dir=$1 lock=requirements/$2

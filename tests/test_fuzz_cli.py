@@ -241,3 +241,23 @@ def test_bad_paths_and_files(files):
         failures.append(check("bad path", module.main, argv, needle, env=offline))
     failures = [f for f in failures if f]
     assert not failures, "\n\n".join(failures[:10])
+
+
+def test_bash_scripts_reject_bad_flags(tmp_path):
+    """The table scripts (scripts/lib.sh parses their flags) and setup.sh: one error line, exit 2."""
+    import subprocess
+
+    (tmp_path / "a_file").write_text("x")
+    tables = ["table1_ppl", "table2_ppl_80", "pg19", "table3_longbench", "table4_longbench_smollm2",
+              "ablation_overlap", "niah", "table5_ruler"]
+    cases = [(f"{name}.sh", argv) for name in tables
+             for argv in (["--bogus"], ["--gpus", "0"], ["--gpus", "x"], ["--out", str(tmp_path / "a_file")])]
+    cases += [("setup.sh", ["--bogus"]), ("smoke_all.sh", ["--gpus", "0"])]
+    failures = []
+    for script, argv in cases:
+        done = subprocess.run(["bash", str(ROOT / "scripts" / script), *argv], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "PYTHON": sys.executable})
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        if done.returncode != 2 or len(errors) != 1:
+            failures.append(f"{script} {argv}: rc {done.returncode}\n{done.stderr[-400:]}")
+    assert not failures, "\n\n".join(failures)

@@ -8,7 +8,7 @@ import pytest
 
 from lacache_core.errors import ConfigError
 from harness.paper import longbench as paper_longbench
-from longbench.eval import main
+from longbench.eval import _run as main  # raises ConfigError (the CLI prints it in one line)
 
 EVAL_SCRIPT = Path(__file__).resolve().parents[1] / "longbench" / "eval.py"
 TREC_CLASSES = ["Animal", "City", "Date"]
