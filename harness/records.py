@@ -19,12 +19,13 @@ from typing import Iterable, List, Optional, Set, Tuple
 from lacache_core.errors import ConfigError
 
 
-def read_jsonl(path: Path, what: str = "") -> List[dict]:
+def read_jsonl(path: Path, what: str = "", skipped: Optional[List[str]] = None) -> List[dict]:
     """All records of ``path`` (a missing file reads as empty).
 
     Only a last line without its newline (a write cut short by a kill) that does not parse is
     dropped; any other line that is not a JSON object is a one-line :class:`ConfigError` naming the
-    file and the line (prefixed with ``what``, e.g. the flag that named the file).
+    file and the line (prefixed with ``what``, e.g. the flag that named the file), or, when a
+    ``skipped`` list is given (``--skip_bad_rows``), noted there as ``"file:line"`` and left out.
     """
     path = Path(path)
     if not path.exists():
@@ -43,11 +44,30 @@ def read_jsonl(path: Path, what: str = "") -> List[dict]:
         except json.JSONDecodeError:
             if number == len(lines):  # no newline after it: cut off
                 continue
-            raise ConfigError(f"{what}{path}:{number}: not a JSON line") from None
+            row = None
         if not isinstance(row, dict):
-            raise ConfigError(f"{what}{path}:{number}: not a JSON object")
+            if skipped is None:
+                raise ConfigError(f"{what}{path}:{number}: not a JSON object (--skip_bad_rows leaves such rows out)")
+            skipped.append(f"{path.name}:{number}")
+            continue
         rows.append(row)
     return rows
+
+
+def complete_rows(rows: List[dict], fields, where: str, skipped: Optional[List[str]] = None) -> List[dict]:
+    """The rows that have every one of ``fields``; a row without one is a one-line :class:`ConfigError`
+    (``where`` names the file), or with a ``skipped`` list (``--skip_bad_rows``) noted and left out."""
+    good = []
+    for i, row in enumerate(rows, 1):
+        missing = [f for f in fields if f not in row]
+        if not missing:
+            good.append(row)
+        elif skipped is None:
+            raise ConfigError(f"{where}: row {i} has no {', '.join(map(repr, missing))} field "
+                              "(--skip_bad_rows leaves such rows out)")
+        else:
+            skipped.append(f"{where} row {i}")
+    return good
 
 
 class AppendOnlyFile:

@@ -51,6 +51,12 @@ def add_runtime_flags(group) -> None:
                        help="attention kernel (default: the model's)")
 
 
+def add_skip_flag(group) -> None:
+    group.add_argument("--skip_bad_rows", action="store_true",
+                       help="leave out data rows that are not JSON or lack a field (default: stop with an error); "
+                            "they are counted in run.json and listed at the end")
+
+
 def add_output_flags(group, default: str) -> None:
     group.add_argument("--output_dir", default=default, help=f"results root (default {default})")
 
@@ -91,14 +97,21 @@ def check_budgets(args, model, prompt_len: int, spec_for: Callable) -> None:
 
 def predict_each(args, parts: Iterable, open_run: Callable, predict: Callable, scorer: str) -> None:
     """For every method: ``open_run(method) -> (Run, info)``, write its ``run.json`` with ``info``, run
-    ``predict(method, part, folder)`` for every part (dataset, task), and say how to score the folder."""
+    ``predict(method, part, folder)`` for every part (dataset, task; it returns the bad rows it skipped),
+    record the skipped counts, mark the run complete, and say how to score the folder."""
     parts = list(parts)
     for method in args.methods:
         run, info = open_run(method)
         run.start(**info)
-        for part in parts:
-            predict(method, part, run.folder)
+        skipped = {part: predict(method, part, run.folder) or [] for part in parts}
+        skipped = {part: rows for part, rows in skipped.items() if rows}
+        run.finish(**info, skipped_rows={part: len(rows) for part, rows in skipped.items()})
         if args.rank == 0:
+            if skipped:
+                listed = "; ".join(f"{part}: {', '.join(rows[:5])}" + (" ..." if len(rows) > 5 else "")
+                                   for part, rows in skipped.items())
+                print(f"note: --skip_bad_rows left out {sum(map(len, skipped.values()))} bad rows ({listed})",
+                      file=sys.stderr)
             print(f"[{method}] predictions in {run.folder}; score them with: python {scorer} {run.folder}")
 
 
@@ -188,5 +201,5 @@ def cli(parse: Callable[[Optional[list]], object], body: Callable[[object], int]
     return main
 
 
-__all__ = ["ArgumentParser", "Run", "add_model_flags", "add_output_flags", "add_runtime_flags", "check_budgets",
+__all__ = ["ArgumentParser", "Run", "add_model_flags", "add_output_flags", "add_runtime_flags", "add_skip_flag", "check_budgets",
            "check_run_flags", "cli", "load", "predict_each", "progress", "recorded_args", "run_main"]

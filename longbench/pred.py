@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.flags import add_method_flags, hyperparameters, method_identity, method_tag, parser  # noqa: E402
 from harness.generation import answer, budget_spec, encode_prompt, stop_token_ids, truncate_middle  # noqa: E402
-from harness.records import read_jsonl, sharded_results  # noqa: E402
-from harness.runner import (Run, add_model_flags, add_output_flags, check_budgets, check_run_flags, cli,  # noqa: E402
-                            load, predict_each, progress)
+from harness.records import complete_rows, read_jsonl, sharded_results  # noqa: E402
+from harness.runner import (Run, add_model_flags, add_output_flags, add_skip_flag, check_budgets,  # noqa: E402
+                            check_run_flags, cli, load, predict_each, progress)
 from lacache_core.errors import ConfigError  # noqa: E402
 from longbench.config import (DATASETS, DATASETS_E, MAX_NEW_TOKENS, MODEL_MAX_LENGTH, NO_CHAT,  # noqa: E402
                               PROMPTS)
@@ -85,6 +85,7 @@ def parse_args(argv=None):
                         "meta-llama/Llama-2-7b-chat-hf: the paper's Table 3); longbench: the rule applied to the "
                         "LongBench model name, as THUDM/LongBench's pred.py does ([INST] for llama2-7b-chat-4k); "
                         "none: raw prompts; official: old name of lacache")
+    add_skip_flag(d)
     add_method_flags(g["method"], budget=0.5)
     add_output_flags(g["output"], "outputs/longbench")
     return p.parse_args(argv)
@@ -128,13 +129,13 @@ def validate(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------- data
-def load_samples(name: str, data_dir, hub: str) -> list:
+def load_samples(name: str, data_dir, hub: str, skipped: Optional[list] = None) -> list:
     """Samples of one LongBench dataset (``name`` ends in ``_e`` for LongBench-E)."""
     if data_dir is not None:
         path = Path(data_dir) / f"{name}.jsonl"
         if not path.exists():
             raise ConfigError(f"--data_dir {data_dir}: no {name}.jsonl there (unzip LongBench's data.zip into it)")
-        return read_jsonl(path, "--data_dir: ")
+        return read_jsonl(path, "--data_dir: ", skipped)
     try:
         import datasets
         try:
@@ -232,17 +233,14 @@ def open_run(args, method: str, tokenizer) -> Tuple[Run, dict]:
     return run, info
 
 
-def predict_dataset(args, method, dataset, model, tokenizer, folder: Path) -> Path:
+def predict_dataset(args, method, dataset, model, tokenizer, folder: Path) -> Optional[list]:
     name = f"{dataset}_e" if args.e else dataset
-    samples = load_samples(name, args.data_dir, args.hub_dataset)[:args.num_samples]
+    skipped = [] if args.skip_bad_rows else None
+    samples = load_samples(name, args.data_dir, args.hub_dataset, skipped)[:args.num_samples]
+    fields = sorted(set(re.findall(r"{(\w+)}", PROMPTS[dataset])) | {"answers"})
+    samples = complete_rows(samples, fields, f"--data_dir {args.data_dir or args.hub_dataset}: {name}", skipped)
     if not samples:
         raise ConfigError(f"--datasets {dataset}: no samples in {args.data_dir or args.hub_dataset}")
-    fields = sorted(set(re.findall(r"{(\w+)}", PROMPTS[dataset])) | {"answers"})
-    for i, sample in enumerate(samples, 1):
-        missing = [f for f in fields if f not in sample]
-        if missing:
-            raise ConfigError(f"--datasets {dataset}: sample {i} of {args.data_dir or args.hub_dataset} has no "
-                              f"{', '.join(map(repr, missing))} field")
     for i, sample in enumerate(samples):
         sample.setdefault("_id", f"{name}-{i}")
     final = folder / f"{dataset}.jsonl"
@@ -258,7 +256,7 @@ def predict_dataset(args, method, dataset, model, tokenizer, folder: Path) -> Pa
                         "all_classes": sample.get("all_classes"), "length": sample.get("length"),
                         "prompt_tokens": res.prompt_tokens, "seconds": round(res.seconds, 3),
                         "peak_kv_bytes": res.peak_kv_bytes})
-    return final
+    return skipped
 
 
 def _main(args) -> int:

@@ -16,15 +16,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.flags import add_method_flags, hyperparameters, method_identity, method_tag, parser  # noqa: E402
 from harness.generation import answer, budget_spec, encode_prompt, stop_token_ids  # noqa: E402
-from harness.records import read_jsonl, sharded_results  # noqa: E402
-from harness.runner import (Run, add_model_flags, add_output_flags, check_budgets, check_run_flags, cli,  # noqa: E402
-                            load, predict_each, progress)
+from harness.records import complete_rows, read_jsonl, sharded_results  # noqa: E402
+from harness.runner import (Run, add_model_flags, add_output_flags, add_skip_flag, check_budgets,  # noqa: E402
+                            check_run_flags, cli, load, predict_each, progress)
 from lacache_core.errors import ConfigError  # noqa: E402
 
 TASKS = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
@@ -40,6 +40,7 @@ def parse_args(argv=None):
     g["data"].add_argument("--num_samples", type=int, default=None, help="first N samples per task")
     g["data"].add_argument("--no_chat", action="store_true",
                            help="do not wrap prompts in the tokenizer's chat template")
+    add_skip_flag(g["data"])
     add_method_flags(g["method"], budget=0.5)
     add_output_flags(g["output"], "outputs/ruler")
     return p.parse_args(argv)
@@ -86,20 +87,26 @@ def open_run(args, method: str) -> Tuple[Run, dict]:
                "seed": prepared.get("seed")}
     run = Run(args.output_dir, f"{model}__{Path(args.data_dir).name}__{method_tag(args, method)}", setting, args,
               args.rank)
-    samples = read_jsonl(Path(args.data_dir) / f"{args.task_list[0]}.jsonl")
+    samples, _ = task_rows(args, args.task_list[0])
     max_length = prepared.get("max_length") or max((s["length"] for s in samples), default=None)
     return run, dict(model=args.model_name_or_path, method=method, budget=None if method == "full" else args.budget,
                      max_length=max_length, world_size=args.world, **hyperparameters(args, method))
 
 
-def predict_task(args, method, task, model, tokenizer, folder: Path) -> None:
-    samples = read_jsonl(Path(args.data_dir) / f"{task}.jsonl", "--data_dir: ")[:args.num_samples]
+def task_rows(args, task: str):
+    """``(samples, skipped rows or None)`` of one task file, every sample with the fields the loop reads."""
+    skipped = [] if args.skip_bad_rows else None
+    samples = read_jsonl(Path(args.data_dir) / f"{task}.jsonl", "--data_dir: ", skipped)
+    samples = complete_rows(samples, ("index", "input", "outputs", "length", "max_new_tokens"),
+                            f"--data_dir {args.data_dir}: {task}.jsonl", skipped)
     if not samples:
         raise ConfigError(f"--data_dir {args.data_dir}: {task}.jsonl has no samples (rerun ruler/prepare.py)")
-    for i, sample in enumerate(samples, 1):
-        missing = [f for f in ("index", "input", "outputs", "length", "max_new_tokens") if f not in sample]
-        if missing:
-            raise ConfigError(f"--data_dir {args.data_dir}: {task}.jsonl sample {i} has no {', '.join(missing)}")
+    return samples, skipped
+
+
+def predict_task(args, method, task, model, tokenizer, folder: Path) -> Optional[list]:
+    samples, skipped = task_rows(args, task)
+    samples = samples[:args.num_samples]
     final = folder / f"{task}.jsonl"
     stop = stop_token_ids(tokenizer, model)
     with sharded_results(final, samples, "index", args.rank, args.world) as (todo, out):
@@ -112,11 +119,12 @@ def predict_task(args, method, task, model, tokenizer, folder: Path) -> None:
             out.append({"index": sample["index"], "pred": res.text, "outputs": sample["outputs"],
                         "length": sample["length"], "prompt_tokens": res.prompt_tokens, "cache_size": spec.cache_size,
                         "seconds": round(res.seconds, 3), "peak_kv_bytes": res.peak_kv_bytes})
+    return skipped
 
 
 def _main(args) -> int:
     model, tokenizer = load(args)
-    prepared = read_jsonl(Path(args.data_dir) / f"{args.task_list[0]}.jsonl")
+    prepared, _ = task_rows(args, args.task_list[0])
     if prepared:
         check_budgets(args, model, prepared[0]["length"], lambda m, n: budget_spec(args, m, n))
     predict_each(args, args.task_list, lambda method: open_run(args, method),

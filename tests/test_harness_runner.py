@@ -356,3 +356,25 @@ def test_bad_model_folders_and_data_files_are_one_line_errors(tiny_dir, tmp_path
     assert ruler(["--model_name_or_path", str(tiny_dir), "--data_dir", str(ruler_data), "--device", "cpu",
                   "--output_dir", str(tmp_path / "rout")]) == 2
     assert "vt.jsonl has no samples" in capsys.readouterr().err
+
+
+@needs_cache_classes
+def test_skip_bad_rows_goes_on_and_counts_them(tiny_dir, tmp_path, capsys):
+    from longbench.pred import main
+
+    data = _lb_data(tmp_path / "data", n=3)
+    lines = (data / "hotpotqa.jsonl").read_text().splitlines()
+    bad = json.dumps({"_id": "x", "input": "w1", "answers": ["w2"]})  # no context
+    (data / "hotpotqa.jsonl").write_text("\n".join([lines[0], "{oops", lines[1], bad, lines[2]]) + "\n")
+    base = ["--model", "tiny", "--model_name_or_path", str(tiny_dir), "--max_length", "160", "--data_dir", str(data),
+            "--datasets", "hotpotqa", "--device", "cpu", "--method", "full", "--max_new_tokens", "2",
+            "--output_dir", str(tmp_path / "out")]
+    assert main(base) == 2
+    assert "hotpotqa.jsonl:2: not a JSON object (--skip_bad_rows" in capsys.readouterr().err
+    assert main(base + ["--skip_bad_rows"]) == 0
+    err = capsys.readouterr().err
+    assert "left out 2 bad rows" in err and "hotpotqa.jsonl:2" in err
+    folder = next((tmp_path / "out" / "pred").iterdir())
+    run = json.loads((folder / "run.json").read_text())
+    assert run["skipped_rows"] == {"hotpotqa": 2} and run["complete"]
+    assert len((folder / "hotpotqa.jsonl").read_text().splitlines()) == 3
