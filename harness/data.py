@@ -59,7 +59,7 @@ def pg_essays() -> List[str]:
     return [Path(f).read_text(encoding="utf-8") for f in files]
 
 
-def _json_rows(path: Path) -> List[dict]:
+def _json_rows(path: Path, skipped: Optional[List[str]] = None) -> List[dict]:
     """Rows of a local ``.jsonl`` (one object per line) or ``.json`` (a list of objects, an object of
     columns, or JSON lines), read without ``datasets`` and so without any network access."""
     try:
@@ -83,18 +83,21 @@ def _json_rows(path: Path) -> List[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
-                raise ConfigError(f"--dataset_name {path}: line {number} is not JSON") from None
+                if skipped is None:
+                    raise ConfigError(f"--dataset_name {path}: line {number} is not JSON "
+                                      "(--skip_bad_rows leaves such rows out)") from None
+                skipped.append(f"{path.name}:{number}")
     return rows
 
 
-def _local_texts(path: Path, split: Optional[str], field: str) -> List[str]:
+def _local_texts(path: Path, split: Optional[str], field: str, skipped: Optional[List[str]] = None) -> List[str]:
     if path.is_file() and path.suffix == ".txt":
         try:
             return [path.read_text(encoding="utf-8")]
         except UnicodeDecodeError:
             raise ConfigError(f"--dataset_name {path}: not a UTF-8 text file") from None
     if path.is_file() and path.suffix in (".jsonl", ".json"):
-        rows = _json_rows(path)
+        rows = _json_rows(path, skipped)
     elif path.is_file() and path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -114,15 +117,21 @@ def _local_texts(path: Path, split: Optional[str], field: str) -> List[str]:
         rows = data.to_list()
     else:
         raise ConfigError(f"--dataset_name {path}: a local file must end in one of {LOCAL_SUFFIXES}")
-    missing = next((i for i, row in enumerate(rows, 1) if not isinstance(row, dict) or field not in row), None)
-    if missing is not None:
-        raise ConfigError(f"--dataset_name {path}: row {missing} has no {field!r} field")
+    good = [row for row in rows if isinstance(row, dict) and isinstance(row.get(field), str)]
+    if len(good) < len(rows):
+        bad = [i for i, row in enumerate(rows, 1) if not (isinstance(row, dict) and isinstance(row.get(field), str))]
+        if skipped is None:
+            raise ConfigError(f"--dataset_name {path}: row {bad[0]} has no {field!r} field holding text "
+                              "(--skip_bad_rows leaves such rows out)")
+        skipped += [f"{path.name} row {i}" for i in bad]
+    rows = good
     if not rows:
         raise ConfigError(f"--dataset_name {path}: no rows")
     return [row[field] for row in rows]
 
 
-def load_texts(dataset_name: str, task: Optional[str] = None, split: str = "test", field: str = "text") -> List[str]:
+def load_texts(dataset_name: str, task: Optional[str] = None, split: str = "test", field: str = "text",
+               skipped: Optional[List[str]] = None) -> List[str]:
     """Texts to stream through the model, in order.
 
     ``dataset_name`` is an offline alias (``wiki``, ``pg-essays``), a local ``.txt`` (whole file),
@@ -135,10 +144,13 @@ def load_texts(dataset_name: str, task: Optional[str] = None, split: str = "test
         return pg_essays()
     path = Path(dataset_name)
     if path.exists():
-        return _local_texts(path, split, field)
+        return _local_texts(path, split, field, skipped)
     if path.suffix in LOCAL_SUFFIXES:
         raise ConfigError(f"--dataset_name {dataset_name}: file not found")
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"--dataset_name {dataset_name}: a hub dataset needs `pip install datasets`") from None
 
     try:
         data = datasets.load_dataset(dataset_name, task, split=split)

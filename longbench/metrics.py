@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from lacache_core.errors import ConfigError
 from longbench.config import FIRST_LINE_ONLY, METRICS
 
 # LongBench's Chinese punctuation list, verbatim: note it has the closing 》 but not the opening 《.
@@ -34,13 +35,12 @@ _NUMBER = re.compile(r"\d+")
 #: LongBench-E length buckets (by the sample's ``length`` in words/characters, as LongBench stores it).
 BUCKETS = ("0-4k", "4-8k", "8k+")
 
-
 # ----------------------------------------------------------------------------------- optional deps
 def _jieba():
     try:
         import jieba
     except ImportError as err:
-        raise ImportError("LongBench's Chinese metrics need jieba: pip install jieba "
+        raise ConfigError("LongBench's Chinese metrics need jieba: pip install jieba "
                           "(or pip install -e '.[longbench]')") from err
     jieba.setLogLevel(logging.WARNING)  # its first cut logs "Building prefix dict..." at INFO otherwise
     return jieba
@@ -50,7 +50,7 @@ def _rouge_class():
     try:
         from rouge import Rouge
     except ImportError as err:
-        raise ImportError("LongBench's summary metrics need rouge: pip install rouge "
+        raise ConfigError("LongBench's summary metrics need rouge: pip install rouge "
                           "(or pip install -e '.[longbench]')") from err
     return Rouge
 

@@ -16,7 +16,7 @@ from harness.data import load_texts  # noqa: E402
 from harness.flags import add_method_flags, method_settings, method_tag, parser  # noqa: E402
 from harness.models import DEFAULT_MODEL  # noqa: E402
 from harness.plots import running_ppl_plot  # noqa: E402
-from harness.runner import Run, add_model_flags, add_output_flags, check_run_flags, cli, load  # noqa: E402
+from harness.runner import Run, add_model_flags, add_output_flags, add_skip_flag, check_run_flags, cli, load  # noqa: E402
 from harness.streaming import QUERY_POSITIONS, checkpoints, load_checkpoint, stream_perplexity  # noqa: E402
 from lacache_core import ConfigError, build_policy  # noqa: E402
 from lacache_core.policies import METHODS  # noqa: E402
@@ -39,6 +39,7 @@ def parse_args(argv=None):
     g["data"].add_argument("--num_eval_tokens", type=int, default=None,
                            help=f"stop after scoring num_eval_tokens + 1 tokens (default: all; {DEFAULT_COMPARE_TOKENS} "
                                 "in the no-flag comparison)")
+    add_skip_flag(g["data"])
     g["method"].add_argument("--enable_lacache", action="store_true", help="official flag: same as --method lacache")
     add_method_flags(g["method"], default_method=None, cache_size=256, start_size=4, prefill_chunks=False,
                      start_help="leading tokens kept by every method (attention sinks; default 4)")
@@ -134,6 +135,7 @@ def run_method(args, method, model, tokenizer, texts):
         "ppl": res.ppl, "checkpoints": checkpoints(res.nlls), "tokens_scored": len(res.nlls),
         "tokens_per_s": res.tokens_per_s, "seconds": res.seconds, "peak_kv_bytes": res.peak_kv_bytes,
         "max_cache_len": policy.max_cache_len(num_layers), "resumed": resume is not None,
+        "skipped_rows": len(args.skipped or []),
     }
     run.finish(policy=policy.settings(), results=results)
     ckpt_path.unlink(missing_ok=True)  # only needed to resume; can be large for a full cache
@@ -166,7 +168,11 @@ def _main(args, legacy: bool = False) -> int:
             raise ConfigError("ppl_legacy/run.py needs transformers < 4.36 (tuple caches); use ppl/run.py")
     for method in args.methods:  # reject bad settings before loading anything
         make_policy(args, method)
-    texts = load_texts(args.dataset_name, args.task, args.split)
+    args.skipped = [] if args.skip_bad_rows else None
+    texts = load_texts(args.dataset_name, args.task, args.split, skipped=args.skipped)
+    if args.skipped:
+        print(f"note: --skip_bad_rows left out {len(args.skipped)} bad rows ({', '.join(args.skipped[:5])}"
+              f"{' ...' if len(args.skipped) > 5 else ''})", file=sys.stderr)
     model, tokenizer = load(args, position_shift=False)  # stream_perplexity installs it for the methods that shift
     for method in args.methods:
         make_policy(args, method).bind(model.config.num_hidden_layers)

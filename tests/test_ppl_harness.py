@@ -267,3 +267,12 @@ def test_local_model_and_data_never_touch_the_network(tiny_dir, tmp_path, monkey
     (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "w1"}) + "\n{not json\n")
     with pytest.raises(ConfigError, match=r"bad.jsonl: line 2 is not JSON"):
         load_texts(str(tmp_path / "bad.jsonl"))
+
+
+def test_skip_bad_rows_in_a_local_corpus(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"text": "w1 w2"}\n{oops\n{"body": "w3"}\n{"text": "w4"}\n')
+    with pytest.raises(ConfigError, match=r"c.jsonl: line 2 is not JSON \(--skip_bad_rows"):
+        load_texts(str(tmp_path / "c.jsonl"))
+    skipped = []
+    assert load_texts(str(tmp_path / "c.jsonl"), skipped=skipped) == ["w1 w2", "w4"]
+    assert skipped == ["c.jsonl:2", "c.jsonl row 2"]
