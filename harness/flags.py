@@ -197,11 +197,30 @@ def check_hyperparameters(method: str, given: dict, start_size: Optional[int]) -
     cls(**settings)
 
 
-def parse_methods(text: str) -> List[str]:
+def int_list(args, flag: str, low: int, what: str) -> List[int]:
+    """``--flag a,b,c`` as integers ``>= low`` (``what`` says what they are), or a one-line error."""
+    text = getattr(args, flag)
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < low:
+        raise ConfigError(f"--{flag} must be a comma list of {what} (integers >= {low}), got {text!r}")
+    return values
+
+
+def at_least_one(args, *flags: str) -> None:
+    """One-line error unless every integer flag named is ``>= 1``."""
+    for flag in flags:
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+
+
+def parse_methods(text: str, flag: str = "--method") -> List[str]:
     methods = [m.strip() for m in (text or "").split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if not methods or bad:
-        raise ConfigError(f"--method must be a comma list of {sorted(METHODS)}, got {text!r}")
+        raise ConfigError(f"{flag} must be a comma list of {sorted(METHODS)}, got {text!r}")
     return methods
 
 

@@ -25,13 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.flags import ArgumentParser  # noqa: E402
+from harness.flags import ArgumentParser, at_least_one, int_list, parse_methods  # noqa: E402
 from harness.runner import run_main  # noqa: E402
 
 from dataclasses import dataclass  # noqa: E402
 from typing import ClassVar  # noqa: E402
 
-from lacache_core import METHODS, CompressedCache, ConfigError, build_policy, enable_position_shift  # noqa: E402
+from lacache_core import CompressedCache, ConfigError, build_policy, enable_position_shift  # noqa: E402
 from lacache_core.cache import kv_bytes, prefill  # noqa: E402
 from lacache_core.policies.base import CachePolicy  # noqa: E402
 from lacache_core.reference import ReferenceLaCache  # noqa: E402
@@ -211,19 +211,9 @@ def bench_one(model, method, settings, context, steps, vocab, device, key_rotati
 
 def check_args(args) -> None:
     """One-line errors for the flags, before any model is loaded."""
-    try:
-        contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
-    except ValueError:
-        contexts = []
-    if not contexts or min(contexts) < 1:
-        raise ConfigError(f"--contexts must be a comma list of positive token counts, got {args.contexts!r}")
-    for flag in ("steps", "rounds", "cache_size"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m not in METHODS]
-    if not methods or bad:
-        raise ConfigError(f"--methods must be a comma list of {sorted(METHODS)}, got {args.methods!r}")
+    int_list(args, "contexts", 1, "context lengths in tokens")
+    at_least_one(args, "steps", "rounds", "cache_size")
+    parse_methods(args.methods, "--methods")
 
 
 def _run(argv=None) -> int:

@@ -22,9 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.flags import ArgumentParser  # noqa: E402
+from harness.flags import ArgumentParser, at_least_one, int_list, parse_methods  # noqa: E402
 from harness.runner import run_main  # noqa: E402
-from lacache_core import METHODS, ConfigError  # noqa: E402
 
 
 def one_run(args) -> dict:
@@ -65,17 +64,9 @@ def _run(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=None, help=argparse.SUPPRESS)  # one configuration (child)
     p.add_argument("--output", default="outputs/bench/bench_prefill.json")
     args = p.parse_args(argv)
-    try:
-        chunks = [int(c) for c in args.chunks.split(",") if c.strip()]
-    except ValueError:
-        chunks = []
-    if not chunks or min(chunks) < 0:
-        raise ConfigError(f"--chunks must be a comma list of chunk sizes >= 0 (0: whole prompt), got {args.chunks!r}")
-    for flag in ("cache_size", "prompt_tokens", "eval_tokens"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.method not in METHODS:
-        raise ConfigError(f"--method must be one of {sorted(METHODS)}, got {args.method!r}")
+    chunks = int_list(args, "chunks", 0, "chunk sizes (0: the whole prompt)")
+    at_least_one(args, "cache_size", "prompt_tokens", "eval_tokens")
+    parse_methods(args.method)
     if args.chunk is not None:
         print(json.dumps(one_run(args)))
         return 0
