@@ -124,7 +124,7 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **local)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **local)
-    except (OSError, ValueError, KeyError) as err:  # json.JSONDecodeError is a ValueError
+    except Exception as err:  # a bad folder fails in many ways (JSON, safetensors, missing files): one line each
         if not Path(path).exists():
             raise ConfigError(
                 f"--model_name_or_path {name_or_path!r}: not a local folder and not loadable from the Hugging Face "

@@ -47,7 +47,8 @@ def read_jsonl(path: Path, what: str = "", skipped: Optional[List[str]] = None) 
             row = None
         if not isinstance(row, dict):
             if skipped is None:
-                raise ConfigError(f"{what}{path}:{number}: not a JSON object (--skip_bad_rows leaves such rows out)")
+                hint = " (--skip_bad_rows leaves such rows out)" if what else ""  # data files only, not results
+                raise ConfigError(f"{what}{path}:{number}: not a JSON object{hint}")
             skipped.append(f"{path.name}:{number}")
             continue
         rows.append(row)

@@ -127,6 +127,11 @@ def files(tmp_path_factory, tiny_dir):
     (root / "binary.txt").write_bytes(bytes(range(256)) * 8)
     (root / "garbage.jsonl").write_text('{"text": "w1"}\n{oops\n{"text": "w2"}\n')
     (root / "empty.jsonl").write_text("")
+    truncated = root / "truncated_model"
+    truncated.mkdir()
+    for f in Path(tiny_dir).iterdir():
+        data = f.read_bytes()
+        (truncated / f.name).write_bytes(data[:len(data) // 3] if f.suffix == ".safetensors" else data)
     corrupt = root / "corrupt_model"
     corrupt.mkdir()
     (corrupt / "config.json").write_text("{not json")
@@ -195,12 +200,38 @@ def test_every_hyperparameter_just_outside_its_range(files):
     assert not failures, "\n\n".join(failures[:10])
 
 
+#: Flag values out of range that each CLI must refuse (the hyper-parameters are generated above).
+OUT_OF_RANGE = {
+    "ppl.run": [("--num_eval_tokens", "0"), ("--checkpoint_every", "-1"), ("--cache_size", "0"),
+                ("--start_size", "-1")],
+    "longbench.pred": [("--budget", "0"), ("--budget", "1.5"), ("--max_length", "1"), ("--max_new_tokens", "0"),
+                       ("--num_samples", "0"), ("--prefill_chunk_size", "0"), ("--cache_size", "0"),
+                       ("--start_size", "-1"), ("--datasets", "nope")],
+    "niah.pred": [("--max_tokens", "0"), ("--interval", "0"), ("--num_tests", "0"), ("--max_new_tokens", "0"),
+                  ("--depths", "200"), ("--budget", "2"), ("--method", "nope")],
+    "ruler.pred": [("--num_samples", "0"), ("--budget", "0"), ("--tasks", "nope")],
+    "ruler.prepare": [("--max_length", "0"), ("--num_samples", "0"), ("--tasks", "nope")],
+    "longbench.synthetic": [("--num_samples", "0")],
+}
+
+
+def test_harness_flags_out_of_range(files):
+    base = {"ruler.pred": ["--data_dir", str(files["root"] / "ruler" / "256")]}
+    failures = []
+    for name, cases in OUT_OF_RANGE.items():
+        for flag, value in cases:
+            argv = base.get(name, []) + [flag, value, "--output_dir", str(files["root"] / "o")]
+            failures.append(check("out of range", load(name).main, argv, flag))
+    failures = [f for f in failures if f]
+    assert not failures, "\n\n".join(failures[:10])
+
+
 def test_bad_paths_and_files(files):
     root, tiny = files["root"], files["tiny"]
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     model_cases = []
     for model in (str(root / "no_such_model"), str(root / "corrupt_model"), str(root / "empty_model"),
-                  str(root / "a_file")):
+                  str(root / "truncated_model"), str(root / "a_file")):
         model_cases += [("ppl.run", ["--model_name_or_path", model, "--dataset_name", str(root / "words.txt")],
                          "--model_name_or_path")]
         if HAS_CACHE_CLASSES:
