@@ -131,7 +131,7 @@ def files(tmp_path_factory, tiny_dir):
     truncated.mkdir()
     for f in Path(tiny_dir).iterdir():
         data = f.read_bytes()
-        (truncated / f.name).write_bytes(data[:len(data) // 3] if f.suffix == ".safetensors" else data)
+        (truncated / f.name).write_bytes(data[:len(data) // 3] if f.suffix in (".safetensors", ".bin") else data)
     corrupt = root / "corrupt_model"
     corrupt.mkdir()
     (corrupt / "config.json").write_text("{not json")
