@@ -55,6 +55,21 @@ def read_jsonl(path: Path, what: str = "", skipped: Optional[List[str]] = None) 
     return rows
 
 
+def read_json_object(path: Path, what: str = "", hint: str = "") -> dict:
+    """The JSON object in ``path`` (``{}`` when there is no file); anything else is a one-line
+    :class:`ConfigError` naming ``what`` (the flag that led to the file) and the file."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{what}{path} is not valid JSON{hint}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what}{path} is not a JSON object{hint}")
+    return value
+
+
 def complete_rows(rows: List[dict], fields, where: str, skipped: Optional[List[str]] = None) -> List[dict]:
     """The rows that have every one of ``fields``; a row without one is a one-line :class:`ConfigError`
     (``where`` names the file), or with a ``skipped`` list (``--skip_bad_rows``) noted and left out."""

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import paper  # noqa: E402
 from lacache_core.errors import ConfigError  # noqa: E402
 from harness.flags import ArgumentParser  # noqa: E402
+from harness.records import read_json_object  # noqa: E402
 from harness.runner import run_main  # noqa: E402
 from ruler.metrics import metric_for  # noqa: E402
 from ruler.tasks import TASK_NAMES  # noqa: E402
@@ -83,16 +84,7 @@ def average(scores: Dict[str, dict]) -> Optional[float]:
 
 
 def read_run_info(run_dir: Path) -> dict:
-    path = run_dir / "run.json"
-    if not path.exists():
-        return {}
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ConfigError(f"--pred_dir: {path} is not valid JSON") from None
-    if not isinstance(info, dict):
-        raise ConfigError(f"--pred_dir: {path} is not a JSON object")
-    return info
+    return read_json_object(run_dir / "run.json", "--pred_dir: ")
 
 
 def paper_scores(info: dict) -> Optional[Dict[str, float]]:

@@ -13,7 +13,6 @@ Example (offline, embedded model)::
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Tuple
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.flags import add_method_flags, hyperparameters, method_identity, method_tag, parser  # noqa: E402
 from harness.generation import answer, budget_spec, encode_prompt, stop_token_ids  # noqa: E402
-from harness.records import complete_rows, read_jsonl, sharded_results  # noqa: E402
+from harness.records import complete_rows, read_json_object, read_jsonl, sharded_results  # noqa: E402
 from harness.runner import (Run, add_model_flags, add_output_flags, add_skip_flag, check_budgets,  # noqa: E402
                             check_run_flags, cli, load, predict_each, progress)
 from lacache_core.errors import ConfigError  # noqa: E402
@@ -65,14 +64,7 @@ def validate(args) -> None:
 
 
 def prepare_record(args) -> dict:
-    path = Path(args.data_dir) / "prepare.json"
-    if not path.exists():
-        return {}
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ConfigError(f"--data_dir: {path} is not valid JSON (rerun ruler/prepare.py)") from None
-    return record if isinstance(record, dict) else {}
+    return read_json_object(Path(args.data_dir) / "prepare.json", "--data_dir: ", " (rerun ruler/prepare.py)")
 
 
 def open_run(args, method: str) -> Tuple[Run, dict]:
