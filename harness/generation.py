@@ -21,6 +21,9 @@ from lacache_core.versions import HAS_CACHE_CLASSES, with_cache
 
 #: Leading tokens every method keeps in the official LongBench harness, at most.
 LONGBENCH_START_CAP = 128
+#: The methods whose reference code is the LaCache harness, which sizes their sinks by the LongBench rule;
+#: the others keep the sinks of their own reference code (their ``start_size`` default) unless told otherwise.
+OFFICIAL_SINK_RULE = ("streamingllm", "lacache")
 
 
 def official_start_size(prompt_len: int, cache_size: int, num_layers: int, cap: int = LONGBENCH_START_CAP) -> int:
@@ -44,8 +47,9 @@ class BudgetSpec:
     """How a harness turns its flags into a cache, per prompt.
 
     ``method == "full"`` means the unmodified model with its ordinary cache. Every other method gets
-    the same ``cache_size`` and the same ``start_size`` (``None``: the official LongBench rule,
-    computed per prompt).
+    the same ``cache_size``, and ``start_size`` if one is given; ``None``: the official LongBench
+    rule, per prompt, for the methods of :data:`OFFICIAL_SINK_RULE`, and each other method's own
+    default (SnapKV's reference keeps no sinks, H2O's here 4).
     """
 
     method: str = "full"
@@ -70,10 +74,10 @@ class BudgetSpec:
             return DynamicCache()
         layers = model.config.num_hidden_layers
         start = self.start_size
-        if start is None:
+        if start is None and self.method in OFFICIAL_SINK_RULE:
             start = official_start_size(prompt_len, self.cache_size, layers, self.start_cap)
         settings = dict(self.settings or {})
-        settings.update(cache_size=self.cache_size, start_size=start)
+        settings.update(cache_size=self.cache_size, start_size=start)  # None: the method's default
         try:
             return make_cache(self.method, model, **settings)
         except ConfigError as err:

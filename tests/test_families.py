@@ -75,10 +75,11 @@ def test_generate_within_budget(family, method):
     assert out.shape[1] == 100
     lengths = [cache.get_seq_length(i) for i in range(layers)]
     if policy.prefill_only:  # compressed once after the prompt, then grows by the 39 tokens fed back
-        assert lengths == [min(b, 60) + 39 for b in policy.layer_budgets(layers)]
+        assert lengths == [min(b, 60) + 39 for b in policy.layer_budgets(layers, 60)]
     else:
         assert max(lengths) <= policy.max_cache_len(layers)
-        assert cache.kept_positions()[:, -1].tolist() == [98] * layers or method == "tova"
+        newest = [layer[..., -1].unique().tolist() for layer in cache.kept_positions()]
+        assert newest == [[98]] * layers or method == "tova"
 
 
 def test_model_without_rope_is_refused():

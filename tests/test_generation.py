@@ -1,8 +1,10 @@
 """harness.generation: budgets, greedy answers under every kind of cache, chunked prefill."""
+import dataclasses
+
 import pytest
 import torch
 
-from lacache_core import ConfigError, enable_position_shift, make_cache
+from lacache_core import METHODS, ConfigError, enable_position_shift, make_cache
 from lacache_core.versions import with_cache
 from lacache_core.cache import kv_bytes
 from harness.generation import (BudgetSpec, answer, budget_cache_size, greedy_answer, official_start_size,
@@ -130,15 +132,19 @@ def test_bad_budget_settings_are_one_line_errors():
         BudgetSpec("lacache", 8, 4, settings={"span": 2}).make(model, 100)
 
 
-@pytest.mark.parametrize("method", ["streamingllm", "lacache", "h2o", "tova", "lshe", "snapkv", "pyramidkv",
-                                    "pyramidinfer"])
-def test_every_method_gets_the_same_budget_and_start(method):
-    """The budget reaches every policy (StreamingLLM has no cache_size field: its window is derived)."""
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if m != "full"))
+def test_every_method_gets_the_same_budget_and_its_reference_sinks(method):
+    """The budget reaches every policy (StreamingLLM has no cache_size field: its window is derived); the
+    LongBench sink rule reaches the methods of the LaCache harness, the others keep their own default,
+    and a given --start_size reaches every one."""
     model = tiny_model("llama", "eager")
-    # beta 1: PyramidKV's deepest layers would otherwise get fewer slots than the 128 sinks
-    cache = BudgetSpec(method, 200, None, settings={"span": 2, "window_size": 8, "beta": 1}).make(model, 300)
+    settings = {"span": 2, "window_size": 8}
+    cache = BudgetSpec(method, 200, None, settings=settings).make(model, 300)
     assert cache.policy.cache_size == 200
-    assert cache.policy.start_size == official_start_size(300, 200, 6) == 128
+    default = {f.name: f.default for f in dataclasses.fields(METHODS[method])}["start_size"]
+    rule = official_start_size(300, 200, 6) == 128
+    assert cache.policy.start_size == (128 if method in ("lacache", "streamingllm") else default) and rule
+    assert BudgetSpec(method, 200, 6, settings=settings).make(model, 300).policy.start_size == 6
     with pytest.raises(ConfigError, match="--cache_size 4 must exceed --start_size 4"):
         make_cache("streamingllm", model, cache_size=4, start_size=4)
 

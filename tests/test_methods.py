@@ -20,12 +20,17 @@ SETTINGS = dict(cache_size=40, start_size=4, recent_size=36, span=2, overlap=0, 
 TOKENS = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(5))
 
 
+def position_rows(kept):
+    """Every (layer, head) row of original positions, whether layers hold ``[n]`` or per-head ``[kv_heads, n]``."""
+    return [row for layer in kept for row in (layer.tolist() if layer.dim() == 2 else [layer.tolist()])]
+
+
 def check_cache(cache, budget, seen, method=""):
-    kept = cache.kept_positions()
+    rows = position_rows(cache.kept_positions())
     assert cache.get_seq_length() <= budget, "over budget"
     if seen > budget + 4:
-        assert kept.shape[1] < seen, "compression silently stopped"
-    for row in kept.tolist():
+        assert max(map(len, rows)) < seen, "compression silently stopped"
+    for row in rows:
         assert len(set(row)) == len(row), "a layer holds a token twice"
         assert row == sorted(row)
         assert row[:4] == list(range(min(4, seen))), "sinks must be kept"
@@ -56,6 +61,30 @@ def test_generate_within_budget(method):
     out = model.generate(TOKENS[:, :10], **with_cache(cache), max_new_tokens=80, min_new_tokens=80, do_sample=False)
     assert out.shape[1] == 90
     check_cache(cache, policy.max_cache_len(model.config.num_hidden_layers), 89, method)
+
+
+@pytest.mark.parametrize("method", COMPRESSING)
+def test_next_step_matches_from_scratch_after_compactions(method):
+    """After many compactions, the next logits equal a from-scratch decoder step over the kept keys and
+    values, the keys at the method's positions (their slots, or their original positions per head)."""
+    from tiny import manual_next_logits
+
+    model = enable_position_shift(tiny_model("llama", "eager"))
+    policy = build_policy(method, **SETTINGS)
+    cache = CompressedCache(policy, model.config.num_hidden_layers, key_rotation="every_step")  # un-rotated storage
+    with torch.no_grad():
+        model(TOKENS[:, :90], **with_cache(cache), use_cache=True)
+        for t in range(90, 130):
+            model(TOKENS[:, t:t + 1], **with_cache(cache), use_cache=True)
+        kv = [cache._layer(i) for i in range(cache.num_layers)]
+        if policy.position_mode == "original":
+            expected = manual_next_logits(model, int(TOKENS[0, 130]), kv, query_pos=130,
+                                          key_positions=cache.kept_positions())
+        else:
+            expected = manual_next_logits(model, int(TOKENS[0, 130]), kv)
+        ours = model(TOKENS[:, 130:131], **with_cache(cache), use_cache=True).logits[0, -1]
+    assert max(map(len, position_rows(cache.kept_positions()))) < 131  # it did evict
+    torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- hand-computed selections
@@ -131,7 +160,7 @@ def test_prefill_methods_compress_once_then_grow(method, family):
     model = enable_position_shift(tiny_model(family, "eager"))
     L = model.config.num_hidden_layers
     policy = build_policy(method, **PREFILL_SETTINGS)
-    budgets = policy.layer_budgets(L)
+    budgets = policy.layer_budgets(L, 120)
     cache = CompressedCache(policy, L)
     with torch.no_grad():
         model(TOKENS[:, :120], **with_cache(cache), use_cache=True)
@@ -173,13 +202,44 @@ def test_snapkv_selects_per_head_with_pooling():
     assert pooled.compact(n, 1)[0][1].tolist() == [0, 4, 5, 6, 10, 11]
 
 
+def test_snapkv_scores_and_pools_the_prefix_only():
+    # One head, n = 12, window = slots 10, 11; keys along e0 with logits 4, 3, 2 at slots 3, 4, 5 and 10
+    # at slot 10 (the window), queries e0. KVCache-Factory scores the prefix columns only, so avg pooling
+    # over 3 neighbours gives slot 4 (e^4 + e^3 + e^2) / 3, the best prefix score, and slot 9 just
+    # (e^0 + e^0) / 3: pooling across the window's edge would lift slot 9 by e^10 / 3 instead.
+    n = 12
+    key = torch.zeros(1, 1, n, 2)
+    key[0, 0, [3, 4, 5, 10], 0] = torch.tensor([4.0, 3.0, 2.0, 10.0])
+    query = torch.zeros(1, 1, 2, 2)
+    query[..., 0] = 1.0
+    policy = SnapKV(cache_size=3, window_size=2, kernel_size=3, pooling="avg")
+    assert policy.start_size == 0  # the reference keeps no sinks
+    policy.observe(0, query, key, scaling=1.0)
+    assert policy.compact(n, 1)[0].tolist() == [[4, 10, 11]]
+
+
 def test_pyramid_budgets_by_hand():
-    # PyramidKV: C = 256, w = 32 -> prompt part 224, beta 20: last 11.2, first 436.8, linear over 30 layers
-    budgets = PyramidKV(cache_size=256, window_size=32, beta=20).layer_budgets(30)
-    assert budgets[0] == 32 + 437 and budgets[-1] == 32 + 11 and sum(budgets) == 256 * 30
-    assert all(a > b for a, b in zip(budgets, budgets[1:]))
+    # KVCache-Factory's integer schedule. C = 256, w = 32: P = 224, beta 20 -> lo = 224 // 20 = 11,
+    # hi = 448 - 11 = 437, step = (437 - 11) // 29 = 14 over 30 layers
+    policy = PyramidKV(cache_size=256, window_size=32, beta=20)
+    assert policy.layer_budgets(30) == [32 + 437 - 14 * i for i in range(30)]
+    assert policy.layer_budgets(30, 5000) == policy.layer_budgets(30)
+    # a prompt of 460 (>= 2P = 448, but n - w = 428 <= hi): hi = 428, lo = 448 - 428 = 20, step = 408 // 29 = 14
+    assert policy.layer_budgets(30, 460) == [32 + 428 - 14 * i for i in range(30)]
+    # 256 <= n < 448: SnapKV's budget everywhere; n < 256: the whole prompt everywhere
+    assert policy.layer_budgets(30, 300) == [256] * 30 and policy.layer_budgets(30, 200) == [200] * 30
     # PyramidInfer: decay 0.5 on 3 layers, C = 70: weights 1, 1/2, 1/4 scaled to average 70
     assert PyramidInfer(cache_size=70, start_size=1, window_size=2, decay=0.5).layer_budgets(3) == [120, 60, 30]
+
+
+def test_pyramidkv_keeps_a_short_prompt_whole():
+    # 4 layers, C = 40, w = 8: for a 36-token prompt the schedule would give deep layers fewer than 36
+    # slots, but the reference keeps every prompt shorter than C whole in every layer
+    model = enable_position_shift(tiny_model("llama", "eager"))
+    cache = CompressedCache(PyramidKV(cache_size=40, window_size=8, beta=2), model.config.num_hidden_layers)
+    with torch.no_grad():
+        model(TOKENS[:, :36], **with_cache(cache), use_cache=True)
+    assert [cache.get_seq_length(i) for i in range(cache.num_layers)] == [36] * cache.num_layers
 
 
 @pytest.mark.parametrize("key_positions", [None, "slot"])
@@ -212,7 +272,7 @@ def test_prefill_methods_generate(method):
     out = model.generate(TOKENS[:, :100], **with_cache(cache), max_new_tokens=20, min_new_tokens=20,
                          do_sample=False)
     assert out.shape[1] == 120
-    assert [cache.get_seq_length(i) for i in range(L)] == [b + 19 for b in policy.layer_budgets(L)]
+    assert [cache.get_seq_length(i) for i in range(L)] == [b + 19 for b in policy.layer_budgets(L, 100)]
 
 
 def test_pyramidinfer_selects_by_head_averaged_attention():

@@ -8,16 +8,23 @@ from ..errors import ConfigError
 from .base import CachePolicy
 from .full import FullCache
 from .h2o import H2O
+from .knorm import KNorm, KNormDecode
 from .lacache import LaCache
 from .lshe import LSHE
+from .nacl import NACL
 from .pyramidinfer import PyramidInfer
 from .pyramidkv import PyramidKV
+from .scissorhands import Scissorhands
 from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
 from .tova import TOVA
 
 METHODS: Dict[str, Type[CachePolicy]] = {
-    cls.name: cls for cls in (FullCache, StreamingLLM, LaCache, H2O, TOVA, LSHE, SnapKV, PyramidKV, PyramidInfer)
+    cls.name: cls for cls in (
+        FullCache, StreamingLLM, LaCache,                        # position-only
+        H2O, TOVA, LSHE, KNormDecode, Scissorhands,              # decode-time scoring
+        SnapKV, PyramidKV, PyramidInfer, KNorm, NACL,            # prefill-time
+    )
 }
 
 
@@ -57,5 +64,6 @@ def policy_from_state(saved: dict) -> CachePolicy:
     return policy
 
 
-__all__ = ["CachePolicy", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "SnapKV", "PyramidKV",
-           "PyramidInfer", "METHODS", "budget_derived", "build_policy", "policy_from_state"]
+__all__ = ["CachePolicy", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "KNormDecode", "Scissorhands",
+           "SnapKV", "PyramidKV", "PyramidInfer", "KNorm", "NACL", "METHODS", "budget_derived", "build_policy",
+           "policy_from_state"]

@@ -5,6 +5,10 @@ and let the cache grow during decoding, as in their papers. Layers may then hold
 numbers of slots, and SnapKV and PyramidKV choose slots per KV head (``[kv_heads, n_keep]``
 answers to :meth:`CachePolicy.keep`). Kept keys stay at their original positions, as in the
 reference implementations.
+
+As in KVCache-Factory's ``SnapKVCluster`` (``pyramidkv/pyramidkv_utils.py``), the window's queries
+score the *prefix* only (the prompt before the window): the scores, and any pooling of them, stop
+at the window's edge, and the window is kept whole.
 """
 from __future__ import annotations
 
@@ -46,8 +50,12 @@ class PrefillPolicy(CachePolicy):
     def _reset_state(self) -> None:
         self._window_scores, self._done = [], False
 
-    def layer_budgets(self, num_layers: int) -> List[int]:
-        """Slots each layer keeps after the prompt (sinks and window included)."""
+    def layer_budgets(self, num_layers: int, prompt_len: Optional[int] = None) -> List[int]:
+        """Slots each layer keeps after a prompt of ``prompt_len`` tokens (sinks and window included).
+
+        ``prompt_len=None``: the budgets of a long prompt (the largest a layer can be given). A layer
+        whose budget is at least the prompt keeps it whole.
+        """
         return [self.cache_size] * num_layers
 
     def max_cache_len(self, num_layers: int) -> int:
@@ -55,9 +63,9 @@ class PrefillPolicy(CachePolicy):
 
     def validate(self, num_layers: int) -> None:
         low = min(self.layer_budgets(num_layers))
-        if low < self.start_size + self.window_size + 1:
+        if low < self.start_size + self.window_size:
             raise ConfigError(f"--cache_size {self.cache_size} leaves a layer {low} slots, fewer than start_size + "
-                              f"window_size + 1 = {self.start_size + self.window_size + 1}; raise --cache_size")
+                              f"window_size = {self.start_size + self.window_size}; raise --cache_size")
 
     # -- scoring: the attention the last ``window_size`` prompt queries pay to each prompt token
     def observe(self, layer, query, key, scaling):
@@ -66,20 +74,20 @@ class PrefillPolicy(CachePolicy):
             return
         window = min(self.window_size, query.shape[2])
         probs = attention_probs(query[:, :, -window:], key, scaling)  # [b, kvh, w, n]
-        self._window_scores[layer] = self.pool(probs.sum(2)).mean(0)  # [kvh, n]
+        prefix = probs[..., :key.shape[2] - self.window_size].sum(2)  # the window's attention to the prefix
+        self._window_scores[layer] = self.pool(prefix).mean(0)  # [kvh, n - w]
 
     def pool(self, scores: torch.Tensor) -> torch.Tensor:
-        """Smooth ``[b, kvh, n]`` scores along tokens (identity by default)."""
+        """Smooth ``[b, kvh, n - w]`` prefix scores along tokens (identity by default)."""
         return scores
 
     def layer_keep(self, layer: int, n: int, budget: int) -> torch.Tensor:
         """Slots to keep: sinks, the best-scored prefix tokens, the window. ``[budget]`` or ``[kvh, budget]``."""
-        scores = self._window_scores[layer]  # [kvh, n]
+        scores = self._window_scores[layer]  # [kvh, n - w]
         if not self.per_head:
             scores = scores.mean(0, keepdim=True)
         w, s = self.window_size, self.start_size
-        middle = scores[:, s:n - w]
-        top = torch.topk(middle, budget - s - w, dim=-1).indices.sort(-1).values + s
+        top = torch.topk(scores[:, s:], budget - s - w, dim=-1).indices.sort(-1).values + s
         heads = top.shape[0]
         keep = torch.cat([torch.arange(s, device=top.device).expand(heads, s), top,
                           torch.arange(n - w, n, device=top.device).expand(heads, w)], dim=-1)
@@ -90,7 +98,7 @@ class PrefillPolicy(CachePolicy):
             return None
         if layer == self._num_layers - 1:
             self._done = True  # the first forward pass (the prompt) ends with this layer
-        budget = self.layer_budgets(self._num_layers)[layer]
+        budget = self.layer_budgets(self._num_layers, n)[layer]
         row = None if n <= budget else self.layer_keep(layer, n, budget)
         ensure_layer(self._window_scores, layer)
         self._window_scores[layer] = None

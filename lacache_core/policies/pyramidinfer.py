@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, List
+from typing import ClassVar, List, Optional
 
 from .base import param
 from .prefill import PrefillPolicy
@@ -27,7 +27,7 @@ class PyramidInfer(PrefillPolicy):
 
     decay: float = param(0.95, above=0.0, high=1.0)
 
-    def layer_budgets(self, num_layers: int) -> List[int]:
+    def layer_budgets(self, num_layers: int, prompt_len: Optional[int] = None) -> List[int]:
         weights = [self.decay ** i for i in range(num_layers)]
         scale = self.cache_size * num_layers / sum(weights)
         return [max(self.start_size + self.window_size + 1, round(w * scale)) for w in weights]

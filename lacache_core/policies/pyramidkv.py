@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, List
+from typing import ClassVar, List, Optional
 
 from .base import param
 from .snapkv import SnapKV
@@ -12,9 +12,15 @@ from .snapkv import SnapKV
 class PyramidKV(SnapKV):
     """SnapKV selection; layer budgets fall linearly from the first to the last layer.
 
-    With ``C = cache_size`` and window ``w``: the last layer keeps ``(C - w) / beta`` prompt tokens,
-    the first ``2 (C - w) - (C - w) / beta``, linearly in between (PyramidKV's schedule), plus the
-    window; the average over layers stays ``C``, the same total budget as every other method.
+    KVCache-Factory's schedule (``PyramidKVCluster.update_kv``), in integers: with ``C = cache_size``,
+    window ``w``, ``P = C - w`` and a prompt of ``n`` tokens,
+
+    * ``n < C``: every layer keeps the whole prompt;
+    * ``n < 2 P``: every layer keeps ``P`` prefix tokens (SnapKV's budget);
+    * otherwise the last layer keeps ``lo = P // beta`` prefix tokens and the first ``hi = 2 P - lo``
+      (``hi = n - w`` and ``lo = 2 P - hi`` when the prompt is shorter than that), layer ``l``
+      keeping ``hi - l * ((hi - lo) // (L - 1))``: the step is floored, so deeper layers keep a few
+      more than the linear schedule and the average is somewhat above ``C``, as in the reference.
 
     Parameters
     ----------
@@ -26,11 +32,16 @@ class PyramidKV(SnapKV):
 
     beta: int = param(20, low=1)
 
-    def layer_budgets(self, num_layers: int) -> List[int]:
-        prompt = self.cache_size - self.window_size
-        low = prompt / self.beta
-        high = 2 * prompt - low
-        if num_layers == 1:
-            return [self.cache_size]
-        step = (high - low) / (num_layers - 1)
-        return [self.window_size + round(high - i * step) for i in range(num_layers)]
+    def layer_budgets(self, num_layers: int, prompt_len: Optional[int] = None) -> List[int]:
+        n, w, prefix = prompt_len, self.window_size, self.cache_size - self.window_size
+        if n is not None and n < self.cache_size:
+            return [n] * num_layers
+        if num_layers == 1 or (n is not None and n < 2 * prefix):
+            return [self.cache_size] * num_layers
+        low = prefix // self.beta
+        high = 2 * prefix - low
+        if n is not None and high >= n - w:
+            high = n - w
+            low = 2 * prefix - high
+        step = (high - low) // (num_layers - 1)
+        return [w + high - i * step for i in range(num_layers)]

@@ -71,3 +71,31 @@ def pad_to(scores, n: int, device) -> torch.Tensor:
     if scores.shape[0] == n:
         return scores
     return torch.cat([scores, torch.zeros(n - scores.shape[0], device=scores.device)])
+
+
+def seeded_generator(seed: int, *salt: int) -> torch.Generator:
+    """A CPU generator seeded from ``seed`` and the ``salt`` (layer, tokens seen, ...): the same draws for the
+    same run, whatever happened before, so a sampling policy has no random state to save or restore."""
+    mixed = seed
+    for value in salt:
+        mixed = (mixed * 1_000_003 + value) % (2 ** 63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+def sample_by_score(scores: torch.Tensor, count: int, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """``count`` distinct indices of ``scores`` (``[m]``), drawn one after another with probability
+    ``softmax(scores / temperature)`` among those left (uniform for ``temperature <= 0``).
+
+    The draws are the top ``count`` of ``scores / temperature`` plus Gumbel noise (the Gumbel-top-k
+    trick): the distribution of ``torch.multinomial(softmax, count, replacement=False)``, which the
+    references call, without its underflow, so a cold temperature tends to plain top-k. Noise is drawn
+    on the CPU from ``generator``; the indices come back on ``scores``' device.
+    """
+    if count <= 0:
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
+    values = scores.detach().double().cpu()
+    uniform = torch.rand(values.shape, generator=generator, dtype=torch.float64).clamp_min(1e-300)
+    noisy = -torch.log(-torch.log(uniform))
+    if temperature > 0:
+        noisy = noisy + values / temperature
+    return torch.topk(noisy, min(count, values.numel())).indices.to(scores.device)

@@ -15,12 +15,16 @@ from .prefill import PrefillPolicy
 class SnapKV(PrefillPolicy):
     """Keep, per KV head, the prompt tokens most attended by the last ``window_size`` prompt queries.
 
-    Scores are summed over the window's queries (averaged over the query heads of each KV head)
-    and pooled over ``kernel_size`` neighbours (``pooling`` max or avg); the window itself and the
-    first ``start_size`` tokens are always kept. Compresses once after the prompt.
+    Scores are the window's attention to the prefix (the prompt before the window), summed over
+    the window's queries and averaged over the query heads of each KV head, then pooled over
+    ``kernel_size`` neighbours (``pooling`` max or avg) within the prefix; the window is kept whole.
+    Compresses once after the prompt. With ``start_size=0`` (the default) this is KVCache-Factory's
+    ``SnapKVCluster`` (``pyramidkv/pyramidkv_utils.py``), GQA scores reduced by mean.
 
     Parameters
     ----------
+    start_size : int
+        Leading prompt tokens always kept (0, as in the reference; a sink count like the other methods' on request).
     kernel_size : int
         Width of the pooling over neighbouring tokens (odd, so that pooling keeps the length).
     pooling : {"max", "avg"}
@@ -30,6 +34,7 @@ class SnapKV(PrefillPolicy):
     name: ClassVar[str] = "snapkv"
     per_head: ClassVar[bool] = True
 
+    start_size: int = param(0, low=0)
     kernel_size: int = param(7, low=1)
     pooling: Literal["max", "avg"] = "max"
 

@@ -1,0 +1,189 @@
+"""Selections of SnapKV, KNorm, Scissorhands and NACL against their reference code's rule.
+
+Each ``reference_*`` function re-derives, in plain tensor operations, what KVCache-Factory's code
+(``pyramidkv/pyramidkv_utils.py``, ``pyramidkv/scissorhands.py``, ``pyramidkv/nacl.py``) computes:
+the full-size attention, the causal mask of the window block, float32 softmax, the group reduction
+by mean. Where inputs are small, the right choice is worked out by hand in the comments.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lacache_core import NACL, KNorm, KNormDecode, Scissorhands, SnapKV
+
+GEN = torch.Generator().manual_seed(11)
+
+
+def gqa_inputs(n=40, heads=4, kv_heads=2, d=8, q=None):
+    query = torch.randn(1, heads, q or n, d, generator=GEN)
+    key = torch.randn(1, kv_heads, n, d, generator=GEN)
+    return query, key
+
+
+def window_attention(query, key, window):
+    """``[1, kv_heads, window, n]``: the last ``window`` queries over every key, causal, per KV head (mean)."""
+    heads, kv_heads, n = query.shape[1], key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    rep = key.repeat_interleave(groups, dim=1)
+    logits = query[:, :, -window:] @ rep.transpose(2, 3) / math.sqrt(query.shape[-1])
+    block = torch.full((window, window), float("-inf")).triu(1)
+    logits[:, :, :, -window:] += block
+    probs = logits.softmax(-1, dtype=torch.float32)
+    return probs.view(1, kv_heads, groups, window, n).mean(2)
+
+
+def reference_snapkv(query, key, cache_size, window, kernel, pooling):
+    probs = window_attention(query, key, window)
+    scores = probs[..., :-window].sum(-2)  # [1, kvh, n - w]: the prefix columns only
+    pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
+    pooled = pool(scores, kernel, stride=1, padding=kernel // 2)
+    top = pooled.topk(cache_size - window, dim=-1).indices[0]
+    n = key.shape[2]
+    return [sorted(row.tolist()) + list(range(n - window, n)) for row in top]
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+@pytest.mark.parametrize("kernel", [1, 5, 7])
+def test_snapkv_matches_the_reference_rule(pooling, kernel):
+    query, key = gqa_inputs()
+    policy = SnapKV(cache_size=16, window_size=6, kernel_size=kernel, pooling=pooling)
+    policy.observe(0, query, key, scaling=query.shape[-1] ** -0.5)
+    ours = policy.compact(key.shape[2], 1)[0].tolist()
+    assert ours == reference_snapkv(query, key, 16, 6, kernel, pooling)
+
+
+# ----------------------------------------------------------------------------- KNorm
+def test_knorm_keeps_lowest_norm_keys_and_skips_the_first_layers():
+    # one head; norms 5, 1, 3, 2, 4 at slots 0..4; a budget of 2 keeps slots 1 and 3 (norms 1 and 2)
+    key = torch.tensor([5.0, 1.0, 3.0, 2.0, 4.0])[None, None, :, None] * torch.tensor([0.6, 0.8])
+    query = torch.zeros(1, 1, 5, 2)
+    policy = KNorm(cache_size=2, skip_layers=1)
+    for layer in range(2):
+        policy.observe(layer, query, key, scaling=1.0)
+    keep = policy.compact(5, 2)
+    assert keep[0] is None and keep[1].tolist() == [[1, 3]]  # layer 0 is skipped: the prompt stays whole
+
+
+def test_knorm_matches_the_reference_rule():
+    query, key = gqa_inputs(n=30)
+    policy = KNorm(cache_size=12, skip_layers=0)
+    policy.observe(0, query, key, scaling=1.0)
+    ours = policy.compact(30, 1)[0].tolist()
+    reference = key.norm(dim=-1).argsort(dim=-1)[0, :, :12]  # L2NormCluster: sort by norm, keep the first C
+    assert ours == [sorted(row.tolist()) for row in reference]
+
+
+def test_knorm_decode_evicts_the_highest_norm_key_each_step():
+    # cache 3, no protection. Norms arrive as 1, 4, 2 (prompt), then 3, then 0.5:
+    # step 1: {1, 4, 2, 3} -> drop the 4 (slot 1) -> positions 0, 2, 3 (norms 1, 2, 3)
+    # step 2: {1, 2, 3, 0.5} -> drop the 3 (position 3) -> positions 0, 2, 4
+    norms = [1.0, 4.0, 2.0, 3.0, 0.5]
+    keys = torch.tensor(norms)[None, None, :, None] * torch.tensor([1.0, 0.0])
+    policy = KNormDecode(cache_size=3)
+    policy.bind(1)
+    held = keys[:, :, :3]
+    for t in (3, 4):
+        held = torch.cat([held, keys[:, :, t:t + 1]], 2)
+        policy.record(0, held.shape[2])
+        policy.observe(0, torch.zeros(1, 1, 1, 2), held, scaling=1.0)
+        keep = policy.settle(0, held.shape[2])
+        held = held[:, :, keep[0]]
+    assert policy.positions_per_layer() == [[[0, 2, 4]]]
+
+
+# ----------------------------------------------------------------------------- Scissorhands
+def feed(policy, keys, query=None):
+    """Record, observe and compact one layer holding ``keys``; returns the kept keys."""
+    n = keys.shape[2]
+    policy.record(0, n)
+    policy.observe(0, torch.zeros(1, 1, 1 if query is None else query, 2), keys, scaling=1.0)
+    keep = policy.settle(0, n)
+    return keys if keep is None else keys[:, :, keep[0]]
+
+
+@pytest.mark.parametrize("recent_window,expected", [(0, [0, 1, 2]), (1, [0, 1, 4])])
+def test_scissorhands_accumulates_decayed_importance(recent_window, expected):
+    # Zero keys: every query spreads its attention evenly over the keys it sees. Prompt of 4: query j gives
+    # 1/(j+1) to keys 0..j, so importance 25/12, 13/12, 7/12, 3/12; budget 3 drops position 3. Next step:
+    # 4 keys seen, 1/4 each, decay 0.5: 0.5 * (25, 13, 7) / 12 + 1/4 for positions 0, 1, 2 and 1/4 for the
+    # new position 4, which goes, unless it is protected as the newest (then position 2 goes).
+    policy = Scissorhands(cache_size=3, recent_window=recent_window, importance_decay=0.5)
+    policy.bind(1)
+    held = feed(policy, torch.zeros(1, 1, 4, 2), query=4)
+    feed(policy, torch.cat([held, torch.zeros(1, 1, 1, 2)], 2))
+    assert policy.positions_per_layer() == [[expected]]
+
+
+def test_scissorhands_history_window_counts_the_last_prompt_queries():
+    # history_window 2: only queries 2 and 3 count: 1/3 + 1/4 for keys 0..2, 1/4 for key 3 -> key 3 goes;
+    # with history_window 1 every key gets 1/4: a tie, so the rule is the window's, not the hand's
+    policy = Scissorhands(cache_size=3, history_window=2)
+    policy.bind(1)
+    feed(policy, torch.zeros(1, 1, 4, 2), query=4)
+    assert policy.positions_per_layer() == [[[0, 1, 2]]]
+    torch.testing.assert_close(policy._importance[0], torch.full((1, 3), 1 / 3 + 1 / 4))
+
+
+def test_scissorhands_matches_the_reference_rule_and_samples_reproducibly():
+    query, key = gqa_inputs(n=30)
+    probs = window_attention(query, key, 30)  # every query of the prompt
+    reference = probs.sum(-2)[0]  # reduce_scissorhands_scores with no history window, one pass
+    for selection, temperature in (("topk", 1.0), ("sample", 1e-4)):  # a cold sampler takes the top
+        policy = Scissorhands(cache_size=10, start_size=2, recent_window=3, selection=selection,
+                              temperature=temperature)
+        policy.observe(0, query, key, scaling=query.shape[-1] ** -0.5)
+        ours = policy.compact(30, 1)[0].tolist()
+        top = reference[:, 2:27].topk(5, dim=-1).indices + 2
+        assert ours == [[0, 1] + sorted(row.tolist()) + [27, 28, 29] for row in top]
+    draws = []
+    for seed in (0, 0, 1):
+        policy = Scissorhands(cache_size=10, selection="sample", random_seed=seed)
+        policy.observe(0, query, key, scaling=query.shape[-1] ** -0.5)
+        draws.append(policy.compact(30, 1)[0].tolist())
+    assert draws[0] == draws[1] != draws[2]
+
+
+# ----------------------------------------------------------------------------- NACL
+def reference_nacl_top(query, key, budget, proxies):
+    """select_nacl_tokens with random_budget 0: proxy rows' attention summed, proxies protected, top-k of the rest."""
+    scores = window_attention(query, key, proxies).sum(-2)[0]  # [kvh, n]
+    n = key.shape[2]
+    top = scores[:, :n - proxies].topk(budget - proxies, dim=-1).indices
+    return [sorted(row.tolist()) + list(range(n - proxies, n)) for row in top]
+
+
+def test_nacl_without_random_share_matches_the_reference_rule():
+    query, key = gqa_inputs()
+    policy = NACL(cache_size=14, window_size=4, random_ratio=0.0)
+    policy.observe(0, query, key, scaling=query.shape[-1] ** -0.5)
+    assert policy.compact(40, 1)[0].tolist() == reference_nacl_top(query, key, 14, 4)
+
+
+def test_nacl_random_share_is_seeded_and_differs_per_head():
+    query, key = gqa_inputs()
+
+    def rows(seed, ratio=0.5, temperature=1.0):
+        policy = NACL(cache_size=14, window_size=4, random_ratio=ratio, random_seed=seed, temperature=temperature)
+        policy.observe(0, query, key, scaling=query.shape[-1] ** -0.5)
+        return policy.compact(40, 1)[0].tolist()
+
+    best = reference_nacl_top(query, key, 14, 4)
+    by_score = window_attention(query, key, 4).sum(-2)[0, :, :36].topk(5, dim=-1).indices
+    first = rows(0)
+    assert first == rows(0) and first != rows(1)
+    for head, row in enumerate(first):
+        assert row[-4:] == [36, 37, 38, 39] and len(set(row)) == 14
+        assert set(by_score[head].tolist()) <= set(row)  # half the 10 free slots go to the best scores
+    assert rows(3, temperature=1e-4) == best  # a cold sampler draws the next best: plain top-k
+
+
+def test_sampling_follows_the_softmax_of_the_scores():
+    from lacache_core.policies.scoring import sample_by_score, seeded_generator
+
+    # scores 0, log 2, log 5 at temperature 1: one draw picks them with probability 1/8, 2/8, 5/8
+    scores = torch.tensor([0.0, math.log(2), math.log(5)])
+    picks = torch.tensor([int(sample_by_score(scores, 1, 1.0, seeded_generator(7, i))) for i in range(4000)])
+    freq = torch.bincount(picks, minlength=3).double() / 4000
+    torch.testing.assert_close(freq, torch.tensor([1 / 8, 2 / 8, 5 / 8], dtype=torch.float64), atol=0.03, rtol=0)
