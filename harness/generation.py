@@ -127,6 +127,8 @@ class Answer:
     prompt_tokens: int
     seconds: float
     peak_kv_bytes: int
+    #: KV bytes held when the answer ends (as stored: heads of different lengths counted at their own).
+    final_kv_bytes: int = 0
 
 
 @torch.no_grad()
@@ -168,7 +170,8 @@ def answer(model, tokenizer, input_ids: torch.Tensor, spec: BudgetSpec, max_new_
     seconds = time.perf_counter() - t0
     # an ordinary cache only grows, so its final size is its peak
     peak = cache.peak_bytes if isinstance(cache, CompressedCache) else kv_bytes(cache)
-    return Answer(ids, tokenizer.decode(ids, skip_special_tokens=True), input_ids.shape[1], seconds, peak)
+    return Answer(ids, tokenizer.decode(ids, skip_special_tokens=True), input_ids.shape[1], seconds, peak,
+                  kv_bytes(cache))
 
 
 def truncate_middle(tokenizer, prompt: str, max_length: int) -> str:

@@ -80,9 +80,16 @@ class CompressedCache(DynamicCache):
         self._arrived_rotated = [False] * num_layers
         # transformers >= 4.54 keeps per-layer objects, older versions two lists of tensors
         self._layered = isinstance(getattr(self, "layers", None), list)
+        #: Layers whose KV heads hold different numbers of slots (AdaKV, HeadKV): per head ``(key, value)``,
+        #: each ``[b, 1, n_h, d]``; their attention sees a left-padded view (:meth:`_padded`) and a mask.
+        self._ragged = [None] * num_layers
+        self._view = [None] * num_layers
+        self._step_lengths = [None] * num_layers  # per-head lengths of the tensors the last attend() returned
 
     # -- storage access, across transformers' two DynamicCache layouts
     def _layer(self, i: int):
+        if self._ragged[i] is not None:
+            return self._view[i] if self._view[i] is not None else self._padded(i)
         if self._layered:
             return self.layers[i].keys, self.layers[i].values
         return self.key_cache[i], self.value_cache[i]
@@ -94,8 +101,75 @@ class CompressedCache(DynamicCache):
             self.key_cache[i], self.value_cache[i] = key, value
 
     def kv_bytes(self) -> int:
-        """Bytes held by keys and values of all layers."""
-        return kv_bytes(self)
+        """Bytes held by keys and values of all layers (per-head storage counted as stored, unpadded)."""
+        return sum(self._layer_bytes(i) for i in range(self.num_layers))
+
+    def _layer_bytes(self, i: int) -> int:
+        if self._ragged[i] is not None:
+            return sum(t.numel() * t.element_size() for head in self._ragged[i] for t in head)
+        if i >= (len(self.layers) if self._layered else len(self.key_cache)):
+            return 0
+        key, value = self._layer(i)
+        if key is None or not isinstance(key, torch.Tensor):
+            return 0
+        return key.numel() * key.element_size() + value.numel() * value.element_size()
+
+    # -- layers whose heads hold different lengths
+    def head_lengths(self, i: int) -> Optional[torch.Tensor]:
+        """Slots each KV head of layer ``i`` holds (``LongTensor [kv_heads]``), or ``None`` if all heads hold the same."""
+        if self._ragged[i] is None:
+            return None
+        return torch.tensor([k.shape[-2] for k, _ in self._ragged[i]])
+
+    def _padded(self, i: int):
+        """Layer ``i``'s heads left-padded with zeros to the longest: ``(key, value)``, each ``[b, kv_heads, n, d]``."""
+        heads = self._ragged[i]
+        n = max(k.shape[-2] for k, _ in heads)
+
+        def pad(t):
+            return torch.nn.functional.pad(t, (0, 0, n - t.shape[-2], 0))
+
+        return torch.cat([pad(k) for k, _ in heads], 1), torch.cat([pad(v) for _, v in heads], 1)
+
+    def _store_ragged(self, i: int, key, value, keep: list) -> None:
+        """Keep per head the slots ``keep[h]`` (lengths differ): per-head storage, and a stand-in for
+        transformers' own storage that has the padded length but no memory (its lengths and masks stay right)."""
+        self._ragged[i] = [(key[:, h:h + 1].index_select(-2, idx.to(key.device)),
+                            value[:, h:h + 1].index_select(-2, idx.to(key.device))) for h, idx in enumerate(keep)]
+        self._view[i] = None
+        self._sync_stand_in(i)
+
+    def _sync_stand_in(self, i: int) -> None:
+        k0 = self._ragged[i][0][0]
+        n = max(k.shape[-2] for k, _ in self._ragged[i])
+        stand_in = k0.new_zeros(1, 1, 1, 1).expand(k0.shape[0], len(self._ragged[i]), n, 1)
+        self._set_layer(i, stand_in, stand_in)
+
+    def ragged_step(self, i: int) -> bool:
+        """Whether the tensors the last :meth:`attend` of layer ``i`` returned are a padded per-head view."""
+        return self._step_lengths[i] is not None
+
+    def head_mask(self, i: int, mask, query: torch.Tensor):
+        """The attention mask for this step of layer ``i`` (after :meth:`attend`): ``mask`` itself, or, where the
+        layer's heads differ in length, ``mask`` with each head's padding hidden (``[b, heads, q, n]``; bool
+        or additive like ``mask``)."""
+        lengths = self._step_lengths[i]
+        if lengths is None:
+            return mask
+        heads, q = query.shape[1], query.shape[2]
+        n = int(lengths.max())
+        pad = torch.arange(n)[None, :] < (n - lengths)[:, None]  # [kv_heads, n]: padding slots
+        pad = pad.repeat_interleave(heads // lengths.shape[0], 0)[None, :, None, :].to(query.device)
+        if q > 1:  # the new tokens' causal block (the last q slots)
+            rows = torch.arange(n - q, n, device=query.device)[:, None]
+            pad = pad | (torch.arange(n, device=query.device)[None, :] > rows)[None, None]
+        if mask is None:
+            return torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(pad, torch.finfo(query.dtype).min) \
+                .expand(query.shape[0], heads, q, n)
+        mask = mask[..., -n:] if mask.shape[-1] >= n else mask
+        if mask.dtype == torch.bool:
+            return mask & ~pad
+        return torch.where(pad, torch.finfo(mask.dtype).min, mask)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # A layer written twice without being read went through an unpatched attention: its keys were
@@ -106,6 +180,13 @@ class CompressedCache(DynamicCache):
                 "before running it with a CompressedCache"
             )
         self._unread[layer_idx] = True
+        if self._ragged[layer_idx] is not None:
+            self._ragged[layer_idx] = [
+                (torch.cat([k, key_states[:, h:h + 1]], -2), torch.cat([v, value_states[:, h:h + 1]], -2))
+                for h, (k, v) in enumerate(self._ragged[layer_idx])]
+            self._sync_stand_in(layer_idx)
+            self._view[layer_idx] = self._padded(layer_idx)  # this step's attention input, dropped after it
+            return self._view[layer_idx]
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def attend(self, layer_idx: int, query: torch.Tensor, rotation, scaling: float,
@@ -127,6 +208,7 @@ class CompressedCache(DynamicCache):
         for the next step after this call; the tensors returned are those of this step.
         """
         key, value = self._layer(layer_idx)
+        self._step_lengths[layer_idx] = self.head_lengths(layer_idx)
         self._unread[layer_idx] = False
         n, q_len = key.shape[-2], query.shape[-2]
         policy = self.policy
@@ -153,11 +235,16 @@ class CompressedCache(DynamicCache):
             policy.observe(layer_idx, query, keys, scaling)
         if layer_idx == 0:
             self._step_bytes = 0
-        self._step_bytes += key.numel() * key.element_size() + value.numel() * value.element_size()
+        self._step_bytes += self._layer_bytes(layer_idx)
         if layer_idx == self.num_layers - 1:
             self.peak_bytes = max(self.peak_bytes, self._step_bytes)
+        self._view[layer_idx] = None
         keep = policy.settle(layer_idx, n)
-        if keep is not None:
+        if isinstance(keep, list):  # per-head lengths (AdaKV, HeadKV)
+            if self._ragged[layer_idx] is not None:
+                raise RuntimeError(f"{policy.name}: a layer whose heads differ in length cannot be compacted again")
+            self._store_ragged(layer_idx, key, value, keep)
+        elif keep is not None:
             kept_key, kept_value = gather_layer(key, value, keep)  # the stored keys, rotated or not
             if self._stored_rotated and slot:  # kept keys move down to slots 0 .. n_keep - 1
                 shift = keep.to(key.device) - torch.arange(keep.shape[-1], device=key.device)
@@ -196,6 +283,12 @@ class CompressedCache(DynamicCache):
     def _rotate_new(self, layer_idx: int, key, value, q_len: int, rotated: torch.Tensor) -> torch.Tensor:
         """Store the rotated new keys in place of the un-rotated ones ``update`` appended; all keys, rotated."""
         n = key.shape[-2]
+        if self._ragged[layer_idx] is not None:  # the view is a copy: write the rotation into each head's storage
+            for h, (k, _) in enumerate(self._ragged[layer_idx]):
+                k[..., k.shape[-2] - q_len:, :] = rotated[:, h:h + 1]
+            key = key.clone()
+            key[..., n - q_len:, :] = rotated
+            return key
         if key.requires_grad or rotated.requires_grad:  # in-place writes would break autograd
             key = torch.cat([key[..., :n - q_len, :], rotated], -2)
             self._set_layer(layer_idx, key, value)
@@ -225,6 +318,8 @@ def cache_layers(cache) -> list:
 
 def kv_bytes(cache) -> int:
     """Bytes held by the keys and values of every layer of ``cache`` (any layout)."""
+    if isinstance(cache, CompressedCache):
+        return cache.kv_bytes()
     return sum(t.numel() * t.element_size() for layer in cache_layers(cache) for t in layer)
 
 

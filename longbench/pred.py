@@ -255,7 +255,8 @@ def predict_dataset(args, method, dataset, model, tokenizer, folder: Path) -> Op
             out.append({"_id": sample["_id"], "pred": res.text, "answers": sample["answers"],
                         "all_classes": sample.get("all_classes"), "length": sample.get("length"),
                         "prompt_tokens": res.prompt_tokens, "seconds": round(res.seconds, 3),
-                        "peak_kv_bytes": res.peak_kv_bytes})
+                        "peak_kv_bytes": res.peak_kv_bytes,
+                        "final_kv_bytes": res.final_kv_bytes})
     return skipped
 
 

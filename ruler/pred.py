@@ -110,7 +110,8 @@ def predict_task(args, method, task, model, tokenizer, folder: Path) -> Optional
                          prefill_chunk_size=args.prefill_chunk_size)
             out.append({"index": sample["index"], "pred": res.text, "outputs": sample["outputs"],
                         "length": sample["length"], "prompt_tokens": res.prompt_tokens, "cache_size": spec.cache_size,
-                        "seconds": round(res.seconds, 3), "peak_kv_bytes": res.peak_kv_bytes})
+                        "seconds": round(res.seconds, 3), "peak_kv_bytes": res.peak_kv_bytes,
+                        "final_kv_bytes": res.final_kv_bytes})
     return skipped
 
 

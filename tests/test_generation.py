@@ -157,3 +157,16 @@ def test_llama3_style_models_stop_on_both_end_tokens():
     model.generation_config.eos_token_id = [122, 100]  # Llama-3-Instruct lists <|end_of_text|> and <|eot_id|>
     stop = stop_token_ids(tok, model)
     assert {122, 100, eot} <= set(stop)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "adakv"])
+def test_answers_record_the_kv_bytes_they_end_with(method):
+    """Per-head storage is counted as stored: AdaKV ends with SnapKV's total (the same per-layer budget, up to
+    rounding), both far below the prompt's full cache they peaked at."""
+    model = enable_position_shift(tiny_model("llama", "eager"))
+    res = answer(model, tiny_tokenizer(), PROMPT, BudgetSpec(method, 40, None, settings={"window_size": 8}), 3)
+    cfg = model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    slot_bytes = 2 * 4 * d * cfg.num_key_value_heads * cfg.num_hidden_layers  # k and v, float32, all heads
+    assert res.peak_kv_bytes == 150 * slot_bytes
+    assert abs(res.final_kv_bytes - (40 + 2) * slot_bytes) <= 2 * 4 * d * cfg.num_hidden_layers * cfg.num_key_value_heads

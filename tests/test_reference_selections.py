@@ -187,3 +187,69 @@ def test_sampling_follows_the_softmax_of_the_scores():
     picks = torch.tensor([int(sample_by_score(scores, 1, 1.0, seeded_generator(7, i))) for i in range(4000)])
     freq = torch.bincount(picks, minlength=3).double() / 4000
     torch.testing.assert_close(freq, torch.tensor([1 / 8, 2 / 8, 5 / 8], dtype=torch.float64), atol=0.03, rtol=0)
+
+
+# ----------------------------------------------------------------------------- AdaKV
+def test_adakv_head_budgets_by_hand():
+    from lacache_core.policies.adakv import head_counts
+
+    # B = 2 per head, 4 slots for 2 heads. Raw scores: the top 4 of all are 4 (head 0) and 3.5, 3.4, 3.3
+    # (head 1): head 1 wins 3. Normalized, head 1's flat scores shrink by its top-2 share 6.9 / 13.4 to
+    # 1.80, 1.75, ...; head 0 keeps its own (its top 2 hold all its mass): 4, 1.80, 1.75, 1.72 -> 2 and 2.
+    scores = torch.tensor([[4.0, 1.72, 0.0, 0.0], [3.5, 3.4, 3.3, 3.2]])
+    assert head_counts(scores, 2, normalize=False).tolist() == [1, 3]
+    assert head_counts(scores, 2, normalize=True).tolist() == [2, 2]
+
+
+def reference_adakv(query, key, cache_size, window, kernel, floor_ratio, normalize):
+    """AdaKVCluster.update_kv: mean window scores, pooled, heads' budgets from a flattened top-k, a floor.
+    (Average pooling here: max pooling makes plateaus of equal scores, where either order is right.)"""
+    scores = window_attention(query, key, window)[..., :-window].mean(-2)  # [1, kvh, n - w]
+    scores = F.avg_pool1d(scores, kernel, stride=1, padding=kernel // 2)[0]
+    base = cache_size - window
+    ranked, order = scores.sort(-1, descending=True)
+    if normalize:
+        ranked = ranked * ranked[:, :base].sum(-1, keepdim=True) / ranked.sum(-1, keepdim=True)
+    heads, m = ranked.shape
+    counts = torch.zeros(heads, dtype=torch.long).scatter_add_(
+        0, ranked.reshape(-1).topk(heads * base).indices // m, torch.ones(heads * base, dtype=torch.long))
+    caps = torch.round(counts * (1 - floor_ratio) + int(base * floor_ratio)).long()
+    n = key.shape[2]
+    return [sorted(order[h, :caps[h]].tolist()) + list(range(n - window, n)) for h in range(heads)]
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("floor_ratio", [0.0, 0.2])
+def test_adakv_matches_the_reference_rule(normalize, floor_ratio):
+    from lacache_core import AdaKV
+
+    query, key = gqa_inputs(n=60, heads=8, kv_heads=4)
+    policy = AdaKV(cache_size=20, window_size=6, kernel_size=5, pooling="avg", floor_ratio=floor_ratio,
+                   normalize=normalize)
+    policy.observe(0, query, key, scaling=query.shape[-1] ** -0.5)
+    ours = [row.tolist() for row in policy.compact(60, 1)[0]]
+    expected = reference_adakv(query, key, 20, 6, 5, floor_ratio, normalize)
+    assert ours == expected
+    assert len({len(row) for row in ours}) > 1  # the heads really got different budgets
+
+
+def test_adakv_stores_each_head_at_its_own_length():
+    from lacache_core import AdaKV, CompressedCache, enable_position_shift
+    from lacache_core.versions import HAS_CACHE_CLASSES, with_cache
+    from tiny import tiny_model
+
+    if not HAS_CACHE_CLASSES:
+        pytest.skip("cache objects need transformers >= 4.36")
+    model = enable_position_shift(tiny_model("llama", "sdpa"))
+    policy = AdaKV(cache_size=24, window_size=4)
+    cache = CompressedCache(policy, model.config.num_hidden_layers)
+    tokens = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(tokens, **with_cache(cache), use_cache=True)
+        model(tokens[:, :1], **with_cache(cache), use_cache=True)
+    d = model.config.hidden_size // model.config.num_attention_heads
+    lengths = [cache.head_lengths(i) for i in range(cache.num_layers)]
+    stored = sum(int(n.sum()) for n in lengths) * d * 4 * 2  # float32 keys and values, batch 1
+    padded = sum(int(n.max()) * len(n) for n in lengths) * d * 4 * 2
+    assert cache.kv_bytes() == stored < padded
+    assert [len(row) for row in policy.positions[0]] == lengths[0].tolist()

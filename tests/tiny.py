@@ -44,7 +44,10 @@ def manual_next_logits(model, token, kv_unrotated, query_pos=None, key_positions
     A from-scratch re-derivation of a decoder step: keys at their cache slots ``0..n`` (the new
     key at slot ``n``), the query at ``query_pos`` (default: slot ``n``). Independent of the patch.
     With ``key_positions`` (per layer ``[n]`` or per KV head ``[kv_heads, n]``, the cached keys'
-    original positions), old keys sit there instead and the new key at ``query_pos``.
+    original positions), old keys sit there instead and the new key at ``query_pos``. A layer whose
+    heads hold different numbers of slots gives ``(heads, None)``, ``heads`` a list of per-head ``(key, value)``,
+    each ``[1, 1, n_h, d]``,
+    and per-head ``[n_h]`` positions.
     """
     cfg = model.config
     theta = getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]
@@ -58,21 +61,25 @@ def manual_next_logits(model, token, kv_unrotated, query_pos=None, key_positions
         q = attn.q_proj(x).view(1, 1, heads, d).transpose(1, 2)
         k = attn.k_proj(x).view(1, 1, kvh, d).transpose(1, 2)
         v = attn.v_proj(x).view(1, 1, kvh, d).transpose(1, 2)
-        keys, values = torch.cat([k_old, k], 2), torch.cat([v_old, v], 2)
-        n = keys.shape[2]
-        qpos = n - 1 if query_pos is None else query_pos
-        if key_positions is None:
-            keys = rotate(keys, torch.arange(n), theta, d)
-        else:
-            pos = key_positions[i]
-            pos = pos.expand(kvh, n - 1) if pos.dim() == 1 else pos
-            pos = torch.cat([pos, torch.full((kvh, 1), qpos)], 1)
-            keys = torch.stack([rotate(keys[:, h], pos[h], theta, d) for h in range(kvh)], 1)
-        q = rotate(q, torch.tensor([qpos]), theta, d)
-        keys = keys.repeat_interleave(heads // kvh, 1)
-        values = values.repeat_interleave(heads // kvh, 1)
-        w = torch.softmax((q @ keys.transpose(2, 3)) / d ** 0.5, -1)
-        out = (w @ values).transpose(1, 2).reshape(1, 1, -1)
+        groups, outs = heads // kvh, []
+        for g in range(kvh):  # per KV head: heads may hold different numbers of slots (AdaKV)
+            ragged = isinstance(k_old, list)
+            old_k, old_v = (k_old[g] if ragged else (k_old[:, g:g + 1], v_old[:, g:g + 1]))
+            keys = torch.cat([old_k, k[:, g:g + 1]], 2)
+            values = torch.cat([old_v, v[:, g:g + 1]], 2)
+            n = keys.shape[2]
+            qpos = n - 1 if query_pos is None else query_pos
+            if key_positions is None:
+                kpos = torch.arange(n)
+            else:
+                pos = key_positions[i]
+                pos = pos[g] if isinstance(pos, list) else (pos if pos.dim() == 1 else pos[g])
+                kpos = torch.cat([pos, torch.tensor([qpos])])
+            keys = rotate(keys, kpos, theta, d)
+            query = rotate(q[:, g * groups:(g + 1) * groups], torch.tensor([qpos]), theta, d)
+            w = torch.softmax((query @ keys.transpose(2, 3)) / d ** 0.5, -1)
+            outs.append(w @ values)
+        out = torch.cat(outs, 1).transpose(1, 2).reshape(1, 1, -1)
         h = h + attn.o_proj(out)
         h = h + layer.mlp(rms_norm(layer.post_attention_layernorm, h))
     return model.lm_head(rms_norm(base.norm, h))[0, -1]

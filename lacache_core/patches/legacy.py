@@ -30,10 +30,16 @@ def _causal_mask(q_len: int, kv_len: int, like: torch.Tensor) -> torch.Tensor:
         ~allowed, torch.finfo(like.dtype).min)[None, None]
 
 
-def _attend(module, query, key, value, attention_mask, output_attentions):
+def _attend(module, query, key, value, attention_mask, output_attentions, cache=None):
     """Scaled dot-product attention with the model's configured kernel; returns ``(out [b, q, h, d], weights)``."""
     impl = getattr(module.config, "_attn_implementation", "eager")
     q_len, kv_len = query.shape[-2], key.shape[-2]
+    ragged = cache is not None and cache.ragged_step(module.layer_idx)
+    if impl == "flash_attention_2" and ragged:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--method {cache.policy.name} keeps a different number of slots per head, which flash "
+                          "kernels cannot mask: use --attn_implementation sdpa or eager")
     if impl == "flash_attention_2":
         from transformers.modeling_flash_attention_utils import _flash_attention_forward
 
@@ -56,6 +62,8 @@ def _attend(module, query, key, value, attention_mask, output_attentions):
         mask = _causal_mask(q_len, kv_len, query)  # layers of a prefill-time method differ in length
     elif q_len > 1:
         mask = _causal_mask(q_len, kv_len, query)
+    if ragged:
+        mask = cache.head_mask(module.layer_idx, mask, query)
     if impl == "sdpa" and not output_attentions:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
         return out.transpose(1, 2), None
@@ -99,6 +107,7 @@ def position_shift_forward(self, hidden_states, attention_mask=None, position_id
                                                   self.head_dim ** -0.5, position_ids)
         present = past_key_value
 
-    out, weights = _attend(self, query, key, value, attention_mask, output_attentions)
+    out, weights = _attend(self, query, key, value, attention_mask, output_attentions,
+                           None if tuple_mode else past_key_value)
     out = self.o_proj(out.reshape(bsz, q_len, -1).contiguous())
     return out, weights, present

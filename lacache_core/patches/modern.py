@@ -88,8 +88,13 @@ def _wrapper(inner_name: str) -> Callable:
             scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
             query, key, value = cache.attend(module.layer_idx, query, module._lacache_rotation, scaling,
                                              kwargs.get("position_ids"))
-            fit = _flash_mask if inner_name.startswith("flash") else _fit_mask
-            attention_mask = fit(attention_mask, key.shape[-2])
+            if inner_name.startswith("flash"):
+                if cache.ragged_step(module.layer_idx):
+                    raise ConfigError(f"--method {cache.policy.name} keeps a different number of slots per head, "
+                                      "which flash kernels cannot mask: use --attn_implementation sdpa or eager")
+                attention_mask = _flash_mask(attention_mask, key.shape[-2])
+            else:
+                attention_mask = cache.head_mask(module.layer_idx, _fit_mask(attention_mask, key.shape[-2]), query)
         return _inner_kernel(module, inner_name)(module, query, key, value, attention_mask, **kwargs)
 
     lacache_attention.__name__ = f"{PREFIX}{inner_name}"

@@ -5,6 +5,7 @@ from dataclasses import fields
 from typing import Dict, Tuple, Type
 
 from ..errors import ConfigError
+from .adakv import AdaKV
 from .base import CachePolicy
 from .full import FullCache
 from .h2o import H2O
@@ -23,7 +24,7 @@ METHODS: Dict[str, Type[CachePolicy]] = {
     cls.name: cls for cls in (
         FullCache, StreamingLLM, LaCache,                        # position-only
         H2O, TOVA, LSHE, KNormDecode, Scissorhands,              # decode-time scoring
-        SnapKV, PyramidKV, PyramidInfer, KNorm, NACL,            # prefill-time
+        SnapKV, PyramidKV, PyramidInfer, KNorm, NACL, AdaKV,     # prefill-time
     )
 }
 
@@ -65,5 +66,5 @@ def policy_from_state(saved: dict) -> CachePolicy:
 
 
 __all__ = ["CachePolicy", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "KNormDecode", "Scissorhands",
-           "SnapKV", "PyramidKV", "PyramidInfer", "KNorm", "NACL", "METHODS", "budget_derived", "build_policy",
+           "SnapKV", "PyramidKV", "PyramidInfer", "KNorm", "NACL", "AdaKV", "METHODS", "budget_derived", "build_policy",
            "policy_from_state"]

@@ -126,6 +126,9 @@ class CachePolicy:
     observes: ClassVar[bool] = False
     #: ``True`` for policies that compress once, after the first forward pass (the prompt), and never again.
     prefill_only: ClassVar[bool] = False
+    #: ``True`` for policies whose KV heads keep different numbers of slots (:meth:`keep` answers a list of
+    #: per-head ``[n_h]`` tensors); their kept keys have no common slots, so they sit at original positions.
+    ragged: ClassVar[bool] = False
 
     key_positions: Optional[Literal["slot", "original"]] = field(default=None, kw_only=True)
 
@@ -135,12 +138,18 @@ class CachePolicy:
     _num_layers: Optional[int] = field(default=None, init=False, repr=False)
     _seen: int = field(default=0, init=False, repr=False)
     _plan: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
+    #: Per layer, for layers whose KV heads hold different numbers of slots (AdaKV, HeadKV): each head's
+    #: count of padding slots at the front of the ``[kv_heads, n]`` positions (``LongTensor [kv_heads]``).
+    _pads: List[Optional[torch.Tensor]] = field(default_factory=list, init=False, repr=False)
     #: Where the cache's tensors live: positions and position-only plans are kept there, so that a
     #: compaction needs no host round trip per layer.
     _device: torch.device = field(default=torch.device("cpu"), init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.check_hyperparameters()
+        if self.ragged and self.key_positions == "slot":
+            raise ConfigError(f"--key_positions slot is not available for {self.name}: its heads keep different "
+                              "numbers of slots, so kept keys sit at their original positions")
 
     def check_hyperparameters(self) -> None:
         """Raise a one-line :class:`ConfigError` for a hyper-parameter of the wrong type or out of its
@@ -236,7 +245,7 @@ class CachePolicy:
 
     def reset(self) -> None:
         """Forget all state (start a new sequence)."""
-        self._layer_positions, self._held, self._pending = [], [], []
+        self._layer_positions, self._held, self._pending, self._pads = [], [], [], []
         self._num_layers, self._seen, self._plan = None, 0, None
         self._reset_state()
 
@@ -249,6 +258,7 @@ class CachePolicy:
             self._num_layers = num_layers
             self._layer_positions = [None] * num_layers
             self._held, self._pending = [0] * num_layers, [0] * num_layers
+            self._pads = [None] * num_layers
         elif self._num_layers != num_layers:
             raise ConfigError(
                 f"cache policy was used with {self._num_layers} layers, now {num_layers}; call reset() between models"
@@ -291,9 +301,19 @@ class CachePolicy:
             self._layer_positions[layer], self._pending[layer] = pos, 0
         return pos
 
-    def apply(self, layer: int, keep: Optional[torch.Tensor]) -> None:
-        """Carry the original positions of ``layer`` along a :meth:`keep` answer."""
+    def apply(self, layer: int, keep) -> None:
+        """Carry the original positions of ``layer`` along a :meth:`keep` answer (a list of per-head
+        ``[n_h]`` answers: heads of different lengths, stored left-padded to the longest)."""
         if keep is None:
+            return
+        if isinstance(keep, list):
+            pos = self.layer_positions(layer)
+            pos = pos.expand(len(keep), pos.shape[-1]) if pos.dim() == 1 else pos
+            rows = [pos[h, idx.to(self._device)] for h, idx in enumerate(keep)]
+            n = max(r.shape[0] for r in rows)
+            self._layer_positions[layer] = torch.stack([torch.nn.functional.pad(r, (n - r.shape[0], 0)) for r in rows])
+            self._pads[layer] = torch.tensor([n - r.shape[0] for r in rows])
+            self._held[layer] = n
             return
         pos, idx = self.layer_positions(layer), keep.to(self._device)
         if idx.dim() == 2 and pos.dim() == 1:
@@ -310,18 +330,21 @@ class CachePolicy:
     @property
     def positions(self):
         """Original positions per layer: ``LongTensor [num_layers, n]`` when every layer holds the same
-        slots for all heads, else a list of ``[n_l]`` or ``[kv_heads, n_l]`` tensors (``None`` before use)."""
+        slots for all heads, else a list of ``[n_l]`` or ``[kv_heads, n_l]`` tensors, or, for a layer whose
+        heads differ in length, a list of ``[n_h]`` tensors per head (``None`` before use)."""
         if not self._held or self._seen == 0:
             return None
         rows = [self.layer_positions(layer) for layer in range(self._num_layers)]
         if all(r.dim() == 1 and r.shape == rows[0].shape for r in rows):
             return torch.stack(rows)
-        return rows
+        pads = self._pads or [None] * self._num_layers
+        return [r if p is None else [r[h, int(p[h]):] for h in range(r.shape[0])] for r, p in zip(rows, pads)]
 
     def positions_per_layer(self) -> List[list]:
         """Per layer, the original token positions held (for tests and plots)."""
         rows = self.positions
-        return [] if rows is None else [r.tolist() for r in rows]
+        return [] if rows is None else [r.tolist() if isinstance(r, torch.Tensor) else [h.tolist() for h in r]
+                                        for r in rows]
 
     def compact(self, n: int, num_layers: int,
                 device: Optional[torch.device] = None) -> Optional[List[Optional[torch.Tensor]]]:
