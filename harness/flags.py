@@ -16,6 +16,7 @@ import argparse
 import inspect
 import re
 import sys
+from pathlib import Path
 from dataclasses import MISSING, dataclass, fields
 from typing import Dict, List, Optional, Tuple
 
@@ -232,6 +233,15 @@ def method_settings(args, method: str) -> dict:
     return {**given, "key_rotation": args.key_rotation}
 
 
+def file_sha256(path) -> str:
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}") from None
+
+
 def resolved_hyperparameters(args, method: str) -> dict:
     """Every hyper-parameter of ``method`` (budget fields aside): the given value, else the method's default
     (a field derived from the budget when not given is recorded as such)."""
@@ -242,6 +252,8 @@ def resolved_hyperparameters(args, method: str) -> dict:
             if value is None:
                 value = "from the budget" if f.name in budget_derived(cls) else (
                     None if f.default is MISSING else f.default)
+            if f.metadata.get("file") and value is not None:  # a file's contents are part of the setting
+                value = {"path": str(value), "sha256": file_sha256(value)}
             out[f.name] = value
     return out
 

@@ -13,6 +13,7 @@ from packaging.version import Version
 from lacache_core import METHODS, build_policy, enable_position_shift, make_cache
 from lacache_core.cache import CompressedCache
 from lacache_core.versions import with_cache
+from tiny import head_scores_file
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.48"),
                                 reason="the extension-point integration needs transformers >= 4.48")
@@ -57,7 +58,7 @@ def test_no_eviction_equals_unpatched(family, method):
     with torch.no_grad():
         reference = model(TOKENS[:, :60]).logits[0]
         enable_position_shift(model)
-        cache = make_cache(method, model, **BIG)
+        cache = make_cache(method, model, **BIG, head_scores=head_scores_file(model.config))
         steps = [model(TOKENS[:, :40], use_cache=True, **with_cache(cache)).logits[0]]
         steps += [model(TOKENS[:, t:t + 1], use_cache=True, **with_cache(cache)).logits[0] for t in range(40, 60)]
     torch.testing.assert_close(torch.cat(steps), reference, atol=1e-4, rtol=1e-4)
@@ -68,17 +69,22 @@ def test_no_eviction_equals_unpatched(family, method):
 def test_generate_within_budget(family, method):
     model = enable_position_shift(family_model(family))
     layers = model.config.num_hidden_layers
-    policy = build_policy(method, **SMALL)
+    policy = build_policy(method, **SMALL, head_scores=head_scores_file(model.config))
     cache = CompressedCache(policy, layers)
     out = model.generate(TOKENS[:, :60], max_new_tokens=40, min_new_tokens=40, do_sample=False,
                          **with_cache(cache))
     assert out.shape[1] == 100
     lengths = [cache.get_seq_length(i) for i in range(layers)]
-    if policy.ragged:  # a layer's heads share its budget, up to rounding; then each grows by 39
+    if policy.ragged:  # heads of their own lengths, then each grows by 39
         expected = [min(b, 60) + 39 for b in policy.layer_budgets(layers, 60)]
         for i, b in enumerate(expected):
             heads = cache.head_lengths(i)
-            assert abs(int(heads.sum()) - len(heads) * b) <= len(heads) and lengths[i] == int(heads.max())
+            assert lengths[i] == int(heads.max())
+            if method == "adakv":  # a layer's heads share its budget, up to rounding
+                assert abs(int(heads.sum()) - len(heads) * b) <= len(heads)
+            else:  # HeadKV: each head its cap from the scores (all of the prompt at most), plus the window
+                sw = policy.start_size + policy.window_size
+                assert heads.tolist() == [min(c + sw, 60) + 39 for c in policy._caps[i].tolist()]
     elif policy.prefill_only:  # compressed once after the prompt, then grows by the 39 tokens fed back
         assert lengths == [min(b, 60) + 39 for b in policy.layer_budgets(layers, 60)]
     else:

@@ -11,7 +11,7 @@ from packaging.version import Version
 
 from lacache_core import H2O, LSHE, METHODS, TOVA, CompressedCache, LaCache, build_policy, enable_position_shift
 from lacache_core.versions import with_cache
-from tiny import tiny_model
+from tiny import head_scores_file, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
@@ -166,7 +166,7 @@ PREFILL_SETTINGS = dict(cache_size=40, start_size=4, window_size=8, beta=2)
 def test_prefill_methods_compress_once_then_grow(method, family):
     model = enable_position_shift(tiny_model(family, "eager"))
     L = model.config.num_hidden_layers
-    policy = build_policy(method, **PREFILL_SETTINGS)
+    policy = build_policy(method, **PREFILL_SETTINGS, head_scores=head_scores_file(model.config))
     budgets = policy.layer_budgets(L, 120)
     cache = CompressedCache(policy, L)
     with torch.no_grad():
@@ -175,9 +175,13 @@ def test_prefill_methods_compress_once_then_grow(method, family):
             model(TOKENS[:, 120 + step:121 + step], **with_cache(cache), use_cache=True)
     for layer, pos in enumerate(cache.kept_positions()):
         rows = layer_rows(pos)
-        if isinstance(pos, list):  # heads of different lengths: the layer's total is the budget (rounding aside)
-            assert abs(sum(map(len, rows)) - len(rows) * (budgets[layer] + 5)) <= len(rows)
+        if isinstance(pos, list):  # heads of different lengths
             assert cache.get_seq_length(layer) == max(map(len, rows))
+            if method == "adakv":  # the layer's total is the budget (rounding aside)
+                assert abs(sum(map(len, rows)) - len(rows) * (budgets[layer] + 5)) <= len(rows)
+            else:  # HeadKV: each head its cap from the scores, plus sinks, window and the 5 decoded
+                extra = policy.start_size + policy.window_size + 5
+                assert list(map(len, rows)) == [c + extra for c in policy._caps[layer].tolist()]
         for row in rows:
             if not isinstance(pos, list):
                 assert len(row) == budgets[layer] + 5 == cache.get_seq_length(layer)
@@ -261,7 +265,8 @@ def test_prefill_methods_next_step_matches_from_scratch(method, key_positions):
     if key_positions == "slot" and METHODS[method].ragged:
         pytest.skip("heads of different lengths have no common slots: slot positions are refused")
     model = enable_position_shift(tiny_model("llama", "eager"))
-    policy = build_policy(method, key_positions=key_positions, **PREFILL_SETTINGS)
+    policy = build_policy(method, key_positions=key_positions, **PREFILL_SETTINGS,
+                          head_scores=head_scores_file(model.config))
     cache = CompressedCache(policy, model.config.num_hidden_layers, key_rotation="every_step")  # un-rotated storage
     with torch.no_grad():
         model(TOKENS[:, :120], **with_cache(cache), use_cache=True)
@@ -280,7 +285,7 @@ def test_prefill_methods_next_step_matches_from_scratch(method, key_positions):
 def test_prefill_methods_generate(method):
     model = enable_position_shift(tiny_model("qwen2", "sdpa"))
     L = model.config.num_hidden_layers
-    policy = build_policy(method, **PREFILL_SETTINGS)
+    policy = build_policy(method, **PREFILL_SETTINGS, head_scores=head_scores_file(model.config))
     cache = CompressedCache(policy, L)
     out = model.generate(TOKENS[:, :100], **with_cache(cache), max_new_tokens=20, min_new_tokens=20,
                          do_sample=False)
@@ -289,7 +294,10 @@ def test_prefill_methods_generate(method):
     if policy.ragged:  # each layer's heads share its budget (up to rounding) and grow by the 19 tokens fed back
         kvh = model.config.num_key_value_heads
         totals = [int(cache.head_lengths(i).sum()) for i in range(L)]
-        assert all(abs(t - kvh * b) <= kvh for t, b in zip(totals, budgets))
+        if method == "adakv":
+            assert all(abs(t - kvh * b) <= kvh for t, b in zip(totals, budgets))
+        else:  # HeadKV shares the budget over all layers
+            assert abs(sum(totals) - kvh * sum(budgets)) <= kvh * L
         assert all(int(cache.head_lengths(i).min()) >= 19 + PREFILL_SETTINGS["window_size"] for i in range(L))
     else:
         assert [cache.get_seq_length(i) for i in range(L)] == budgets

@@ -253,3 +253,40 @@ def test_adakv_stores_each_head_at_its_own_length():
     padded = sum(int(n.max()) * len(n) for n in lengths) * d * 4 * 2
     assert cache.kv_bytes() == stored < padded
     assert [len(row) for row in policy.positions[0]] == lengths[0].tolist()
+
+
+# ----------------------------------------------------------------------------- HeadKV
+def test_headkv_capacities_by_hand():
+    from lacache_core.policies.headkv import head_capacities
+
+    # KVCache-Factory's rule on 1 layer of 2 heads, mean scores 3 and 1 (shares 3/4, 1/4), P = 100,
+    # head_beta 1.01: P // 1.01 = 99, pool = 99 * 1 * 2 = 198, floor = 100 - 99 = 1:
+    # round(0.75 * 198 + 1) = round(149.5) = 150 (half to even), round(0.25 * 198 + 1) = round(50.5) = 50
+    assert head_capacities(torch.tensor([[3.0, 1.0]], dtype=torch.float64), 100, 1.01).tolist() == [[150, 50]]
+    # head_beta 2: pool = 50 * 2 = 100, floor = 50: 75 + 50 and 25 + 50
+    assert head_capacities(torch.tensor([[3.0, 1.0]], dtype=torch.float64), 100, 2.0).tolist() == [[125, 75]]
+
+
+def test_headkv_reads_the_reference_format_and_refuses_bad_files(tmp_path):
+    import json
+
+    from lacache_core import ConfigError, HeadKV
+
+    good = tmp_path / "scores.json"
+    good.write_text(json.dumps({"0-0": [0.5, 1.5], "0-1": [1.0], "1-0": [0.0, 0.2], "1-1": [3.0]}))
+    policy = HeadKV(cache_size=20, window_size=4, head_scores=str(good))
+    policy.bind(2)
+    # P = 16, shares 1, 1, 0.1, 3 over 5.1; P // 1.01 = 15, pool 60, floor 1: per query head
+    # round(11.76 + 1) = 13, 13, round(1.18 + 1) = 2, round(35.29 + 1) = 36; then the mean over each KV head's
+    # 2 query heads (GQA): 13 for layer 0, 19 for layer 1
+    assert policy.caps(query_heads=2, kv_heads=1).view(-1).tolist() == [13, 19]
+    for text, match in (("{", "not a JSON object"), (json.dumps({"a-b": [1]}), "'a-b'"),
+                        (json.dumps({"0-0": ["x"]}), "'0-0'")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            HeadKV(cache_size=20, window_size=4, head_scores=str(bad))
+    with pytest.raises(ConfigError, match="--head_scores FILE"):
+        HeadKV(cache_size=20, window_size=4)
+    with pytest.raises(ConfigError, match="2 layers, the model has 3"):
+        HeadKV(cache_size=20, window_size=4, head_scores=str(good)).bind(3)

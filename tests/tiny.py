@@ -141,3 +141,20 @@ def result_dir(root, name):
     found = [p for p in Path(root).iterdir() if p.is_dir() and re.fullmatch(re.escape(name) + r"-[0-9a-f]{8}", p.name)]
     assert len(found) == 1, f"{name}-<hash> in {root}: {sorted(p.name for p in Path(root).iterdir())}"
     return found[0]
+
+
+def head_scores_file(config) -> str:
+    """A HeadKV scores file for a model of ``config``: uneven, deterministic scores per (layer, query head),
+    in the reference's ``{"layer-head": [scores]}`` format (written once per process and shape)."""
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    path = Path(tempfile.gettempdir()) / f"lacache-test-head-scores-{os.getpid()}-{layers}x{heads}.json"
+    if not path.exists():
+        gen = torch.Generator().manual_seed(layers * 1000 + heads)
+        table = {f"{l}-{h}": torch.rand(3, generator=gen).tolist() for l in range(layers) for h in range(heads)}
+        path.write_text(json.dumps(table))
+    return str(path)

@@ -9,6 +9,7 @@ from .adakv import AdaKV
 from .base import CachePolicy
 from .full import FullCache
 from .h2o import H2O
+from .headkv import HeadKV
 from .knorm import KNorm, KNormDecode
 from .lacache import LaCache
 from .lshe import LSHE
@@ -24,7 +25,7 @@ METHODS: Dict[str, Type[CachePolicy]] = {
     cls.name: cls for cls in (
         FullCache, StreamingLLM, LaCache,                        # position-only
         H2O, TOVA, LSHE, KNormDecode, Scissorhands,              # decode-time scoring
-        SnapKV, PyramidKV, PyramidInfer, KNorm, NACL, AdaKV,     # prefill-time
+        SnapKV, PyramidKV, PyramidInfer, KNorm, NACL, AdaKV, HeadKV,  # prefill-time
     )
 }
 
@@ -66,5 +67,5 @@ def policy_from_state(saved: dict) -> CachePolicy:
 
 
 __all__ = ["CachePolicy", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "KNormDecode", "Scissorhands",
-           "SnapKV", "PyramidKV", "PyramidInfer", "KNorm", "NACL", "AdaKV", "METHODS", "budget_derived", "build_policy",
+           "SnapKV", "PyramidKV", "PyramidInfer", "KNorm", "NACL", "AdaKV", "HeadKV", "METHODS", "budget_derived", "build_policy",
            "policy_from_state"]

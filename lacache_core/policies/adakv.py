@@ -61,13 +61,20 @@ class AdaKV(SnapKV):
 
     def layer_keep(self, layer: int, n: int, budget: int) -> List[torch.Tensor]:
         scores = self._window_scores[layer]  # [kvh, n - w]
-        s, w = self.start_size, self.window_size
-        base = budget - s - w
-        counts = head_counts(scores[:, s:], base, self.normalize)
+        base = budget - self.start_size - self.window_size
+        counts = head_counts(scores[:, self.start_size:], base, self.normalize)
         caps = torch.round(counts * (1 - self.floor_ratio) + int(base * self.floor_ratio)).long()
-        device = scores.device
-        rows = []
-        for head, cap in zip(scores[:, s:], caps.tolist()):
-            top = head.topk(cap).indices.sort().values + s
-            rows.append(torch.cat([torch.arange(s, device=device), top, torch.arange(n - w, n, device=device)]))
-        return rows
+        return head_rows(scores, caps.tolist(), self.start_size, self.window_size, n)
+
+
+def head_rows(scores: torch.Tensor, caps: List[int], start_size: int, window_size: int, n: int) -> List[torch.Tensor]:
+    """Per head ``h``: the sinks, the ``caps[h]`` best-scored prefix tokens, the window (``[n_h]``, increasing).
+
+    ``scores`` is ``[kv_heads, n - window_size]``; a cap beyond the prefix keeps the whole prefix.
+    """
+    s, w, device = start_size, window_size, scores.device
+    rows = []
+    for head, cap in zip(scores[:, s:], caps):
+        top = head.topk(min(cap, head.shape[0])).indices.sort().values + s
+        rows.append(torch.cat([torch.arange(s, device=device), top, torch.arange(n - w, n, device=device)]))
+    return rows

@@ -34,17 +34,18 @@ Bound = Union[int, float, Callable[["CachePolicy"], Union[int, float]], None]
 
 
 def param(default, *, low: Bound = None, high: Bound = None, above: Bound = None, below: Bound = None,
-          flag: bool = True, short: Optional[str] = None):
+          flag: bool = True, short: Optional[str] = None, file: bool = False):
     """A hyper-parameter field with its valid range: the one place that range is declared.
 
     ``low``/``high`` are inclusive bounds, ``above``/``below`` exclusive ones; a bound may be a
     function of the policy (``high=lambda p: p.span - 1``). :meth:`CachePolicy.check_hyperparameters`
     enforces them, and the harness's flags are generated from the same fields (their help is the
     class docstring's ``Parameters`` entry). ``flag=False`` keeps a field off the command line;
-    ``short`` is its label in result-folder names (``S16``), which then always show it.
+    ``short`` is its label in result-folder names (``S16``), which then always show it. ``file=True``: the
+    value is a file's path, and a run's identity records the file's contents' digest with it.
     """
     return field(default=default, metadata={"low": low, "high": high, "above": above, "below": below, "flag": flag,
-                                            "short": short})
+                                            "short": short, "file": file})
 
 
 @functools.lru_cache(maxsize=None)
