@@ -130,7 +130,7 @@ def ids_reaching_generate(tmp_path, monkeypatch, tokenizer, flags, datasets, e=F
 
     def record(model, tok, ids, spec, limit, stop, **kwargs):
         seen.setdefault(current, []).append((ids[0].tolist(), limit))
-        return types.SimpleNamespace(text="", prompt_tokens=ids.shape[1], seconds=0.0, peak_kv_bytes=0)
+        return types.SimpleNamespace(text="", prompt_tokens=ids.shape[1], seconds=0.0, peak_kv_bytes=0, final_kv_bytes=0)
 
     monkeypatch.setattr(pred, "answer", record)
     args = pred.parse_args(["--data_dir", str(data), "--method", "full", "--max_length", "120",

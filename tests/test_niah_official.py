@@ -51,7 +51,7 @@ def run(folder, out, monkeypatch, *extra):
         calls.append((ids[0].tolist(), limit, spec))
         key = tok.decode(ids[0].tolist()).split("The pass key is ")[1].split(".")[0]
         text = f" {key}" if len(calls) % 2 else " 0"  # every other test answers its key
-        return types.SimpleNamespace(text=text, prompt_tokens=ids.shape[1], seconds=0.0, peak_kv_bytes=0)
+        return types.SimpleNamespace(text=text, prompt_tokens=ids.shape[1], seconds=0.0, peak_kv_bytes=0, final_kv_bytes=0)
 
     monkeypatch.setattr(pred, "answer", record)
     rc = pred.main(["--model_name", str(folder), "--max_tokens", "1024", "--interval", "300", "--num_tests", "2",
