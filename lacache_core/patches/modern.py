@@ -55,6 +55,13 @@ def _fit_mask(mask, key_len: int):
     """
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-1] == key_len:
         return mask
+    # some releases (4.48) size the mask one past the keys, the extra column masked for every query: drop
+    # such trailing columns first, so that a widened mask does not hide this layer's newest key
+    visible = (mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2).flatten(0, 2).any(0)
+    width = int(visible.nonzero().max()) + 1 if visible.any() else mask.shape[-1]
+    mask = mask[..., :width]
+    if mask.shape[-1] == key_len:
+        return mask
     if mask.shape[-1] > key_len:  # what transformers' own kernels slice (not all do)
         return mask[..., :key_len]
     fill = True if mask.dtype == torch.bool else 0.0
