@@ -23,7 +23,7 @@ import torch
 
 from .base import CachePolicy, param
 from .prefill import PrefillPolicy
-from .scoring import ensure_layer
+from .scoring import ensure_layer, with_protected
 
 
 def key_norms(key: torch.Tensor) -> torch.Tensor:
@@ -36,12 +36,10 @@ def keep_lowest(norms: torch.Tensor, start_size: int, recent_window: int, budget
 
     ``norms`` is ``[kvh, n]``; returns ``LongTensor [kvh, budget]``, increasing along the last dimension.
     """
-    heads, n = norms.shape
-    device = norms.device
+    n = norms.shape[-1]
     middle = norms[:, start_size:n - recent_window]
     low = torch.topk(middle, budget - start_size - recent_window, dim=-1, largest=False).indices + start_size
-    return torch.cat([torch.arange(start_size, device=device).expand(heads, start_size), low.sort(-1).values,
-                      torch.arange(n - recent_window, n, device=device).expand(heads, recent_window)], -1)
+    return with_protected(low, start_size, recent_window, n)
 
 
 @dataclass

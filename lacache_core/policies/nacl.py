@@ -20,7 +20,7 @@ import torch
 
 from .base import param
 from .prefill import PrefillPolicy
-from .scoring import attention_probs, ensure_layer, sample_by_score, seeded_generator
+from .scoring import attention_probs, ensure_layer, sample_by_score, seeded_generator, with_protected
 
 
 @dataclass
@@ -68,7 +68,5 @@ class NACL(PrefillPolicy):
             rest[top] = False
             others = rest.nonzero().squeeze(-1)
             drawn = others[sample_by_score(head[others], sampled, self.temperature, generator)]
-            rows.append(torch.cat([top, drawn]).sort().values + s)
-        heads, device = scores.shape[0], scores.device
-        return torch.cat([torch.arange(s, device=device).expand(heads, s), torch.stack(rows),
-                          torch.arange(n - w, n, device=device).expand(heads, w)], -1)
+            rows.append(torch.cat([top, drawn]) + s)
+        return with_protected(torch.stack(rows), s, w, n)

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import CachePolicy, param
-from .scoring import attention_probs, ensure_layer
+from .scoring import attention_probs, ensure_layer, with_protected
 
 
 @dataclass
@@ -87,10 +87,7 @@ class PrefillPolicy(CachePolicy):
         if not self.per_head:
             scores = scores.mean(0, keepdim=True)
         w, s = self.window_size, self.start_size
-        top = torch.topk(scores[:, s:], budget - s - w, dim=-1).indices.sort(-1).values + s
-        heads = top.shape[0]
-        keep = torch.cat([torch.arange(s, device=top.device).expand(heads, s), top,
-                          torch.arange(n - w, n, device=top.device).expand(heads, w)], dim=-1)
+        keep = with_protected(torch.topk(scores[:, s:], budget - s - w, dim=-1).indices + s, s, w, n)
         return keep if self.per_head else keep[0]
 
     def keep(self, layer: int, n: int):

@@ -19,7 +19,7 @@ from typing import ClassVar, List, Literal, Optional
 import torch
 
 from .base import CachePolicy, param
-from .scoring import attention_probs, ensure_layer, sample_by_score, seeded_generator
+from .scoring import attention_probs, ensure_layer, sample_by_score, seeded_generator, with_protected
 
 
 @dataclass
@@ -91,8 +91,6 @@ class Scissorhands(CachePolicy):
         else:
             generator = seeded_generator(self.random_seed, layer, self.seen)
             chosen = torch.stack([sample_by_score(head, count, self.temperature, generator) for head in middle])
-        heads, device = importance.shape[0], importance.device
-        row = torch.cat([torch.arange(s, device=device).expand(heads, s), (chosen + s).sort(-1).values,
-                         torch.arange(n - r, n, device=device).expand(heads, r)], -1)
+        row = with_protected(chosen + s, s, r, n)
         self._importance[layer] = importance.gather(-1, row)
         return row

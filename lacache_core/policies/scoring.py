@@ -59,6 +59,14 @@ def keep_top(scores: torch.Tensor, n: int, start_size: int, recent_size: int, bu
                       torch.arange(n - recent_size, n, device=device)])
 
 
+def with_protected(chosen: torch.Tensor, start_size: int, recent_size: int, n: int) -> torch.Tensor:
+    """Per head, the first ``start_size`` slots, the ``chosen`` slots (``[kv_heads, k]``, any order) sorted,
+    and the last ``recent_size`` of ``n``: ``LongTensor [kv_heads, start_size + k + recent_size]``."""
+    heads, device = chosen.shape[0], chosen.device
+    return torch.cat([torch.arange(start_size, device=device).expand(heads, start_size), chosen.sort(-1).values,
+                      torch.arange(n - recent_size, n, device=device).expand(heads, recent_size)], -1)
+
+
 def ensure_layer(store: list, layer: int) -> None:
     """Grow a per-layer list of scores with ``None`` until ``store[layer]`` exists."""
     store.extend([None] * (layer + 1 - len(store)))
