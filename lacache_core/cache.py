@@ -19,6 +19,7 @@ import torch
 from .errors import ConfigError
 from .policies import CachePolicy, build_policy
 from .policies.base import gather_layer
+from .storage import LayerStore, PerHeadStore, PrunedChannelStore
 from .versions import HAS_CACHE_CLASSES, with_cache
 
 KEY_ROTATIONS = ("auto", "every_step", "incremental")
@@ -66,6 +67,9 @@ class CompressedCache(DynamicCache):
             raise ConfigError(f"--key_rotation must be one of {KEY_ROTATIONS}, got {key_rotation!r}")
         if key_rotation == "incremental" and not query_at_slot and policy.position_mode == "slot":
             raise ConfigError("--key_rotation incremental needs queries at their keys' slots (--query_position slot)")
+        if key_rotation == "every_step" and policy.prunes_channels:
+            raise ConfigError(f"--key_rotation every_step cannot be used with --method {policy.name}: it prunes "
+                              "channels of rotated keys, so keys must be stored rotated (incremental or auto)")
         super().__init__()
         self.key_rotation = key_rotation
         self._stored_rotated: Optional[bool] = None  # resolved from "auto" at the first step
@@ -80,16 +84,16 @@ class CompressedCache(DynamicCache):
         self._arrived_rotated = [False] * num_layers
         # transformers >= 4.54 keeps per-layer objects, older versions two lists of tensors
         self._layered = isinstance(getattr(self, "layers", None), list)
-        #: Layers whose KV heads hold different numbers of slots (AdaKV, HeadKV): per head ``(key, value)``,
-        #: each ``[b, 1, n_h, d]``; their attention sees a left-padded view (:meth:`_padded`) and a mask.
-        self._ragged = [None] * num_layers
+        #: Layers held in a form of their own (heads of different lengths, pruned key channels); transformers'
+        #: storage then holds a stand-in of the right length and no memory, and attention reads a dense view.
+        self._stores = [None] * num_layers
         self._view = [None] * num_layers
         self._step_lengths = [None] * num_layers  # per-head lengths of the tensors the last attend() returned
 
     # -- storage access, across transformers' two DynamicCache layouts
     def _layer(self, i: int):
-        if self._ragged[i] is not None:
-            return self._view[i] if self._view[i] is not None else self._padded(i)
+        if self._stores[i] is not None:
+            return self._view[i] if self._view[i] is not None else self._stores[i].view()
         if self._layered:
             return self.layers[i].keys, self.layers[i].values
         return self.key_cache[i], self.value_cache[i]
@@ -101,12 +105,12 @@ class CompressedCache(DynamicCache):
             self.key_cache[i], self.value_cache[i] = key, value
 
     def kv_bytes(self) -> int:
-        """Bytes held by keys and values of all layers (per-head storage counted as stored, unpadded)."""
+        """Bytes held by keys and values of all layers (counted as stored: unpadded heads, pruned channels)."""
         return sum(self._layer_bytes(i) for i in range(self.num_layers))
 
     def _layer_bytes(self, i: int) -> int:
-        if self._ragged[i] is not None:
-            return sum(t.numel() * t.element_size() for head in self._ragged[i] for t in head)
+        if self._stores[i] is not None:
+            return self._stores[i].nbytes()
         if i >= (len(self.layers) if self._layered else len(self.key_cache)):
             return 0
         key, value = self._layer(i)
@@ -114,35 +118,19 @@ class CompressedCache(DynamicCache):
             return 0
         return key.numel() * key.element_size() + value.numel() * value.element_size()
 
-    # -- layers whose heads hold different lengths
+    # -- layers held in a store of their own (lacache_core.storage)
     def head_lengths(self, i: int) -> Optional[torch.Tensor]:
         """Slots each KV head of layer ``i`` holds (``LongTensor [kv_heads]``), or ``None`` if all heads hold the same."""
-        if self._ragged[i] is None:
-            return None
-        return torch.tensor([k.shape[-2] for k, _ in self._ragged[i]])
+        return None if self._stores[i] is None else self._stores[i].head_lengths()
 
-    def _padded(self, i: int):
-        """Layer ``i``'s heads left-padded with zeros to the longest: ``(key, value)``, each ``[b, kv_heads, n, d]``."""
-        heads = self._ragged[i]
-        n = max(k.shape[-2] for k, _ in heads)
+    def _keep_in_store(self, i: int, store: LayerStore, like: torch.Tensor) -> None:
+        """Hold layer ``i`` in ``store``, and in transformers' own storage a stand-in of the same length but no
+        memory (its lengths and masks stay right)."""
+        self._stores[i], self._view[i] = store, None
+        self._sync_stand_in(i, like)
 
-        def pad(t):
-            return torch.nn.functional.pad(t, (0, 0, n - t.shape[-2], 0))
-
-        return torch.cat([pad(k) for k, _ in heads], 1), torch.cat([pad(v) for _, v in heads], 1)
-
-    def _store_ragged(self, i: int, key, value, keep: list) -> None:
-        """Keep per head the slots ``keep[h]`` (lengths differ): per-head storage, and a stand-in for
-        transformers' own storage that has the padded length but no memory (its lengths and masks stay right)."""
-        self._ragged[i] = [(key[:, h:h + 1].index_select(-2, idx.to(key.device)),
-                            value[:, h:h + 1].index_select(-2, idx.to(key.device))) for h, idx in enumerate(keep)]
-        self._view[i] = None
-        self._sync_stand_in(i)
-
-    def _sync_stand_in(self, i: int) -> None:
-        k0 = self._ragged[i][0][0]
-        n = max(k.shape[-2] for k, _ in self._ragged[i])
-        stand_in = k0.new_zeros(1, 1, 1, 1).expand(k0.shape[0], len(self._ragged[i]), n, 1)
+    def _sync_stand_in(self, i: int, like: torch.Tensor) -> None:
+        stand_in = like.new_zeros(1, 1, 1, 1).expand(*self._stores[i].shape(), 1)
         self._set_layer(i, stand_in, stand_in)
 
     def ragged_step(self, i: int) -> bool:
@@ -180,12 +168,11 @@ class CompressedCache(DynamicCache):
                 "before running it with a CompressedCache"
             )
         self._unread[layer_idx] = True
-        if self._ragged[layer_idx] is not None:
-            self._ragged[layer_idx] = [
-                (torch.cat([k, key_states[:, h:h + 1]], -2), torch.cat([v, value_states[:, h:h + 1]], -2))
-                for h, (k, v) in enumerate(self._ragged[layer_idx])]
-            self._sync_stand_in(layer_idx)
-            self._view[layer_idx] = self._padded(layer_idx)  # this step's attention input, dropped after it
+        store = self._stores[layer_idx]
+        if store is not None:
+            store.append(key_states, value_states)
+            self._view[layer_idx] = store.view()  # this step's attention input, dropped after it
+            self._sync_stand_in(layer_idx, key_states)
             return self._view[layer_idx]
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
@@ -240,16 +227,22 @@ class CompressedCache(DynamicCache):
             self.peak_bytes = max(self.peak_bytes, self._step_bytes)
         self._view[layer_idx] = None
         keep = policy.settle(layer_idx, n)
+        if keep is not None and self._stores[layer_idx] is not None:
+            raise RuntimeError(f"{policy.name}: a layer held in a store of its own cannot be compacted again")
+        kept_key, kept_value = key, value
         if isinstance(keep, list):  # per-head lengths (AdaKV, HeadKV)
-            if self._ragged[layer_idx] is not None:
-                raise RuntimeError(f"{policy.name}: a layer whose heads differ in length cannot be compacted again")
-            self._store_ragged(layer_idx, key, value, keep)
+            self._keep_in_store(layer_idx, PerHeadStore(key, value, keep), key)
         elif keep is not None:
             kept_key, kept_value = gather_layer(key, value, keep)  # the stored keys, rotated or not
             if self._stored_rotated and slot:  # kept keys move down to slots 0 .. n_keep - 1
                 shift = keep.to(key.device) - torch.arange(keep.shape[-1], device=key.device)
                 kept_key = rotation.at(kept_key, shift, per_head=shift.dim() == 2, limit=n, inverse=True)
             self._set_layer(layer_idx, kept_key, kept_value)
+        if policy.prunes_channels and self._stores[layer_idx] is None:  # ThinK: after the token choice
+            channels = policy.channel_keep(layer_idx, kept_key)
+            if channels is not None:
+                store = PrunedChannelStore(kept_key, kept_value, channels, policy.unpruned_window)
+                self._keep_in_store(layer_idx, store, key)
         return query, keys, value
 
     def position_embeddings(self, layer_idx: int, embeddings, rotation):
@@ -283,9 +276,8 @@ class CompressedCache(DynamicCache):
     def _rotate_new(self, layer_idx: int, key, value, q_len: int, rotated: torch.Tensor) -> torch.Tensor:
         """Store the rotated new keys in place of the un-rotated ones ``update`` appended; all keys, rotated."""
         n = key.shape[-2]
-        if self._ragged[layer_idx] is not None:  # the view is a copy: write the rotation into each head's storage
-            for h, (k, _) in enumerate(self._ragged[layer_idx]):
-                k[..., k.shape[-2] - q_len:, :] = rotated[:, h:h + 1]
+        if self._stores[layer_idx] is not None:  # the view is a copy: write the rotation into the store too
+            self._stores[layer_idx].write_newest_keys(rotated)
             key = key.clone()
             key[..., n - q_len:, :] = rotated
             return key

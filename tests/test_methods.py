@@ -264,13 +264,15 @@ def test_prefill_methods_next_step_matches_from_scratch(method, key_positions):
 
     if key_positions == "slot" and METHODS[method].ragged:
         pytest.skip("heads of different lengths have no common slots: slot positions are refused")
+    if METHODS[method].prunes_channels:
+        pytest.skip("prunes channels of rotated keys, so it stores keys rotated: test_think_next_step_matches_from_scratch")
     model = enable_position_shift(tiny_model("llama", "eager"))
     policy = build_policy(method, key_positions=key_positions, **PREFILL_SETTINGS,
                           head_scores=head_scores_file(model.config))
     cache = CompressedCache(policy, model.config.num_hidden_layers, key_rotation="every_step")  # un-rotated storage
     with torch.no_grad():
         model(TOKENS[:, :120], **with_cache(cache), use_cache=True)
-        kv = [(cache._ragged[i], None) if cache._ragged[i] else cache._layer(i) for i in range(cache.num_layers)]
+        kv = [(cache._stores[i].heads, None) if cache.head_lengths(i) is not None else cache._layer(i) for i in range(cache.num_layers)]
         if key_positions is None:  # the reference default: kept keys at their original positions
             assert policy.position_mode == "original"
             expected = manual_next_logits(model, int(TOKENS[0, 120]), kv, query_pos=120,
@@ -278,6 +280,39 @@ def test_prefill_methods_next_step_matches_from_scratch(method, key_positions):
         else:  # the ablation: kept keys at their slots, the query after them
             expected = manual_next_logits(model, int(TOKENS[0, 120]), kv)
         ours = model(TOKENS[:, 120:121], **with_cache(cache), use_cache=True).logits[0, -1]
+    torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_think_next_step_matches_from_scratch():
+    # ThinK keeps SnapKV's tokens; its next step equals a from-scratch step over SnapKV's kept keys (rotated at
+    # their original positions) with the dropped channels zeroed in all but the newest unpruned_window of them
+    from tiny import manual_next_logits
+
+    model = enable_position_shift(tiny_model("llama", "eager"))
+    L, d = model.config.num_hidden_layers, model.config.hidden_size // model.config.num_attention_heads
+    settings = dict(PREFILL_SETTINGS, pruning_ratio=0.5, unpruned_window=6)
+    think = CompressedCache(build_policy("think", **settings), L)
+    snap = CompressedCache(build_policy("snapkv", **settings), L, key_rotation="incremental")
+    with torch.no_grad():
+        model(TOKENS[:, :120], **with_cache(think), use_cache=True)
+        model(TOKENS[:, :120], **with_cache(snap), use_cache=True)
+        assert all(torch.equal(a, b) for a, b in zip(think.kept_positions(), snap.kept_positions()))
+        kvh, element, index = model.config.num_key_value_heads, 4, 8
+        # the memory saved is real: the older keys hold half their channels (each layer adds its channel index)
+        saved = sum((snap.get_seq_length(i) - 6) * kvh * (d // 2) * element - kvh * (d // 2) * index for i in range(L))
+        assert snap.kv_bytes() - think.kv_bytes() == saved > 0
+        kv = []
+        for i in range(L):
+            key, value = (t.clone() for t in snap._layer(i))
+            kept = think._stores[i].channels  # [kv_heads, d / 2]
+            assert kept.shape == (model.config.num_key_value_heads, d // 2)
+            dropped = torch.ones(kept.shape[0], d, dtype=torch.bool).scatter_(-1, kept, False)
+            older = key[:, :, :-6]
+            older[dropped[None, :, None, :].expand_as(older)] = 0
+            kv.append((key, value))
+        expected = manual_next_logits(model, int(TOKENS[0, 120]), kv, query_pos=120,
+                                      key_positions=snap.kept_positions(), rotated=True)
+        ours = model(TOKENS[:, 120:121], **with_cache(think), use_cache=True).logits[0, -1]
     torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)
 
 

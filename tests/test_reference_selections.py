@@ -290,3 +290,92 @@ def test_headkv_reads_the_reference_format_and_refuses_bad_files(tmp_path):
         HeadKV(cache_size=20, window_size=4)
     with pytest.raises(ConfigError, match="2 layers, the model has 3"):
         HeadKV(cache_size=20, window_size=4, head_scores=str(good)).bind(3)
+
+
+# ----------------------------------------------------------------------------- ThinK
+def test_think_drops_the_channels_least_used_by_the_last_queries():
+    from lacache_core import ThinK
+    from lacache_core.storage import PrunedChannelStore
+
+    # one head, 4 channels, 6 tokens, every token alike. Queries (1, 2, 1, 3) and keys (3, 1, 1, 2) give
+    # channel scores q^2 * k^2 = 9, 4, 1, 36: a ratio of 0.5 drops int(4 * 0.5) = 2 of them, channels 2 and 1
+    query = torch.tensor([1.0, 2.0, 1.0, 3.0]).expand(1, 1, 6, 4)
+    key = torch.tensor([3.0, 1.0, 1.0, 2.0]).expand(1, 1, 6, 4).clone()
+    value = torch.randn(1, 1, 6, 4, generator=GEN)
+    policy = ThinK(cache_size=10, window_size=2, pruning_ratio=0.5, unpruned_window=2)
+    policy.observe(0, query, key, scaling=0.5)
+    assert policy.compact(6, 1) is None  # the prompt fits the budget: every token stays
+    channels = policy.channel_keep(0, key)
+    assert channels.tolist() == [[0, 3]]
+    store = PrunedChannelStore(key, value, channels, whole=2)
+    view_key, view_value = store.view()
+    assert view_key[0, 0, :4].tolist() == [[3.0, 0.0, 0.0, 2.0]] * 4  # the older 4: channels 1 and 2 dropped
+    assert view_key[0, 0, 4:].tolist() == [[3.0, 1.0, 1.0, 2.0]] * 2  # the newest 2 whole
+    assert torch.equal(view_value, value)
+    assert store.nbytes() == (4 * 2 + 2 * 4 + 6 * 4) * 4 + 2 * 8  # pruned, whole keys, values; the index
+    assert policy.channel_keep(0, key) is None  # once per prompt
+
+
+def reference_think(query, key, cache_size, window, kernel, recent, ratio):
+    """SnapKVCluster.update_think then key_pruner_query_driven, per query head (keys repeated, as there):
+    the kept keys, and per query head the kept channels."""
+    groups = query.shape[1] // key.shape[1]
+    rep = key.repeat_interleave(groups, dim=1)
+    logits = query[:, :, -window:] @ rep.transpose(2, 3) / math.sqrt(query.shape[-1])
+    logits[:, :, :, -window:] += torch.full((window, window), float("-inf")).triu(1)
+    scores = logits.softmax(-1, dtype=torch.float32)[..., :-window].sum(-2)
+    pooled = F.max_pool1d(scores, kernel, stride=1, padding=kernel // 2)
+    top = pooled.topk(cache_size - window, dim=-1).indices
+    d = key.shape[-1]
+    kept = torch.cat([rep[:, :, :-window].gather(2, top[..., None].expand(-1, -1, -1, d)), rep[:, :, -window:]], 2)
+    channel_score = query[..., -32:, :].pow(2).mean(2) * kept.pow(2).mean(2)  # [1, heads, d]
+    return kept, channel_score
+
+
+def test_think_matches_the_reference_rule_per_head():
+    from lacache_core import ThinK
+
+    # MHA: one query head per KV head, where the reference's per-query-head pruning is ours exactly
+    query, key = gqa_inputs(n=50, heads=4, kv_heads=4, d=8)
+    policy = ThinK(cache_size=20, window_size=6, kernel_size=5, pruning_ratio=0.4, unpruned_window=5)
+    policy.observe(0, query, key, scaling=query.shape[-1] ** -0.5)
+    keep = policy.compact(50, 1)[0]
+    kept_key = key.gather(2, keep[None, :, :, None].expand(1, -1, -1, 8))
+    ours = policy.channel_keep(0, kept_key)
+    ref_key, channel_score = reference_think(query, key, 20, 6, 5, 5, 0.4)
+    # the reference keeps its gathered order; compare the kept tokens as sets of key rows per head
+    for h in range(4):
+        assert sorted(map(tuple, kept_key[0, h].tolist())) == sorted(map(tuple, ref_key[0, h].tolist()))
+    dropped = channel_score.topk(int(8 * 0.4), dim=-1, largest=False).indices[0]  # int(3.2) = 3 channels
+    expected = [sorted(set(range(8)) - set(row.tolist())) for row in dropped]
+    assert ours.tolist() == expected
+
+
+def test_think_scores_a_kv_head_by_the_mean_of_its_query_heads():
+    from lacache_core import ThinK
+
+    # GQA: the reference would prune each query head's copy of the keys on its own; our KV head drops the
+    # channels with the lowest mean score over its query heads
+    query, key = gqa_inputs(n=50, heads=8, kv_heads=2, d=8)
+    policy = ThinK(cache_size=20, window_size=6, kernel_size=5, pruning_ratio=0.5, unpruned_window=5)
+    policy.observe(0, query, key, scaling=query.shape[-1] ** -0.5)
+    keep = policy.compact(50, 1)[0]
+    kept_key = key.gather(2, keep[None, :, :, None].expand(1, -1, -1, 8))
+    per_query_head = query[..., -32:, :].pow(2).mean(2) * kept_key.repeat_interleave(4, 1).pow(2).mean(2)
+    dropped = per_query_head.view(2, 4, 8).mean(1).topk(4, dim=-1, largest=False).indices
+    assert policy.channel_keep(0, kept_key).tolist() == [sorted(set(range(8)) - set(r.tolist())) for r in dropped]
+
+
+def test_think_refuses_what_would_prune_unrotated_keys():
+    from lacache_core import CompressedCache, ConfigError, ThinK
+    from lacache_core.versions import HAS_CACHE_CLASSES
+
+    if HAS_CACHE_CLASSES:
+        with pytest.raises(ConfigError, match="--key_rotation every_step cannot be used with --method think"):
+            CompressedCache(ThinK(), 4, key_rotation="every_step")
+    with pytest.raises(ConfigError, match="run it with a lacache_core.CompressedCache"):
+        ThinK()([(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))])
+    with pytest.raises(ConfigError, match="--key_positions slot is not available for think"):
+        ThinK(key_positions="slot")
+    with pytest.raises(ConfigError, match=r"--pruning_ratio must be in \[0.0, 1.0\)"):
+        ThinK(pruning_ratio=1.0)

@@ -38,8 +38,9 @@ def rotate(x, pos, theta, dim):
     return x * ang.cos() + rot * ang.sin()
 
 
-def manual_next_logits(model, token, kv_unrotated, query_pos=None, key_positions=None):
-    """Logits for one new ``token`` given each layer's cached *un-rotated* keys and values.
+def manual_next_logits(model, token, kv_unrotated, query_pos=None, key_positions=None, rotated=False):
+    """Logits for one new ``token`` given each layer's cached *un-rotated* keys and values
+    (``rotated=True``: keys already rotated at their positions; only the new key and the query are rotated).
 
     A from-scratch re-derivation of a decoder step: keys at their cache slots ``0..n`` (the new
     key at slot ``n``), the query at ``query_pos`` (default: slot ``n``). Independent of the patch.
@@ -62,8 +63,8 @@ def manual_next_logits(model, token, kv_unrotated, query_pos=None, key_positions
         k = attn.k_proj(x).view(1, 1, kvh, d).transpose(1, 2)
         v = attn.v_proj(x).view(1, 1, kvh, d).transpose(1, 2)
         groups, outs = heads // kvh, []
+        ragged = isinstance(k_old, list)
         for g in range(kvh):  # per KV head: heads may hold different numbers of slots (AdaKV)
-            ragged = isinstance(k_old, list)
             old_k, old_v = (k_old[g] if ragged else (k_old[:, g:g + 1], v_old[:, g:g + 1]))
             keys = torch.cat([old_k, k[:, g:g + 1]], 2)
             values = torch.cat([old_v, v[:, g:g + 1]], 2)
@@ -75,7 +76,10 @@ def manual_next_logits(model, token, kv_unrotated, query_pos=None, key_positions
                 pos = key_positions[i]
                 pos = pos[g] if isinstance(pos, list) else (pos if pos.dim() == 1 else pos[g])
                 kpos = torch.cat([pos, torch.tensor([qpos])])
-            keys = rotate(keys, kpos, theta, d)
+            if rotated:
+                keys = torch.cat([old_k, rotate(keys[:, :, -1:], kpos[-1:], theta, d)], 2)
+            else:
+                keys = rotate(keys, kpos, theta, d)
             query = rotate(q[:, g * groups:(g + 1) * groups], torch.tensor([qpos]), theta, d)
             w = torch.softmax((query @ keys.transpose(2, 3)) / d ** 0.5, -1)
             outs.append(w @ values)

@@ -19,13 +19,14 @@ from .pyramidkv import PyramidKV
 from .scissorhands import Scissorhands
 from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
+from .think import ThinK
 from .tova import TOVA
 
 METHODS: Dict[str, Type[CachePolicy]] = {
     cls.name: cls for cls in (
         FullCache, StreamingLLM, LaCache,                        # position-only
         H2O, TOVA, LSHE, KNormDecode, Scissorhands,              # decode-time scoring
-        SnapKV, PyramidKV, PyramidInfer, KNorm, NACL, AdaKV, HeadKV,  # prefill-time
+        SnapKV, PyramidKV, PyramidInfer, KNorm, NACL, AdaKV, HeadKV, ThinK,  # prefill-time
     )
 }
 
@@ -67,5 +68,5 @@ def policy_from_state(saved: dict) -> CachePolicy:
 
 
 __all__ = ["CachePolicy", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "KNormDecode", "Scissorhands",
-           "SnapKV", "PyramidKV", "PyramidInfer", "KNorm", "NACL", "AdaKV", "HeadKV", "METHODS", "budget_derived", "build_policy",
+           "SnapKV", "PyramidKV", "PyramidInfer", "KNorm", "NACL", "AdaKV", "HeadKV", "ThinK", "METHODS", "budget_derived", "build_policy",
            "policy_from_state"]

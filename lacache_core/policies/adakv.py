@@ -25,6 +25,7 @@ from typing import ClassVar, List, Optional
 import torch
 
 from .base import param
+from .scoring import with_protected
 from .snapkv import SnapKV
 
 
@@ -72,9 +73,5 @@ def head_rows(scores: torch.Tensor, caps: List[int], start_size: int, window_siz
 
     ``scores`` is ``[kv_heads, n - window_size]``; a cap beyond the prefix keeps the whole prefix.
     """
-    s, w, device = start_size, window_size, scores.device
-    rows = []
-    for head, cap in zip(scores[:, s:], caps):
-        top = head.topk(min(cap, head.shape[0])).indices.sort().values + s
-        rows.append(torch.cat([torch.arange(s, device=device), top, torch.arange(n - w, n, device=device)]))
-    return rows
+    return [with_protected(head.topk(min(cap, head.shape[0])).indices[None] + start_size, start_size, window_size, n)[0]
+            for head, cap in zip(scores[:, start_size:], caps)]

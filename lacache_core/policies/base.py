@@ -130,6 +130,9 @@ class CachePolicy:
     #: ``True`` for policies whose KV heads keep different numbers of slots (:meth:`keep` answers a list of
     #: per-head ``[n_h]`` tensors); their kept keys have no common slots, so they sit at original positions.
     ragged: ClassVar[bool] = False
+    #: ``True`` for policies that also drop key channels (ThinK): the cache then asks :meth:`channel_keep`
+    #: after each choice of slots, and keeps the layer's older keys with the kept channels only.
+    prunes_channels: ClassVar[bool] = False
 
     key_positions: Optional[Literal["slot", "original"]] = field(default=None, kw_only=True)
 
@@ -151,6 +154,9 @@ class CachePolicy:
         if self.ragged and self.key_positions == "slot":
             raise ConfigError(f"--key_positions slot is not available for {self.name}: its heads keep different "
                               "numbers of slots, so kept keys sit at their original positions")
+        if self.prunes_channels and self.key_positions == "slot":
+            raise ConfigError(f"--key_positions slot is not available for {self.name}: it prunes channels of keys "
+                              "rotated at their original positions")
 
     def check_hyperparameters(self) -> None:
         """Raise a one-line :class:`ConfigError` for a hyper-parameter of the wrong type or out of its
@@ -204,6 +210,19 @@ class CachePolicy:
 
     def max_cache_len(self, num_layers: int) -> Optional[int]:
         """Largest number of slots a layer holds after a forward pass (``None``: unbounded)."""
+        return None
+
+    def channel_keep(self, layer: int, key: torch.Tensor) -> Optional[torch.Tensor]:
+        """Key channels ``layer`` keeps of its older slots (policies with :attr:`prunes_channels`).
+
+        Parameters
+        ----------
+        key : ``[b, kv_heads, n, d]``, the layer's keys after this step's choice of slots, rotated.
+
+        Returns
+        -------
+        ``LongTensor [kv_heads, d_keep]`` (increasing), or ``None`` to keep every channel.
+        """
         return None
 
     # ----------------------------------------------------------------- shared machinery
@@ -371,6 +390,9 @@ class CachePolicy:
         """
         if past_key_values is None:
             return past_key_values
+        if self.ragged or self.prunes_channels:
+            raise ConfigError(f"--method {self.name} stores layers in a form of its own (heads of different lengths or "
+                              "pruned key channels): run it with a lacache_core.CompressedCache, not on (key, value) lists")
         pkv = [tuple(layer) for layer in past_key_values]
         keep = self.compact(pkv[0][0].shape[-2], len(pkv), pkv[0][0].device)
         if keep is None:

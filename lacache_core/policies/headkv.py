@@ -17,7 +17,9 @@ hold the same total as every other method's. ``scripts/head_scores.py`` computes
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, List, Optional
@@ -31,7 +33,18 @@ from .snapkv import SnapKV
 
 
 def read_head_scores(path: str) -> dict:
-    """``{"layer-head": [float, ...]}`` from a JSON file (the first line, as the reference reads it, or the whole file)."""
+    """``{(layer, head): mean score}`` from a JSON file of ``{"layer-head": [float, ...]}`` (the first line, as the
+    reference reads it, or the whole file). A file read before and unchanged since is not parsed again (a
+    prompt harness builds one policy per sample)."""
+    try:
+        stat = os.stat(path)
+    except OSError as err:
+        raise ConfigError(f"--head_scores {path}: cannot read it ({err.strerror})") from None
+    return dict(_parse_head_scores(str(path), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_head_scores(path: str, mtime_ns: int, size: int) -> dict:
     try:
         text = Path(path).read_text()
     except OSError as err:

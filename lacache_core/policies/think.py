@@ -1,0 +1,96 @@
+"""ThinK (Xu et al., ICLR 2025, "ThinK: Thinner Key Cache by Query-Driven Pruning", arXiv 2407.21018):
+SnapKV's choice of prompt tokens, then the key channels that matter least to the last queries dropped.
+
+This follows KVCache-Factory's ``SnapKVCluster.update_think`` and ``key_pruner_query_driven``
+(``pyramidkv/pyramidkv_utils.py``), as ``run_longbench.py --method think`` runs them. After SnapKV
+keeps ``cache_size`` prompt tokens, each head scores its key channels by
+
+    score[c] = mean over the last 32 prompt queries of q[c]**2  *  mean over the kept keys of k[c]**2
+
+(keys and queries rotated), and the ``int(head_dim * pruning_ratio)`` lowest-scored channels are
+dropped from the keys of all kept tokens but the newest ``unpruned_window``. Values, the newest keys
+and every key generated later keep all channels. :class:`lacache_core.CompressedCache` stores the
+older keys with their kept channels only (``kv_bytes`` counts them so) and gives the attention zeros in
+the dropped channels, which is the attention the reference computes from its split cache.
+
+Where we differ, and why:
+
+* GQA: the reference repeats keys to every query head before it compresses, so it scores and
+  prunes per query head and saves no memory from the grouping. We keep KV heads; a KV head's channel
+  score is the mean of its query heads' scores (the same reduction as our SnapKV's).
+* A prompt no longer than ``cache_size`` keeps every token and still has its channels pruned (the
+  reference's ``update_think`` returns two values there where its caller unpacks four, and fails).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, List, Optional
+
+import torch
+
+from .base import param
+from .scoring import ensure_layer
+from .snapkv import SnapKV
+
+
+def pruned_channels(query_energy: torch.Tensor, key_energy: torch.Tensor, count: int) -> torch.Tensor:
+    """Channels kept per head after dropping the ``count`` of lowest ``query_energy * key_energy``.
+
+    Parameters
+    ----------
+    query_energy, key_energy : ``[kv_heads, d]``, mean squared query and key per channel.
+
+    Returns
+    -------
+    ``LongTensor [kv_heads, d - count]``, increasing.
+    """
+    dropped = (query_energy * key_energy).topk(count, dim=-1, largest=False).indices
+    kept = torch.ones_like(query_energy, dtype=torch.bool).scatter_(-1, dropped, False)
+    heads, d = query_energy.shape
+    return torch.arange(d, device=kept.device).expand(heads, d)[kept].view(heads, d - count)
+
+
+@dataclass
+class ThinK(SnapKV):
+    """SnapKV's token choice plus query-driven pruning of key channels.
+
+    Parameters
+    ----------
+    pruning_ratio : float
+        Share of each head's key channels dropped (``int(head_dim * pruning_ratio)`` of them;
+        KVCache-Factory's ``--pruning_ratio``, 0.4).
+    unpruned_window : int
+        Newest kept tokens whose keys keep every channel (KVCache-Factory's ``--recent_size``, 32).
+    """
+
+    name: ClassVar[str] = "think"
+    prunes_channels: ClassVar[bool] = True
+    #: Prompt queries whose energy scores the channels (fixed at 32 in the reference, whatever the window).
+    channel_queries: ClassVar[int] = 32
+
+    pruning_ratio: float = param(0.4, low=0.0, below=1.0)
+    unpruned_window: int = param(32, low=0)
+
+    _query_energy: List[Optional[torch.Tensor]] = field(default_factory=list, init=False, repr=False)
+
+    def _reset_state(self) -> None:
+        super()._reset_state()
+        self._query_energy = []
+
+    def observe(self, layer, query, key, scaling):
+        done = self._done
+        super().observe(layer, query, key, scaling)
+        ensure_layer(self._query_energy, layer)
+        if not done:
+            b, heads, _, d = query.shape
+            energy = query[:, :, -self.channel_queries:].float().pow(2).mean(2)  # [b, heads, d]
+            self._query_energy[layer] = energy.view(b, key.shape[1], heads // key.shape[1], d).mean((0, 2))
+
+    def channel_keep(self, layer: int, key: torch.Tensor) -> Optional[torch.Tensor]:
+        if layer >= len(self._query_energy) or self._query_energy[layer] is None:
+            return None
+        query_energy, self._query_energy[layer] = self._query_energy[layer], None
+        count = int(key.shape[-1] * self.pruning_ratio)
+        if count == 0:
+            return None
+        return pruned_channels(query_energy, key.float().pow(2).mean((0, 2)), count)

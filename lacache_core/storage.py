@@ -1,0 +1,130 @@
+"""Layer storage other than one dense ``[b, kv_heads, n, d]`` key and value pair.
+
+Some methods hold a layer in a smaller form than the attention kernel reads: KV heads of different
+lengths (AdaKV, HeadKV) or keys with pruned channels (ThinK). :class:`lacache_core.CompressedCache`
+keeps such a layer in a :class:`LayerStore`, counts the bytes the store really holds, and hands the
+attention a dense view built for the current step only (dropped after it), so the model's kernels
+run unchanged.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+Pair = Tuple[torch.Tensor, torch.Tensor]
+
+
+class LayerStore:
+    """One layer's keys and values in a form of its own; :meth:`view` is what attention reads."""
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Add the newest tokens' ``key`` and ``value`` (each ``[b, kv_heads, q, d]``)."""
+        raise NotImplementedError
+
+    def view(self) -> Pair:
+        """Dense ``(key, value)``, each ``[b, kv_heads, n, d]``, as :meth:`shape` says."""
+        raise NotImplementedError
+
+    def shape(self) -> Tuple[int, int, int]:
+        """``(b, kv_heads, n)`` of :meth:`view`."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Bytes the store holds."""
+        raise NotImplementedError
+
+    def write_newest_keys(self, rotated: torch.Tensor) -> None:
+        """Replace the newest ``q`` keys by ``rotated`` (``[b, kv_heads, q, d]``): keys stored rotated."""
+        raise NotImplementedError
+
+    def head_lengths(self) -> Optional[torch.Tensor]:
+        """Slots per KV head (``LongTensor [kv_heads]``) where heads differ, else ``None``."""
+        return None
+
+
+def _bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class PerHeadStore(LayerStore):
+    """Each KV head at its own length: per head ``(key, value)``, each ``[b, 1, n_h, d]``.
+
+    The view is left-padded with zeros to the longest head; :meth:`CompressedCache.head_mask` hides
+    the padding from the attention.
+    """
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor, keep: List[torch.Tensor]):
+        self.heads = [(key[:, h:h + 1].index_select(-2, idx.to(key.device)),
+                       value[:, h:h + 1].index_select(-2, idx.to(key.device))) for h, idx in enumerate(keep)]
+
+    def append(self, key, value):
+        self.heads = [(torch.cat([k, key[:, h:h + 1]], -2), torch.cat([v, value[:, h:h + 1]], -2))
+                      for h, (k, v) in enumerate(self.heads)]
+
+    def view(self):
+        n = self.shape()[2]
+
+        def pad(t):
+            return torch.nn.functional.pad(t, (0, 0, n - t.shape[-2], 0))
+
+        return torch.cat([pad(k) for k, _ in self.heads], 1), torch.cat([pad(v) for _, v in self.heads], 1)
+
+    def shape(self):
+        return self.heads[0][0].shape[0], len(self.heads), max(k.shape[-2] for k, _ in self.heads)
+
+    def nbytes(self):
+        return _bytes(*(t for head in self.heads for t in head))
+
+    def write_newest_keys(self, rotated):
+        q = rotated.shape[-2]
+        for h, (k, _) in enumerate(self.heads):
+            k[..., k.shape[-2] - q:, :] = rotated[:, h:h + 1]
+
+    def head_lengths(self):
+        return torch.tensor([k.shape[-2] for k, _ in self.heads])
+
+
+class PrunedChannelStore(LayerStore):
+    """Keys of the older slots with only some channels, the newest slots and all values whole.
+
+    Parameters
+    ----------
+    key, value : ``[b, kv_heads, n, d]``, the layer's kept keys (rotated) and values.
+    channels : ``LongTensor [kv_heads, d_keep]``, the channels each KV head keeps of its older keys (increasing).
+    whole : int
+        The newest ``whole`` slots keep every channel; so do all tokens appended later.
+
+    The view's pruned channels are zeros, so a query's dot product with such a key is the one over the
+    kept channels only: the attention ThinK's reference computes from the split cache.
+    """
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor, channels: torch.Tensor, whole: int):
+        b, heads, n, d = key.shape
+        old = max(n - whole, 0)
+        self.head_dim = d
+        self.channels = channels.to(key.device)
+        self.pruned = key[:, :, :old].gather(-1, self._index(b, old))  # [b, kv_heads, old, d_keep]
+        self.key = key[:, :, old:].clone()  # [b, kv_heads, n - old, d]
+        self.value = value
+
+    def _index(self, b: int, n: int) -> torch.Tensor:
+        return self.channels[None, :, None, :].expand(b, -1, n, -1)
+
+    def append(self, key, value):
+        self.key = torch.cat([self.key, key], -2)
+        self.value = torch.cat([self.value, value], -2)
+
+    def view(self):
+        b, heads, old, _ = self.pruned.shape
+        full = self.pruned.new_zeros(b, heads, old, self.head_dim).scatter_(-1, self._index(b, old), self.pruned)
+        return torch.cat([full, self.key], -2), self.value
+
+    def shape(self):
+        return tuple(self.value.shape[:3])
+
+    def nbytes(self):
+        return _bytes(self.pruned, self.key, self.value, self.channels)
+
+    def write_newest_keys(self, rotated):
+        self.key[..., self.key.shape[-2] - rotated.shape[-2]:, :] = rotated
