@@ -204,3 +204,133 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
         result.peak_kv_bytes = cache.peak_bytes if isinstance(cache, CompressedCache) else max(
             result.peak_kv_bytes, kv_bytes(cache))
     return result
+
+
+# ----------------------------------------------------------------------------------------- N streams at once
+@dataclass
+class BatchStreamResult:
+    """Per-stream NLLs (``nlls[j]``: stream ``j``'s, in order), wall time and peak KV bytes of the batch."""
+
+    nlls: List[List[float]] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_kv_bytes: int = 0
+
+    @property
+    def scored(self) -> int:
+        return sum(map(len, self.nlls))
+
+    @property
+    def ppl(self) -> float:
+        """Perplexity over every stream's tokens together."""
+        flat = [x for row in self.nlls for x in row]
+        return running_ppl(flat, len(flat))
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.scored / self.seconds if self.seconds > 0 else float("nan")
+
+    def step_major(self) -> List[float]:
+        """All NLLs, step by step (stream 0..N-1 of step 0, then of step 1, ...), for running-perplexity curves."""
+        return [x for step in zip(*self.nlls) for x in step]
+
+
+def stream_tokens(tokenizer, texts: Iterable[str], limit: Optional[int]) -> torch.Tensor:
+    """The inputs and targets the one-stream protocol scores, in order: ``LongTensor [2, T]``.
+
+    Each text contributes its tokens but the last as inputs and its tokens but the first as targets
+    (no token is scored against the next text's), ``T`` at most ``limit``.
+    """
+    inputs, targets, total = [], [], 0
+    for text in texts:
+        if limit is not None and total >= limit:
+            break
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        inputs.append(ids[:-1])
+        targets.append(ids[1:])
+        total += ids.shape[0] - 1
+    pairs = torch.stack([torch.cat(inputs), torch.cat(targets)]) if inputs else torch.zeros(2, 0, dtype=torch.long)
+    return pairs if limit is None else pairs[:, :limit]
+
+
+def split_streams(pairs: torch.Tensor, streams: int) -> torch.Tensor:
+    """``[2, T]`` inputs and targets cut into ``streams`` consecutive chunks of ``T // streams`` tokens:
+    ``[2, streams, T // streams]`` (the last ``T mod streams`` tokens are left out)."""
+    length = pairs.shape[1] // streams
+    if length < 1:
+        raise ConfigError(f"--batch_size {streams} is more streams than the {pairs.shape[1]} tokens to score; "
+                          f"lower --batch_size")
+    return pairs[:, :streams * length].reshape(2, streams, length)
+
+
+def check_batchable(policy: CachePolicy, streams: int) -> None:
+    """One-line refusal of what cannot run ``streams`` rows at once yet."""
+    if streams > 1 and (policy.observes or policy.prefill_only):
+        raise ConfigError(f"--batch_size {streams} needs a method whose choice of slots does not depend on the "
+                          f"tokens (full, streamingllm, lacache); --method {policy.name} scores tokens, and "
+                          "per-row scoring is not built yet: use --batch_size 1")
+    if streams > 1 and not HAS_CACHE_CLASSES:
+        raise ConfigError(f"--batch_size {streams} needs transformers >= 4.36 (cache objects); use --batch_size 1")
+
+
+def stream_perplexity_batched(model, streams: torch.Tensor, policy: CachePolicy, query_position: str = "slot",
+                              on_step: Optional[Callable[[int, List[float]], None]] = None, desc: str = "ppl",
+                              checkpoint: Optional[Path] = None, checkpoint_every: int = 0,
+                              resume: Optional[dict] = None, meta: Optional[dict] = None,
+                              key_rotation: str = "auto") -> BatchStreamResult:
+    """Several streams through ``model`` in one batch, one token of each per forward pass.
+
+    Parameters
+    ----------
+    streams : ``LongTensor [2, N, m]``, inputs and targets of ``N`` streams of ``m`` tokens (:func:`split_streams`).
+        Each stream starts with an empty cache and keeps its own rows of it; all advance together, so that a
+        position-only policy holds the same slots in every row and one gather serves the batch.
+    on_step : callable ``(step, [nll of each stream])``, optional
+        Called after each step (used to append each stream's NLL to its own log as it comes).
+    checkpoint, checkpoint_every, resume, meta, key_rotation : as :func:`stream_perplexity` (every
+        ``checkpoint_every`` steps).
+
+    Stream ``j`` scores the same NLLs as the one-stream protocol on ``streams[:, j]`` alone with a fresh cache.
+    """
+    if query_position not in QUERY_POSITIONS:
+        raise ConfigError(f"--query_position must be one of {QUERY_POSITIONS}, got {query_position!r}")
+    inputs, targets = streams
+    count, length = inputs.shape
+    check_batchable(policy, count)
+    num_layers = model.config.num_hidden_layers
+    policy.bind(num_layers)
+    device = next(model.parameters()).device
+    if not isinstance(policy, FullCache):
+        enable_position_shift(model)
+    result, position, first = BatchStreamResult(nlls=[[] for _ in range(count)]), -1, 0
+    if resume is not None:
+        policy = policy_from_state(resume["policy"])
+        cache = _restore_cache(resume, policy, num_layers, False, query_position, device)
+        result.nlls, result.seconds = [list(row) for row in resume["nlls"]], resume["seconds"]
+        result.peak_kv_bytes, position, first = resume["peak_kv_bytes"], resume["position"], resume["where"][1] + 1
+    else:
+        cache = _new_cache(policy, num_layers, False, query_position, key_rotation)
+    inputs, targets = inputs.to(device), targets.to(device)
+    bar = tqdm(total=length * count, initial=first * count, desc=desc, unit="tok", dynamic_ncols=True)
+    start = time.perf_counter() - result.seconds
+    with torch.inference_mode():
+        for t in range(first, length):
+            position = next_query_position(position, cache.get_seq_length(), query_position)
+            out = model(inputs[:, t:t + 1], use_cache=True, **with_cache(cache),
+                        position_ids=torch.full((count, 1), position, device=device))
+            cache = output_cache(out)
+            nlls = F.cross_entropy(out.logits[:, -1].float(), targets[:, t], reduction="none").tolist()
+            for row, nll in zip(result.nlls, nlls):
+                row.append(nll)
+            if on_step is not None:
+                on_step(t, nlls)
+            bar.update(count)
+            if (t + 1) % 64 == 0:
+                bar.set_postfix(ppl=f"{result.ppl:.3f}", refresh=False)
+            if checkpoint is not None and checkpoint_every and (t + 1) % checkpoint_every == 0:
+                result.seconds = time.perf_counter() - start
+                save_checkpoint(checkpoint, policy, cache, result, (-1, t), position, meta or {})
+    result.seconds = time.perf_counter() - start
+    bar.close()
+    result.peak_kv_bytes = cache.peak_bytes if isinstance(cache, CompressedCache) else max(
+        result.peak_kv_bytes, kv_bytes(cache))
+    return result

@@ -17,7 +17,9 @@ from harness.flags import add_method_flags, method_settings, method_tag, parser 
 from harness.models import DEFAULT_MODEL  # noqa: E402
 from harness.plots import running_ppl_plot  # noqa: E402
 from harness.runner import Run, add_model_flags, add_output_flags, add_skip_flag, check_run_flags, cli, load  # noqa: E402
-from harness.streaming import QUERY_POSITIONS, checkpoints, load_checkpoint, stream_perplexity  # noqa: E402
+from harness.streaming import (QUERY_POSITIONS, BatchStreamResult, check_batchable, checkpoints,  # noqa: E402
+                               load_checkpoint, running_ppl, split_streams, stream_perplexity, stream_perplexity_batched,
+                               stream_tokens)
 from lacache_core import ConfigError, build_policy  # noqa: E402
 from lacache_core.policies import METHODS  # noqa: E402
 
@@ -39,6 +41,11 @@ def parse_args(argv=None):
     g["data"].add_argument("--num_eval_tokens", type=int, default=None,
                            help=f"stop after scoring num_eval_tokens + 1 tokens (default: all; {DEFAULT_COMPARE_TOKENS} "
                                 "in the no-flag comparison)")
+    g["data"].add_argument("--batch_size", type=int, default=1,
+                           help="N > 1: cut the scored tokens into N consecutive chunks and stream them at once, "
+                                "each chunk from an empty cache, one NLL log per stream (nlls_stream<j>.txt); "
+                                "methods whose choice does not depend on the tokens (default 1: one stream, "
+                                "the official protocol)")
     add_skip_flag(g["data"])
     g["method"].add_argument("--enable_lacache", action="store_true", help="official flag: same as --method lacache")
     add_method_flags(g["method"], default_method=None, cache_size=256, start_size=4, prefill_chunks=False,
@@ -54,6 +61,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.num_eval_tokens is not None and args.num_eval_tokens < 1:
         raise ConfigError(f"--num_eval_tokens must be >= 1, got {args.num_eval_tokens}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.checkpoint_every < 0:
         raise ConfigError(f"--checkpoint_every must be >= 0, got {args.checkpoint_every}")
     if args.method is None:
@@ -88,9 +97,11 @@ def setting(args, method: str) -> dict:
     cache = {"dtype": args.dtype, "attn_implementation": args.attn_implementation}
     if method != "full":
         cache.update(query_position=args.query_position, key_rotation=args.key_rotation)
-    return {"model": args.model_identity,
-            "data": {"dataset": args.dataset_name, "task": args.task, "split": args.split,
-                     "num_eval_tokens": args.num_eval_tokens},
+    data = {"dataset": args.dataset_name, "task": args.task, "split": args.split,
+            "num_eval_tokens": args.num_eval_tokens}
+    if args.batch_size > 1:  # other streams, other numbers (one stream's settings keep their hash)
+        data["batch_size"] = args.batch_size
+    return {"model": args.model_identity, "data": data,
             "method": policy, "cache": cache, "seed": None}
 
 
@@ -99,7 +110,8 @@ def run_name(args, method: str) -> str:
     data = Path(args.dataset_name.rstrip("/")).name.replace("/", "_")
     tag = method_tag(args, method) + ("" if args.query_position == "slot" or method == "full"
                                       else f"_q{args.query_position}")
-    return f"{model}__{data}__{tag}__n{args.num_eval_tokens or 'all'}"
+    streams = f"_bs{args.batch_size}" if args.batch_size > 1 else ""
+    return f"{model}__{data}__{tag}__n{args.num_eval_tokens or 'all'}{streams}"
 
 
 def run_method(args, method, model, tokenizer, texts):
@@ -109,6 +121,9 @@ def run_method(args, method, model, tokenizer, texts):
     if run.complete and not args.overwrite:
         print(f"[{method}] already done in {out_dir} (use --overwrite to rerun)")
         print(f"ppl: {run.previous['results']['ppl']}")
+        if args.batch_size > 1:
+            rows = [_read_nlls(out_dir / f"nlls_stream{j}.txt") for j in range(args.batch_size)]
+            return run.previous["results"], BatchStreamResult(nlls=rows).step_major()
         return run.previous["results"], _read_nlls(nll_path)
     policy = make_policy(args, method)
     resume = None
@@ -116,8 +131,12 @@ def run_method(args, method, model, tokenizer, texts):
         state = load_checkpoint(ckpt_path)
         if state["meta"].get("setting") == run.setting:
             resume = state
-            print(f"[{method}] resuming after {len(state['nlls'])} scored tokens from {ckpt_path}")
+            done = sum(map(len, state["nlls"])) if args.batch_size > 1 else len(state["nlls"])
+            print(f"[{method}] resuming after {done} scored tokens from {ckpt_path}")
     run.start(policy=policy.settings())
+    if args.batch_size > 1:
+        res = _stream_batch(args, method, model, tokenizer, texts, policy, run, resume)
+        return _finish(args, method, run, policy, res, resume, model.config.num_hidden_layers)
     with open(nll_path, "w") as sink:
         for nll in (resume or {}).get("nlls", []):  # the file holds exactly the tokens the stream has scored
             sink.write(f"{nll:.6f}\n")
@@ -130,19 +149,52 @@ def run_method(args, method, model, tokenizer, texts):
                                 on_token=append, desc=method, checkpoint=ckpt_path,
                                 checkpoint_every=args.checkpoint_every, resume=resume,
                                 meta={"setting": run.setting}, key_rotation=args.key_rotation)
-    num_layers = model.config.num_hidden_layers
+    return _finish(args, method, run, policy, res, resume, model.config.num_hidden_layers)
+
+
+def _stream_batch(args, method, model, tokenizer, texts, policy, run, resume):
+    """``--batch_size N``: N chunks of the scored tokens at once, each stream's NLLs in its own log."""
+    check_batchable(policy, args.batch_size)
+    limit = None if args.num_eval_tokens is None else args.num_eval_tokens + 1
+    streams = split_streams(stream_tokens(tokenizer, texts, limit), args.batch_size)
+    paths = [run.folder / f"nlls_stream{j}.txt" for j in range(args.batch_size)]
+    sinks = [open(path, "w") for path in paths]
+    try:
+        for sink, done in zip(sinks, (resume or {}).get("nlls", [[]] * len(sinks))):
+            sink.writelines(f"{nll:.6f}\n" for nll in done)  # each log holds exactly what its stream has scored
+
+        def append(step, nlls):
+            for sink, nll in zip(sinks, nlls):
+                sink.write(f"{nll:.6f}\n")
+                sink.flush()
+
+        return stream_perplexity_batched(model, streams, policy, args.query_position, on_step=append, desc=method,
+                                         checkpoint=run.folder / "resume.pt", checkpoint_every=args.checkpoint_every,
+                                         resume=resume, meta={"setting": run.setting}, key_rotation=args.key_rotation)
+    finally:
+        for sink in sinks:
+            sink.close()
+
+
+def _finish(args, method, run, policy, res, resume, num_layers: int):
+    """Write the run's results (one stream or several), its plot, and drop the checkpoint."""
+    batched = isinstance(res, BatchStreamResult)
+    nlls = res.step_major() if batched else res.nlls
     results = {
-        "ppl": res.ppl, "checkpoints": checkpoints(res.nlls), "tokens_scored": len(res.nlls),
+        "ppl": res.ppl, "checkpoints": checkpoints(nlls), "tokens_scored": len(nlls),
         "tokens_per_s": res.tokens_per_s, "seconds": res.seconds, "peak_kv_bytes": res.peak_kv_bytes,
         "max_cache_len": policy.max_cache_len(num_layers), "resumed": resume is not None,
         "skipped_rows": len(args.skipped or []),
     }
+    if batched:
+        results.update(batch_size=args.batch_size, tokens_per_stream=len(res.nlls[0]),
+                       stream_ppl=[running_ppl(row, len(row)) for row in res.nlls])
     run.finish(policy=policy.settings(), results=results)
-    ckpt_path.unlink(missing_ok=True)  # only needed to resume; can be large for a full cache
-    running_ppl_plot({method: res.nlls}, out_dir / "running_ppl.png", run_name(args, method))
-    print(f"[{method}] results in {out_dir}")
+    (run.folder / "resume.pt").unlink(missing_ok=True)  # only needed to resume; can be large for a full cache
+    running_ppl_plot({method: nlls}, run.folder / "running_ppl.png", run_name(args, method))
+    print(f"[{method}] results in {run.folder}")
     print(f"ppl: {res.ppl}")
-    return results, res.nlls
+    return results, nlls
 
 
 def _read_nlls(path: Path):
@@ -167,7 +219,7 @@ def _main(args, legacy: bool = False) -> int:
         if HAS_CACHE_CLASSES:
             raise ConfigError("ppl_legacy/run.py needs transformers < 4.36 (tuple caches); use ppl/run.py")
     for method in args.methods:  # reject bad settings before loading anything
-        make_policy(args, method)
+        check_batchable(make_policy(args, method), args.batch_size)
     args.skipped = [] if args.skip_bad_rows else None
     texts = load_texts(args.dataset_name, args.task, args.split, skipped=args.skipped)
     if args.skipped:
