@@ -262,14 +262,14 @@ def split_streams(pairs: torch.Tensor, streams: int) -> torch.Tensor:
     return pairs[:, :streams * length].reshape(2, streams, length)
 
 
-def check_batchable(policy: CachePolicy, streams: int) -> None:
-    """One-line refusal of what cannot run ``streams`` rows at once yet."""
+def check_batchable(policy: CachePolicy, streams: int, flag: str = "--batch_size") -> None:
+    """One-line refusal of what cannot run ``streams`` rows at once yet (``flag``: the flag that asked for them)."""
     if streams > 1 and (policy.observes or policy.prefill_only):
-        raise ConfigError(f"--batch_size {streams} needs a method whose choice of slots does not depend on the "
+        raise ConfigError(f"{flag} {streams} needs a method whose choice of slots does not depend on the "
                           f"tokens (full, streamingllm, lacache); --method {policy.name} scores tokens, and "
-                          "per-row scoring is not built yet: use --batch_size 1")
+                          "per-row scoring is not built yet: use batch 1")
     if streams > 1 and not HAS_CACHE_CLASSES:
-        raise ConfigError(f"--batch_size {streams} needs transformers >= 4.36 (cache objects); use --batch_size 1")
+        raise ConfigError(f"{flag} {streams} needs transformers >= 4.36 (cache objects); use batch 1")
 
 
 def stream_perplexity_batched(model, streams: torch.Tensor, policy: CachePolicy, query_position: str = "slot",
