@@ -264,10 +264,9 @@ def split_streams(pairs: torch.Tensor, streams: int) -> torch.Tensor:
 
 def check_batchable(policy: CachePolicy, streams: int, flag: str = "--batch_size") -> None:
     """One-line refusal of what cannot run ``streams`` rows at once yet (``flag``: the flag that asked for them)."""
-    if streams > 1 and (policy.observes or policy.prefill_only):
-        raise ConfigError(f"{flag} {streams} needs a method whose choice of slots does not depend on the "
-                          f"tokens (full, streamingllm, lacache); --method {policy.name} scores tokens, and "
-                          "per-row scoring is not built yet: use batch 1")
+    if streams > 1 and policy.prefill_only:
+        raise ConfigError(f"{flag} {streams} cannot run --method {policy.name}: it compresses a prompt once, "
+                          "and streams have none")
     if streams > 1 and not HAS_CACHE_CLASSES:
         raise ConfigError(f"{flag} {streams} needs transformers >= 4.36 (cache objects); use batch 1")
 
@@ -282,8 +281,9 @@ def stream_perplexity_batched(model, streams: torch.Tensor, policy: CachePolicy,
     Parameters
     ----------
     streams : ``LongTensor [2, N, m]``, inputs and targets of ``N`` streams of ``m`` tokens (:func:`split_streams`).
-        Each stream starts with an empty cache and keeps its own rows of it; all advance together, so that a
-        position-only policy holds the same slots in every row and one gather serves the batch.
+        Each stream starts with an empty cache and keeps its own row of it; all advance together. A
+        position-only policy holds the same slots in every row; a scoring policy chooses per row
+        (:class:`lacache_core.CompressedCache` keeps a copy of it per row), and one gather per layer serves the batch.
     on_step : callable ``(step, [nll of each stream])``, optional
         Called after each step (used to append each stream's NLL to its own log as it comes).
     checkpoint, checkpoint_every, resume, meta, key_rotation : as :func:`stream_perplexity` (every

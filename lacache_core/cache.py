@@ -12,6 +12,7 @@ stored rotated (``key_rotation="incremental"``) or un-rotated and rotated at eve
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -89,6 +90,9 @@ class CompressedCache(DynamicCache):
         self._stores = [None] * num_layers
         self._view = [None] * num_layers
         self._step_lengths = [None] * num_layers  # per-head lengths of the tensors the last attend() returned
+        #: For a batch and a policy that scores tokens: one copy of the policy per row (row 0 is ``policy``), each
+        #: choosing its row's slots from its row's scores; their choices are gathered in one operation per layer.
+        self._rows: Optional[list] = None
 
     # -- storage access, across transformers' two DynamicCache layouts
     def _layer(self, i: int):
@@ -199,7 +203,9 @@ class CompressedCache(DynamicCache):
         self._unread[layer_idx] = False
         n, q_len = key.shape[-2], query.shape[-2]
         policy = self.policy
-        policy.record(layer_idx, n, key.device)
+        rows = self._row_policies(key.shape[0])
+        for row_policy in rows or [policy]:
+            row_policy.record(layer_idx, n, key.device)
         slot = policy.position_mode == "slot"
         if self._arrived_rotated[layer_idx]:  # rotated by the model itself (position_embeddings)
             self._arrived_rotated[layer_idx] = False
@@ -216,9 +222,15 @@ class CompressedCache(DynamicCache):
             elif slot:
                 keys = rotation.from_slot(key, 0)
             else:
+                if rows:
+                    raise ConfigError(f"--key_rotation every_step with --method {policy.name} cannot run a batch: "
+                                      "its rows keep different original positions; use --key_rotation auto")
                 held = policy.layer_positions(layer_idx)
                 keys = rotation.at(key, held, per_head=held.dim() == 2, limit=policy.seen)
-        if policy.observes:
+        if rows:
+            for j, row_policy in enumerate(rows):
+                row_policy.observe(layer_idx, query[j:j + 1], keys[j:j + 1], scaling)
+        elif policy.observes:
             policy.observe(layer_idx, query, keys, scaling)
         if layer_idx == 0:
             self._step_bytes = 0
@@ -226,7 +238,7 @@ class CompressedCache(DynamicCache):
         if layer_idx == self.num_layers - 1:
             self.peak_bytes = max(self.peak_bytes, self._step_bytes)
         self._view[layer_idx] = None
-        keep = policy.settle(layer_idx, n)
+        keep = policy.settle(layer_idx, n) if rows is None else self._rows_keep(rows, layer_idx, n, key.shape[1])
         if keep is not None and self._stores[layer_idx] is not None:
             raise RuntimeError(f"{policy.name}: a layer held in a store of its own cannot be compacted again")
         kept_key, kept_value = key, value
@@ -236,7 +248,7 @@ class CompressedCache(DynamicCache):
             kept_key, kept_value = gather_layer(key, value, keep)  # the stored keys, rotated or not
             if self._stored_rotated and slot:  # kept keys move down to slots 0 .. n_keep - 1
                 shift = keep.to(key.device) - torch.arange(keep.shape[-1], device=key.device)
-                kept_key = rotation.at(kept_key, shift, per_head=shift.dim() == 2, limit=n, inverse=True)
+                kept_key = rotation.at(kept_key, shift, per_head=shift.dim() >= 2, limit=n, inverse=True)
             self._set_layer(layer_idx, kept_key, kept_value)
         if policy.prunes_channels and self._stores[layer_idx] is None:  # ThinK: after the token choice
             channels = policy.channel_keep(layer_idx, kept_key)
@@ -244,6 +256,36 @@ class CompressedCache(DynamicCache):
                 store = PrunedChannelStore(kept_key, kept_value, channels, policy.unpruned_window)
                 self._keep_in_store(layer_idx, store, key)
         return query, keys, value
+
+    def _row_policies(self, batch: int) -> Optional[list]:
+        """The per-row policies of a batch, for a policy that scores tokens (``None``: one policy serves every row,
+        since a position-only choice depends on the slot count alone, the same in every row)."""
+        if batch == 1 or not self.policy.observes:
+            return None
+        if self._rows is None:
+            if self.policy.ragged or self.policy.prunes_channels:
+                raise ConfigError(f"--method {self.policy.name} cannot run a batch yet: its layers are stored per head "
+                                  "or with pruned channels; use batch size 1")
+            if self.policy.seen:
+                raise RuntimeError("a cache used at batch size 1 cannot continue at a larger batch; use a fresh cache")
+            self._rows = [self.policy] + [copy.deepcopy(self.policy) for _ in range(batch - 1)]
+        elif len(self._rows) != batch:
+            raise RuntimeError(f"the batch changed from {len(self._rows)} to {batch} rows; use a fresh cache")
+        return self._rows
+
+    @staticmethod
+    def _rows_keep(rows: list, layer: int, n: int, kv_heads: int) -> Optional[torch.Tensor]:
+        """Each row's choice for ``layer``, as one ``[b, kv_heads, n_keep]`` index (``None``: every row keeps all)."""
+        keeps = [row.settle(layer, n) for row in rows]
+        if all(k is None for k in keeps):
+            return None
+        if any(k is None or isinstance(k, list) for k in keeps) or len({k.shape[-1] for k in keeps}) > 1:
+            raise RuntimeError("the rows of a batch chose different numbers of slots; run them one at a time")
+        return torch.stack([k.to(keeps[0].device).expand(kv_heads, k.shape[-1]) for k in keeps])
+
+    def row_positions(self, row: int):
+        """Original positions held for batch row ``row`` (as :meth:`kept_positions`)."""
+        return self.policy.positions if self._rows is None else self._rows[row].positions
 
     def position_embeddings(self, layer_idx: int, embeddings, rotation):
         """The ``(cos, sin)`` the model's attention should use for its new query and keys.

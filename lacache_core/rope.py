@@ -167,7 +167,8 @@ class Rotation:
 
     def at(self, x: torch.Tensor, positions: torch.Tensor, per_head: bool = False,
            limit: Optional[int] = None, inverse: bool = False) -> torch.Tensor:
-        """``x [b, h, n, d]`` rotated to ``positions``: ``[n]`` or ``[b, n]``, or with ``per_head`` ``[h, n]``.
+        """``x [b, h, n, d]`` rotated to ``positions``: ``[n]`` or ``[b, n]``, or with ``per_head`` ``[h, n]`` or
+        ``[b, h, n]`` (per row and head).
 
         ``limit``: an upper bound on the positions, if the caller knows one (saves reading their maximum
         back from the device). ``inverse``: rotate by ``-positions`` instead (``cos`` is even, ``sin`` odd).
@@ -181,6 +182,9 @@ class Rotation:
             sin, signed_sin = -sin, -signed_sin
         if per_head:
             b, h, n, d = x.shape  # fold the heads into the batch: the model's function broadcasts over heads
-            tables = [t.repeat(b, 1, 1) for t in (cos, sin, signed_sin)]
+            if pos.dim() == 3:
+                tables = [t.reshape(b * h, n, -1) for t in (cos, sin, signed_sin)]
+            else:
+                tables = [t.repeat(b, 1, 1) for t in (cos, sin, signed_sin)]
             return self._apply(x.reshape(b * h, 1, n, d), *tables).reshape(b, h, n, -1)
         return self._apply(x, cos, sin, signed_sin)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..cache import CompressedCache
 from ..versions import HAS_CACHE_CLASSES
+from .masks import refuse_padding
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -58,6 +59,8 @@ def _attend(module, query, key, value, attention_mask, output_attentions, cache=
     mask = None
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] >= kv_len:
         mask = attention_mask[:, :, -q_len:, :kv_len]
+        if cache is not None:
+            refuse_padding(mask, module.layer_idx)
     elif attention_mask is not None and attention_mask.dim() == 4 and q_len > 1:
         mask = _causal_mask(q_len, kv_len, query)  # layers of a prefill-time method differ in length
     elif q_len > 1:

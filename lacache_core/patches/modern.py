@@ -30,6 +30,7 @@ import torch
 from ..cache import CompressedCache
 from ..errors import ConfigError
 from ..rope import Rotation, rotary_fn_from_module, standard_apply
+from .masks import refuse_padding
 
 PREFIX = "lacache_"
 
@@ -101,7 +102,9 @@ def _wrapper(inner_name: str) -> Callable:
                                       "which flash kernels cannot mask: use --attn_implementation sdpa or eager")
                 attention_mask = _flash_mask(attention_mask, key.shape[-2])
             else:
-                attention_mask = cache.head_mask(module.layer_idx, _fit_mask(attention_mask, key.shape[-2]), query)
+                attention_mask = _fit_mask(attention_mask, key.shape[-2])
+                refuse_padding(attention_mask, module.layer_idx)
+                attention_mask = cache.head_mask(module.layer_idx, attention_mask, query)
         return _inner_kernel(module, inner_name)(module, query, key, value, attention_mask, **kwargs)
 
     lacache_attention.__name__ = f"{PREFIX}{inner_name}"

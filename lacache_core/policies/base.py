@@ -403,14 +403,14 @@ class CachePolicy:
 def gather_layer(key: torch.Tensor, value: torch.Tensor, keep_row: torch.Tensor):
     """Keep slots ``keep_row`` of one layer's ``[b, h, seq, d]`` key and value.
 
-    ``keep_row`` is ``LongTensor [n_keep]`` (the same slots for every head) or ``[h, n_keep]``
-    (per KV head, as SnapKV and PyramidKV select).
+    ``keep_row`` is ``LongTensor [n_keep]`` (the same slots for every head), ``[h, n_keep]``
+    (per KV head, as SnapKV and PyramidKV select) or ``[b, h, n_keep]`` (per row of a batch and head).
     """
     idx = keep_row if keep_row.device == key.device else keep_row.to(key.device)
     if idx.dim() == 1:
         return key.index_select(-2, idx), value.index_select(-2, idx)
     b, h, _, d = key.shape
-    full = idx[None, :, :, None].expand(b, h, idx.shape[-1], d)
+    full = (idx[None] if idx.dim() == 2 else idx)[..., None].expand(b, h, idx.shape[-1], d)
     return key.gather(2, full), value.gather(2, full)
 
 
