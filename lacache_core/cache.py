@@ -93,6 +93,12 @@ class CompressedCache(DynamicCache):
         #: For a batch and a policy that scores tokens: one copy of the policy per row (row 0 is ``policy``), each
         #: choosing its row's slots from its row's scores; their choices are gathered in one operation per layer.
         self._rows: Optional[list] = None
+        #: With per-row policies: per layer, ``LongTensor [b]``, the slots at the front of each row that hold no
+        #: token of it (left padding, then what aligns rows that keep fewer slots); attention never sees them.
+        self._fillers: Optional[list] = None
+        self._tokens_in = 0  # tokens fed per row, padding included (the batch's positions)
+        self._pads: Optional[torch.Tensor] = None  # a left-padded batch: each row's pad count ([b])
+        self._step_fillers = [None] * num_layers  # (fillers [b], slots) of the tensors the last attend() returned
 
     # -- storage access, across transformers' two DynamicCache layouts
     def _layer(self, i: int):
@@ -145,6 +151,8 @@ class CompressedCache(DynamicCache):
         """The attention mask for this step of layer ``i`` (after :meth:`attend`): ``mask`` itself, or, where the
         layer's heads differ in length, ``mask`` with each head's padding hidden (``[b, heads, q, n]``; bool
         or additive like ``mask``)."""
+        if self._step_fillers[i] is not None:
+            return self._row_mask(i, query)
         lengths = self._step_lengths[i]
         if lengths is None:
             return mask
@@ -162,6 +170,17 @@ class CompressedCache(DynamicCache):
         if mask.dtype == torch.bool:
             return mask & ~pad
         return torch.where(pad, torch.finfo(mask.dtype).min, mask)
+
+    def _row_mask(self, i: int, query: torch.Tensor) -> torch.Tensor:
+        """``[b, 1, q, n]`` additive: each row's filler slots hidden, the new tokens causal. It replaces the model's
+        mask, which knows the padding of the input but not where compaction has moved each row's tokens."""
+        fillers, n = self._step_fillers[i]
+        q, device = query.shape[2], query.device
+        slots = torch.arange(n, device=device)
+        allowed = slots[None, None, :] >= fillers.to(device)[:, None, None]  # [b, 1, n]
+        allowed = allowed & (slots[None, :] <= torch.arange(n - q, n, device=device)[:, None])[None]  # [b, q, n]
+        return torch.zeros((), dtype=query.dtype, device=device).masked_fill(
+            ~allowed[:, None], torch.finfo(query.dtype).min)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # A layer written twice without being read went through an unpatched attention: its keys were
@@ -202,16 +221,20 @@ class CompressedCache(DynamicCache):
         self._step_lengths[layer_idx] = self.head_lengths(layer_idx)
         self._unread[layer_idx] = False
         n, q_len = key.shape[-2], query.shape[-2]
+        if layer_idx == 0:
+            self._tokens_in += q_len
         policy = self.policy
         rows = self._row_policies(key.shape[0])
-        for row_policy in rows or [policy]:
-            row_policy.record(layer_idx, n, key.device)
+        fillers = None if rows is None else self._fillers[layer_idx].tolist()
+        for j, row_policy in enumerate(rows or [policy]):
+            row_policy.record(layer_idx, n - (fillers[j] if rows else 0), key.device)
         slot = policy.position_mode == "slot"
         if self._arrived_rotated[layer_idx]:  # rotated by the model itself (position_embeddings)
             self._arrived_rotated[layer_idx] = False
             keys = key
         else:
-            first = n - q_len if slot else policy.seen - q_len  # position of the first new token
+            seen = policy.seen if rows is None else self._tokens_in
+            first = n - q_len if slot else seen - q_len  # position of the first new token
             if slot and not (self.query_at_slot or position_ids is None):
                 query = rotation.at(query, position_ids)
             else:
@@ -229,7 +252,8 @@ class CompressedCache(DynamicCache):
                 keys = rotation.at(key, held, per_head=held.dim() == 2, limit=policy.seen)
         if rows:
             for j, row_policy in enumerate(rows):
-                row_policy.observe(layer_idx, query[j:j + 1], keys[j:j + 1], scaling)
+                real = min(q_len, n - fillers[j])  # the new tokens of row j that are not padding
+                row_policy.observe(layer_idx, query[j:j + 1, :, q_len - real:], keys[j:j + 1, :, fillers[j]:], scaling)
         elif policy.observes:
             policy.observe(layer_idx, query, keys, scaling)
         if layer_idx == 0:
@@ -239,6 +263,8 @@ class CompressedCache(DynamicCache):
             self.peak_bytes = max(self.peak_bytes, self._step_bytes)
         self._view[layer_idx] = None
         keep = policy.settle(layer_idx, n) if rows is None else self._rows_keep(rows, layer_idx, n, key.shape[1])
+        # with rows, the model's mask says where the input's padding was, not where compaction moved each row's tokens
+        self._step_fillers[layer_idx] = None if rows is None else (torch.tensor(fillers), n)
         if keep is not None and self._stores[layer_idx] is not None:
             raise RuntimeError(f"{policy.name}: a layer held in a store of its own cannot be compacted again")
         kept_key, kept_value = key, value
@@ -247,7 +273,7 @@ class CompressedCache(DynamicCache):
         elif keep is not None:
             kept_key, kept_value = gather_layer(key, value, keep)  # the stored keys, rotated or not
             if self._stored_rotated and slot:  # kept keys move down to slots 0 .. n_keep - 1
-                shift = keep.to(key.device) - torch.arange(keep.shape[-1], device=key.device)
+                shift = (keep.to(key.device) - torch.arange(keep.shape[-1], device=key.device)).clamp_min(0)
                 kept_key = rotation.at(kept_key, shift, per_head=shift.dim() >= 2, limit=n, inverse=True)
             self._set_layer(layer_idx, kept_key, kept_value)
         if policy.prunes_channels and self._stores[layer_idx] is None:  # ThinK: after the token choice
@@ -260,7 +286,7 @@ class CompressedCache(DynamicCache):
     def _row_policies(self, batch: int) -> Optional[list]:
         """The per-row policies of a batch, for a policy that scores tokens (``None``: one policy serves every row,
         since a position-only choice depends on the slot count alone, the same in every row)."""
-        if batch == 1 or not self.policy.observes:
+        if self._rows is None and (batch == 1 or not self.policy.observes) and self._fillers is None:
             return None
         if self._rows is None:
             if self.policy.ragged or self.policy.prunes_channels:
@@ -269,19 +295,49 @@ class CompressedCache(DynamicCache):
             if self.policy.seen:
                 raise RuntimeError("a cache used at batch size 1 cannot continue at a larger batch; use a fresh cache")
             self._rows = [self.policy] + [copy.deepcopy(self.policy) for _ in range(batch - 1)]
+            if self._fillers is None:
+                self._fillers = [torch.zeros(batch, dtype=torch.long) for _ in range(self.num_layers)]
         elif len(self._rows) != batch:
             raise RuntimeError(f"the batch changed from {len(self._rows)} to {batch} rows; use a fresh cache")
         return self._rows
 
-    @staticmethod
-    def _rows_keep(rows: list, layer: int, n: int, kv_heads: int) -> Optional[torch.Tensor]:
-        """Each row's choice for ``layer``, as one ``[b, kv_heads, n_keep]`` index (``None``: every row keeps all)."""
-        keeps = [row.settle(layer, n) for row in rows]
+    def _rows_keep(self, rows: list, layer: int, n: int, kv_heads: int) -> Optional[torch.Tensor]:
+        """Each row's choice for ``layer``, as one ``[b, kv_heads, n_keep]`` index (``None``: every row keeps all).
+
+        A row's policy chooses among its own tokens (the slots after its fillers). Rows that keep fewer
+        slots than the longest are aligned with filler slots at the front, which attention never sees.
+        """
+        fillers = self._fillers[layer]
+        keeps = [row.settle(layer, n - int(f)) for row, f in zip(rows, fillers)]
         if all(k is None for k in keeps):
             return None
-        if any(k is None or isinstance(k, list) for k in keeps) or len({k.shape[-1] for k in keeps}) > 1:
-            raise RuntimeError("the rows of a batch chose different numbers of slots; run them one at a time")
-        return torch.stack([k.to(keeps[0].device).expand(kv_heads, k.shape[-1]) for k in keeps])
+        device = next(k for k in keeps if k is not None).device
+        slots = [torch.arange(int(f), n, device=device).expand(kv_heads, -1) if k is None
+                 else k.to(device).expand(kv_heads, k.shape[-1]) + int(f) for k, f in zip(keeps, fillers)]
+        width = max(row.shape[-1] for row in slots)
+        self._fillers[layer] = torch.tensor([width - row.shape[-1] for row in slots])
+        return torch.stack([torch.nn.functional.pad(row, (width - row.shape[-1], 0)) for row in slots])
+
+    def note_padding(self, mask: torch.Tensor) -> None:
+        """Read the left padding of a batch's first forward pass from its 4D attention mask (layer 0's).
+
+        A row's pad slots are those whose own query cannot see them (causal and sliding-window masks always
+        let a token see itself); they must be a prefix of the row.
+        """
+        if self._tokens_in or not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+            return
+        q, n = mask.shape[-2], mask.shape[-1]
+        own = mask[..., torch.arange(q), torch.arange(n - q, n)]
+        own = (own if own.dtype == torch.bool else own > torch.finfo(own.dtype).min / 2).all(1)  # [b, q]
+        if bool(own.all()):
+            return
+        pads = (~own).sum(-1).cpu()
+        prefix = torch.arange(q)[None, :] < pads[:, None]
+        if n != q or not torch.equal(~own.cpu(), prefix):
+            raise ConfigError("only left padding of the first forward pass is supported with a compressed cache "
+                              "(pad tokens before each row's first token)")
+        self._fillers = [pads.clone() for _ in range(self.num_layers)]
+        self._pads = pads
 
     def row_positions(self, row: int):
         """Original positions held for batch row ``row`` (as :meth:`kept_positions`)."""
@@ -295,13 +351,17 @@ class CompressedCache(DynamicCache):
         positions (their slots, or their original positions), so that the model's own RoPE code
         rotates them once and :meth:`attend` has nothing left to rotate.
         """
-        if layer_idx == 0:
-            self._next_position = self.policy.seen
+        if layer_idx == 0:  # rows of a batch count their own tokens; positions count the batch's, padding included
+            self._next_position = self.policy.seen if self._rows is None else self._tokens_in
         if not self.stores_rotated(rotation, embeddings[0]):
             return rotation.identity(embeddings)
         self._arrived_rotated[layer_idx] = True
         slot = self.policy.position_mode == "slot"
-        return rotation.embeddings(self.get_seq_length(layer_idx) if slot else self._next_position, embeddings)
+        if slot:
+            return rotation.embeddings(self.get_seq_length(layer_idx), embeddings)
+        if self._pads is not None:  # a left-padded batch: each row's tokens at their positions in that row
+            return rotation.embeddings_rows(self._next_position, self._pads, embeddings)
+        return rotation.embeddings(self._next_position, embeddings)
 
     def stores_rotated(self, rotation, like: torch.Tensor) -> bool:
         """Whether stored keys carry their rotation (``key_rotation`` resolved on the first call)."""

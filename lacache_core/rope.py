@@ -132,6 +132,20 @@ class Rotation:
             pairs[first] = tuple(t[first:first + q].expand(cos.shape) for t in (table_cos, table_sin))
         return pairs[first]
 
+    def embeddings_rows(self, first: int, offsets: torch.Tensor,
+                        like: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`embeddings`, row ``j`` of the batch at positions ``first - offsets[j], ...`` (a left-padded
+        batch: each row counts its own tokens; its pad slots, masked, at position 0)."""
+        pairs = self._for_pass(like)
+        key = (first, tuple(offsets.tolist()))
+        if key not in pairs:
+            cos = like[0]
+            b, q = cos.shape[0], cos.shape[-2]
+            table_cos, table_sin, _ = self.table.get(first + q, cos)
+            pos = ((first - offsets.to(table_cos.device))[:, None] + torch.arange(q, device=table_cos.device)).clamp_min(0)
+            pairs[key] = tuple(t[pos].view(b, q, -1).expand(cos.shape) for t in (table_cos, table_sin))
+        return pairs[key]
+
     def _is_rotate_half(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
         """Whether the model's function is the rotate-half layout with duplicated frequencies, checked
         once on random inputs: then :func:`rotate_half_fast` gives its results with fewer operations."""

@@ -65,7 +65,7 @@ def _attend(module, query, key, value, attention_mask, output_attentions, cache=
         mask = _causal_mask(q_len, kv_len, query)  # layers of a prefill-time method differ in length
     elif q_len > 1:
         mask = _causal_mask(q_len, kv_len, query)
-    if ragged:
+    if cache is not None:  # heads or rows whose slots the model's mask does not know
         mask = cache.head_mask(module.layer_idx, mask, query)
     if impl == "sdpa" and not output_attentions:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)

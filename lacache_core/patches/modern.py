@@ -30,7 +30,6 @@ import torch
 from ..cache import CompressedCache
 from ..errors import ConfigError
 from ..rope import Rotation, rotary_fn_from_module, standard_apply
-from .masks import refuse_padding
 
 PREFIX = "lacache_"
 
@@ -86,7 +85,8 @@ def _flash_mask(mask, key_len: int):
         unpadded = bool((last if last.dtype == torch.bool else last == 0).all())
     if unpadded:
         return None
-    raise NotImplementedError("padded batches with a compressed cache on a flash kernel are not supported yet")
+    raise ConfigError("a padded batch with a compressed cache cannot run on a flash kernel yet: use --attn_implementation "
+                      "sdpa or eager")
 
 
 def _wrapper(inner_name: str) -> Callable:
@@ -102,9 +102,7 @@ def _wrapper(inner_name: str) -> Callable:
                                       "which flash kernels cannot mask: use --attn_implementation sdpa or eager")
                 attention_mask = _flash_mask(attention_mask, key.shape[-2])
             else:
-                attention_mask = _fit_mask(attention_mask, key.shape[-2])
-                refuse_padding(attention_mask, module.layer_idx)
-                attention_mask = cache.head_mask(module.layer_idx, attention_mask, query)
+                attention_mask = cache.head_mask(module.layer_idx, _fit_mask(attention_mask, key.shape[-2]), query)
         return _inner_kernel(module, inner_name)(module, query, key, value, attention_mask, **kwargs)
 
     lacache_attention.__name__ = f"{PREFIX}{inner_name}"
@@ -148,6 +146,10 @@ def _pre_hook(module, args, kwargs):
     if embeddings is None:
         raise ConfigError(f"{type(module).__name__} takes no position_embeddings from its model: it cannot be "
                           "position-shifted through transformers' extension points")
+    if module.layer_idx == 0:  # a batch's left padding, read once from its first pass, before any rotation
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            cache.note_padding(_fit_mask(mask, embeddings[0].shape[-2]))
     kwargs["position_embeddings"] = cache.position_embeddings(module.layer_idx, embeddings, module._lacache_rotation)
     return args, kwargs
 
