@@ -142,11 +142,7 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
     key_rotation : {"auto", "every_step", "incremental"}
         How the cache rotates stored keys (:class:`lacache_core.CompressedCache`).
     """
-    if query_position not in QUERY_POSITIONS:
-        raise ConfigError(f"--query_position must be one of {QUERY_POSITIONS}, got {query_position!r}")
-    num_layers = model.config.num_hidden_layers
-    policy.bind(num_layers)  # validates the settings against the model before any work
-    device = next(model.parameters()).device
+    _check_stream(model, policy, query_position)
     legacy = not HAS_CACHE_CLASSES
     if legacy and policy.observes:
         raise ConfigError(f"--method {policy.name} scores tokens from attention and needs transformers >= 4.36 "
@@ -154,16 +150,11 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
     if policy.prefill_only:
         raise ConfigError(f"--method {policy.name} compresses a prompt once (prefill-time) and the token-by-token "
                           "perplexity protocol has no prompt; use it where there is one (generate, LongBench, NIAH)")
-    if not isinstance(policy, FullCache):
-        enable_position_shift(model)
+    policy, cache, device = _open_stream(model, policy, query_position, legacy, resume, key_rotation)
     result, position, skip = StreamResult(), -1, (0, -1)
     if resume is not None:
-        policy = policy_from_state(resume["policy"])
-        cache = _restore_cache(resume, policy, num_layers, legacy, query_position, device)
         result.nlls, result.seconds = list(resume["nlls"]), resume["seconds"]
         result.peak_kv_bytes, position, skip = resume["peak_kv_bytes"], resume["position"], tuple(resume["where"])
-    else:
-        cache = _new_cache(policy, num_layers, legacy, query_position, key_rotation)
 
     limit = None if num_eval_tokens is None else num_eval_tokens + 1
     bar = tqdm(total=limit, initial=len(result.nlls), desc=desc, unit="tok", dynamic_ncols=True)
@@ -201,9 +192,34 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
     result.seconds = time.perf_counter() - start
     bar.close()
     if not legacy:
-        result.peak_kv_bytes = cache.peak_bytes if isinstance(cache, CompressedCache) else max(
-            result.peak_kv_bytes, kv_bytes(cache))
+        result.peak_kv_bytes = _peak_bytes(cache, result.peak_kv_bytes)
     return result
+
+
+def _check_stream(model, policy: CachePolicy, query_position: str) -> None:
+    """The settings every stream checks before any work: the query position, and the policy against the model."""
+    if query_position not in QUERY_POSITIONS:
+        raise ConfigError(f"--query_position must be one of {QUERY_POSITIONS}, got {query_position!r}")
+    policy.bind(model.config.num_hidden_layers)
+
+
+def _open_stream(model, policy: CachePolicy, query_position: str, legacy: bool, resume: Optional[dict],
+                 key_rotation: str):
+    """What every stream starts with, once checked (:func:`_check_stream`): position shift, and the cache
+    (fresh, or from ``resume``, whose saved policy then replaces ``policy``). Returns ``(policy, cache, device)``."""
+    num_layers = model.config.num_hidden_layers
+    device = next(model.parameters()).device
+    if not isinstance(policy, FullCache):
+        enable_position_shift(model)
+    if resume is None:
+        return policy, _new_cache(policy, num_layers, legacy, query_position, key_rotation), device
+    policy = policy_from_state(resume["policy"])
+    return policy, _restore_cache(resume, policy, num_layers, legacy, query_position, device), device
+
+
+def _peak_bytes(cache, measured: int) -> int:
+    """Peak KV bytes of a stream: a CompressedCache's own peak, or a growing cache's final size."""
+    return cache.peak_bytes if isinstance(cache, CompressedCache) else max(measured, kv_bytes(cache))
 
 
 # ----------------------------------------------------------------------------------------- N streams at once
@@ -291,24 +307,15 @@ def stream_perplexity_batched(model, streams: torch.Tensor, policy: CachePolicy,
 
     Stream ``j`` scores the same NLLs as the one-stream protocol on ``streams[:, j]`` alone with a fresh cache.
     """
-    if query_position not in QUERY_POSITIONS:
-        raise ConfigError(f"--query_position must be one of {QUERY_POSITIONS}, got {query_position!r}")
     inputs, targets = streams
     count, length = inputs.shape
+    _check_stream(model, policy, query_position)
     check_batchable(policy, count)
-    num_layers = model.config.num_hidden_layers
-    policy.bind(num_layers)
-    device = next(model.parameters()).device
-    if not isinstance(policy, FullCache):
-        enable_position_shift(model)
+    policy, cache, device = _open_stream(model, policy, query_position, False, resume, key_rotation)
     result, position, first = BatchStreamResult(nlls=[[] for _ in range(count)]), -1, 0
     if resume is not None:
-        policy = policy_from_state(resume["policy"])
-        cache = _restore_cache(resume, policy, num_layers, False, query_position, device)
         result.nlls, result.seconds = [list(row) for row in resume["nlls"]], resume["seconds"]
         result.peak_kv_bytes, position, first = resume["peak_kv_bytes"], resume["position"], resume["where"][1] + 1
-    else:
-        cache = _new_cache(policy, num_layers, False, query_position, key_rotation)
     inputs, targets = inputs.to(device), targets.to(device)
     bar = tqdm(total=length * count, initial=first * count, desc=desc, unit="tok", dynamic_ncols=True)
     start = time.perf_counter() - result.seconds
@@ -331,6 +338,5 @@ def stream_perplexity_batched(model, streams: torch.Tensor, policy: CachePolicy,
                 save_checkpoint(checkpoint, policy, cache, result, (-1, t), position, meta or {})
     result.seconds = time.perf_counter() - start
     bar.close()
-    result.peak_kv_bytes = cache.peak_bytes if isinstance(cache, CompressedCache) else max(
-        result.peak_kv_bytes, kv_bytes(cache))
+    result.peak_kv_bytes = _peak_bytes(cache, result.peak_kv_bytes)
     return result

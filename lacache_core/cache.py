@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .errors import ConfigError
+from .masks import own_key_visible
 from .policies import CachePolicy, build_policy
 from .policies.base import gather_layer
 from .storage import LayerStore, PerHeadStore, PrunedChannelStore
@@ -225,7 +226,8 @@ class CompressedCache(DynamicCache):
             self._tokens_in += q_len
         policy = self.policy
         rows = self._row_policies(key.shape[0])
-        fillers = None if rows is None else self._fillers[layer_idx].tolist()
+        row_fillers = None if rows is None else self._fillers[layer_idx]  # [b], before this step's compaction
+        fillers = None if rows is None else row_fillers.tolist()
         for j, row_policy in enumerate(rows or [policy]):
             row_policy.record(layer_idx, n - (fillers[j] if rows else 0), key.device)
         slot = policy.position_mode == "slot"
@@ -263,8 +265,10 @@ class CompressedCache(DynamicCache):
             self.peak_bytes = max(self.peak_bytes, self._step_bytes)
         self._view[layer_idx] = None
         keep = policy.settle(layer_idx, n) if rows is None else self._rows_keep(rows, layer_idx, n, key.shape[1])
-        # with rows, the model's mask says where the input's padding was, not where compaction moved each row's tokens
-        self._step_fillers[layer_idx] = None if rows is None else (torch.tensor(fillers), n)
+        # after padding, the model's mask says where the input's pads were, not where compaction moved each row's
+        # tokens; without padding it is right while no row holds fillers
+        own_mask = rows is not None and (self._pads is not None or any(fillers))
+        self._step_fillers[layer_idx] = (row_fillers, n) if own_mask else None
         if keep is not None and self._stores[layer_idx] is not None:
             raise RuntimeError(f"{policy.name}: a layer held in a store of its own cannot be compacted again")
         kept_key, kept_value = key, value
@@ -327,8 +331,7 @@ class CompressedCache(DynamicCache):
         if self._tokens_in or not isinstance(mask, torch.Tensor) or mask.dim() != 4:
             return
         q, n = mask.shape[-2], mask.shape[-1]
-        own = mask[..., torch.arange(q), torch.arange(n - q, n)]
-        own = (own if own.dtype == torch.bool else own > torch.finfo(own.dtype).min / 2).all(1)  # [b, q]
+        own = own_key_visible(mask)  # [b, q]
         if bool(own.all()):
             return
         pads = (~own).sum(-1).cpu()

@@ -44,8 +44,7 @@ def parse_args(argv=None):
     g["data"].add_argument("--batch_size", type=int, default=1,
                            help="N > 1: cut the scored tokens into N consecutive chunks and stream them at once, "
                                 "each chunk from an empty cache, one NLL log per stream (nlls_stream<j>.txt); "
-                                "methods whose choice does not depend on the tokens (default 1: one stream, "
-                                "the official protocol)")
+                                "every decode-time method (default 1: one stream, the official protocol)")
     add_skip_flag(g["data"])
     g["method"].add_argument("--enable_lacache", action="store_true", help="official flag: same as --method lacache")
     add_method_flags(g["method"], default_method=None, cache_size=256, start_size=4, prefill_chunks=False,
@@ -154,7 +153,6 @@ def run_method(args, method, model, tokenizer, texts):
 
 def _stream_batch(args, method, model, tokenizer, texts, policy, run, resume):
     """``--batch_size N``: N chunks of the scored tokens at once, each stream's NLLs in its own log."""
-    check_batchable(policy, args.batch_size)
     limit = None if args.num_eval_tokens is None else args.num_eval_tokens + 1
     streams = split_streams(stream_tokens(tokenizer, texts, limit), args.batch_size)
     paths = [run.folder / f"nlls_stream{j}.txt" for j in range(args.batch_size)]

@@ -332,38 +332,42 @@ def reference_think(query, key, cache_size, window, kernel, recent, ratio):
     return kept, channel_score
 
 
-def test_think_matches_the_reference_rule_per_head():
+def think_on(query, key, pruning_ratio):
+    """Our ThinK on one layer (cache 20, window 6, kernel 5): its kept keys and the channels it keeps of them."""
     from lacache_core import ThinK
 
+    policy = ThinK(cache_size=20, window_size=6, kernel_size=5, pruning_ratio=pruning_ratio, unpruned_window=5)
+    policy.observe(0, query, key, scaling=query.shape[-1] ** -0.5)
+    keep = policy.compact(key.shape[2], 1)[0]
+    kept_key = key.gather(2, keep[None, :, :, None].expand(1, -1, -1, key.shape[-1]))
+    return kept_key, policy.channel_keep(0, kept_key)
+
+
+def channels_left(dropped, d):
+    """Per head, the channels of ``range(d)`` not in ``dropped`` (``[heads, k]``), increasing."""
+    return [sorted(set(range(d)) - set(row.tolist())) for row in dropped]
+
+
+def test_think_matches_the_reference_rule_per_head():
     # MHA: one query head per KV head, where the reference's per-query-head pruning is ours exactly
     query, key = gqa_inputs(n=50, heads=4, kv_heads=4, d=8)
-    policy = ThinK(cache_size=20, window_size=6, kernel_size=5, pruning_ratio=0.4, unpruned_window=5)
-    policy.observe(0, query, key, scaling=query.shape[-1] ** -0.5)
-    keep = policy.compact(50, 1)[0]
-    kept_key = key.gather(2, keep[None, :, :, None].expand(1, -1, -1, 8))
-    ours = policy.channel_keep(0, kept_key)
+    kept_key, ours = think_on(query, key, 0.4)
     ref_key, channel_score = reference_think(query, key, 20, 6, 5, 5, 0.4)
     # the reference keeps its gathered order; compare the kept tokens as sets of key rows per head
     for h in range(4):
         assert sorted(map(tuple, kept_key[0, h].tolist())) == sorted(map(tuple, ref_key[0, h].tolist()))
     dropped = channel_score.topk(int(8 * 0.4), dim=-1, largest=False).indices[0]  # int(3.2) = 3 channels
-    expected = [sorted(set(range(8)) - set(row.tolist())) for row in dropped]
-    assert ours.tolist() == expected
+    assert ours.tolist() == channels_left(dropped, 8)
 
 
 def test_think_scores_a_kv_head_by_the_mean_of_its_query_heads():
-    from lacache_core import ThinK
-
     # GQA: the reference would prune each query head's copy of the keys on its own; our KV head drops the
     # channels with the lowest mean score over its query heads
     query, key = gqa_inputs(n=50, heads=8, kv_heads=2, d=8)
-    policy = ThinK(cache_size=20, window_size=6, kernel_size=5, pruning_ratio=0.5, unpruned_window=5)
-    policy.observe(0, query, key, scaling=query.shape[-1] ** -0.5)
-    keep = policy.compact(50, 1)[0]
-    kept_key = key.gather(2, keep[None, :, :, None].expand(1, -1, -1, 8))
+    kept_key, ours = think_on(query, key, 0.5)
     per_query_head = query[..., -32:, :].pow(2).mean(2) * kept_key.repeat_interleave(4, 1).pow(2).mean(2)
     dropped = per_query_head.view(2, 4, 8).mean(1).topk(4, dim=-1, largest=False).indices
-    assert policy.channel_keep(0, kept_key).tolist() == [sorted(set(range(8)) - set(r.tolist())) for r in dropped]
+    assert ours.tolist() == channels_left(dropped, 8)
 
 
 def test_think_refuses_what_would_prune_unrotated_keys():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..cache import CompressedCache
 from ..versions import HAS_CACHE_CLASSES
-from .masks import refuse_padding
+from ..masks import refuse_padding
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
