@@ -8,15 +8,16 @@ the chunk instead of the prompt length.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from lacache_core.cache import CompressedCache, kv_bytes, make_cache, prefill
+from lacache_core.cache import CompressedCache, kv_bytes, make_row_cache, prefill
 from lacache_core.errors import ConfigError
-from lacache_core.policies import METHODS
+from lacache_core.policies import METHODS, build_policy
 from lacache_core.versions import HAS_CACHE_CLASSES, with_cache
 
 #: Leading tokens every method keeps in the official LongBench harness, at most.
@@ -66,22 +67,36 @@ class BudgetSpec:
 
     def make(self, model, prompt_len: int):
         """A fresh cache for one prompt of ``prompt_len`` tokens."""
-        if not HAS_CACHE_CLASSES:
-            raise ConfigError("the prompt harnesses need transformers >= 4.36 (cache objects); "
-                              "use ppl_legacy/ for transformers < 4.36")
-        if self.method == "full":
-            from transformers import DynamicCache
-            return DynamicCache()
-        layers = model.config.num_hidden_layers
+        return batch_cache(model, [self], [prompt_len])
+
+    def policy_settings(self, model, prompt_len: int) -> dict:
+        """``build_policy`` keywords (and ``key_rotation``) for a prompt of ``prompt_len`` tokens."""
         start = self.start_size
         if start is None and self.method in OFFICIAL_SINK_RULE:
-            start = official_start_size(prompt_len, self.cache_size, layers, self.start_cap)
-        settings = dict(self.settings or {})
-        settings.update(cache_size=self.cache_size, start_size=start)  # None: the method's default
+            start = official_start_size(prompt_len, self.cache_size, model.config.num_hidden_layers, self.start_cap)
+        return {**(self.settings or {}), "cache_size": self.cache_size, "start_size": start}  # None: the default
+
+
+def batch_cache(model, specs: Sequence[BudgetSpec], prompt_lens: Sequence[int]):
+    """A fresh cache for a batch: row ``j`` holds a prompt of ``prompt_lens[j]`` tokens under ``specs[j]`` (one
+    method; the budget and sinks may differ per row). The full cache is the model's own ``DynamicCache``."""
+    if not HAS_CACHE_CLASSES:
+        raise ConfigError("the prompt harnesses need transformers >= 4.36 (cache objects); "
+                          "use ppl_legacy/ for transformers < 4.36")
+    method = specs[0].method
+    if method == "full":
+        from transformers import DynamicCache
+        return DynamicCache()
+    rows = [spec.policy_settings(model, n) for spec, n in zip(specs, prompt_lens)]
+    rotation = rows[0].get("key_rotation", "auto")
+    rows = [{k: v for k, v in row.items() if k != "key_rotation"} for row in rows]
+    for row in {repr(row): row for row in rows}.values():  # an impossible budget names its numbers
         try:
-            return make_cache(self.method, model, **settings)
+            build_policy(method, **row).bind(model.config.num_hidden_layers)
         except ConfigError as err:
-            raise ConfigError(f"{err} (cache_size {self.cache_size}, start_size {start}, {layers} layers)") from None
+            raise ConfigError(f"{err} (cache_size {row['cache_size']}, start_size {row['start_size']}, "
+                              f"{model.config.num_hidden_layers} layers)") from None
+    return make_row_cache(method, model, rows, key_rotation=rotation)
 
 
 def budget_spec(args, method: str, prompt_len: int, start_size: Optional[int] = None) -> BudgetSpec:
@@ -125,53 +140,136 @@ class Answer:
     token_ids: List[int]
     text: str
     prompt_tokens: int
+    #: Wall time of the answer; in a batch, the batch's time over its rows.
     seconds: float
+    #: Peak KV bytes; in a batch, the batch's peak over its rows (its padding included).
     peak_kv_bytes: int
     #: KV bytes held when the answer ends (as stored: heads of different lengths counted at their own).
     final_kv_bytes: int = 0
+    #: Prompts answered together in this one's batch.
+    batch_rows: int = 1
 
 
 @torch.no_grad()
-def greedy_answer(model, input_ids: torch.Tensor, cache, max_new_tokens: int, stop_ids: Sequence[int] = (),
-                  min_new_tokens: int = 0, prefill_chunk_size: Optional[int] = None) -> List[int]:
-    """Greedy decoding after a (possibly chunked) prefill; returns the new token ids (stop token excluded).
+def greedy_answers(model, prompts: Sequence[torch.Tensor], cache, max_new_tokens: Union[int, Sequence[int]],
+                   stop_ids: Sequence[int] = (), min_new_tokens: int = 0, prefill_chunk_size: Optional[int] = None,
+                   pad_id: int = 0) -> List[List[int]]:
+    """Greedy decoding of a batch after a (possibly chunked) prefill; the new token ids of each prompt (stop
+    token excluded).
+
+    Prompts of different lengths are left-padded with ``pad_id`` into one ``[b, T]`` batch, with the attention
+    mask and each row's own positions; every row stops at its own stop token or limit, and the batch decodes
+    until all have. One prompt is the same loop with no padding.
 
     Parameters
     ----------
-    input_ids : ``LongTensor [1, T]`` on the model's device.
+    prompts : ``b`` LongTensors ``[T_j]`` (or ``[1, T_j]``) on the model's device.
     cache : a :class:`CompressedCache` (compacted after every forward) or an ordinary ``DynamicCache``.
+    max_new_tokens : one limit for every row, or one per row.
     min_new_tokens : stop tokens are not chosen before this many tokens (LongBench's samsum rule).
     """
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=input_ids.device)
-    logits = prefill(model, input_ids, cache, prefill_chunk_size)
-    out: List[int] = []
-    while len(out) < max_new_tokens:
-        if len(out) < min_new_tokens and stop.numel():
+    device = prompts[0].device
+    rows = [p.reshape(-1) for p in prompts]
+    limits = [max_new_tokens] * len(rows) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    width = int(lengths.max())
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    for j, row in enumerate(rows):
+        ids[j, width - len(row):] = row
+    inputs = {}
+    if int(lengths.min()) < width:
+        mask = (torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]).long()
+        inputs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp_min(0)}
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    stop_set = set(stop.tolist())
+    logits = prefill(model, ids, cache, prefill_chunk_size, **inputs)
+    out: List[List[int]] = [[] for _ in rows]
+    live = [limit > 0 for limit in limits]
+    step = 0  # tokens chosen so far by every row still going
+    while any(live):
+        if step < min_new_tokens and stop.numel():
             logits = logits.index_fill(-1, stop, float("-inf"))
-        token = int(logits[0].argmax())
-        if stop.numel() and token in stop_ids:
+        step += 1
+        tokens = logits.argmax(-1)
+        for j, token in enumerate(tokens.tolist()):
+            if live[j]:
+                if token in stop_set:
+                    live[j] = False
+                else:
+                    out[j].append(token)
+                    live[j] = len(out[j]) < limits[j]
+        if not any(live):
             break
-        out.append(token)
-        if len(out) == max_new_tokens:
-            break
-        step = torch.tensor([[token]], device=input_ids.device)
-        logits = model(step, use_cache=True, **with_cache(cache)).logits[:, -1]
+        if inputs:
+            mask = inputs["attention_mask"]
+            inputs = {"attention_mask": torch.cat([mask, torch.ones_like(mask[:, -1:])], -1),
+                      "position_ids": inputs["position_ids"][:, -1:] + 1}
+        logits = model(tokens[:, None], use_cache=True, **with_cache(cache), **inputs).logits[:, -1]
     return out
+
+
+def greedy_answer(model, input_ids: torch.Tensor, cache, max_new_tokens: int, stop_ids: Sequence[int] = (),
+                  min_new_tokens: int = 0, prefill_chunk_size: Optional[int] = None) -> List[int]:
+    """:func:`greedy_answers` of one prompt (``input_ids`` ``[1, T]``)."""
+    return greedy_answers(model, [input_ids], cache, max_new_tokens, stop_ids, min_new_tokens, prefill_chunk_size)[0]
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads a batch (masked, so any id in the vocabulary serves): the tokenizer's pad, else its EOS."""
+    for pad in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if pad is not None:
+            return int(pad)
+    return 0
+
+
+def answer_batch(model, tokenizer, prompts: Sequence[torch.Tensor], specs: Sequence[BudgetSpec],
+                 max_new_tokens: Union[int, Sequence[int]], stop_ids: Sequence[int] = (), min_new_tokens: int = 0,
+                 prefill_chunk_size: Optional[int] = None) -> List[Answer]:
+    """Answer a batch of prompts (``[1, T_j]`` each), row ``j`` under ``specs[j]``'s budget, in one cache: fresh
+    cache, prefill, greedy decoding, decoded texts. Time and KV bytes are the batch's, shared over its rows."""
+    device = next(model.parameters()).device
+    prompts = [p.to(device) for p in prompts]
+    lengths = [p.shape[-1] for p in prompts]
+    cache = batch_cache(model, specs, lengths)
+    t0 = time.perf_counter()
+    ids = greedy_answers(model, prompts, cache, max_new_tokens, stop_ids, min_new_tokens, prefill_chunk_size,
+                         pad_token_id(tokenizer))
+    seconds = (time.perf_counter() - t0) / len(prompts)
+    # an ordinary cache only grows, so its final size is its peak
+    peak = cache.peak_bytes if isinstance(cache, CompressedCache) else kv_bytes(cache)
+    final = kv_bytes(cache)
+    return [Answer(row, tokenizer.decode(row, skip_special_tokens=True), n, seconds, peak // len(prompts),
+                   final // len(prompts), len(prompts)) for row, n in zip(ids, lengths)]
 
 
 def answer(model, tokenizer, input_ids: torch.Tensor, spec: BudgetSpec, max_new_tokens: int,
            stop_ids: Sequence[int] = (), min_new_tokens: int = 0, prefill_chunk_size: Optional[int] = None) -> Answer:
     """Answer one prompt under ``spec``'s budget: fresh cache, prefill, greedy decoding, decoded text."""
-    device = next(model.parameters()).device
-    input_ids = input_ids.to(device)
-    cache = spec.make(model, input_ids.shape[1])
-    t0 = time.perf_counter()
-    ids = greedy_answer(model, input_ids, cache, max_new_tokens, stop_ids, min_new_tokens, prefill_chunk_size)
-    seconds = time.perf_counter() - t0
-    # an ordinary cache only grows, so its final size is its peak
-    peak = cache.peak_bytes if isinstance(cache, CompressedCache) else kv_bytes(cache)
-    return Answer(ids, tokenizer.decode(ids, skip_special_tokens=True), input_ids.shape[1], seconds, peak,
-                  kv_bytes(cache))
+    return answer_batch(model, tokenizer, [input_ids], [spec], max_new_tokens, stop_ids, min_new_tokens,
+                        prefill_chunk_size)[0]
+
+
+def answer_all(model, tokenizer, requests: Iterable[Tuple[torch.Tensor, int]], spec_for: Callable[[int], BudgetSpec],
+               batch_size: int = 1, stop_ids: Sequence[int] = (), min_new_tokens: int = 0,
+               prefill_chunk_size: Optional[int] = None, longest_first: bool = False) -> Iterator[Tuple[int, Answer]]:
+    """``(i, answer)`` for every request ``i`` (``(input_ids [1, T], max_new_tokens)``), ``batch_size`` at a time.
+
+    Requests are taken in their order (lazily: a generator builds each batch's prompts only when it is
+    due), or, with ``longest_first``, all at once and sorted longest first, so that the rows of a batch
+    have similar lengths and little padding and the largest batch, the one that runs out of memory if any
+    does, comes first. ``spec_for(prompt_tokens)`` is the budget of each prompt.
+    """
+    pending = enumerate(requests)
+    if longest_first and batch_size > 1:
+        pending = iter(sorted(pending, key=lambda item: -item[1][0].shape[-1]))
+    while True:
+        batch = list(itertools.islice(pending, batch_size))
+        if not batch:
+            return
+        prompts = [ids for _, (ids, _) in batch]
+        answers = answer_batch(model, tokenizer, prompts, [spec_for(ids.shape[-1]) for ids in prompts],
+                               [limit for _, (_, limit) in batch], stop_ids, min_new_tokens, prefill_chunk_size)
+        yield from zip((i for i, _ in batch), answers)
 
 
 def truncate_middle(tokenizer, prompt: str, max_length: int) -> str:

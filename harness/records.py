@@ -195,6 +195,13 @@ def sharded_results(final: Path, samples: List[dict], key: str, rank: int, world
         merge_shards(final, world, key=key, order=[s[key] for s in samples])
 
 
+def in_sample_order(final: Path, samples: List[dict], key: str, world: int) -> None:
+    """Rewrite one rank's finished ``final`` in sample order (a batched run writes its records longest prompt
+    first); several ranks' merge orders them already."""
+    if world == 1 and Path(final).exists():
+        merge_shards(final, 1, key=key, order=[s[key] for s in samples])
+
+
 def barrier() -> bool:
     """Wait for every rank when ``torch.distributed`` is set up (returns ``False`` when it is not)."""
     import torch.distributed as dist

@@ -51,6 +51,41 @@ def add_runtime_flags(group) -> None:
                        help="attention kernel (default: the model's)")
 
 
+def add_batch_flag(group) -> None:
+    group.add_argument("--batch_size", type=int, default=1,
+                       help="answer N prompts at once, longest first: left-padded into one cache, each row under its "
+                            "own budget; each row gives what it gives alone (float32); every method (default 1)")
+
+
+def check_batch_flags(args) -> None:
+    """One-line errors for the prompt harnesses' ``--batch_size``, before any model is loaded."""
+    from lacache_core.versions import MODERN_ATTENTION
+
+    size = getattr(args, "batch_size", 1)
+    if size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {size}")
+    if size == 1:
+        return
+    if getattr(args, "prefill_chunk_size", None) is not None:
+        raise ConfigError(f"--prefill_chunk_size cannot be used with --batch_size {size}: the rows of a batch would "
+                          "be cut at different places of their own prompts; use one of the two")
+    for method in getattr(args, "methods", []):
+        if method != "full" and not MODERN_ATTENTION:
+            raise ConfigError(f"--batch_size {size} with --method {method} needs transformers >= 4.48 (prompts of "
+                              "different lengths are left-padded); use --batch_size 1")
+
+
+def batch_setting(args) -> dict:
+    """``--batch_size`` where it is part of a run's setting: above 1 (batch-1 runs keep their hashes)."""
+    size = getattr(args, "batch_size", 1)
+    return {"batch_size": size} if size > 1 else {}
+
+
+def batch_tag(args) -> str:
+    size = getattr(args, "batch_size", 1)
+    return f"_bs{size}" if size > 1 else ""
+
+
 def add_skip_flag(group) -> None:
     group.add_argument("--skip_bad_rows", action="store_true",
                        help="leave out data rows that are not JSON or lack a field (default: stop with an error); "
@@ -201,5 +236,5 @@ def cli(parse: Callable[[Optional[list]], object], body: Callable[[object], int]
     return main
 
 
-__all__ = ["ArgumentParser", "Run", "add_model_flags", "add_output_flags", "add_runtime_flags", "add_skip_flag", "check_budgets",
-           "check_run_flags", "cli", "load", "predict_each", "progress", "recorded_args", "run_main"]
+__all__ = ["ArgumentParser", "Run", "add_batch_flag", "add_model_flags", "add_output_flags", "add_runtime_flags", "add_skip_flag",
+           "batch_setting", "batch_tag", "check_batch_flags", "check_budgets", "check_run_flags", "cli", "load", "predict_each", "progress", "recorded_args", "run_main"]

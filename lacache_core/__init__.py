@@ -3,12 +3,12 @@ from .errors import ConfigError
 from .policies import (H2O, AdaKV, HeadKV, LSHE, METHODS, NACL, TOVA, CachePolicy, FullCache, KNorm, KNormDecode, LaCache,
                        PyramidInfer, PyramidKV, Scissorhands, SnapKV, StreamingLLM, ThinK, build_policy)
 from .patches import enable_position_shift, is_position_shifted
-from .cache import CompressedCache, make_cache, prefill
+from .cache import CompressedCache, make_cache, make_row_cache, prefill
 
 __all__ = [
     "ConfigError", "METHODS", "CachePolicy", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "SnapKV",
     "PyramidKV", "PyramidInfer", "KNorm", "KNormDecode", "Scissorhands", "NACL", "AdaKV", "HeadKV", "ThinK",
     "build_policy",
-    "enable_position_shift", "is_position_shifted", "CompressedCache", "make_cache", "prefill",
+    "enable_position_shift", "is_position_shifted", "CompressedCache", "make_cache", "make_row_cache", "prefill",
 ]
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .masks import own_key_visible
 from .policies import CachePolicy, build_policy
 from .policies.base import gather_layer
-from .storage import LayerStore, PerHeadStore, PrunedChannelStore
+from .storage import DenseStore, LayerStore, PerHeadStore, PrunedChannelStore, RowStores
 from .versions import HAS_CACHE_CLASSES, with_cache
 
 KEY_ROTATIONS = ("auto", "every_step", "incremental")
@@ -148,13 +148,17 @@ class CompressedCache(DynamicCache):
         """Whether the tensors the last :meth:`attend` of layer ``i`` returned are a padded per-head view."""
         return self._step_lengths[i] is not None
 
+    def rows_masked(self, i: int) -> bool:
+        """Whether the rows of the last :meth:`attend` of layer ``i`` need the cache's own mask (fillers, padding)."""
+        return self._step_fillers[i] is not None
+
     def head_mask(self, i: int, mask, query: torch.Tensor):
         """The attention mask for this step of layer ``i`` (after :meth:`attend`): ``mask`` itself, or, where the
         layer's heads differ in length, ``mask`` with each head's padding hidden (``[b, heads, q, n]``; bool
         or additive like ``mask``)."""
         if self._step_fillers[i] is not None:
             return self._row_mask(i, query)
-        lengths = self._step_lengths[i]
+        lengths = self._step_lengths[i]  # [kv_heads]: one row
         if lengths is None:
             return mask
         heads, q = query.shape[1], query.shape[2]
@@ -173,15 +177,18 @@ class CompressedCache(DynamicCache):
         return torch.where(pad, torch.finfo(mask.dtype).min, mask)
 
     def _row_mask(self, i: int, query: torch.Tensor) -> torch.Tensor:
-        """``[b, 1, q, n]`` additive: each row's filler slots hidden, the new tokens causal. It replaces the model's
+        """``[b, 1 | heads, q, n]`` additive: each row's filler slots (and a head's padding, where heads differ in
+        length) hidden, the new tokens causal. It replaces the model's
         mask, which knows the padding of the input but not where compaction has moved each row's tokens."""
         fillers, n = self._step_fillers[i]
-        q, device = query.shape[2], query.device
+        heads, q, device = query.shape[1], query.shape[2], query.device
+        lengths = self._step_lengths[i]
+        # the first slot each row (and, where heads differ in length, each head) may see: [b, 1] or [b, heads]
+        first = fillers[:, None] if lengths is None else (n - lengths).repeat_interleave(heads // lengths.shape[-1], -1)
         slots = torch.arange(n, device=device)
-        allowed = slots[None, None, :] >= fillers.to(device)[:, None, None]  # [b, 1, n]
-        allowed = allowed & (slots[None, :] <= torch.arange(n - q, n, device=device)[:, None])[None]  # [b, q, n]
-        return torch.zeros((), dtype=query.dtype, device=device).masked_fill(
-            ~allowed[:, None], torch.finfo(query.dtype).min)
+        allowed = slots[None, None, None, :] >= first.to(device)[:, :, None, None]  # [b, 1 | heads, 1, n]
+        allowed = allowed & (slots[None, :] <= torch.arange(n - q, n, device=device)[:, None])  # [b, ., q, n]
+        return torch.zeros((), dtype=query.dtype, device=device).masked_fill(~allowed, torch.finfo(query.dtype).min)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # A layer written twice without being read went through an unpatched attention: its keys were
@@ -264,11 +271,14 @@ class CompressedCache(DynamicCache):
         if layer_idx == self.num_layers - 1:
             self.peak_bytes = max(self.peak_bytes, self._step_bytes)
         self._view[layer_idx] = None
-        keep = policy.settle(layer_idx, n) if rows is None else self._rows_keep(rows, layer_idx, n, key.shape[1])
         # after padding, the model's mask says where the input's pads were, not where compaction moved each row's
         # tokens; without padding it is right while no row holds fillers
-        own_mask = rows is not None and (self._pads is not None or any(fillers))
+        own_mask = rows is not None and (self._pads is not None or any(fillers) or self._stores[layer_idx] is not None)
         self._step_fillers[layer_idx] = (row_fillers, n) if own_mask else None
+        if rows is not None and (policy.ragged or policy.prunes_channels):
+            self._rows_into_stores(rows, layer_idx, key, value, n)
+            return query, keys, value
+        keep = policy.settle(layer_idx, n) if rows is None else self._rows_keep(rows, layer_idx, n, key.shape[1])
         if keep is not None and self._stores[layer_idx] is not None:
             raise RuntimeError(f"{policy.name}: a layer held in a store of its own cannot be compacted again")
         kept_key, kept_value = key, value
@@ -287,15 +297,29 @@ class CompressedCache(DynamicCache):
                 self._keep_in_store(layer_idx, store, key)
         return query, keys, value
 
+    @classmethod
+    def for_rows(cls, policies: list, num_layers: int, query_at_slot: bool = True,
+                 key_rotation: str = "auto") -> "CompressedCache":
+        """One cache for a batch whose rows have policies of their own: one method, its settings per row (a
+        budget sized to each row's prompt, sinks by each prompt's length). Row ``j`` of every forward pass is
+        compacted by ``policies[j]``; the arguments are as for the constructor."""
+        first = policies[0]
+        if any(type(p) is not type(first) for p in policies):
+            raise ConfigError("the rows of a batch must use one method: " + ", ".join(sorted({p.name for p in policies})))
+        cache = cls(first, num_layers, query_at_slot=query_at_slot, key_rotation=key_rotation)
+        if len(policies) > 1:
+            for p in policies[1:]:
+                p.bind(num_layers)
+            cache._rows = list(policies)
+            cache._fillers = [torch.zeros(len(policies), dtype=torch.long) for _ in range(num_layers)]
+        return cache
+
     def _row_policies(self, batch: int) -> Optional[list]:
         """The per-row policies of a batch, for a policy that scores tokens (``None``: one policy serves every row,
         since a position-only choice depends on the slot count alone, the same in every row)."""
         if self._rows is None and (batch == 1 or not self.policy.observes) and self._fillers is None:
             return None
         if self._rows is None:
-            if self.policy.ragged or self.policy.prunes_channels:
-                raise ConfigError(f"--method {self.policy.name} cannot run a batch yet: its layers are stored per head "
-                                  "or with pruned channels; use batch size 1")
             if self.policy.seen:
                 raise RuntimeError("a cache used at batch size 1 cannot continue at a larger batch; use a fresh cache")
             self._rows = [self.policy] + [copy.deepcopy(self.policy) for _ in range(batch - 1)]
@@ -321,6 +345,29 @@ class CompressedCache(DynamicCache):
         width = max(row.shape[-1] for row in slots)
         self._fillers[layer] = torch.tensor([width - row.shape[-1] for row in slots])
         return torch.stack([torch.nn.functional.pad(row, (width - row.shape[-1], 0)) for row in slots])
+
+    def _rows_into_stores(self, rows: list, layer: int, key: torch.Tensor, value: torch.Tensor, n: int) -> None:
+        """Each row's choice for ``layer`` under a method that holds layers in a store of its own (heads of
+        different lengths, pruned key channels): a store per row among its own tokens, held as one
+        :class:`RowStores` (rows aligned by filler slots at the front, as :meth:`_rows_keep` does)."""
+        fillers = self._fillers[layer].tolist()
+        keeps = [row.settle(layer, n - f) for row, f in zip(rows, fillers)]
+        if self._stores[layer] is not None:
+            if any(k is not None for k in keeps):
+                raise RuntimeError(f"{self.policy.name}: a layer held in a store of its own cannot be compacted again")
+            return
+        stores = []
+        for j, (row, keep, f) in enumerate(zip(rows, keeps, fillers)):
+            k, v = key[j:j + 1, :, f:], value[j:j + 1, :, f:]
+            if isinstance(keep, list):  # per-head lengths (AdaKV, HeadKV)
+                stores.append(PerHeadStore(k, v, keep))
+                continue
+            k, v = gather_layer(k, v, keep) if keep is not None else (k.clone(), v.clone())
+            channels = row.channel_keep(layer, k) if row.prunes_channels else None  # ThinK: after the token choice
+            stores.append(DenseStore(k, v) if channels is None else PrunedChannelStore(k, v, channels, row.unpruned_window))
+        store = RowStores(stores)
+        self._fillers[layer] = store.shape()[2] - store.row_lengths()
+        self._keep_in_store(layer, store, key)
 
     def note_padding(self, mask: torch.Tensor) -> None:
         """Read the left padding of a batch's first forward pass from its 4D attention mask (layer 0's).
@@ -435,13 +482,31 @@ def make_cache(method: str, model_or_config, query_at_slot: bool = True, key_rot
     return CompressedCache(policy, config.num_hidden_layers, query_at_slot=query_at_slot, key_rotation=key_rotation)
 
 
-def prefill(model, input_ids: torch.Tensor, cache, chunk_size: Optional[int] = None) -> torch.Tensor:
+def make_row_cache(method: str, model_or_config, row_settings: list, query_at_slot: bool = True,
+                   key_rotation: str = "auto") -> CompressedCache:
+    """A :class:`CompressedCache` for a batch whose rows differ in their settings (``row_settings[j]`` for row
+    ``j``, as :func:`make_cache`'s keywords), e.g. a budget that is a fraction of each row's prompt.
+
+    Example
+    -------
+    >>> cache = make_row_cache("lacache", model, [dict(cache_size=512), dict(cache_size=300)])
+    >>> model.generate(left_padded_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=64)
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    if all(s == row_settings[0] for s in row_settings):  # one policy serves rows that score nothing
+        return make_cache(method, config, query_at_slot, key_rotation, **row_settings[0])
+    return CompressedCache.for_rows([build_policy(method, **s) for s in row_settings], config.num_hidden_layers,
+                                    query_at_slot=query_at_slot, key_rotation=key_rotation)
+
+
+def prefill(model, input_ids: torch.Tensor, cache, chunk_size: Optional[int] = None, **inputs) -> torch.Tensor:
     """Feed a prompt into ``cache``, whole or ``chunk_size`` tokens at a time; returns the last logits ``[b, vocab]``.
 
     With a :class:`CompressedCache` of a decode-time method the policy compacts between chunks, so
     peak memory depends on the budget and the chunk, not on the prompt length. Prefill-time
     methods (SnapKV, ...) compress after the first forward pass, so they need the whole prompt at
-    once (``chunk_size=None``).
+    once (``chunk_size=None``). ``inputs`` (a left-padded batch's ``attention_mask`` and
+    ``position_ids``) go to the model with the whole prompt.
     """
     import inspect
 
@@ -452,6 +517,9 @@ def prefill(model, input_ids: torch.Tensor, cache, chunk_size: Optional[int] = N
     if chunk_size is not None and isinstance(cache, CompressedCache) and cache.policy.prefill_only:
         raise ConfigError(f"--prefill_chunk_size cannot be used with --method {cache.policy.name}: it compresses the "
                           "whole prompt once")
+    if chunk_size is not None and inputs:
+        raise ConfigError("--prefill_chunk_size cannot feed a padded batch: its rows would be cut at different places "
+                          "of their own prompts; use batch size 1 or the whole prompt")
     params = inspect.signature(model.forward).parameters
     # only the last position's logits are needed; a [prompt, vocab] logits tensor would dominate memory
     extra = {"logits_to_keep": 1} if "logits_to_keep" in params else (
@@ -459,6 +527,6 @@ def prefill(model, input_ids: torch.Tensor, cache, chunk_size: Optional[int] = N
     step = chunk_size or input_ids.shape[1]
     logits = None
     for start in range(0, input_ids.shape[1], step):
-        out = model(input_ids[:, start:start + step], use_cache=True, **with_cache(cache), **extra)
+        out = model(input_ids[:, start:start + step], use_cache=True, **with_cache(cache), **extra, **inputs)
         logits = out.logits[:, -1]
     return logits

@@ -39,7 +39,8 @@ class LayerStore:
         raise NotImplementedError
 
     def head_lengths(self) -> Optional[torch.Tensor]:
-        """Slots per KV head (``LongTensor [kv_heads]``) where heads differ, else ``None``."""
+        """Slots per KV head (``LongTensor [kv_heads]``; ``[b, kv_heads]`` for :class:`RowStores`) where heads
+        differ, else ``None``."""
         return None
 
 
@@ -128,3 +129,71 @@ class PrunedChannelStore(LayerStore):
 
     def write_newest_keys(self, rotated):
         self.key[..., self.key.shape[-2] - rotated.shape[-2]:, :] = rotated
+
+
+class DenseStore(LayerStore):
+    """One dense ``(key, value)`` pair, ``[b, kv_heads, n, d]``: a row of :class:`RowStores` kept whole."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor):
+        self.key, self.value = key, value
+
+    def append(self, key, value):
+        self.key, self.value = torch.cat([self.key, key], -2), torch.cat([self.value, value], -2)
+
+    def view(self):
+        return self.key, self.value
+
+    def shape(self):
+        return tuple(self.key.shape[:3])
+
+    def nbytes(self):
+        return _bytes(self.key, self.value)
+
+    def write_newest_keys(self, rotated):
+        self.key[..., self.key.shape[-2] - rotated.shape[-2]:, :] = rotated
+
+
+class RowStores(LayerStore):
+    """A batch whose rows each hold the layer in a store of their own (``stores[j]`` is row ``j``, batch 1).
+
+    The view left-pads each row's view with zeros to the longest row; the cache hides a row's padding
+    from attention (its filler slots, and where heads differ, :meth:`head_lengths`).
+    """
+
+    def __init__(self, stores: List[LayerStore]):
+        self.stores = stores
+
+    def append(self, key, value):
+        for j, store in enumerate(self.stores):
+            store.append(key[j:j + 1], value[j:j + 1])
+
+    def view(self):
+        n = self.shape()[2]
+        views = [store.view() for store in self.stores]
+
+        def pad(t):
+            return torch.nn.functional.pad(t, (0, 0, n - t.shape[-2], 0))
+
+        return torch.cat([pad(k) for k, _ in views]), torch.cat([pad(v) for _, v in views])
+
+    def shape(self):
+        shapes = [store.shape() for store in self.stores]
+        return len(shapes), shapes[0][1], max(n for _, _, n in shapes)
+
+    def row_lengths(self) -> torch.Tensor:
+        """Slots each row's own view holds (``LongTensor [b]``)."""
+        return torch.tensor([store.shape()[2] for store in self.stores])
+
+    def nbytes(self):
+        return sum(store.nbytes() for store in self.stores)
+
+    def write_newest_keys(self, rotated):
+        for j, store in enumerate(self.stores):
+            store.write_newest_keys(rotated[j:j + 1])
+
+    def head_lengths(self):
+        if all(store.head_lengths() is None for store in self.stores):
+            return None
+        heads = self.shape()[1]
+        return torch.stack([store.head_lengths() if store.head_lengths() is not None
+                            else torch.full((heads,), store.shape()[2]) for store in self.stores])

@@ -33,10 +33,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.flags import add_method_flags, hyperparameters, method_identity, method_tag, parser  # noqa: E402
-from harness.generation import answer, budget_spec, encode_prompt, stop_token_ids, truncate_middle  # noqa: E402
-from harness.records import complete_rows, read_jsonl, sharded_results  # noqa: E402
-from harness.runner import (Run, add_model_flags, add_output_flags, add_skip_flag, check_budgets,  # noqa: E402
-                            check_run_flags, cli, load, predict_each, progress)
+from harness.generation import answer_all, budget_spec, encode_prompt, stop_token_ids, truncate_middle  # noqa: E402
+from harness.records import complete_rows, in_sample_order, read_jsonl, sharded_results  # noqa: E402
+from harness.runner import (Run, add_batch_flag, add_model_flags, add_output_flags, add_skip_flag,  # noqa: E402
+                            batch_setting, batch_tag, check_batch_flags, check_budgets, check_run_flags, cli, load,
+                            predict_each, progress)
 from lacache_core.errors import ConfigError  # noqa: E402
 from longbench.config import (DATASETS, DATASETS_E, MAX_NEW_TOKENS, MODEL_MAX_LENGTH, NO_CHAT,  # noqa: E402
                               PROMPTS)
@@ -68,6 +69,7 @@ def parse_args(argv=None):
                                  "weights (then give --max_length)")
     add_model_flags(g["model"], default=None, names=("--model_name_or_path", "--model_name"),
                     help="weights to load instead of --model's (hub name or local folder)")
+    add_batch_flag(g["model"])
     d = g["data"]
     d.add_argument("--e", action="store_true", help="LongBench-E (13 datasets, length buckets)")
     d.add_argument("--datasets", default=None, help="comma list (default: all 21, or the 13 of LongBench-E with --e)")
@@ -93,6 +95,7 @@ def parse_args(argv=None):
 
 def validate(args) -> None:
     check_run_flags(args)
+    check_batch_flags(args)
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise ConfigError(f"--data_dir {args.data_dir}: no such folder (unzip LongBench's data.zip into it)")
     pool = DATASETS_E if args.e else DATASETS
@@ -212,7 +215,7 @@ def model_label(args) -> str:
 
 def run_name(args, method: str) -> str:
     chat = "" if args.chat_template == "auto" else f"_chat-{args.chat_template}"  # readable; the hash has it too
-    return f"{model_label(args)}__{method_tag(args, method)}{chat}"
+    return f"{model_label(args)}__{method_tag(args, method)}{chat}{batch_tag(args)}"
 
 
 def open_run(args, method: str, tokenizer) -> Tuple[Run, dict]:
@@ -225,11 +228,12 @@ def open_run(args, method: str, tokenizer) -> Tuple[Run, dict]:
                "method": method_identity(args, method),
                "generation": {"max_length": args.max_length, "max_new_tokens": args.max_new_tokens,
                               "chat": chat_wrapper(args, tokenizer)},
-               "cache": {"dtype": args.dtype, "attn_implementation": args.attn_implementation}, "seed": None}
+               "cache": {"dtype": args.dtype, "attn_implementation": args.attn_implementation, **batch_setting(args)},
+               "seed": None}
     run = Run(Path(args.output_dir) / ("pred_e" if args.e else "pred"), name, setting, args, args.rank)
     info = dict(model=args.model, method=method, budget=None if method == "full" else args.budget,
                 cache_size=budget_spec(args, method, args.max_length).cache_size, max_length=args.max_length,
-                e=args.e, world_size=args.world, chat=setting["generation"]["chat"], **hyperparameters(args, method))
+                e=args.e, world_size=args.world, batch_size=args.batch_size, chat=setting["generation"]["chat"], **hyperparameters(args, method))
     return run, info
 
 
@@ -246,17 +250,20 @@ def predict_dataset(args, method, dataset, model, tokenizer, folder: Path) -> Op
     final = folder / f"{dataset}.jsonl"
     spec = budget_spec(args, method, args.max_length)
     stop = stop_token_ids(tokenizer, model, extra=["\n"] if dataset == "samsum" else ())
+    limit = min(MAX_NEW_TOKENS[dataset], args.max_new_tokens or MAX_NEW_TOKENS[dataset])
     with sharded_results(final, samples, "_id", args.rank, args.world) as (todo, out):
-        for sample in progress(todo, f"{method} {dataset}", args.rank):
-            ids = encode(tokenizer, PROMPTS[dataset].format(**sample), dataset, args)
-            limit = min(MAX_NEW_TOKENS[dataset], args.max_new_tokens or MAX_NEW_TOKENS[dataset])
-            res = answer(model, tokenizer, ids, spec, limit, stop,
-                         min_new_tokens=1 if dataset == "samsum" else 0, prefill_chunk_size=args.prefill_chunk_size)
+        requests = [(encode(tokenizer, PROMPTS[dataset].format(**sample), dataset, args), limit) for sample in todo]
+        answers = answer_all(model, tokenizer, requests, lambda _: spec, args.batch_size, stop,
+                             min_new_tokens=1 if dataset == "samsum" else 0,
+                             prefill_chunk_size=args.prefill_chunk_size, longest_first=True)
+        for i, res in progress(answers, f"{method} {dataset}", args.rank, total=len(todo)):
+            sample = todo[i]
             out.append({"_id": sample["_id"], "pred": res.text, "answers": sample["answers"],
                         "all_classes": sample.get("all_classes"), "length": sample.get("length"),
                         "prompt_tokens": res.prompt_tokens, "seconds": round(res.seconds, 3),
-                        "peak_kv_bytes": res.peak_kv_bytes,
-                        "final_kv_bytes": res.final_kv_bytes})
+                        "peak_kv_bytes": res.peak_kv_bytes, "final_kv_bytes": res.final_kv_bytes,
+                        "batch_rows": res.batch_rows})
+    in_sample_order(final, samples, "_id", args.world)
     return skipped
 
 

@@ -43,10 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import paper  # noqa: E402
 from harness.flags import add_method_flags, hyperparameters, method_identity, method_tag, parser  # noqa: E402
-from harness.generation import BudgetSpec, answer, budget_spec, encode_prompt, stop_token_ids  # noqa: E402
+from harness.generation import BudgetSpec, answer_all, budget_spec, encode_prompt, stop_token_ids  # noqa: E402
 from harness.records import AppendOnlyFile  # noqa: E402
-from harness.runner import (Run, add_model_flags, add_output_flags, check_budgets, check_run_flags, cli,  # noqa: E402
-                            load, progress)
+from harness.runner import (Run, add_batch_flag, add_model_flags, add_output_flags, batch_setting,  # noqa: E402
+                            batch_tag, check_batch_flags, check_budgets, check_run_flags, cli, load, progress)
 from lacache_core.errors import ConfigError  # noqa: E402
 from niah import official  # noqa: E402
 from niah.haystack import MODES, Prompt, build_prompt, depth_label, score  # noqa: E402
@@ -67,6 +67,7 @@ PAPER_NOTE = ("Paper (LaCache, Figs. 8-9, passkey averages only): other models, 
 def parse_args(argv=None):
     p, g = parser(__doc__)
     add_model_flags(g["model"], names=("--model_name", "--model_name_or_path", "--model"))
+    add_batch_flag(g["model"])
     d = g["data"]
     d.add_argument("--max_tokens", type=int, default=4096, help="largest context length in tokens (official: 4096)")
     d.add_argument("--interval", type=int, default=2948,
@@ -113,6 +114,7 @@ def validate(args) -> None:
             raise ConfigError(f"--enable_lacache means --method lacache, but --method is {args.method!r}")
     args.method = args.method or "full"
     check_run_flags(args)
+    check_batch_flags(args)
     if args.max_tokens < 1:
         raise ConfigError(f"--max_tokens must be >= 1, got {args.max_tokens}")
     if not 1 <= args.interval <= args.max_tokens:
@@ -170,9 +172,10 @@ def open_run(args, method: str) -> Run:
     setting = {"model": args.model_identity, "data": {"mode": args.mode, "protocol": args.protocol},
                "method": ident,
                "generation": {"max_new_tokens": answer_tokens(args), "chat": not args.no_chat and args.protocol == "clean"},
-               "cache": {"dtype": args.dtype, "attn_implementation": args.attn_implementation}, "seed": args.seed}
-    return Run(args.output_dir, f"{model_label(args.model_name_or_path)}__{mode}__{method_tag(args, method)}", setting,
-               args)
+               "cache": {"dtype": args.dtype, "attn_implementation": args.attn_implementation, **batch_setting(args)},
+               "seed": args.seed}
+    return Run(args.output_dir, f"{model_label(args.model_name_or_path)}__{mode}__{method_tag(args, method)}"
+                                f"{batch_tag(args)}", setting, args)
 
 
 # ----------------------------------------------------------------------------------------- results file
@@ -319,19 +322,27 @@ def run_method(args, method, model, tokenizer, essays, stop) -> List[dict]:
                   lengths=args.lengths, depths=args.depth_list, num_tests=args.num_tests,
                   max_new_tokens=answer_tokens(args), chat=not args.no_chat and args.protocol == "clean",
                   budget=None if method == "full" else args.budget,
-                  start_size=None if method == "full" else start_size(args), **hyperparameters(args, method))
+                  start_size=None if method == "full" else start_size(args), batch_size=args.batch_size,
+                  **hyperparameters(args, method))
     run.start(**common)
     cells = grid_cells(args)
-    guesses = {}
+    guesses, prompts = {}, {}
     t0 = time.perf_counter()
     with CsvResults(folder / "results.csv") as out:
         todo = [c for c in cells if _key(*c) not in out.done]
-        for length, depth, test in progress(todo, f"{method} {args.mode}"):
-            prompt, limit = make_prompt(args, tokenizer, length, depth, test, essays, guesses.get(length))
-            guesses[length] = prompt.units
-            spec = make_spec(args, method, prompt.tokens)
-            res = answer(model, tokenizer, prompt.input_ids, spec, limit, stop,
-                         prefill_chunk_size=args.prefill_chunk_size)
+
+        def requests():  # built as each batch is due: the grid's prompts together would not fit in memory
+            for i, (length, depth, test) in enumerate(todo):
+                prompt, limit = make_prompt(args, tokenizer, length, depth, test, essays, guesses.get(length))
+                guesses[length] = prompt.units
+                prompts[i] = prompt
+                yield prompt.input_ids, limit
+
+        # the grid goes length by length, so consecutive tests have prompts of about the same length
+        answers = answer_all(model, tokenizer, requests(), lambda n: make_spec(args, method, n), args.batch_size, stop,
+                             prefill_chunk_size=args.prefill_chunk_size)
+        for i, res in progress(answers, f"{method} {args.mode}", total=len(todo)):
+            (length, depth, test), prompt = todo[i], prompts.pop(i)
             out.append({"context_length": length, "depth": depth_label(depth), "test": test,
                         "score": f"{score(args.mode, res.text, prompt.answer):g}", "pred": res.text,
                         "prompt_tokens": res.prompt_tokens})

@@ -20,10 +20,11 @@ from typing import Optional, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.flags import add_method_flags, hyperparameters, method_identity, method_tag, parser  # noqa: E402
-from harness.generation import answer, budget_spec, encode_prompt, stop_token_ids  # noqa: E402
-from harness.records import complete_rows, read_json_object, read_jsonl, sharded_results  # noqa: E402
-from harness.runner import (Run, add_model_flags, add_output_flags, add_skip_flag, check_budgets,  # noqa: E402
-                            check_run_flags, cli, load, predict_each, progress)
+from harness.generation import answer_all, budget_spec, encode_prompt, stop_token_ids  # noqa: E402
+from harness.records import complete_rows, in_sample_order, read_json_object, read_jsonl, sharded_results  # noqa: E402
+from harness.runner import (Run, add_batch_flag, add_model_flags, add_output_flags, add_skip_flag,  # noqa: E402
+                            batch_setting, batch_tag, check_batch_flags, check_budgets, check_run_flags, cli, load,
+                            predict_each, progress)
 from lacache_core.errors import ConfigError  # noqa: E402
 
 TASKS = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
@@ -33,6 +34,7 @@ TASKS = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "
 def parse_args(argv=None):
     p, g = parser(__doc__)
     add_model_flags(g["model"])
+    add_batch_flag(g["model"])
     g["data"].add_argument("--data_dir", required=True, help="folder of {task}.jsonl written by ruler/prepare.py")
     g["data"].add_argument("--tasks", default=None,
                            help=f"comma list (default: every task file in --data_dir of {TASKS})")
@@ -47,6 +49,7 @@ def parse_args(argv=None):
 
 def validate(args) -> None:
     check_run_flags(args)
+    check_batch_flags(args)
     data = Path(args.data_dir)
     if not data.is_dir():
         raise ConfigError(f"--data_dir {data}: no such folder (write one with ruler/prepare.py)")
@@ -75,14 +78,15 @@ def open_run(args, method: str) -> Tuple[Run, dict]:
     setting = {"model": args.model_identity,
                "data": {"data_dir": str(Path(args.data_dir).resolve()), "prepared_with": prepared},
                "method": method_identity(args, method), "generation": {"chat": not args.no_chat},
-               "cache": {"dtype": args.dtype, "attn_implementation": args.attn_implementation},
+               "cache": {"dtype": args.dtype, "attn_implementation": args.attn_implementation, **batch_setting(args)},
                "seed": prepared.get("seed")}
-    run = Run(args.output_dir, f"{model}__{Path(args.data_dir).name}__{method_tag(args, method)}", setting, args,
-              args.rank)
+    run = Run(args.output_dir, f"{model}__{Path(args.data_dir).name}__{method_tag(args, method)}{batch_tag(args)}",
+              setting, args, args.rank)
     samples, _ = task_rows(args, args.task_list[0])
     max_length = prepared.get("max_length") or max((s["length"] for s in samples), default=None)
     return run, dict(model=args.model_name_or_path, method=method, budget=None if method == "full" else args.budget,
-                     max_length=max_length, world_size=args.world, **hyperparameters(args, method))
+                     max_length=max_length, world_size=args.world, batch_size=args.batch_size,
+                     **hyperparameters(args, method))
 
 
 def task_rows(args, task: str):
@@ -102,16 +106,19 @@ def predict_task(args, method, task, model, tokenizer, folder: Path) -> Optional
     final = folder / f"{task}.jsonl"
     stop = stop_token_ids(tokenizer, model)
     with sharded_results(final, samples, "index", args.rank, args.world) as (todo, out):
-        for sample in progress(todo, f"{method} {task}", args.rank):
-            ids = encode_prompt(tokenizer, sample["input"], chat=not args.no_chat,
-                                answer_prefix=sample.get("answer_prefix", ""))
-            spec = budget_spec(args, method, ids.shape[1])
-            res = answer(model, tokenizer, ids, spec, sample["max_new_tokens"], stop,
-                         prefill_chunk_size=args.prefill_chunk_size)
+        requests = [(encode_prompt(tokenizer, sample["input"], chat=not args.no_chat,
+                                   answer_prefix=sample.get("answer_prefix", "")), sample["max_new_tokens"])
+                    for sample in todo]
+        answers = answer_all(model, tokenizer, requests, lambda n: budget_spec(args, method, n), args.batch_size, stop,
+                             prefill_chunk_size=args.prefill_chunk_size, longest_first=True)
+        for i, res in progress(answers, f"{method} {task}", args.rank, total=len(todo)):
+            sample = todo[i]
             out.append({"index": sample["index"], "pred": res.text, "outputs": sample["outputs"],
-                        "length": sample["length"], "prompt_tokens": res.prompt_tokens, "cache_size": spec.cache_size,
+                        "length": sample["length"], "prompt_tokens": res.prompt_tokens,
+                        "cache_size": budget_spec(args, method, res.prompt_tokens).cache_size,
                         "seconds": round(res.seconds, 3), "peak_kv_bytes": res.peak_kv_bytes,
-                        "final_kv_bytes": res.final_kv_bytes})
+                        "final_kv_bytes": res.final_kv_bytes, "batch_rows": res.batch_rows})
+    in_sample_order(final, samples, "index", args.world)
     return skipped
 
 

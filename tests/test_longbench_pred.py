@@ -79,18 +79,19 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tiny_dir, data_dir, 
     import longbench.pred as pred
 
     assert run(tiny_dir, data_dir, tmp_path / "clean", "--method", "lacache", "--budget", "0.25") == 0
-    real, calls = pred.answer, {"n": 0}
+    real, calls = pred.answer_all, {"n": 0}
 
     def dies_after_seven(*a, **k):
-        calls["n"] += 1
-        if calls["n"] > 7:
-            raise KeyboardInterrupt  # as if killed between two samples
-        return real(*a, **k)
+        for item in real(*a, **k):
+            calls["n"] += 1
+            if calls["n"] > 7:
+                raise KeyboardInterrupt  # as if killed between two samples
+            yield item
 
-    monkeypatch.setattr(pred, "answer", dies_after_seven)
+    monkeypatch.setattr(pred, "answer_all", dies_after_seven)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_dir, data_dir, tmp_path / "cut", "--method", "lacache", "--budget", "0.25")
-    monkeypatch.setattr(pred, "answer", real)
+    monkeypatch.setattr(pred, "answer_all", real)
     folder = result_dir(tmp_path / "cut" / "pred", "tiny__lacache_b0.25_S2_O0")
     assert sum(len(read(p)) for p in folder.glob("*.jsonl")) == 7
     with open(folder / "trec.jsonl", "a") as f:

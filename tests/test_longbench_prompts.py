@@ -128,11 +128,13 @@ def ids_reaching_generate(tmp_path, monkeypatch, tokenizer, flags, datasets, e=F
                 f.write(json.dumps(sample(i, long), ensure_ascii=False) + "\n")
     seen = {}
 
-    def record(model, tok, ids, spec, limit, stop, **kwargs):
-        seen.setdefault(current, []).append((ids[0].tolist(), limit))
-        return types.SimpleNamespace(text="", prompt_tokens=ids.shape[1], seconds=0.0, peak_kv_bytes=0, final_kv_bytes=0)
+    def record(model, tok, requests, spec_for, batch_size, stop, **kwargs):
+        for i, (ids, limit) in enumerate(requests):
+            seen.setdefault(current, []).append((ids[0].tolist(), limit))
+            yield i, types.SimpleNamespace(text="", prompt_tokens=ids.shape[1], seconds=0.0, peak_kv_bytes=0,
+                                           final_kv_bytes=0, batch_rows=1)
 
-    monkeypatch.setattr(pred, "answer", record)
+    monkeypatch.setattr(pred, "answer_all", record)
     args = pred.parse_args(["--data_dir", str(data), "--method", "full", "--max_length", "120",
                             "--output_dir", str(tmp_path / "out")] + (["--e"] if e else []) + flags)
     pred.validate(args)

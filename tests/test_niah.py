@@ -180,18 +180,19 @@ def test_interrupted_run_resumes_to_the_same_rows(tiny_dir, tmp_path, monkeypatc
 
     flags = ("--enable_lacache", "--budget", "0.5")
     assert run(tiny_dir, tmp_path / "clean", *flags) == 0
-    real, calls = pred.answer, {"n": 0}
+    real, calls = pred.answer_all, {"n": 0}
 
     def dies_after_five(*a, **k):
-        calls["n"] += 1
-        if calls["n"] > 5:
-            raise KeyboardInterrupt  # as if killed between two tests
-        return real(*a, **k)
+        for item in real(*a, **k):
+            calls["n"] += 1
+            if calls["n"] > 5:
+                raise KeyboardInterrupt  # as if killed between two tests
+            yield item
 
-    monkeypatch.setattr(pred, "answer", dies_after_five)
+    monkeypatch.setattr(pred, "answer_all", dies_after_five)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_dir, tmp_path / "cut", *flags)
-    monkeypatch.setattr(pred, "answer", real)
+    monkeypatch.setattr(pred, "answer_all", real)
     tag = f"{tiny_dir.name}__passkey__lacache_b0.5_S2_O0_s4"
     path = result_dir(tmp_path / "cut", tag) / "results.csv"
     assert len(rows_of(path)) == 5

@@ -47,13 +47,15 @@ def run(folder, out, monkeypatch, *extra):
 
     calls = []
 
-    def record(model, tok, ids, spec, limit, stop, **kwargs):
-        calls.append((ids[0].tolist(), limit, spec))
-        key = tok.decode(ids[0].tolist()).split("The pass key is ")[1].split(".")[0]
-        text = f" {key}" if len(calls) % 2 else " 0"  # every other test answers its key
-        return types.SimpleNamespace(text=text, prompt_tokens=ids.shape[1], seconds=0.0, peak_kv_bytes=0, final_kv_bytes=0)
+    def record(model, tok, requests, spec_for, batch_size, stop, **kwargs):
+        for i, (ids, limit) in enumerate(requests):
+            calls.append((ids[0].tolist(), limit, spec_for(ids.shape[1])))
+            key = tok.decode(ids[0].tolist()).split("The pass key is ")[1].split(".")[0]
+            text = f" {key}" if len(calls) % 2 else " 0"  # every other test answers its key
+            yield i, types.SimpleNamespace(text=text, prompt_tokens=ids.shape[1], seconds=0.0, peak_kv_bytes=0,
+                                           final_kv_bytes=0, batch_rows=1)
 
-    monkeypatch.setattr(pred, "answer", record)
+    monkeypatch.setattr(pred, "answer_all", record)
     rc = pred.main(["--model_name", str(folder), "--max_tokens", "1024", "--interval", "300", "--num_tests", "2",
                     "--protocol", "lacache", "--device", "cpu", "--output_dir", str(out), *extra])
     return rc, calls
