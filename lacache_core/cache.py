@@ -100,6 +100,7 @@ class CompressedCache(DynamicCache):
         self._tokens_in = 0  # tokens fed per row, padding included (the batch's positions)
         self._pads: Optional[torch.Tensor] = None  # a left-padded batch: each row's pad count ([b])
         self._step_fillers = [None] * num_layers  # (fillers [b], slots) of the tensors the last attend() returned
+        self._step_slots = [0] * num_layers  # slots of the tensors the last attend() returned
 
     # -- storage access, across transformers' two DynamicCache layouts
     def _layer(self, i: int):
@@ -152,12 +153,14 @@ class CompressedCache(DynamicCache):
         """Whether the rows of the last :meth:`attend` of layer ``i`` need the cache's own mask (fillers, padding)."""
         return self._step_fillers[i] is not None
 
-    def head_mask(self, i: int, mask, query: torch.Tensor):
+    def head_mask(self, i: int, mask, query: torch.Tensor, sliding_window: Optional[int] = None):
         """The attention mask for this step of layer ``i`` (after :meth:`attend`): ``mask`` itself, or, where the
         layer's heads differ in length, ``mask`` with each head's padding hidden (``[b, heads, q, n]``; bool
-        or additive like ``mask``)."""
-        if self._step_fillers[i] is not None:
-            return self._row_mask(i, query)
+        or additive like ``mask``), or the cache's own mask (:meth:`_row_mask`) where rows need it or the layer
+        has a ``sliding_window``: the model counts a window from the positions it is given, which
+        ``generate`` advances by the tokens fed while the cache holds fewer slots."""
+        if self._step_fillers[i] is not None or sliding_window:
+            return self._row_mask(i, query, sliding_window)
         lengths = self._step_lengths[i]  # [kv_heads]: one row
         if lengths is None:
             return mask
@@ -176,18 +179,23 @@ class CompressedCache(DynamicCache):
             return mask & ~pad
         return torch.where(pad, torch.finfo(mask.dtype).min, mask)
 
-    def _row_mask(self, i: int, query: torch.Tensor) -> torch.Tensor:
+    def _row_mask(self, i: int, query: torch.Tensor, sliding_window: Optional[int] = None) -> torch.Tensor:
         """``[b, 1 | heads, q, n]`` additive: each row's filler slots (and a head's padding, where heads differ in
-        length) hidden, the new tokens causal. It replaces the model's
-        mask, which knows the padding of the input but not where compaction has moved each row's tokens."""
-        fillers, n = self._step_fillers[i]
-        heads, q, device = query.shape[1], query.shape[2], query.device
-        lengths = self._step_lengths[i]
+        length) hidden, the new tokens causal, and with a ``sliding_window`` only the keys fewer than that many
+        slots before the query (the model's own mask counts the window in cache slots too). It replaces the
+        model's mask, which knows the padding of the input but not where compaction has moved each row's tokens."""
+        b, heads, q, device = *query.shape[:3], query.device
+        fillers, n = self._step_fillers[i] or (torch.zeros(b, dtype=torch.long), self._step_slots[i])
+        lengths = self._step_lengths[i]  # [b, kv_heads] (rows), [kv_heads] (one row) or None
         # the first slot each row (and, where heads differ in length, each head) may see: [b, 1] or [b, heads]
-        first = fillers[:, None] if lengths is None else (n - lengths).repeat_interleave(heads // lengths.shape[-1], -1)
+        first = fillers[:, None] if lengths is None else \
+            (n - lengths.expand(b, -1)).repeat_interleave(heads // lengths.shape[-1], -1)
         slots = torch.arange(n, device=device)
         allowed = slots[None, None, None, :] >= first.to(device)[:, :, None, None]  # [b, 1 | heads, 1, n]
-        allowed = allowed & (slots[None, :] <= torch.arange(n - q, n, device=device)[:, None])  # [b, ., q, n]
+        query_slots = torch.arange(n - q, n, device=device)[:, None]
+        allowed = allowed & (slots[None, :] <= query_slots)  # [b, ., q, n]
+        if sliding_window:
+            allowed = allowed & (slots[None, :] > query_slots - sliding_window)
         return torch.zeros((), dtype=query.dtype, device=device).masked_fill(~allowed, torch.finfo(query.dtype).min)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -229,6 +237,7 @@ class CompressedCache(DynamicCache):
         self._step_lengths[layer_idx] = self.head_lengths(layer_idx)
         self._unread[layer_idx] = False
         n, q_len = key.shape[-2], query.shape[-2]
+        self._step_slots[layer_idx] = n
         if layer_idx == 0:
             self._tokens_in += q_len
         policy = self.policy

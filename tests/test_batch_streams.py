@@ -7,6 +7,7 @@ import torch
 import transformers
 from packaging.version import Version
 
+from harness.generation import greedy_answer
 from harness.streaming import split_streams, stream_perplexity, stream_perplexity_batched, stream_tokens
 from lacache_core import METHODS, CompressedCache, ConfigError, build_policy, enable_position_shift
 from lacache_core.versions import with_cache
@@ -170,3 +171,35 @@ def test_a_left_padded_batch_gives_each_row_what_it_gives_alone(method):
         assert torch.equal(batch[j, 60:], single[0, len(row):]), f"row {j}"
         mine, theirs = cache.row_positions(j), alone.kept_positions()
         assert all(same_positions(a, b) for a, b in list(zip(mine, theirs))[1:])  # layer 0: see above
+
+
+@pytest.mark.parametrize("method", ["streamingllm", "lacache", "h2o", "snapkv", "adakv"])
+def test_a_padded_batch_keeps_the_models_sliding_window(method):
+    # the cache builds the mask of a padded batch and of a sliding-window layer itself: the window (here 10 of
+    # 40 slots) counted in slots, in generate() and in a forward loop alike
+    if Version(transformers.__version__) < Version("4.48"):
+        pytest.skip("padded batches need the attention-interface path (transformers >= 4.48)")
+    model = tiny_model("mistral", "sdpa")
+    model.config.sliding_window = 10
+    model = enable_position_shift(model)
+    g = torch.Generator().manual_seed(10)
+    rows = [torch.randperm(127, generator=g)[:n] + 1 for n in (60, 45)]
+    prompts, mask = torch.zeros(2, 60, dtype=torch.long), torch.zeros(2, 60, dtype=torch.long)
+    for j, row in enumerate(rows):
+        prompts[j, 60 - len(row):], mask[j, 60 - len(row):] = row, 1
+    settings = dict(SETTINGS, cache_size=40)
+    batch = model.generate(prompts, attention_mask=mask, **with_cache(CompressedCache(build_policy(method, **settings), 6)),
+                           max_new_tokens=15, min_new_tokens=15, do_sample=False, pad_token_id=0)
+    unwindowed = tiny_model("mistral", "sdpa")
+    for j, row in enumerate(rows):
+        alone = model.generate(row[None], **with_cache(CompressedCache(build_policy(method, **settings), 6)),
+                               max_new_tokens=15, min_new_tokens=15, do_sample=False, pad_token_id=0)
+        assert torch.equal(batch[j, 60:], alone[0, len(row):]), f"row {j}"
+    # generate() counts positions by the tokens fed; a forward loop by the slots held: one window for both
+    loop = greedy_answer(model, rows[1][None], CompressedCache(build_policy(method, **settings), 6), 15)
+    assert loop == batch[1, 60:].tolist()
+    # and the window matters here: without it the first row answers otherwise
+    free = enable_position_shift(unwindowed).generate(
+        rows[0][None], **with_cache(CompressedCache(build_policy(method, **settings), 6)), max_new_tokens=15,
+        min_new_tokens=15, do_sample=False, pad_token_id=0)
+    assert not torch.equal(free[0, 60:], batch[0, 60:])

@@ -105,7 +105,8 @@ def _wrapper(inner_name: str) -> Callable:
                                       "cannot mask: use --attn_implementation sdpa or eager")
                 attention_mask = _flash_mask(attention_mask, key.shape[-2])
             else:
-                attention_mask = cache.head_mask(module.layer_idx, _fit_mask(attention_mask, key.shape[-2]), query)
+                attention_mask = cache.head_mask(module.layer_idx, _fit_mask(attention_mask, key.shape[-2]), query,
+                                                 kwargs.get("sliding_window"))
         return _inner_kernel(module, inner_name)(module, query, key, value, attention_mask, **kwargs)
 
     lacache_attention.__name__ = f"{PREFIX}{inner_name}"
