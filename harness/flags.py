@@ -17,13 +17,14 @@ import inspect
 import re
 import sys
 from pathlib import Path
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Dict, List, Optional, Tuple
 
 from lacache_core.cache import KEY_ROTATIONS
 from lacache_core.errors import ConfigError
 from lacache_core.policies import METHODS, budget_derived
 from lacache_core.policies.base import BOUNDS, base_type, choices_of, describe_range, type_hints
+from lacache_core.quant import KIVI, QUANT_METHODS, quant_config
 
 #: Fields every budgeted method shares, set by the harness's budget flags rather than generated.
 BUDGET_FIELDS = ("cache_size", "start_size")
@@ -148,6 +149,17 @@ def add_method_flags(group, *, default_method: Optional[str] = "lacache", defaul
                        help="every_step: keys stored un-rotated, all rotated at each step (official); incremental: "
                             "stored rotated, re-rotated by their shift at each compaction; auto: incremental where "
                             "exact or float32-accurate (see CompressedCache)")
+    group.add_argument("--quant", choices=QUANT_METHODS, default="none",
+                       help="KV quantization next to any --method: kivi (KIVI, Liu et al. 2024: keys per channel "
+                            "before RoPE, values per token, asymmetric, grouped; newest tokens in full precision); "
+                            "eviction runs on the codes (default none)")
+    quant = KIVI()
+    group.add_argument("--quant_bits", type=int, default=quant.bits, help=f"--quant kivi: 2, 4 or 8 (default {quant.bits})")
+    group.add_argument("--quant_group", type=int, default=quant.group,
+                       help=f"--quant kivi: tokens per key block, channels per value group (default {quant.group})")
+    group.add_argument("--quant_residual", type=int, default=quant.residual,
+                       help=f"--quant kivi: newest tokens kept in full precision, a multiple of --quant_group "
+                            f"(default {quant.residual})")
     if prefill_chunks:
         group.add_argument("--prefill_chunk_size", type=int, default=None,
                            help="feed the prompt N tokens at a time and compact between chunks (bounded memory); "
@@ -230,7 +242,18 @@ def method_settings(args, method: str) -> dict:
     and the cache's ``key_rotation``; the budget fields are the harness's to add."""
     names = [n for n in METHODS[method].hyperparameters() if n not in BUDGET_FIELDS]
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    return {**given, "key_rotation": args.key_rotation}
+    return {**given, "key_rotation": args.key_rotation, "quant": quant_setting(args)}
+
+
+def quant_setting(args) -> Optional[KIVI]:
+    """The ``--quant`` flags as a :class:`lacache_core.quant.KIVI`, or ``None`` (one-line errors for bad values)."""
+    return quant_config(getattr(args, "quant", "none"), getattr(args, "quant_bits", 2), getattr(args, "quant_group", 32),
+                        getattr(args, "quant_residual", 128))
+
+
+def quant_identity(args) -> Optional[dict]:
+    quant = quant_setting(args)
+    return None if quant is None else {"method": args.quant, **asdict(quant)}
 
 
 def file_sha256(path) -> str:
@@ -269,8 +292,9 @@ def method_identity(args, method: str) -> dict:
     if method == "full":
         return {"name": "full", "prefill_chunk_size": chunk}
     budget = {"budget": args.budget} if getattr(args, "budget", None) is not None else {"cache_size": args.cache_size}
+    quant = {"quant": quant_identity(args)} if quant_setting(args) is not None else {}  # none keeps old hashes
     return {"name": method, **budget, "start_size": args.start_size, **resolved_hyperparameters(args, method),
-            "key_rotation": args.key_rotation, "prefill_chunk_size": chunk}
+            "key_rotation": args.key_rotation, "prefill_chunk_size": chunk, **quant}
 
 
 def budget_label(args) -> str:
@@ -296,6 +320,10 @@ def method_tag(args, method: str) -> str:
             tag += f"_s{args.start_size}"
         if args.key_rotation != "auto":
             tag += f"_r{args.key_rotation}"
+    quant = quant_setting(args)
+    if quant is not None:
+        tag += f"_kivi{quant.bits}" + ("" if (quant.group, quant.residual) == (KIVI().group, KIVI().residual)
+                                      else f"g{quant.group}r{quant.residual}")
     if getattr(args, "prefill_chunk_size", None):
         tag += f"_chunk{args.prefill_chunk_size}"
     return tag + ("" if args.dtype == "float32" else f"_{args.dtype}")

@@ -84,19 +84,22 @@ def batch_cache(model, specs: Sequence[BudgetSpec], prompt_lens: Sequence[int]):
         raise ConfigError("the prompt harnesses need transformers >= 4.36 (cache objects); "
                           "use ppl_legacy/ for transformers < 4.36")
     method = specs[0].method
+    quant = (specs[0].settings or {}).get("quant")
     if method == "full":
+        if quant is not None:  # the full cache, quantized
+            return make_row_cache("full", model, [{}], quant=quant)
         from transformers import DynamicCache
         return DynamicCache()
     rows = [spec.policy_settings(model, n) for spec, n in zip(specs, prompt_lens)]
     rotation = rows[0].get("key_rotation", "auto")
-    rows = [{k: v for k, v in row.items() if k != "key_rotation"} for row in rows]
+    rows = [{k: v for k, v in row.items() if k not in ("key_rotation", "quant")} for row in rows]
     for row in {repr(row): row for row in rows}.values():  # an impossible budget names its numbers
         try:
             build_policy(method, **row).bind(model.config.num_hidden_layers)
         except ConfigError as err:
             raise ConfigError(f"{err} (cache_size {row['cache_size']}, start_size {row['start_size']}, "
                               f"{model.config.num_hidden_layers} layers)") from None
-    return make_row_cache(method, model, rows, key_rotation=rotation)
+    return make_row_cache(method, model, rows, key_rotation=rotation, quant=quant)
 
 
 def budget_spec(args, method: str, prompt_len: int, start_size: Optional[int] = None) -> BudgetSpec:
@@ -106,7 +109,7 @@ def budget_spec(args, method: str, prompt_len: int, start_size: Optional[int] = 
     from .flags import method_settings
 
     if method == "full":
-        return BudgetSpec("full")
+        return BudgetSpec("full", settings={"quant": method_settings(args, method)["quant"]})
     cache_size = args.cache_size if args.cache_size is not None else budget_cache_size(args.budget, prompt_len)
     start = args.start_size if args.start_size is not None else start_size
     if start is not None and cache_size <= start:

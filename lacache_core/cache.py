@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .masks import own_key_visible
 from .policies import CachePolicy, build_policy
 from .policies.base import gather_layer
+from .quant import KIVI, KIVIStore
 from .storage import DenseStore, LayerStore, PerHeadStore, PrunedChannelStore, RowStores
 from .versions import HAS_CACHE_CLASSES, with_cache
 
@@ -59,10 +60,13 @@ class CompressedCache(DynamicCache):
         * ``"auto"`` (default): ``"incremental"`` for original-position policies, and for slot
           policies in float32/float64 with a RoPE whose position 0 is the identity; ``"every_step"``
           otherwise (in bf16/fp16 the roundings of repeated shifts add up; YaRN's scaled tables do not compose).
+    quant : KIVI, optional
+        Store every layer quantized (:class:`lacache_core.quant.KIVIStore`): keys before RoPE, so the
+        rotation is ``"every_step"``; eviction runs on the quantized codes.
     """
 
     def __init__(self, policy: CachePolicy, num_layers: int, query_at_slot: bool = True,
-                 key_rotation: str = "auto"):
+                 key_rotation: str = "auto", quant: Optional[KIVI] = None):
         if not HAS_CACHE_CLASSES:
             raise RuntimeError("CompressedCache needs transformers >= 4.36; use ppl_legacy/ with tuple caches")
         if key_rotation not in KEY_ROTATIONS:
@@ -72,7 +76,17 @@ class CompressedCache(DynamicCache):
         if key_rotation == "every_step" and policy.prunes_channels:
             raise ConfigError(f"--key_rotation every_step cannot be used with --method {policy.name}: it prunes "
                               "channels of rotated keys, so keys must be stored rotated (incremental or auto)")
+        if quant is not None:
+            if policy.ragged or policy.prunes_channels:
+                raise ConfigError(f"--quant kivi cannot be combined with --method {policy.name} yet: its layers are "
+                                  "stored per head or with pruned channels")
+            if key_rotation == "incremental":
+                raise ConfigError("--quant kivi stores keys before RoPE and rotates them at every step: "
+                                  "--key_rotation incremental cannot be used with it")
+            key_rotation = "every_step"
         super().__init__()
+        #: KV quantization (:class:`lacache_core.quant.KIVI`), or ``None``: every layer is then a quantized store.
+        self.quant = quant
         self.key_rotation = key_rotation
         self._stored_rotated: Optional[bool] = None  # resolved from "auto" at the first step
         self._next_position = 0  # original position of the first new token of the current forward pass
@@ -207,6 +221,15 @@ class CompressedCache(DynamicCache):
                 "before running it with a CompressedCache"
             )
         self._unread[layer_idx] = True
+        if self.quant is not None:
+            if self._stores[layer_idx] is None:
+                super().update(key_states, value_states, layer_idx, *args, **kwargs)  # the layer's place in the list
+                self._keep_in_store(layer_idx, KIVIStore(self.quant, key_states, value_states), key_states)
+            else:
+                self._stores[layer_idx].append(key_states, value_states)
+                self._sync_stand_in(layer_idx, key_states)
+            self._view[layer_idx] = self._stores[layer_idx].view()  # this step's tokens in full precision
+            return self._view[layer_idx]
         store = self._stores[layer_idx]
         if store is not None:
             store.append(key_states, value_states)
@@ -264,8 +287,10 @@ class CompressedCache(DynamicCache):
                 keys = rotation.from_slot(key, 0)
             else:
                 if rows:
-                    raise ConfigError(f"--key_rotation every_step with --method {policy.name} cannot run a batch: "
-                                      "its rows keep different original positions; use --key_rotation auto")
+                    cause = "--quant kivi (keys stored before RoPE)" if self.quant else "--key_rotation every_step"
+                    raise ConfigError(f"{cause} with --method {policy.name} cannot run a batch yet: its rows keep "
+                                      "different original positions" + ("" if self.quant else
+                                                                        "; use --key_rotation auto"))
                 held = policy.layer_positions(layer_idx)
                 keys = rotation.at(key, held, per_head=held.dim() == 2, limit=policy.seen)
         if rows:
@@ -288,6 +313,12 @@ class CompressedCache(DynamicCache):
             self._rows_into_stores(rows, layer_idx, key, value, n)
             return query, keys, value
         keep = policy.settle(layer_idx, n) if rows is None else self._rows_keep(rows, layer_idx, n, key.shape[1])
+        if isinstance(self._stores[layer_idx], KIVIStore):  # eviction on the quantized codes, then quantization
+            if keep is not None:
+                self._stores[layer_idx].gather(keep)
+            self._stores[layer_idx].compress()
+            self._sync_stand_in(layer_idx, key)
+            return query, keys, value
         if keep is not None and self._stores[layer_idx] is not None:
             raise RuntimeError(f"{policy.name}: a layer held in a store of its own cannot be compacted again")
         kept_key, kept_value = key, value
@@ -308,14 +339,14 @@ class CompressedCache(DynamicCache):
 
     @classmethod
     def for_rows(cls, policies: list, num_layers: int, query_at_slot: bool = True,
-                 key_rotation: str = "auto") -> "CompressedCache":
+                 key_rotation: str = "auto", quant: Optional[KIVI] = None) -> "CompressedCache":
         """One cache for a batch whose rows have policies of their own: one method, its settings per row (a
         budget sized to each row's prompt, sinks by each prompt's length). Row ``j`` of every forward pass is
         compacted by ``policies[j]``; the arguments are as for the constructor."""
         first = policies[0]
         if any(type(p) is not type(first) for p in policies):
             raise ConfigError("the rows of a batch must use one method: " + ", ".join(sorted({p.name for p in policies})))
-        cache = cls(first, num_layers, query_at_slot=query_at_slot, key_rotation=key_rotation)
+        cache = cls(first, num_layers, query_at_slot=query_at_slot, key_rotation=key_rotation, quant=quant)
         if len(policies) > 1:
             for p in policies[1:]:
                 p.bind(num_layers)
@@ -477,7 +508,7 @@ def kv_bytes(cache) -> int:
 
 
 def make_cache(method: str, model_or_config, query_at_slot: bool = True, key_rotation: str = "auto",
-               **settings) -> CompressedCache:
+               quant: Optional[KIVI] = None, **settings) -> CompressedCache:
     """Build a :class:`CompressedCache` for ``method`` sized to a model (or its config).
 
     Example
@@ -488,11 +519,12 @@ def make_cache(method: str, model_or_config, query_at_slot: bool = True, key_rot
     """
     config = getattr(model_or_config, "config", model_or_config)
     policy = build_policy(method, **settings)
-    return CompressedCache(policy, config.num_hidden_layers, query_at_slot=query_at_slot, key_rotation=key_rotation)
+    return CompressedCache(policy, config.num_hidden_layers, query_at_slot=query_at_slot, key_rotation=key_rotation,
+                           quant=quant)
 
 
 def make_row_cache(method: str, model_or_config, row_settings: list, query_at_slot: bool = True,
-                   key_rotation: str = "auto") -> CompressedCache:
+                   key_rotation: str = "auto", quant: Optional[KIVI] = None) -> CompressedCache:
     """A :class:`CompressedCache` for a batch whose rows differ in their settings (``row_settings[j]`` for row
     ``j``, as :func:`make_cache`'s keywords), e.g. a budget that is a fraction of each row's prompt.
 
@@ -503,9 +535,9 @@ def make_row_cache(method: str, model_or_config, row_settings: list, query_at_sl
     """
     config = getattr(model_or_config, "config", model_or_config)
     if all(s == row_settings[0] for s in row_settings):  # one policy serves rows that score nothing
-        return make_cache(method, config, query_at_slot, key_rotation, **row_settings[0])
+        return make_cache(method, config, query_at_slot, key_rotation, quant, **row_settings[0])
     return CompressedCache.for_rows([build_policy(method, **s) for s in row_settings], config.num_hidden_layers,
-                                    query_at_slot=query_at_slot, key_rotation=key_rotation)
+                                    query_at_slot=query_at_slot, key_rotation=key_rotation, quant=quant)
 
 
 def prefill(model, input_ids: torch.Tensor, cache, chunk_size: Optional[int] = None, **inputs) -> torch.Tensor:

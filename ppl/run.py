@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.data import load_texts  # noqa: E402
-from harness.flags import add_method_flags, method_settings, method_tag, parser  # noqa: E402
+from harness.flags import add_method_flags, method_settings, method_tag, parser, quant_identity, quant_setting  # noqa: E402
 from harness.models import DEFAULT_MODEL  # noqa: E402
 from harness.plots import running_ppl_plot  # noqa: E402
 from harness.runner import Run, add_model_flags, add_output_flags, add_skip_flag, check_run_flags, cli, load  # noqa: E402
@@ -86,7 +86,7 @@ def methods_help() -> str:
 
 def make_policy(args, method: str):
     settings = method_settings(args, method)
-    settings.pop("key_rotation")
+    settings.pop("key_rotation"), settings.pop("quant")
     return build_policy(method, cache_size=args.cache_size, start_size=args.start_size, **settings)
 
 
@@ -96,6 +96,8 @@ def setting(args, method: str) -> dict:
     cache = {"dtype": args.dtype, "attn_implementation": args.attn_implementation}
     if method != "full":
         cache.update(query_position=args.query_position, key_rotation=args.key_rotation)
+    if quant_setting(args) is not None:  # none keeps the old hashes
+        cache["quant"] = quant_identity(args)
     data = {"dataset": args.dataset_name, "task": args.task, "split": args.split,
             "num_eval_tokens": args.num_eval_tokens}
     if args.batch_size > 1:  # other streams, other numbers (one stream's settings keep their hash)
@@ -147,7 +149,8 @@ def run_method(args, method, model, tokenizer, texts):
         res = stream_perplexity(model, tokenizer, texts, policy, args.num_eval_tokens, args.query_position,
                                 on_token=append, desc=method, checkpoint=ckpt_path,
                                 checkpoint_every=args.checkpoint_every, resume=resume,
-                                meta={"setting": run.setting}, key_rotation=args.key_rotation)
+                                meta={"setting": run.setting}, key_rotation=args.key_rotation,
+                                quant=quant_setting(args))
     return _finish(args, method, run, policy, res, resume, model.config.num_hidden_layers)
 
 
@@ -168,7 +171,8 @@ def _stream_batch(args, method, model, tokenizer, texts, policy, run, resume):
 
         return stream_perplexity_batched(model, streams, policy, args.query_position, on_step=append, desc=method,
                                          checkpoint=run.folder / "resume.pt", checkpoint_every=args.checkpoint_every,
-                                         resume=resume, meta={"setting": run.setting}, key_rotation=args.key_rotation)
+                                         resume=resume, meta={"setting": run.setting}, key_rotation=args.key_rotation,
+                                quant=quant_setting(args))
     finally:
         for sink in sinks:
             sink.close()

@@ -1,0 +1,242 @@
+"""KIVI-style KV quantization (Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV
+Cache", arXiv 2402.02750; reference code github.com/jy-yuan/KIVI).
+
+Keys are quantized per channel, values per token, both asymmetric (min and scale per group) at 2, 4 or 8
+bits, and the newest tokens stay in full precision (the residual). A key block is ``group`` tokens: each
+channel of the block has its own min and scale. A value is cut into groups of ``group`` channels, each
+with its own min and scale. Codes are bit-packed, so the bytes counted are the bytes held.
+
+Eviction runs on the quantized form: a kept token keeps its codes, and its key block's min and scale
+(each token carries the index of its block), so nothing is dequantized and quantized again. Keys are
+quantized before RoPE (KVQuant's finding, Hooper et al. 2024: pre-RoPE keys have the clean per-channel
+outliers that per-channel quantization needs), and the cache rotates the dequantized keys to their
+positions at every step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .errors import ConfigError
+from .storage import LayerStore, _bytes
+
+QUANT_METHODS = ("none", "kivi")
+
+
+@dataclass(frozen=True)
+class KIVI:
+    """Hyper-parameters of KIVI quantization.
+
+    Parameters
+    ----------
+    bits : int
+        Bits per code: 2, 4 or 8 (KIVI's paper: 2 and 4).
+    group : int
+        Tokens per key block (per-channel min and scale), and channels per value group (per-token min and
+        scale). It must divide ``head_dim``.
+    residual : int
+        Newest tokens kept in full precision (KIVI's ``R``; a multiple of ``group``). Once more than
+        ``residual`` are held, the oldest ``group`` of them are quantized as one key block.
+    """
+
+    bits: int = 2
+    group: int = 32
+    residual: int = 128
+
+    def __post_init__(self):
+        if self.bits not in (2, 4, 8):
+            raise ConfigError(f"--quant_bits must be 2, 4 or 8, got {self.bits}")
+        if self.group < 1:
+            raise ConfigError(f"--quant_group must be >= 1, got {self.group}")
+        if self.residual < 0 or self.residual % self.group:
+            raise ConfigError(f"--quant_residual must be a multiple of --quant_group {self.group} (>= 0), "
+                              f"got {self.residual}")
+
+
+def quantize(x: torch.Tensor, bits: int, dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric quantization of ``x`` with one min and scale per slice along ``dim``.
+
+    Returns ``(codes, low, scale)``: integer codes in ``[0, 2**bits - 1]`` (uint8, the shape of ``x``),
+    and ``low``, ``scale`` with ``dim`` reduced to size 1. ``low + codes * scale`` is within ``scale / 2``
+    of ``x`` everywhere.
+    """
+    low = x.amin(dim, keepdim=True)
+    scale = (x.amax(dim, keepdim=True) - low) / (2 ** bits - 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant slice: codes 0, exact
+    codes = ((x - low) / scale).round_().clamp_(0, 2 ** bits - 1).to(torch.uint8)
+    return codes, low, scale
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[..., d]`` uint8 codes of ``bits`` bits into ``[..., d * bits / 8]`` bytes (``8 / bits`` per byte)."""
+    per = 8 // bits
+    codes = codes.view(*codes.shape[:-1], codes.shape[-1] // per, per)
+    shifts = torch.arange(per, device=codes.device, dtype=torch.uint8) * bits
+    return (codes << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``[..., d]`` codes."""
+    per = 8 // bits
+    shifts = torch.arange(per, device=packed.device, dtype=torch.uint8) * bits
+    return ((packed[..., None] >> shifts) & (2 ** bits - 1)).flatten(-2)
+
+
+class KIVIStore(LayerStore):
+    """One layer's keys (un-rotated) and values under :class:`KIVI`.
+
+    Held: the quantized older tokens (packed key codes ``[b, h, m, d * bits / 8]`` with each token's key
+    block ``[b, h, m]``, and the blocks' per-channel min and scale ``[b, h, blocks, d]``; packed value codes
+    with per-token, per-group min and scale ``[b, h, m, d / group]``) and the full-precision residual
+    ``[b, h, r, d]``. :meth:`view` dequantizes the older tokens for one step.
+    """
+
+    def __init__(self, config: KIVI, key: torch.Tensor, value: torch.Tensor):
+        b, h, _, d = key.shape
+        if d % config.group or d % (8 // config.bits):
+            raise ConfigError(f"--quant_group {config.group} must divide head_dim {d}")
+        self.config, self.dtype = config, key.dtype
+        empty = key.new_zeros(b, h, 0, d)
+        self.key_codes = torch.zeros(b, h, 0, d * config.bits // 8, dtype=torch.uint8, device=key.device)
+        self.value_codes = self.key_codes.clone()
+        self.key_block = torch.zeros(b, h, 0, dtype=torch.int32, device=key.device)  # each token's key block
+        self.key_low, self.key_scale = empty.clone(), empty.clone()  # [b, h, blocks, d]
+        self.value_low = key.new_zeros(b, h, 0, d // config.group)
+        self.value_scale = self.value_low.clone()
+        self.key, self.value = empty, value.new_zeros(b, h, 0, d)  # the residual
+        self.append(key, value)
+
+    # -- adding tokens: the residual grows; after the step, past ``residual`` tokens its oldest ``group`` are
+    # quantized (so the tokens of a step attend in full precision, as in KIVI)
+    def append(self, key, value):
+        self.key, self.value = torch.cat([self.key, key], -2), torch.cat([self.value, value], -2)
+
+    def compress(self) -> None:
+        """End of a step: quantize the residual's oldest ``group`` tokens, as one key block, while it holds more
+        than ``residual``."""
+        g = self.config.group
+        while self.key.shape[-2] > self.config.residual and self.key.shape[-2] >= g:
+            k, v = self.key[:, :, :g], self.value[:, :, :g]
+            self.key, self.value = self.key[:, :, g:], self.value[:, :, g:]
+            self._add_quantized(k, v, torch.ones(k.shape[:3], dtype=torch.bool, device=k.device))
+
+    def _add_quantized(self, key, value, block, codes_only=False):
+        """Quantize ``key``, ``value`` (``[b, h, n, d]``) as one new key block over the tokens where ``block``
+        (``[b, h, n]`` bool) is set; returns ``(key codes, value codes, value low, value scale, block id)``
+        when ``codes_only``, else appends them."""
+        c = self.config
+        k = key.float()
+        big = torch.finfo(torch.float32).max
+        low = torch.where(block[..., None], k, big).amin(2, keepdim=True)
+        high = torch.where(block[..., None], k, -big).amax(2, keepdim=True)
+        any_token = block.any(2)[..., None, None]
+        low, high = torch.where(any_token, low, 0.0), torch.where(any_token, high, 0.0)
+        scale = (high - low) / (2 ** c.bits - 1)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        key_codes = pack(((k - low) / scale).round_().clamp_(0, 2 ** c.bits - 1).to(torch.uint8), c.bits)
+        b, h, n, d = value.shape
+        codes, v_low, v_scale = quantize(value.float().view(b, h, n, d // c.group, c.group), c.bits, dim=-1)
+        value_codes = pack(codes.view(b, h, n, d), c.bits)
+        block_id = self.key_low.shape[2]
+        self.key_low = torch.cat([self.key_low, low.to(self.dtype)], 2)
+        self.key_scale = torch.cat([self.key_scale, scale.to(self.dtype)], 2)
+        parts = (key_codes, value_codes, v_low[..., 0].to(self.dtype), v_scale[..., 0].to(self.dtype))
+        if codes_only:
+            return (*parts, block_id)
+        self.key_codes, self.value_codes, self.value_low, self.value_scale = (
+            torch.cat([old, new], 2) for old, new in
+            zip((self.key_codes, self.value_codes, self.value_low, self.value_scale), parts))
+        self.key_block = torch.cat([self.key_block, self.key_block.new_full((b, h, n), block_id)], 2)
+        return None
+
+    # -- reading
+    def dequantized(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The older tokens' keys and values, dequantized: ``[b, h, m, d]`` each."""
+        c = self.config
+        b, h, m, _ = self.value_codes.shape
+        d = self.key.shape[-1]
+        block = self.key_block.long()[..., None].expand(b, h, m, d)
+        keys = unpack(self.key_codes, c.bits).to(self.dtype) * self.key_scale.gather(2, block) \
+            + self.key_low.gather(2, block)
+        codes = unpack(self.value_codes, c.bits).to(self.dtype).view(b, h, m, d // c.group, c.group)
+        values = codes * self.value_scale[..., None] + self.value_low[..., None]
+        return keys, values.view(b, h, m, d)
+
+    def view(self):
+        keys, values = self.dequantized()
+        return torch.cat([keys, self.key], -2), torch.cat([values, self.value], -2)
+
+    def shape(self):
+        b, h, r, _ = self.key.shape
+        return b, h, self.key_codes.shape[2] + r
+
+    def nbytes(self):
+        return _bytes(self.key_codes, self.value_codes, self.key_block, self.key_low, self.key_scale,
+                      self.value_low, self.value_scale, self.key, self.value)
+
+    def write_newest_keys(self, rotated):
+        raise RuntimeError("quantized keys are stored before RoPE; the cache rotates them at every step")
+
+    # -- checkpoints: the tensors as held (a restore must not quantize dequantized values again)
+    FIELDS = ("key_codes", "value_codes", "key_block", "key_low", "key_scale", "value_low", "value_scale", "key", "value")
+
+    def state(self) -> dict:
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    @classmethod
+    def from_state(cls, config: KIVI, state: dict) -> "KIVIStore":
+        store = cls.__new__(cls)
+        store.config, store.dtype = config, state["key"].dtype
+        for name in cls.FIELDS:
+            setattr(store, name, state[name])
+        return store
+
+    # -- eviction on the quantized form
+    def gather(self, keep: torch.Tensor) -> None:
+        """Keep slots ``keep``: ``LongTensor [n_keep]``, ``[h, n_keep]`` or ``[b, h, n_keep]``, increasing.
+
+        Kept quantized tokens keep their codes and key blocks. Where a row or head keeps fewer quantized
+        tokens than another, its first kept residual tokens fill the gap: they are quantized now (a key
+        block of their own), never dequantized ones quantized again.
+        """
+        b, h, m, _ = self.key_codes.shape
+        d = self.key.shape[-1]
+        idx = keep.to(self.key.device)
+        idx = idx.expand(b, h, idx.shape[-1]) if idx.dim() < 3 else idx
+        old_count = (idx < m).sum(-1)  # [b, h]
+        mq = int(old_count.max()) if idx.shape[-1] else 0
+        front = idx[..., :mq]
+        early = torch.arange(mq, device=idx.device) >= old_count[..., None]  # [b, h, mq]: residual tokens
+
+        def take(t, index):
+            return t.gather(2, index[..., None].expand(*index.shape, t.shape[-1]))
+
+        at_old = front.clamp(max=max(m - 1, 0))
+        parts = [take(t, at_old) if m else t.new_zeros(b, h, mq, t.shape[-1])
+                 for t in (self.key_codes, self.value_codes, self.value_low, self.value_scale)]
+        block = self.key_block.long().gather(2, at_old) if m else idx.new_zeros(b, h, mq)
+        if bool(early.any()):
+            at_new = (front - m).clamp(min=0)
+            new = self._add_quantized(take(self.key, at_new), take(self.value, at_new), early, codes_only=True)
+            parts = [torch.where(early[..., None], fresh, kept) for fresh, kept in zip(new[:4], parts)]
+            block = torch.where(early, new[4], block)
+        self.key_codes, self.value_codes, self.value_low, self.value_scale = parts
+        rest = idx[..., mq:] - m
+        self.key, self.value = take(self.key, rest), take(self.value, rest)
+        # drop the key blocks no kept token uses, per row and head
+        blocks = self.key_low.shape[2]
+        if not blocks:
+            return
+        used = torch.zeros(b, h, blocks, dtype=torch.bool, device=idx.device).scatter_(2, block, True)
+        order = torch.argsort((~used).to(torch.int8), dim=2, stable=True)[..., :int(used.sum(-1).max())]
+        self.key_block = (used.long().cumsum(2) - 1).gather(2, block).to(torch.int32)
+        self.key_low, self.key_scale = take(self.key_low, order), take(self.key_scale, order)
+
+
+def quant_config(method: str, bits: int, group: int, residual: int) -> Optional[KIVI]:
+    """The quantization of ``--quant method`` (``None`` for ``"none"``)."""
+    if method not in QUANT_METHODS:
+        raise ConfigError(f"--quant must be one of {QUANT_METHODS}, got {method!r}")
+    return None if method == "none" else KIVI(bits, group, residual)

@@ -1,0 +1,201 @@
+"""KIVI quantization (lacache_core/quant.py): the rule on known tensors, eviction on the codes, and the next
+step of a quantized cache against a from-scratch decoder step with KIVI's rule re-derived here."""
+import json
+
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+
+from lacache_core import METHODS, CompressedCache, ConfigError, build_policy, enable_position_shift
+from lacache_core.quant import KIVI, KIVIStore, pack, quantize, unpack
+from lacache_core.versions import with_cache
+from test_ppl_harness import text_file, tiny_dir  # noqa: F401 (fixtures)
+from tiny import head_scores_file, manual_next_logits, tiny_model
+
+pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
+                                reason="cache objects need transformers >= 4.36")
+TOKENS = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(3))
+
+
+def test_quantize_is_exact_on_a_grid_and_within_half_a_step_elsewhere():
+    x = torch.tensor([[0.5, 1.0, 1.5, 2.0]])  # min 0.5, max 2.0: a 2-bit grid of step 0.5
+    codes, low, scale = quantize(x, 2, dim=-1)
+    assert codes.tolist() == [[0, 1, 2, 3]] and low.item() == 0.5 and scale.item() == 0.5
+    y = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    for bits in (2, 4, 8):
+        codes, low, scale = quantize(y, bits, dim=0)
+        assert int(codes.max()) <= 2 ** bits - 1
+        assert bool(((low + codes * scale - y).abs() <= scale / 2 + 1e-6).all())
+        assert torch.equal(unpack(pack(codes, bits), bits), codes)
+        assert pack(codes, bits).numel() == codes.numel() * bits // 8
+
+
+def test_eviction_keeps_the_codes_and_quantizes_only_residual_tokens():
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(1, 2, 70, 16, generator=g), torch.randn(1, 2, 70, 16, generator=g)
+    store = KIVIStore(KIVI(bits=4, group=8, residual=16), k[:, :, :50], v[:, :, :50])
+    store.compress()
+    for t in range(50, 70):
+        store.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        store.compress()
+    assert store.key_codes.shape[2] == 56 and store.key.shape[2] == 14  # 7 blocks of 8; 14 newest whole
+    before_k, before_v = store.view()
+    keep = torch.stack([torch.tensor(list(range(0, 40, 2)) + list(range(56, 70))),  # head 0: 20 quantized
+                        torch.tensor(list(range(0, 24)) + list(range(60, 70)))])  # head 1: 24 quantized
+    store.gather(keep)
+    after_k, after_v = store.view()
+    expect_k = before_k.gather(2, keep[None, :, :, None].expand(1, 2, 34, 16))
+    expect_v = before_v.gather(2, keep[None, :, :, None].expand(1, 2, 34, 16))
+    # head 0 keeps 20 quantized tokens, head 1 24: head 0's first 4 kept residual tokens are quantized now
+    assert store.key_codes.shape[2] == 24 and store.key.shape[2] == 10
+    assert torch.equal(after_k[:, 1], expect_k[:, 1]) and torch.equal(after_v[:, 1], expect_v[:, 1])
+    assert torch.equal(after_k[:, 0, :20], expect_k[:, 0, :20]) and torch.equal(after_k[:, 0, 24:], expect_k[:, 0, 24:])
+    fresh = k[:, 0, 56:60]  # those 4 tokens, quantized per channel as one block: within half a step
+    step = (fresh.amax(1) - fresh.amin(1)) / 15
+    assert bool(((after_k[:, 0, 20:24] - fresh).abs() <= step / 2 + 1e-6).all())
+    # blocks no kept token uses are gone: head 0 uses blocks 0-4 and the new one, head 1 blocks 0-2
+    assert store.key_low.shape[2] == 6
+    # bytes: packed codes (8 bytes per 16 4-bit codes) for keys and values, int32 block ids, key blocks' min
+    # and scale, value groups' (2 per token), the residual in float32
+    assert store.nbytes() == (2 * 2 * 24 * 8 + 2 * 24 * 4 + 2 * 2 * 6 * 16 * 4 + 2 * 2 * 24 * 2 * 4
+                              + 2 * 2 * 10 * 16 * 4)
+
+
+def kivi_reference(key, value, config):
+    """KIVI's rule on a run without eviction: the oldest tokens in blocks of ``group`` (keys per channel over a
+    block, values per token over ``group`` channels) until at most ``residual`` are left whole."""
+    n, g = key.shape[2], config.group
+    m = 0
+    while n - m > config.residual and n - m >= g:
+        m += g
+
+    def fake(x, dim):
+        codes, low, scale = quantize(x, config.bits, dim)
+        return low + codes * scale
+
+    b, h, _, d = key.shape
+    k = torch.cat([fake(key[:, :, i:i + g], 2) for i in range(0, m, g)] + [key[:, :, m:]], 2)
+    v = fake(value[:, :, :m].reshape(b, h, m, d // g, g), -1).reshape(b, h, m, d)
+    return k, torch.cat([v, value[:, :, m:]], 2)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_next_step_matches_a_from_scratch_step_on_kivi_dequantized_keys(bits):
+    model = enable_position_shift(tiny_model("llama", "eager"))
+    config = KIVI(bits=bits, group=8, residual=16)
+    plain = CompressedCache(build_policy("lacache", cache_size=1000, span=2), 6, key_rotation="every_step")
+    quantized = CompressedCache(build_policy("lacache", cache_size=1000, span=2), 6, quant=config)
+    with torch.no_grad():
+        model(TOKENS[:, :90], use_cache=True, **with_cache(plain))
+        model(TOKENS[:, :90], use_cache=True, **with_cache(quantized))
+        kv = [kivi_reference(*plain._layer(i), config) for i in range(6)]  # un-rotated keys
+        expected = manual_next_logits(model, int(TOKENS[0, 90]), kv)
+        got = model(TOKENS[:, 90:91], use_cache=True, **with_cache(quantized)).logits[0, -1]
+    assert torch.allclose(got, expected, atol=1e-5)
+    # head_dim 16 here: per-token value scales weigh more than at 64
+    assert quantized.kv_bytes() < plain.kv_bytes() * (0.5 if bits == 2 else 0.6)
+
+
+@pytest.mark.parametrize("method", ["lacache", "streamingllm", "h2o", "snapkv"])
+def test_an_evicting_quantized_cache_attends_to_its_dequantized_slots(method):
+    # after evictions, the next step equals a from-scratch step over what the store holds, at its slots
+    # (slot methods) or original positions
+    model = enable_position_shift(tiny_model("llama", "eager"))
+    cache = CompressedCache(build_policy(method, cache_size=40, start_size=4, span=2, window_size=4),
+                            6, quant=KIVI(bits=4, group=8, residual=16))
+    with torch.no_grad():
+        model(TOKENS[:, :70], use_cache=True, **with_cache(cache))
+        for t in range(70, 80):
+            model(TOKENS[:, t:t + 1], use_cache=True, **with_cache(cache))
+        kv = [cache._stores[i].view() for i in range(6)]
+        slot = cache.policy.position_mode == "slot"
+        positions = None if slot else cache.kept_positions()
+        expected = manual_next_logits(model, int(TOKENS[0, 80]), kv, query_pos=None if slot else 80,
+                                      key_positions=positions)
+        got = model(TOKENS[:, 80:81], use_cache=True, **with_cache(cache)).logits[0, -1]
+    assert kv[0][0].shape[2] < 60  # evicted
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if m != "full"))
+def test_quant_composes_with_every_method_in_generate(method):
+    model = enable_position_shift(tiny_model("llama", "sdpa"))
+    settings = dict(cache_size=48, start_size=4, span=2, recent_window=4, window_size=4, head_scores=head_scores_file(model.config))
+    policy = build_policy(method, **{k: v for k, v in settings.items() if k in METHODS[method].hyperparameters()})
+    if policy.ragged or policy.prunes_channels:
+        with pytest.raises(ConfigError, match=f"--quant kivi cannot be combined with --method {method} yet"):
+            CompressedCache(policy, 6, quant=KIVI(4, 8, 16))
+        return
+    quantized = CompressedCache(policy, 6, quant=KIVI(bits=4, group=8, residual=16))
+    out = model.generate(TOKENS[:, :60], **with_cache(quantized), max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    assert out.shape[1] == 100
+    plain = CompressedCache(build_policy(method, **{k: v for k, v in settings.items()
+                                                    if k in METHODS[method].hyperparameters()}), 6)
+    model.generate(TOKENS[:, :60], **with_cache(plain), max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    assert quantized.get_seq_length() == plain.get_seq_length()  # the same slots, held in fewer bytes
+    assert quantized.kv_bytes() < plain.kv_bytes()
+
+
+def test_bad_quant_settings_are_one_line_errors():
+    with pytest.raises(ConfigError, match="--quant_bits must be 2, 4 or 8, got 3"):
+        KIVI(bits=3)
+    with pytest.raises(ConfigError, match="--quant_residual must be a multiple of --quant_group 32"):
+        KIVI(group=32, residual=40)
+    with pytest.raises(ConfigError, match="--key_rotation incremental cannot be used"):
+        CompressedCache(build_policy("lacache", cache_size=40, span=2), 6, key_rotation="incremental", quant=KIVI())
+
+
+@pytest.mark.parametrize("method", ["lacache", "h2o"])
+def test_ppl_quant_resumes_to_the_same_numbers(tiny_dir, text_file, tmp_path, monkeypatch, method):  # noqa: F811
+    # the checkpoint holds the quantized stores as they are: a resumed run scores what an uninterrupted one does
+    import ppl.run as run_module
+    from ppl.run import main
+
+    common = ["--model_name_or_path", str(tiny_dir), "--dataset_name", str(text_file), "--device", "cpu",
+              "--method", method, "--cache_size", "48", "--span", "2", "--num_eval_tokens", "150",
+              "--quant", "kivi", "--quant_bits", "2", "--quant_group", "8", "--quant_residual", "16",
+              "--checkpoint_every", "40"]
+    assert main(common + ["--output_dir", str(tmp_path / "clean")]) == 0
+    clean = next((tmp_path / "clean").iterdir())
+    assert "_kivi2g8r16" in clean.name
+    record = json.loads((clean / "run.json").read_text())
+    assert record["setting"]["cache"]["quant"] == {"method": "kivi", "bits": 2, "group": 8, "residual": 16}
+    real = run_module.stream_perplexity
+
+    def interrupted(*a, on_token=None, **kw):
+        def boom(i, nll):
+            on_token(i, nll)
+            if i == 97:
+                raise KeyboardInterrupt
+        return real(*a, on_token=boom, **kw)
+
+    monkeypatch.setattr(run_module, "stream_perplexity", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(common + ["--output_dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(run_module, "stream_perplexity", real)
+    assert main(common + ["--output_dir", str(tmp_path / "cut")]) == 0
+    cut = next((tmp_path / "cut").iterdir())
+    assert json.loads((cut / "run.json").read_text())["results"]["resumed"] is True
+    assert (cut / "nlls.txt").read_text() == (clean / "nlls.txt").read_text()
+    unquantized = main(common[:-10] + ["--output_dir", str(tmp_path / "plain")])
+    assert unquantized == 0
+    plain = json.loads(next((tmp_path / "plain").iterdir()).joinpath("run.json").read_text())
+    assert record["results"]["peak_kv_bytes"] < plain["results"]["peak_kv_bytes"]
+
+
+def test_prompt_harness_quantizes_full_and_budgeted_caches(tiny_dir, tmp_path, capsys):  # noqa: F811
+    from test_niah import rows_of
+    from test_niah import run as run_niah
+
+    quant = ("--quant", "kivi", "--quant_bits", "4", "--quant_group", "8", "--quant_residual", "16")
+    assert run_niah(tiny_dir, tmp_path / "q", "--method", "full,lacache", *quant) == 0
+    assert run_niah(tiny_dir, tmp_path / "p", "--method", "full,lacache") == 0
+    quantized = sorted((tmp_path / "q").iterdir())
+    assert [p.name.split("__")[-1].rsplit("-", 1)[0] for p in quantized if p.is_dir()] == \
+        ["full_kivi4g8r16", "lacache_b0.5_S2_O0_s4_kivi4g8r16"]
+    for folder in (p for p in quantized if p.is_dir()):
+        assert len(rows_of(folder / "results.csv")) == 12
+    assert run_niah(tiny_dir, tmp_path / "bad", *quant[:2], "--quant_bits", "3") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert err == ["error: --quant_bits must be 2, 4 or 8, got 3"]
