@@ -69,6 +69,9 @@ def check_batch_flags(args) -> None:
     if getattr(args, "prefill_chunk_size", None) is not None:
         raise ConfigError(f"--prefill_chunk_size cannot be used with --batch_size {size}: the rows of a batch would "
                           "be cut at different places of their own prompts; use one of the two")
+    if getattr(args, "quant", "none") != "none":
+        raise ConfigError(f"--quant {args.quant} cannot be used with --batch_size {size} yet: prompts of different "
+                          "lengths are padded, and pad tokens would set the scales of the blocks they fall in")
     for method in getattr(args, "methods", []):
         if method != "full" and not MODERN_ATTENTION:
             raise ConfigError(f"--batch_size {size} with --method {method} needs transformers >= 4.48 (prompts of "

@@ -4,11 +4,12 @@ from .policies import (H2O, AdaKV, HeadKV, LSHE, METHODS, NACL, TOVA, CachePolic
                        PyramidInfer, PyramidKV, Scissorhands, SnapKV, StreamingLLM, ThinK, build_policy)
 from .patches import enable_position_shift, is_position_shifted
 from .cache import CompressedCache, make_cache, make_row_cache, prefill
+from .quant import KIVI
 
 __all__ = [
     "ConfigError", "METHODS", "CachePolicy", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "SnapKV",
     "PyramidKV", "PyramidInfer", "KNorm", "KNormDecode", "Scissorhands", "NACL", "AdaKV", "HeadKV", "ThinK",
     "build_policy",
-    "enable_position_shift", "is_position_shifted", "CompressedCache", "make_cache", "make_row_cache", "prefill",
+    "enable_position_shift", "is_position_shifted", "CompressedCache", "make_cache", "make_row_cache", "prefill", "KIVI",
 ]
 __version__ = "0.1.0"

@@ -426,6 +426,9 @@ class CompressedCache(DynamicCache):
         if n != q or not torch.equal(~own.cpu(), prefix):
             raise ConfigError("only left padding of the first forward pass is supported with a compressed cache "
                               "(pad tokens before each row's first token)")
+        if self.quant is not None:  # pad tokens' keys would set the scales of the blocks they fall in
+            raise ConfigError("--quant kivi cannot run a padded batch yet: give rows of the same length, or one at a "
+                              "time (--batch_size 1)")
         self._fillers = [pads.clone() for _ in range(self.num_layers)]
         self._pads = pads
 

@@ -108,6 +108,7 @@ def test_ruler_and_niah_batches_give_the_batch_1_results(tiny_dir, ruler_data, t
 @pytest.mark.parametrize("extra,message", [
     (("--batch_size", "0"), "--batch_size must be >= 1, got 0"),
     (("--batch_size", "2", "--prefill_chunk_size", "16"), "--prefill_chunk_size cannot be used with --batch_size 2"),
+    (("--batch_size", "2", "--quant", "kivi"), "--quant kivi cannot be used with --batch_size 2 yet"),
 ])
 def test_bad_batch_flags_are_one_line_errors(tiny_dir, tmp_path, capsys, extra, message):
     assert run_niah(tiny_dir, tmp_path, *extra) == 2

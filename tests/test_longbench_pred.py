@@ -5,7 +5,7 @@ import random
 import pytest
 
 from lacache_core.versions import HAS_CACHE_CLASSES
-from tiny import TINY_WORDS, result_dir, tiny_model, tiny_tokenizer
+from tiny import TINY_WORDS, killed_after, result_dir, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(not HAS_CACHE_CLASSES, reason="prompt harnesses need transformers >= 4.36")
 
@@ -79,16 +79,8 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tiny_dir, data_dir, 
     import longbench.pred as pred
 
     assert run(tiny_dir, data_dir, tmp_path / "clean", "--method", "lacache", "--budget", "0.25") == 0
-    real, calls = pred.answer_all, {"n": 0}
-
-    def dies_after_seven(*a, **k):
-        for item in real(*a, **k):
-            calls["n"] += 1
-            if calls["n"] > 7:
-                raise KeyboardInterrupt  # as if killed between two samples
-            yield item
-
-    monkeypatch.setattr(pred, "answer_all", dies_after_seven)
+    real = pred.answer_all
+    monkeypatch.setattr(pred, "answer_all", killed_after(real, 7))
     with pytest.raises(KeyboardInterrupt):
         run(tiny_dir, data_dir, tmp_path / "cut", "--method", "lacache", "--budget", "0.25")
     monkeypatch.setattr(pred, "answer_all", real)

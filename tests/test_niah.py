@@ -6,7 +6,7 @@ import random
 import pytest
 
 from lacache_core.versions import HAS_CACHE_CLASSES
-from tiny import char_tokenizer, result_dir, tiny_model, tiny_tokenizer
+from tiny import char_tokenizer, killed_after, result_dir, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(not HAS_CACHE_CLASSES, reason="prompt harnesses need transformers >= 4.36")
 
@@ -180,16 +180,8 @@ def test_interrupted_run_resumes_to_the_same_rows(tiny_dir, tmp_path, monkeypatc
 
     flags = ("--enable_lacache", "--budget", "0.5")
     assert run(tiny_dir, tmp_path / "clean", *flags) == 0
-    real, calls = pred.answer_all, {"n": 0}
-
-    def dies_after_five(*a, **k):
-        for item in real(*a, **k):
-            calls["n"] += 1
-            if calls["n"] > 5:
-                raise KeyboardInterrupt  # as if killed between two tests
-            yield item
-
-    monkeypatch.setattr(pred, "answer_all", dies_after_five)
+    real = pred.answer_all
+    monkeypatch.setattr(pred, "answer_all", killed_after(real, 5))
     with pytest.raises(KeyboardInterrupt):
         run(tiny_dir, tmp_path / "cut", *flags)
     monkeypatch.setattr(pred, "answer_all", real)

@@ -199,3 +199,14 @@ def test_prompt_harness_quantizes_full_and_budgeted_caches(tiny_dir, tmp_path, c
     assert run_niah(tiny_dir, tmp_path / "bad", *quant[:2], "--quant_bits", "3") == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert err == ["error: --quant_bits must be 2, 4 or 8, got 3"]
+
+
+def test_a_padded_batch_is_refused_with_quant():
+    if Version(transformers.__version__) < Version("4.48"):
+        pytest.skip("padded batches need the attention-interface path (transformers >= 4.48)")
+    model = enable_position_shift(tiny_model("llama", "sdpa"))
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :5] = 0
+    cache = CompressedCache(build_policy("lacache", cache_size=40, span=2), 6, quant=KIVI(4, 8, 16))
+    with pytest.raises(ConfigError, match="--quant kivi cannot run a padded batch yet"):
+        model(TOKENS[:, :30].expand(2, -1), attention_mask=mask, use_cache=True, **with_cache(cache))

@@ -162,3 +162,17 @@ def head_scores_file(config) -> str:
         table = {f"{l}-{h}": torch.rand(3, generator=gen).tolist() for l in range(layers) for h in range(heads)}
         path.write_text(json.dumps(table))
     return str(path)
+
+
+def killed_after(answer_all, n: int):
+    """``answer_all`` (a harness's answer generator) raising ``KeyboardInterrupt`` after ``n`` answers over all its
+    calls, as if the run were killed between two samples."""
+    done = [0]
+
+    def answers(*args, **kwargs):
+        for item in answer_all(*args, **kwargs):
+            done[0] += 1
+            if done[0] > n:
+                raise KeyboardInterrupt
+            yield item
+    return answers
