@@ -17,7 +17,7 @@ import torch
 
 from lacache_core.cache import CompressedCache, kv_bytes, make_row_cache, prefill
 from lacache_core.errors import ConfigError
-from lacache_core.policies import METHODS, build_policy
+from lacache_core.policies import METHODS
 from lacache_core.versions import HAS_CACHE_CLASSES, with_cache
 
 #: Leading tokens every method keeps in the official LongBench harness, at most.
@@ -93,12 +93,6 @@ def batch_cache(model, specs: Sequence[BudgetSpec], prompt_lens: Sequence[int]):
     rows = [spec.policy_settings(model, n) for spec, n in zip(specs, prompt_lens)]
     rotation = rows[0].get("key_rotation", "auto")
     rows = [{k: v for k, v in row.items() if k not in ("key_rotation", "quant")} for row in rows]
-    for row in {repr(row): row for row in rows}.values():  # an impossible budget names its numbers
-        try:
-            build_policy(method, **row).bind(model.config.num_hidden_layers)
-        except ConfigError as err:
-            raise ConfigError(f"{err} (cache_size {row['cache_size']}, start_size {row['start_size']}, "
-                              f"{model.config.num_hidden_layers} layers)") from None
     return make_row_cache(method, model, rows, key_rotation=rotation, quant=quant)
 
 

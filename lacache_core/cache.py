@@ -536,11 +536,19 @@ def make_row_cache(method: str, model_or_config, row_settings: list, query_at_sl
     >>> cache = make_row_cache("lacache", model, [dict(cache_size=512), dict(cache_size=300)])
     >>> model.generate(left_padded_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=64)
     """
-    config = getattr(model_or_config, "config", model_or_config)
-    if all(s == row_settings[0] for s in row_settings):  # one policy serves rows that score nothing
-        return make_cache(method, config, query_at_slot, key_rotation, quant, **row_settings[0])
-    return CompressedCache.for_rows([build_policy(method, **s) for s in row_settings], config.num_hidden_layers,
-                                    query_at_slot=query_at_slot, key_rotation=key_rotation, quant=quant)
+    layers = getattr(model_or_config, "config", model_or_config).num_hidden_layers
+    same = all(s == row_settings[0] for s in row_settings)  # one policy serves rows that score nothing
+    policies = []
+    for settings in row_settings[:1] if same else row_settings:
+        try:  # an impossible budget names its numbers
+            policy = build_policy(method, **settings)
+            policy.bind(layers)
+        except ConfigError as err:
+            raise ConfigError(f"{err} (cache_size {settings.get('cache_size')}, start_size "
+                              f"{settings.get('start_size')}, {layers} layers)") from None
+        policies.append(policy)
+    return CompressedCache.for_rows(policies, layers, query_at_slot=query_at_slot, key_rotation=key_rotation,
+                                    quant=quant)
 
 
 def prefill(model, input_ids: torch.Tensor, cache, chunk_size: Optional[int] = None, **inputs) -> torch.Tensor:
