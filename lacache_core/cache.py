@@ -22,6 +22,7 @@ from .masks import own_key_visible
 from .policies import CachePolicy, build_policy
 from .policies.base import gather_layer
 from .quant import KIVI, KIVIStore
+from .quest import Quest, page_bounds, selected_tokens
 from .storage import DenseStore, LayerStore, PerHeadStore, PrunedChannelStore, RowStores
 from .versions import HAS_CACHE_CLASSES, with_cache
 
@@ -63,10 +64,14 @@ class CompressedCache(DynamicCache):
     quant : KIVI, optional
         Store every layer quantized (:class:`lacache_core.quant.KIVIStore`): keys before RoPE, so the
         rotation is ``"every_step"``; eviction runs on the quantized codes.
+    read : Quest, optional
+        Read each decode step's keys sparsely (:mod:`lacache_core.quest`): each query head attends only to the
+        pages of slots whose key bounds score highest. The page metadata is held and counted in
+        :meth:`kv_bytes`; :attr:`read_bytes` and :attr:`dense_read_bytes` count the bytes decode steps touch.
     """
 
     def __init__(self, policy: CachePolicy, num_layers: int, query_at_slot: bool = True,
-                 key_rotation: str = "auto", quant: Optional[KIVI] = None):
+                 key_rotation: str = "auto", quant: Optional[KIVI] = None, read: Optional[Quest] = None):
         if not HAS_CACHE_CLASSES:
             raise RuntimeError("CompressedCache needs transformers >= 4.36; use ppl_legacy/ with tuple caches")
         if key_rotation not in KEY_ROTATIONS:
@@ -80,6 +85,8 @@ class CompressedCache(DynamicCache):
             if policy.ragged or policy.prunes_channels:
                 raise ConfigError(f"--quant kivi cannot be combined with --method {policy.name} yet: its layers are "
                                   "stored per head or with pruned channels")
+            if policy.merges_values:
+                raise ConfigError(f"--quant kivi cannot be combined with --method {policy.name}: it merges values")
             if key_rotation == "incremental":
                 raise ConfigError("--quant kivi stores keys before RoPE and rotates them at every step: "
                                   "--key_rotation incremental cannot be used with it")
@@ -87,6 +94,14 @@ class CompressedCache(DynamicCache):
         super().__init__()
         #: KV quantization (:class:`lacache_core.quant.KIVI`), or ``None``: every layer is then a quantized store.
         self.quant = quant
+        #: Sparse reads (:class:`lacache_core.quest.Quest`), or ``None``.
+        self.read = read
+        self._pages = [None] * num_layers  # Quest's page (min, max) of each layer's keys, as last computed
+        self._pending_read = [None] * num_layers  # a layer's KV bytes, while its page choice awaits the step's mask
+        #: Bytes of keys, values and page metadata that decode steps read (with ``read``), and that they would
+        #: read densely: their ratio is the read saving.
+        self.read_bytes = 0.0
+        self.dense_read_bytes = 0
         self.key_rotation = key_rotation
         self._stored_rotated: Optional[bool] = None  # resolved from "auto" at the first step
         self._next_position = 0  # original position of the first new token of the current forward pass
@@ -131,8 +146,13 @@ class CompressedCache(DynamicCache):
             self.key_cache[i], self.value_cache[i] = key, value
 
     def kv_bytes(self) -> int:
-        """Bytes held by keys and values of all layers (counted as stored: unpadded heads, pruned channels)."""
-        return sum(self._layer_bytes(i) for i in range(self.num_layers))
+        """Bytes held by keys and values of all layers (counted as stored: unpadded heads, pruned channels), and
+        by Quest's page metadata."""
+        return sum(self._layer_bytes(i) + self._page_bytes(i) for i in range(self.num_layers))
+
+    def _page_bytes(self, i: int) -> int:
+        pages = self._pages[i]
+        return 0 if pages is None else sum(t.numel() * t.element_size() for t in pages)
 
     def _layer_bytes(self, i: int) -> int:
         if self._stores[i] is not None:
@@ -168,6 +188,33 @@ class CompressedCache(DynamicCache):
         return self._step_fillers[i] is not None
 
     def head_mask(self, i: int, mask, query: torch.Tensor, sliding_window: Optional[int] = None):
+        """The attention mask for this step of layer ``i`` (after :meth:`attend`): :meth:`_step_mask`, and with
+        ``read`` only the slots of each query head's chosen pages (``[b, heads, q, n]``)."""
+        mask = self._step_mask(i, mask, query, sliding_window)
+        return mask if self._pending_read[i] is None else self._read_mask(i, mask, query)
+
+    def _read_mask(self, i: int, mask, query: torch.Tensor):
+        """``mask`` narrowed to Quest's pages (bool or additive like ``mask``; additive where it is ``None``), and
+        the bytes this step reads counted: the page metadata, and of the KV bytes the share of slots that some
+        query head of each KV head reads."""
+        layer_bytes, self._pending_read[i] = self._pending_read[i], None
+        low, high = self._pages[i]
+        n = self._step_slots[i]
+        if mask is None:
+            visible = torch.ones(1, 1, 1, n, dtype=torch.bool, device=query.device)
+        else:
+            visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        chosen = selected_tokens(self.read, query, low, high, visible[..., -n:], n)  # [b, heads, q, n]
+        b, heads, q = chosen.shape[:3]
+        per_kv_head = chosen.view(b, low.shape[1], heads // low.shape[1], q, n).any(2).any(2)
+        self.read_bytes += layer_bytes * float(per_kv_head.float().mean()) + self._page_bytes(i)
+        if mask is None:
+            return torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~chosen, torch.finfo(query.dtype).min)
+        if mask.dtype == torch.bool:
+            return chosen
+        return torch.where(chosen, mask[..., -n:], torch.finfo(mask.dtype).min)
+
+    def _step_mask(self, i: int, mask, query: torch.Tensor, sliding_window: Optional[int] = None):
         """The attention mask for this step of layer ``i`` (after :meth:`attend`): ``mask`` itself, or, where the
         layer's heads differ in length, ``mask`` with each head's padding hidden (``[b, heads, q, n]``; bool
         or additive like ``mask``), or the cache's own mask (:meth:`_row_mask`) where rows need it or the layer
@@ -265,6 +312,8 @@ class CompressedCache(DynamicCache):
             self._tokens_in += q_len
         policy = self.policy
         rows = self._row_policies(key.shape[0])
+        if rows is not None and policy.merges_values:
+            raise ConfigError(f"--method {policy.name} merges values of one row only: use --batch_size 1")
         row_fillers = None if rows is None else self._fillers[layer_idx]  # [b], before this step's compaction
         fillers = None if rows is None else row_fillers.tolist()
         for j, row_policy in enumerate(rows or [policy]):
@@ -299,9 +348,11 @@ class CompressedCache(DynamicCache):
                 row_policy.observe(layer_idx, query[j:j + 1, :, q_len - real:], keys[j:j + 1, :, fillers[j]:], scaling)
         elif policy.observes:
             policy.observe(layer_idx, query, keys, scaling)
+        if self.read is not None:
+            self._plan_read(layer_idx, keys, q_len)
         if layer_idx == 0:
             self._step_bytes = 0
-        self._step_bytes += self._layer_bytes(layer_idx)
+        self._step_bytes += self._layer_bytes(layer_idx) + self._page_bytes(layer_idx)
         if layer_idx == self.num_layers - 1:
             self.peak_bytes = max(self.peak_bytes, self._step_bytes)
         self._view[layer_idx] = None
@@ -325,7 +376,8 @@ class CompressedCache(DynamicCache):
         if isinstance(keep, list):  # per-head lengths (AdaKV, HeadKV)
             self._keep_in_store(layer_idx, PerHeadStore(key, value, keep), key)
         elif keep is not None:
-            kept_key, kept_value = gather_layer(key, value, keep)  # the stored keys, rotated or not
+            merged = policy.merge_values(layer_idx, keep, value) if policy.merges_values else value  # CaM
+            kept_key, kept_value = gather_layer(key, merged, keep)  # the stored keys, rotated or not
             if self._stored_rotated and slot:  # kept keys move down to slots 0 .. n_keep - 1
                 shift = (keep.to(key.device) - torch.arange(keep.shape[-1], device=key.device)).clamp_min(0)
                 kept_key = rotation.at(kept_key, shift, per_head=shift.dim() >= 2, limit=n, inverse=True)
@@ -337,16 +389,30 @@ class CompressedCache(DynamicCache):
                 self._keep_in_store(layer_idx, store, key)
         return query, keys, value
 
+    def _plan_read(self, layer_idx: int, keys: torch.Tensor, q_len: int) -> None:
+        """Quest, before the kernel: a decode step's page bounds of the rotated ``keys`` (the pages are chosen
+        in :meth:`head_mask`, once the step's mask is known); prefill and the dense layers read every slot."""
+        if q_len != 1:
+            return
+        layer_bytes = self._layer_bytes(layer_idx)
+        self.dense_read_bytes += layer_bytes
+        if layer_idx < self.read.dense_layers:
+            self.read_bytes += layer_bytes
+            return
+        self._pages[layer_idx] = page_bounds(keys, self.read.page_size)
+        self._pending_read[layer_idx] = layer_bytes
+
     @classmethod
     def for_rows(cls, policies: list, num_layers: int, query_at_slot: bool = True,
-                 key_rotation: str = "auto", quant: Optional[KIVI] = None) -> "CompressedCache":
+                 key_rotation: str = "auto", quant: Optional[KIVI] = None,
+                 read: Optional[Quest] = None) -> "CompressedCache":
         """One cache for a batch whose rows have policies of their own: one method, its settings per row (a
         budget sized to each row's prompt, sinks by each prompt's length). Row ``j`` of every forward pass is
         compacted by ``policies[j]``; the arguments are as for the constructor."""
         first = policies[0]
         if any(type(p) is not type(first) for p in policies):
             raise ConfigError("the rows of a batch must use one method: " + ", ".join(sorted({p.name for p in policies})))
-        cache = cls(first, num_layers, query_at_slot=query_at_slot, key_rotation=key_rotation, quant=quant)
+        cache = cls(first, num_layers, query_at_slot=query_at_slot, key_rotation=key_rotation, quant=quant, read=read)
         if len(policies) > 1:
             for p in policies[1:]:
                 p.bind(num_layers)
@@ -511,7 +577,7 @@ def kv_bytes(cache) -> int:
 
 
 def make_cache(method: str, model_or_config, query_at_slot: bool = True, key_rotation: str = "auto",
-               quant: Optional[KIVI] = None, **settings) -> CompressedCache:
+               quant: Optional[KIVI] = None, read: Optional[Quest] = None, **settings) -> CompressedCache:
     """Build a :class:`CompressedCache` for ``method`` sized to a model (or its config).
 
     Example
@@ -523,11 +589,12 @@ def make_cache(method: str, model_or_config, query_at_slot: bool = True, key_rot
     config = getattr(model_or_config, "config", model_or_config)
     policy = build_policy(method, **settings)
     return CompressedCache(policy, config.num_hidden_layers, query_at_slot=query_at_slot, key_rotation=key_rotation,
-                           quant=quant)
+                           quant=quant, read=read)
 
 
 def make_row_cache(method: str, model_or_config, row_settings: list, query_at_slot: bool = True,
-                   key_rotation: str = "auto", quant: Optional[KIVI] = None) -> CompressedCache:
+                   key_rotation: str = "auto", quant: Optional[KIVI] = None,
+                   read: Optional[Quest] = None) -> CompressedCache:
     """A :class:`CompressedCache` for a batch whose rows differ in their settings (``row_settings[j]`` for row
     ``j``, as :func:`make_cache`'s keywords), e.g. a budget that is a fraction of each row's prompt.
 
@@ -548,7 +615,7 @@ def make_row_cache(method: str, model_or_config, row_settings: list, query_at_sl
                               f"{settings.get('start_size')}, {layers} layers)") from None
         policies.append(policy)
     return CompressedCache.for_rows(policies, layers, query_at_slot=query_at_slot, key_rotation=key_rotation,
-                                    quant=quant)
+                                    quant=quant, read=read)
 
 
 def prefill(model, input_ids: torch.Tensor, cache, chunk_size: Optional[int] = None, **inputs) -> torch.Tensor:

@@ -100,6 +100,9 @@ def _wrapper(inner_name: str) -> Callable:
                 if cache.ragged_step(module.layer_idx):
                     raise ConfigError(f"--method {cache.policy.name} keeps a different number of slots per head, "
                                       "which flash kernels cannot mask: use --attn_implementation sdpa or eager")
+                if cache.read is not None:
+                    raise ConfigError("--read quest chooses pages per query head, which a flash kernel cannot mask: use "
+                                      "--attn_implementation sdpa or eager")
                 if cache.rows_masked(module.layer_idx):
                     raise ConfigError("the rows of this batch hold different numbers of slots, which a flash kernel "
                                       "cannot mask: use --attn_implementation sdpa or eager")

@@ -1,0 +1,182 @@
+"""Quest (lacache_core/quest.py): page choice on keys built so that the right pages are known, the reference's
+rule re-derived here in its own form (sign trick, page max, top pages of a padded score row), and the next
+step of a cache read through Quest against a from-scratch decoder step that applies that rule."""
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+
+from lacache_core import METHODS, CompressedCache, ConfigError, Quest, build_policy, enable_position_shift
+from lacache_core.quest import page_bounds, page_scores, read_config, selected_tokens
+from lacache_core.versions import with_cache
+from tiny import head_scores_file, rms_norm, rotate, tiny_model
+
+pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
+                                reason="cache objects need transformers >= 4.36")
+TOKENS = torch.randint(0, 128, (1, 140), generator=torch.Generator().manual_seed(5))
+SETTINGS = dict(cache_size=48, start_size=4, span=2, recent_window=4, window_size=4)
+
+
+def test_pages_and_their_bounds_by_hand():
+    # one KV head, d = 2, pages of 2 slots; query (1, -1): bound = max(high_0, low_0) . q_0 + max(-high_1, -low_1)
+    keys = torch.tensor([[0., 0.], [1., 0.],      # page 0: high (1, 0), low (0, 0)   -> 1 + 0  = 1
+                         [3., 1.], [0., 2.],      # page 1: high (3, 2), low (0, 1)   -> 3 - 1  = 2
+                         [-1., -5.], [2., -1.],   # page 2: high (2, -1), low (-1, -5) -> 2 + 5 = 7
+                         [0., 0.], [0., 0.],      # page 3: 0
+                         [4., 5.]])[None, None]   # page 4, partial: high = low = (4, 5) -> 4 - 5 = -1
+    low, high = page_bounds(keys, 2)
+    assert torch.equal(high[0, 0, 2], torch.tensor([2., -1.])) and torch.equal(low[0, 0, 4], torch.tensor([4., 5.]))
+    query = torch.tensor([1., -1.])[None, None, None]
+    assert page_scores(query, low, high)[0, 0, 0].tolist() == [1., 2., 7., 0., -1.]
+    config = Quest(token_budget=4, page_size=2)  # max(3, 4 // 2) = 3 pages: 2, 1 and 0
+    every = torch.ones(1, 1, 1, 9, dtype=torch.bool)
+    chosen = selected_tokens(config, query, low, high, every, 9)[0, 0, 0]
+    assert chosen.tolist() == [True] * 6 + [False] * 3
+    # a page the mask hides entirely is never worth reading: pages 1, 0 and 3 instead
+    hide_page_2 = every.clone()
+    hide_page_2[..., 4:6] = False
+    chosen = selected_tokens(config, query, low, high, hide_page_2, 9)[0, 0, 0]
+    assert chosen.tolist() == [True] * 4 + [False, False] + [True, True, False]
+
+
+def test_pages_read_follow_the_reference_budget_rule():
+    config = Quest(token_budget=1024, page_size=16)
+    assert config.pages_read(100) == 6      # min(100, 1024) // 16 = 6 of 7 pages: a short cache is still read sparsely
+    assert config.pages_read(20) == 2       # at least 3, but only 2 pages exist
+    assert config.pages_read(5000) == 64    # 1024 // 16
+    assert Quest(token_budget=8, page_size=16).pages_read(200) == 3
+
+
+def test_the_bound_is_an_upper_bound_and_tight_for_one_token_pages():
+    g = torch.Generator().manual_seed(0)
+    keys, query = torch.randn(2, 3, 50, 8, generator=g), torch.randn(2, 6, 1, 8, generator=g)
+    low, high = page_bounds(keys, 7)
+    bounds = page_scores(query, low, high)  # [2, 6, 1, 8 pages]
+    exact = query @ keys.repeat_interleave(2, 1).transpose(2, 3)  # [2, 6, 1, 50]
+    page_max = torch.nn.functional.pad(exact, (0, 6), value=-1e9).view(2, 6, 1, 8, 7).amax(-1)
+    assert bool((bounds >= page_max - 1e-5).all())
+    one = page_bounds(keys, 1)
+    torch.testing.assert_close(page_scores(query, *one), exact)
+
+
+def reference_choice(query, keys, config, n):
+    """The reference's selection (evaluation/quest_attention.py), re-derived in its own form: keys repeated to the
+    query heads, ``k * sign(q)`` maximised over each page (padding at the dtype's min), ``|q|`` against it, and the
+    top ``min(max(3, min(n, budget) // page), pages)`` pages of that score row."""
+    groups = query.shape[1] // keys.shape[1]
+    keys = keys.repeat_interleave(groups, 1)
+    sign = torch.where(query > 0, 1.0, -1.0)
+    page = config.page_size
+    pad = page - ((n - 1) % page + 1)
+    signed = torch.cat([keys * sign, torch.full((*keys.shape[:2], pad, keys.shape[-1]), torch.finfo(keys.dtype).min)], 2)
+    page_max = signed.view(*keys.shape[:2], -1, page, keys.shape[-1]).amax(3)  # [1, heads, pages, d]
+    score = (query * sign) @ page_max.transpose(2, 3)  # [1, heads, 1, pages]
+    budget = min(n, config.token_budget)
+    top = score.topk(min(max(3, budget // page), score.shape[-1]), -1).indices
+    chosen = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
+    return chosen.repeat_interleave(page, -1)[..., :n]
+
+
+def quest_next_logits(model, token, kv_unrotated, config, key_positions=None, query_pos=None):
+    """A from-scratch decoder step under Quest: layers from ``config.dense_layers`` on let each query head attend
+    only to :func:`reference_choice`'s tokens. Keys at their slots, or at ``key_positions`` (per layer ``[n]``)."""
+    cfg = model.config
+    theta = getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]
+    heads, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = cfg.hidden_size // heads
+    base = model.get_decoder()
+    h = base.embed_tokens(torch.tensor([[token]]))
+    for i, (layer, (k_old, v_old)) in enumerate(zip(base.layers, kv_unrotated)):
+        attn = layer.self_attn
+        x = rms_norm(layer.input_layernorm, h)
+        q = attn.q_proj(x).view(1, 1, heads, d).transpose(1, 2)
+        k = attn.k_proj(x).view(1, 1, kvh, d).transpose(1, 2)
+        v = attn.v_proj(x).view(1, 1, kvh, d).transpose(1, 2)
+        n = k_old.shape[2] + 1
+        qpos = n - 1 if query_pos is None else query_pos
+        kpos = torch.arange(n) if key_positions is None else torch.cat([key_positions[i], torch.tensor([qpos])])
+        keys = rotate(torch.cat([k_old, k], 2), kpos, theta, d)
+        values = torch.cat([v_old, v], 2)
+        query = rotate(q, torch.tensor([qpos]), theta, d)
+        w = query @ keys.repeat_interleave(heads // kvh, 1).transpose(2, 3) / d ** 0.5
+        if i >= config.dense_layers:
+            w = w.masked_fill(~reference_choice(query, keys, config, n), float("-inf"))
+        out = torch.softmax(w, -1) @ values.repeat_interleave(heads // kvh, 1)
+        h = h + attn.o_proj(out.transpose(1, 2).reshape(1, 1, -1))
+        h = h + layer.mlp(rms_norm(layer.post_attention_layernorm, h))
+    return model.lm_head(rms_norm(base.norm, h))[0, -1]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("method", ["full", "lacache", "streamingllm", "h2o"])
+def test_next_step_matches_a_from_scratch_step_reading_the_reference_pages(method, attn):
+    model = enable_position_shift(tiny_model("llama", attn))
+    config = Quest(token_budget=12, page_size=4, dense_layers=2)
+    policy = build_policy(method, **{k: v for k, v in SETTINGS.items() if k in METHODS[method].hyperparameters()})
+    cache = CompressedCache(policy, 6, key_rotation="every_step", read=config)  # un-rotated keys, to re-derive from
+    with torch.no_grad():
+        model(TOKENS[:, :60], use_cache=True, **with_cache(cache))
+        for t in range(60, 100):
+            model(TOKENS[:, t:t + 1], use_cache=True, **with_cache(cache))
+        kv = [cache._layer(i) for i in range(6)]
+        original = policy.position_mode == "original"
+        expected = quest_next_logits(model, int(TOKENS[0, 100]), kv, config,
+                                     key_positions=cache.kept_positions() if original else None,
+                                     query_pos=100 if original else None)
+        dense = quest_next_logits(model, int(TOKENS[0, 100]), kv, Quest(10 ** 6, 1))  # every slot read
+        got = model(TOKENS[:, 100:101], use_cache=True, **with_cache(cache)).logits[0, -1]
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    if original:
+        return
+    assert (expected - dense).abs().max() > 1e-3  # the pages chosen change the answer: the test can tell
+
+
+def test_read_bytes_count_the_pages_read_and_the_metadata_held():
+    model = enable_position_shift(tiny_model("llama", "eager"))
+    config = Quest(token_budget=16, page_size=8, dense_layers=2)
+    plain = CompressedCache(build_policy("full"), 6)
+    cache = CompressedCache(build_policy("full"), 6, read=config)
+    with torch.no_grad():
+        for c in (plain, cache):
+            model(TOKENS[:, :63], use_cache=True, **with_cache(c))
+        cache.read_bytes, cache.dense_read_bytes = 0.0, 0
+        for c in (plain, cache):
+            model(TOKENS[:, 63:64], use_cache=True, **with_cache(c))
+    # 64 slots, kv_heads 2, head_dim 16, float32: 64 * 2 * 16 * 4 bytes each of keys and values per layer
+    layer = 2 * 64 * 2 * 16 * 4
+    pages = 2 * 8 * 2 * 16 * 4  # min and max of 8 pages, per KV head
+    assert cache.dense_read_bytes == 6 * layer
+    assert cache.kv_bytes() == plain.kv_bytes() + 4 * pages  # metadata of the 4 sparse layers, held
+    # each query head reads 3 of 8 pages; a KV head reads the union of its 2 query heads' pages: 3 to 6 of 8
+    sparse = cache.read_bytes - 2 * layer - 4 * pages
+    assert 4 * layer * 3 / 8 - 1e-6 <= sparse <= 4 * layer * 6 / 8 + 1e-6
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_quest_composes_with_every_method_in_generate(method):
+    # page_size 1 and an unbounded budget read every slot: the same tokens as without Quest; a small budget reads less
+    model = enable_position_shift(tiny_model("llama", "sdpa"))
+    settings = dict(SETTINGS, head_scores=head_scores_file(model.config))
+
+    def cache(read):
+        policy = build_policy(method, **{k: v for k, v in settings.items() if k in METHODS[method].hyperparameters()})
+        return CompressedCache(policy, 6, read=read)
+
+    outputs = []
+    for read in (None, Quest(token_budget=10 ** 6, page_size=1, dense_layers=0)):
+        outputs.append(model.generate(TOKENS[:, :60], **with_cache(cache(read)), max_new_tokens=20, min_new_tokens=20,
+                                      do_sample=False))
+    assert torch.equal(outputs[0], outputs[1])
+    sparse = cache(Quest(token_budget=8, page_size=4))
+    model.generate(TOKENS[:, :60], **with_cache(sparse), max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert 0 < sparse.read_bytes < 0.8 * sparse.dense_read_bytes
+
+
+def test_bad_read_settings_are_one_line_errors():
+    for kwargs, flag in [(dict(token_budget=0), "--quest_budget"), (dict(page_size=0), "--quest_page_size"),
+                         (dict(dense_layers=-1), "--quest_dense_layers")]:
+        with pytest.raises(ConfigError, match=flag):
+            Quest(**kwargs)
+    with pytest.raises(ConfigError, match="--read must be one of"):
+        read_config("pages", 1024, 16, 2)
+    assert read_config("none", 1024, 16, 2) is None
