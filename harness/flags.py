@@ -25,6 +25,7 @@ from lacache_core.errors import ConfigError
 from lacache_core.policies import METHODS, budget_derived
 from lacache_core.policies.base import BOUNDS, base_type, choices_of, describe_range, type_hints
 from lacache_core.quant import KIVI, QUANT_METHODS, quant_config
+from lacache_core.quest import READ_METHODS, Quest, read_config
 
 #: Fields every budgeted method shares, set by the harness's budget flags rather than generated.
 BUDGET_FIELDS = ("cache_size", "start_size")
@@ -160,6 +161,18 @@ def add_method_flags(group, *, default_method: Optional[str] = "lacache", defaul
     group.add_argument("--quant_residual", type=int, default=quant.residual,
                        help=f"--quant kivi: newest tokens kept in full precision, a multiple of --quant_group "
                             f"(default {quant.residual})")
+    group.add_argument("--read", choices=READ_METHODS, default="none",
+                       help="sparse reads next to any --method: quest (Quest, Tang et al. 2024: pages of slots with "
+                            "key min/max; each decode step's query heads read only their top pages; nothing is "
+                            "evicted) (default none)")
+    read = Quest()
+    group.add_argument("--quest_budget", type=int, default=read.token_budget,
+                       help=f"--read quest: tokens each query head reads per decode step, as whole pages, at least 3 "
+                            f"(default {read.token_budget})")
+    group.add_argument("--quest_page_size", type=int, default=read.page_size,
+                       help=f"--read quest: cache slots per page (default {read.page_size})")
+    group.add_argument("--quest_dense_layers", type=int, default=read.dense_layers,
+                       help=f"--read quest: leading layers that read every slot (default {read.dense_layers})")
     if prefill_chunks:
         group.add_argument("--prefill_chunk_size", type=int, default=None,
                            help="feed the prompt N tokens at a time and compact between chunks (bounded memory); "
@@ -242,7 +255,7 @@ def method_settings(args, method: str) -> dict:
     and the cache's ``key_rotation``; the budget fields are the harness's to add."""
     names = [n for n in METHODS[method].hyperparameters() if n not in BUDGET_FIELDS]
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    return {**given, "key_rotation": args.key_rotation, "quant": quant_setting(args)}
+    return {**given, "key_rotation": args.key_rotation, "quant": quant_setting(args), "read": read_setting(args)}
 
 
 def quant_setting(args) -> Optional[KIVI]:
@@ -254,6 +267,19 @@ def quant_setting(args) -> Optional[KIVI]:
 def quant_identity(args) -> Optional[dict]:
     quant = quant_setting(args)
     return None if quant is None else {"method": args.quant, **asdict(quant)}
+
+
+def read_setting(args) -> Optional[Quest]:
+    """The ``--read`` flags as a :class:`lacache_core.quest.Quest`, or ``None`` (one-line errors for bad values)."""
+    default = Quest()
+    return read_config(getattr(args, "read", "none"), getattr(args, "quest_budget", default.token_budget),
+                       getattr(args, "quest_page_size", default.page_size),
+                       getattr(args, "quest_dense_layers", default.dense_layers))
+
+
+def read_identity(args) -> Optional[dict]:
+    read = read_setting(args)
+    return None if read is None else {"method": args.read, **asdict(read)}
 
 
 def file_sha256(path) -> str:
@@ -289,10 +315,12 @@ def hyperparameters(args, method: str) -> dict:
 def method_identity(args, method: str) -> dict:
     """The method part of a prompt harness's setting: name, budget, sinks, every hyper-parameter, cache settings."""
     chunk = getattr(args, "prefill_chunk_size", None)
-    if method == "full":
-        return {"name": "full", "prefill_chunk_size": chunk}
-    budget = {"budget": args.budget} if getattr(args, "budget", None) is not None else {"cache_size": args.cache_size}
     quant = {"quant": quant_identity(args)} if quant_setting(args) is not None else {}  # none keeps old hashes
+    if read_setting(args) is not None:
+        quant["read"] = read_identity(args)
+    if method == "full":
+        return {"name": "full", "prefill_chunk_size": chunk, **quant}
+    budget = {"budget": args.budget} if getattr(args, "budget", None) is not None else {"cache_size": args.cache_size}
     return {"name": method, **budget, "start_size": args.start_size, **resolved_hyperparameters(args, method),
             "key_rotation": args.key_rotation, "prefill_chunk_size": chunk, **quant}
 
@@ -324,6 +352,11 @@ def method_tag(args, method: str) -> str:
     if quant is not None:
         tag += f"_kivi{quant.bits}" + ("" if (quant.group, quant.residual) == (KIVI().group, KIVI().residual)
                                       else f"g{quant.group}r{quant.residual}")
+    read = read_setting(args)
+    if read is not None:
+        tag += f"_quest{read.token_budget}" + ("" if (read.page_size, read.dense_layers) == (Quest().page_size,
+                                                                                           Quest().dense_layers)
+                                              else f"p{read.page_size}d{read.dense_layers}")
     if getattr(args, "prefill_chunk_size", None):
         tag += f"_chunk{args.prefill_chunk_size}"
     return tag + ("" if args.dtype == "float32" else f"_{args.dtype}")

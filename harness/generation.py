@@ -84,16 +84,16 @@ def batch_cache(model, specs: Sequence[BudgetSpec], prompt_lens: Sequence[int]):
         raise ConfigError("the prompt harnesses need transformers >= 4.36 (cache objects); "
                           "use ppl_legacy/ for transformers < 4.36")
     method = specs[0].method
-    quant = (specs[0].settings or {}).get("quant")
+    quant, read = ((specs[0].settings or {}).get(name) for name in ("quant", "read"))
     if method == "full":
-        if quant is not None:  # the full cache, quantized
-            return make_row_cache("full", model, [{}], quant=quant)
+        if quant is not None or read is not None:  # the full cache, quantized or read sparsely
+            return make_row_cache("full", model, [{}], quant=quant, read=read)
         from transformers import DynamicCache
         return DynamicCache()
     rows = [spec.policy_settings(model, n) for spec, n in zip(specs, prompt_lens)]
     rotation = rows[0].get("key_rotation", "auto")
-    rows = [{k: v for k, v in row.items() if k not in ("key_rotation", "quant")} for row in rows]
-    return make_row_cache(method, model, rows, key_rotation=rotation, quant=quant)
+    rows = [{k: v for k, v in row.items() if k not in ("key_rotation", "quant", "read")} for row in rows]
+    return make_row_cache(method, model, rows, key_rotation=rotation, quant=quant, read=read)
 
 
 def budget_spec(args, method: str, prompt_len: int, start_size: Optional[int] = None) -> BudgetSpec:
@@ -103,7 +103,8 @@ def budget_spec(args, method: str, prompt_len: int, start_size: Optional[int] = 
     from .flags import method_settings
 
     if method == "full":
-        return BudgetSpec("full", settings={"quant": method_settings(args, method)["quant"]})
+        settings = method_settings(args, method)
+        return BudgetSpec("full", settings={"quant": settings["quant"], "read": settings["read"]})
     cache_size = args.cache_size if args.cache_size is not None else budget_cache_size(args.budget, prompt_len)
     start = args.start_size if args.start_size is not None else start_size
     if start is not None and cache_size <= start:
@@ -145,6 +146,12 @@ class Answer:
     final_kv_bytes: int = 0
     #: Prompts answered together in this one's batch.
     batch_rows: int = 1
+    #: With ``--read``: the share of the cache's bytes the decode steps read (the batch's), else ``None``.
+    read_fraction: Optional[float] = None
+
+    def read_record(self) -> dict:
+        """``{"read_fraction": ...}`` for a record when reads were sparse, else nothing (records stay as they were)."""
+        return {} if self.read_fraction is None else {"read_fraction": round(self.read_fraction, 6)}
 
 
 @torch.no_grad()
@@ -235,8 +242,9 @@ def answer_batch(model, tokenizer, prompts: Sequence[torch.Tensor], specs: Seque
     # an ordinary cache only grows, so its final size is its peak
     peak = cache.peak_bytes if isinstance(cache, CompressedCache) else kv_bytes(cache)
     final = kv_bytes(cache)
+    read = cache.read_bytes / cache.dense_read_bytes if getattr(cache, "read", None) and cache.dense_read_bytes else None
     return [Answer(row, tokenizer.decode(row, skip_special_tokens=True), n, seconds, peak // len(prompts),
-                   final // len(prompts), len(prompts)) for row, n in zip(ids, lengths)]
+                   final // len(prompts), len(prompts), read) for row, n in zip(ids, lengths)]
 
 
 def answer(model, tokenizer, input_ids: torch.Tensor, spec: BudgetSpec, max_new_tokens: int,

@@ -22,6 +22,7 @@ from lacache_core.errors import ConfigError
 from lacache_core.patches import enable_position_shift
 from lacache_core.policies import CachePolicy, FullCache, policy_from_state
 from lacache_core.quant import KIVI, KIVIStore
+from lacache_core.quest import Quest
 from lacache_core.versions import HAS_CACHE_CLASSES, output_cache, with_cache
 
 QUERY_POSITIONS = ("slot", "official")
@@ -32,6 +33,9 @@ class StreamResult:
     nlls: List[float] = field(default_factory=list)
     seconds: float = 0.0
     peak_kv_bytes: int = 0
+    #: Bytes that decode steps read from the cache, and would read densely (``read_bytes`` set by ``--read``).
+    read_bytes: float = 0.0
+    dense_read_bytes: int = 0
 
     @property
     def ppl(self) -> float:
@@ -68,27 +72,27 @@ def next_query_position(previous: int, held: int, mode: str = "slot") -> int:
 
 
 def _new_cache(policy: CachePolicy, num_layers: int, legacy: bool, query_position: str, key_rotation: str = "auto",
-               quant: Optional[KIVI] = None):
+               quant: Optional[KIVI] = None, read: Optional[Quest] = None):
     if legacy:
-        if quant is not None:
-            raise ConfigError("--quant needs transformers >= 4.36 (cache objects); ppl_legacy/ has none")
+        if quant is not None or read is not None:
+            raise ConfigError("--quant and --read need transformers >= 4.36 (cache objects); ppl_legacy/ has none")
         return None
-    if not isinstance(policy, FullCache) or quant is not None:  # a quantized full cache keeps every token
+    if not isinstance(policy, FullCache) or quant is not None or read is not None:  # a full cache quantized or read sparsely
         return CompressedCache(policy, num_layers, query_at_slot=query_position == "slot", key_rotation=key_rotation,
-                               quant=quant)
+                               quant=quant, read=read)
     from transformers import DynamicCache
     return DynamicCache()
 
 
 def _restore_cache(state: dict, policy: CachePolicy, num_layers: int, legacy: bool, query_position: str, device,
-                   quant: Optional[KIVI] = None):
+                   quant: Optional[KIVI] = None, read: Optional[Quest] = None):
     layers = [(k.to(device), v.to(device)) for k, v in state["layers"]]
     if legacy:
         return layers or None
     # the saved keys carry their rotation or not: the restored cache must treat them the same way
     stored_rotated = state.get("stored_rotated")
     key_rotation = {True: "incremental", False: "every_step"}.get(stored_rotated, "auto")
-    cache = _new_cache(policy, num_layers, legacy, query_position, key_rotation, quant)
+    cache = _new_cache(policy, num_layers, legacy, query_position, key_rotation, quant, read)
     from transformers import DynamicCache
     for i, (k, v) in enumerate(layers):
         DynamicCache.update(cache, k, v, i)  # the base update: no compaction, the policy state is restored as is
@@ -96,6 +100,7 @@ def _restore_cache(state: dict, policy: CachePolicy, num_layers: int, legacy: bo
         cache._keep_in_store(i, KIVIStore.from_state(quant, {k: t.to(device) for k, t in saved.items()}), layers[i][0])
     if isinstance(cache, CompressedCache):
         cache.peak_bytes = state["peak_kv_bytes"]
+        cache.read_bytes, cache.dense_read_bytes = state.get("read_bytes", (0.0, 0))
     return cache
 
 
@@ -105,7 +110,8 @@ def save_checkpoint(path: Path, policy: CachePolicy, cache, result: "StreamResul
     state = {"nlls": result.nlls, "where": where, "position": position, "seconds": result.seconds,
              "peak_kv_bytes": result.peak_kv_bytes if not isinstance(cache, CompressedCache) else cache.peak_bytes,
              "policy": policy.state_dict(), "layers": [(k.cpu(), v.cpu()) for k, v in cache_layers(cache)], "meta": meta,
-             "stored_rotated": getattr(cache, "_stored_rotated", None)}
+             "stored_rotated": getattr(cache, "_stored_rotated", None),
+             "read_bytes": (getattr(cache, "read_bytes", 0.0), getattr(cache, "dense_read_bytes", 0))}
     if getattr(cache, "quant", None) is not None:  # dequantized views would be quantized again on restore
         state["layers"] = [(k[..., :0, :].cpu(), v[..., :0, :].cpu()) for k, v in state["layers"]]
         state["quant_layers"] = [{k: t.cpu() for k, t in store.state().items()} for store in cache._stores]
@@ -129,7 +135,8 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
                       on_token: Optional[Callable[[int, float], None]] = None, desc: str = "ppl",
                       checkpoint: Optional[Path] = None, checkpoint_every: int = 0,
                       resume: Optional[dict] = None, meta: Optional[dict] = None,
-                      key_rotation: str = "auto", quant: Optional[KIVI] = None) -> StreamResult:
+                      key_rotation: str = "auto", quant: Optional[KIVI] = None,
+                      read: Optional[Quest] = None) -> StreamResult:
     """Stream ``texts`` through ``model`` one token at a time under ``policy``.
 
     Parameters
@@ -154,6 +161,8 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
         How the cache rotates stored keys (:class:`lacache_core.CompressedCache`).
     quant : KIVI, optional
         Quantized KV storage (:mod:`lacache_core.quant`).
+    read : Quest, optional
+        Sparse reads (:mod:`lacache_core.quest`); the result counts the bytes decode steps read.
     """
     _check_stream(model, policy, query_position)
     legacy = not HAS_CACHE_CLASSES
@@ -163,7 +172,7 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
     if policy.prefill_only:
         raise ConfigError(f"--method {policy.name} compresses a prompt once (prefill-time) and the token-by-token "
                           "perplexity protocol has no prompt; use it where there is one (generate, LongBench, NIAH)")
-    policy, cache, device = _open_stream(model, policy, query_position, legacy, resume, key_rotation, quant)
+    policy, cache, device = _open_stream(model, policy, query_position, legacy, resume, key_rotation, quant, read)
     result, position, skip = StreamResult(), -1, (0, -1)
     if resume is not None:
         result.nlls, result.seconds = list(resume["nlls"]), resume["seconds"]
@@ -206,7 +215,13 @@ def stream_perplexity(model, tokenizer, texts: Iterable[str], policy: CachePolic
     bar.close()
     if not legacy:
         result.peak_kv_bytes = _peak_bytes(cache, result.peak_kv_bytes)
+        _note_reads(cache, result)
     return result
+
+
+def _note_reads(cache, result) -> None:
+    if getattr(cache, "read", None) is not None:
+        result.read_bytes, result.dense_read_bytes = cache.read_bytes, cache.dense_read_bytes
 
 
 def _check_stream(model, policy: CachePolicy, query_position: str) -> None:
@@ -217,17 +232,17 @@ def _check_stream(model, policy: CachePolicy, query_position: str) -> None:
 
 
 def _open_stream(model, policy: CachePolicy, query_position: str, legacy: bool, resume: Optional[dict],
-                 key_rotation: str, quant: Optional[KIVI] = None):
+                 key_rotation: str, quant: Optional[KIVI] = None, read: Optional[Quest] = None):
     """What every stream starts with, once checked (:func:`_check_stream`): position shift, and the cache
     (fresh, or from ``resume``, whose saved policy then replaces ``policy``). Returns ``(policy, cache, device)``."""
     num_layers = model.config.num_hidden_layers
     device = next(model.parameters()).device
-    if not isinstance(policy, FullCache) or quant is not None:
+    if not isinstance(policy, FullCache) or quant is not None or read is not None:
         enable_position_shift(model)
     if resume is None:
-        return policy, _new_cache(policy, num_layers, legacy, query_position, key_rotation, quant), device
+        return policy, _new_cache(policy, num_layers, legacy, query_position, key_rotation, quant, read), device
     policy = policy_from_state(resume["policy"])
-    return policy, _restore_cache(resume, policy, num_layers, legacy, query_position, device, quant), device
+    return policy, _restore_cache(resume, policy, num_layers, legacy, query_position, device, quant, read), device
 
 
 def _peak_bytes(cache, measured: int) -> int:
@@ -243,6 +258,8 @@ class BatchStreamResult:
     nlls: List[List[float]] = field(default_factory=list)
     seconds: float = 0.0
     peak_kv_bytes: int = 0
+    read_bytes: float = 0.0
+    dense_read_bytes: int = 0
 
     @property
     def scored(self) -> int:
@@ -304,7 +321,8 @@ def stream_perplexity_batched(model, streams: torch.Tensor, policy: CachePolicy,
                               on_step: Optional[Callable[[int, List[float]], None]] = None, desc: str = "ppl",
                               checkpoint: Optional[Path] = None, checkpoint_every: int = 0,
                               resume: Optional[dict] = None, meta: Optional[dict] = None,
-                              key_rotation: str = "auto", quant: Optional[KIVI] = None) -> BatchStreamResult:
+                              key_rotation: str = "auto", quant: Optional[KIVI] = None,
+                              read: Optional[Quest] = None) -> BatchStreamResult:
     """Several streams through ``model`` in one batch, one token of each per forward pass.
 
     Parameters
@@ -315,7 +333,7 @@ def stream_perplexity_batched(model, streams: torch.Tensor, policy: CachePolicy,
         (:class:`lacache_core.CompressedCache` keeps a copy of it per row), and one gather per layer serves the batch.
     on_step : callable ``(step, [nll of each stream])``, optional
         Called after each step (used to append each stream's NLL to its own log as it comes).
-    checkpoint, checkpoint_every, resume, meta, key_rotation, quant : as :func:`stream_perplexity` (every
+    checkpoint, checkpoint_every, resume, meta, key_rotation, quant, read : as :func:`stream_perplexity` (every
         ``checkpoint_every`` steps).
 
     Stream ``j`` scores the same NLLs as the one-stream protocol on ``streams[:, j]`` alone with a fresh cache.
@@ -324,7 +342,7 @@ def stream_perplexity_batched(model, streams: torch.Tensor, policy: CachePolicy,
     count, length = inputs.shape
     _check_stream(model, policy, query_position)
     check_batchable(policy, count)
-    policy, cache, device = _open_stream(model, policy, query_position, False, resume, key_rotation, quant)
+    policy, cache, device = _open_stream(model, policy, query_position, False, resume, key_rotation, quant, read)
     result, position, first = BatchStreamResult(nlls=[[] for _ in range(count)]), -1, 0
     if resume is not None:
         result.nlls, result.seconds = [list(row) for row in resume["nlls"]], resume["seconds"]
@@ -352,4 +370,5 @@ def stream_perplexity_batched(model, streams: torch.Tensor, policy: CachePolicy,
     result.seconds = time.perf_counter() - start
     bar.close()
     result.peak_kv_bytes = _peak_bytes(cache, result.peak_kv_bytes)
+    _note_reads(cache, result)
     return result

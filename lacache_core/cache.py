@@ -86,7 +86,7 @@ class CompressedCache(DynamicCache):
                 raise ConfigError(f"--quant kivi cannot be combined with --method {policy.name} yet: its layers are "
                                   "stored per head or with pruned channels")
             if policy.merges_values:
-                raise ConfigError(f"--quant kivi cannot be combined with --method {policy.name}: it merges values")
+                raise ConfigError(f"--quant kivi cannot be combined with --method {policy.name} yet: it merges values")
             if key_rotation == "incremental":
                 raise ConfigError("--quant kivi stores keys before RoPE and rotates them at every step: "
                                   "--key_rotation incremental cannot be used with it")
@@ -204,7 +204,7 @@ class CompressedCache(DynamicCache):
             visible = torch.ones(1, 1, 1, n, dtype=torch.bool, device=query.device)
         else:
             visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-        chosen = selected_tokens(self.read, query, low, high, visible[..., -n:], n)  # [b, heads, q, n]
+        chosen = selected_tokens(self.read, query, low, high, visible[..., -n:], self._first_slots(i, low.shape[1]))
         b, heads, q = chosen.shape[:3]
         per_kv_head = chosen.view(b, low.shape[1], heads // low.shape[1], q, n).any(2).any(2)
         self.read_bytes += layer_bytes * float(per_kv_head.float().mean()) + self._page_bytes(i)
@@ -312,8 +312,6 @@ class CompressedCache(DynamicCache):
             self._tokens_in += q_len
         policy = self.policy
         rows = self._row_policies(key.shape[0])
-        if rows is not None and policy.merges_values:
-            raise ConfigError(f"--method {policy.name} merges values of one row only: use --batch_size 1")
         row_fillers = None if rows is None else self._fillers[layer_idx]  # [b], before this step's compaction
         fillers = None if rows is None else row_fillers.tolist()
         for j, row_policy in enumerate(rows or [policy]):
@@ -348,8 +346,6 @@ class CompressedCache(DynamicCache):
                 row_policy.observe(layer_idx, query[j:j + 1, :, q_len - real:], keys[j:j + 1, :, fillers[j]:], scaling)
         elif policy.observes:
             policy.observe(layer_idx, query, keys, scaling)
-        if self.read is not None:
-            self._plan_read(layer_idx, keys, q_len)
         if layer_idx == 0:
             self._step_bytes = 0
         self._step_bytes += self._layer_bytes(layer_idx) + self._page_bytes(layer_idx)
@@ -360,6 +356,8 @@ class CompressedCache(DynamicCache):
         # tokens; without padding it is right while no row holds fillers
         own_mask = rows is not None and (self._pads is not None or any(fillers) or self._stores[layer_idx] is not None)
         self._step_fillers[layer_idx] = (row_fillers, n) if own_mask else None
+        if self.read is not None:
+            self._plan_read(layer_idx, keys, q_len)
         if rows is not None and (policy.ragged or policy.prunes_channels):
             self._rows_into_stores(rows, layer_idx, key, value, n)
             return query, keys, value
@@ -376,7 +374,11 @@ class CompressedCache(DynamicCache):
         if isinstance(keep, list):  # per-head lengths (AdaKV, HeadKV)
             self._keep_in_store(layer_idx, PerHeadStore(key, value, keep), key)
         elif keep is not None:
-            merged = policy.merge_values(layer_idx, keep, value) if policy.merges_values else value  # CaM
+            merged = value  # CaM: evicted values merge into kept ones (new tensors), each row's over its own slots
+            if policy.merges_values:
+                parts = [(value[j:j + 1, :, :f], row.merge_values(layer_idx, keep, value[j:j + 1, :, f:]))
+                         for j, (row, f) in enumerate(zip(rows or [policy], fillers or [0]))]
+                merged = torch.cat([torch.cat(part, 2) for part in parts])
             kept_key, kept_value = gather_layer(key, merged, keep)  # the stored keys, rotated or not
             if self._stored_rotated and slot:  # kept keys move down to slots 0 .. n_keep - 1
                 shift = (keep.to(key.device) - torch.arange(keep.shape[-1], device=key.device)).clamp_min(0)
@@ -399,8 +401,19 @@ class CompressedCache(DynamicCache):
         if layer_idx < self.read.dense_layers:
             self.read_bytes += layer_bytes
             return
-        self._pages[layer_idx] = page_bounds(keys, self.read.page_size)
+        self._pages[layer_idx] = page_bounds(keys, self.read.page_size, self._first_slots(layer_idx, keys.shape[1]))
         self._pending_read[layer_idx] = layer_bytes
+
+    def _first_slots(self, i: int, kv_heads: int) -> Optional[torch.Tensor]:
+        """The first slot of each row's and head's own tokens in the tensors the last :meth:`attend` of layer ``i``
+        returned (``[b, kv_heads]``; ``None``: slot 0 everywhere), past filler slots and a head's padding."""
+        lengths, fillers = self._step_lengths[i], self._step_fillers[i]
+        if lengths is None and fillers is None:
+            return None
+        n = self._step_slots[i]
+        if lengths is not None:
+            return (n - lengths).expand(fillers[0].shape[0] if fillers else 1, kv_heads)
+        return fillers[0][:, None].expand(-1, kv_heads)
 
     @classmethod
     def for_rows(cls, policies: list, num_layers: int, query_at_slot: bool = True,

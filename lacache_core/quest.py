@@ -75,24 +75,54 @@ def read_config(read: str, token_budget: int, page_size: int, dense_layers: int)
     return None if read == "none" else Quest(token_budget, page_size, dense_layers)
 
 
-def page_bounds(keys: torch.Tensor, page_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def page_index(n: int, page_size: int, first: Optional[torch.Tensor] = None, device=None) -> Tuple[torch.Tensor, int]:
+    """The page of each of ``n`` slots: ``([b | 1, kv_heads | 1, n], pages)``.
+
+    Pages start at each row's (and head's) first own slot, ``first`` (``[b, kv_heads]``; ``None``: slot 0), so a
+    row of a padded batch is paged as it would be alone. Slots before ``first`` (fillers) are on page ``pages``,
+    which no query reads.
+    """
+    slots = torch.arange(n, device=device)
+    if first is None:
+        return (slots // page_size)[None, None], -(-n // page_size)
+    relative = slots - first.to(device)[..., None]
+    pages = -(-(n - int(first.min())) // page_size)
+    return torch.where(relative >= 0, relative.div(page_size, rounding_mode="floor"), pages), pages
+
+
+def page_bounds(keys: torch.Tensor, page_size: int, first: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per page, the channel-wise min and max of ``keys``.
 
     Parameters
     ----------
     keys : ``[b, kv_heads, n, d]``, rotated.
+    first : ``[b, kv_heads]``, optional: each row's and head's first own slot (:func:`page_index`).
 
     Returns
     -------
-    ``(low, high)``, each ``[b, kv_heads, pages, d]`` with ``pages = ceil(n / page_size)``; the last page
-    may be partial.
+    ``(low, high)``, each ``[b, kv_heads, pages, d]``: ``ceil(n / page_size)`` pages from slot 0, the last
+    possibly partial. A page that holds no slot of a row has ``low = +max``, ``high = -max``.
     """
     b, h, n, d = keys.shape
-    pages = -(-n // page_size)
-    pad = pages * page_size - n
+    pages = page_index(n, page_size, first)[1]
     big = torch.finfo(keys.dtype).max
-    high = torch.nn.functional.pad(keys, (0, 0, 0, pad), value=-big).view(b, h, pages, page_size, d).amax(3)
-    low = torch.nn.functional.pad(keys, (0, 0, 0, pad), value=big).view(b, h, pages, page_size, d).amin(3)
+    if first is None:
+        return _bounds(keys, page_size, pages, big)
+    low, high = keys.new_full((b, h, pages, d), big), keys.new_full((b, h, pages, d), -big)
+    for j, row in enumerate(first.expand(b, h).tolist()):  # a row's (or head's) own slots, paged from its first
+        for g, start in enumerate(row):
+            own = -(-(n - start) // page_size)
+            low[j, g, :own], high[j, g, :own] = _bounds(keys[j, g, start:], page_size, own, big)
+    return low, high
+
+
+def _bounds(keys: torch.Tensor, page_size: int, pages: int, big: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Min and max over pages of ``page_size`` slots along dim -2 (the last page padded so it ignores the padding)."""
+    pad = pages * page_size - keys.shape[-2]
+    shape = (*keys.shape[:-2], pages, page_size, keys.shape[-1])
+    low = torch.nn.functional.pad(keys, (0, 0, 0, pad), value=big).view(shape).amin(-2)
+    high = torch.nn.functional.pad(keys, (0, 0, 0, pad), value=-big).view(shape).amax(-2)
     return low, high
 
 
@@ -116,22 +146,29 @@ def page_scores(query: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> t
 
 
 def selected_tokens(config: Quest, query: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
-                    visible: torch.Tensor, n: int) -> torch.Tensor:
+                    visible: torch.Tensor, first: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The slots each query head reads: its top pages by :func:`page_scores`, less what ``visible`` hides.
 
     Parameters
     ----------
     visible : ``[b, 1 | heads, q, n]`` bool, the slots the step's mask lets each query see.
+    first : ``[b, kv_heads]``, optional, as for :func:`page_bounds`: each row and head reads
+        :meth:`Quest.pages_read` of its own slots' count.
 
     Returns
     -------
     ``[b, heads, q, n]`` bool.
     """
-    b, heads, q = query.shape[:3]
-    pages = low.shape[2]
-    pad = pages * config.page_size - n
-    seen = torch.nn.functional.pad(visible, (0, pad)).view(*visible.shape[:3], pages, config.page_size).any(-1)
+    b, heads, q, n = *query.shape[:3], visible.shape[-1]
+    groups = heads // low.shape[1]
+    page_of, pages = page_index(n, config.page_size, first, query.device)
+    page_of = page_of.expand(b, low.shape[1], n).repeat_interleave(groups, 1)[:, :, None].expand(b, heads, q, n)
+    seen = torch.zeros(b, heads, q, pages + 1, device=query.device).scatter_reduce_(
+        -1, page_of, visible.expand(b, heads, q, n).float(), "amax")[..., :pages] > 0
     scores = page_scores(query, low, high).masked_fill(~seen, float("-inf"))
-    top = scores.topk(config.pages_read(n), dim=-1).indices  # [b, heads, q, k]
-    chosen = torch.zeros(b, heads, q, pages, dtype=torch.bool, device=query.device).scatter_(-1, top, True)
-    return chosen.repeat_interleave(config.page_size, -1)[..., :n] & visible
+    own = torch.full((b, low.shape[1]), n, device=query.device) if first is None else n - first.to(query.device)
+    limit = torch.tensor([[config.pages_read(int(m)) for m in row] for row in own.tolist()], device=query.device)
+    top = scores.topk(int(limit.max()), dim=-1).indices  # [b, heads, q, k], best first
+    ranked = torch.arange(top.shape[-1], device=query.device) < limit.repeat_interleave(groups, 1)[:, :, None, None]
+    chosen = torch.zeros(b, heads, q, pages + 1, dtype=torch.bool, device=query.device).scatter_(-1, top, ranked)
+    return chosen.gather(-1, page_of) & visible

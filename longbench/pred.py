@@ -262,7 +262,7 @@ def predict_dataset(args, method, dataset, model, tokenizer, folder: Path) -> Op
                         "all_classes": sample.get("all_classes"), "length": sample.get("length"),
                         "prompt_tokens": res.prompt_tokens, "seconds": round(res.seconds, 3),
                         "peak_kv_bytes": res.peak_kv_bytes, "final_kv_bytes": res.final_kv_bytes,
-                        "batch_rows": res.batch_rows})
+                        "batch_rows": res.batch_rows, **res.read_record()})
     in_sample_order(final, samples, "_id", args.world)
     return skipped
 

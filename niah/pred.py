@@ -326,7 +326,7 @@ def run_method(args, method, model, tokenizer, essays, stop) -> List[dict]:
                   **hyperparameters(args, method))
     run.start(**common)
     cells = grid_cells(args)
-    guesses, prompts = {}, {}
+    guesses, prompts, reads = {}, {}, []
     t0 = time.perf_counter()
     with CsvResults(folder / "results.csv") as out:
         todo = [c for c in cells if _key(*c) not in out.done]
@@ -346,10 +346,14 @@ def run_method(args, method, model, tokenizer, essays, stop) -> List[dict]:
             out.append({"context_length": length, "depth": depth_label(depth), "test": test,
                         "score": f"{score(args.mode, res.text, prompt.answer):g}", "pred": res.text,
                         "prompt_tokens": res.prompt_tokens})
+            if res.read_fraction is not None:
+                reads.append(res.read_fraction)
         wanted = {_key(*c) for c in cells}  # the file may hold other cells from a wider earlier run
         rows = [r for r in out.rows if _key(r["context_length"], r["depth"], r["test"]) in wanted]
     means = cell_means(rows)
-    run.finish(**common, average_score=average(means), seconds=round(time.perf_counter() - t0, 1), tests=len(rows))
+    extra = {"read_fraction": round(sum(reads) / len(reads), 6)} if reads else {}  # --read: this invocation's answers
+    run.finish(**common, average_score=average(means), seconds=round(time.perf_counter() - t0, 1), tests=len(rows),
+               **extra)
     title = f"{model_label(args.model_name_or_path)} {args.mode}, {method_tag(args, method)}"
     labels = write_official_csv(args, method, folder, rows) if args.protocol == "lacache" else None
     if heatmap(rows, folder / "heatmap.png", title, labels) is None:

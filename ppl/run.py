@@ -13,7 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.data import load_texts  # noqa: E402
-from harness.flags import add_method_flags, method_settings, method_tag, parser, quant_identity, quant_setting  # noqa: E402
+from harness.flags import (add_method_flags, method_settings, method_tag, parser, quant_identity, quant_setting,  # noqa: E402
+                           read_identity, read_setting)
 from harness.models import DEFAULT_MODEL  # noqa: E402
 from harness.plots import running_ppl_plot  # noqa: E402
 from harness.runner import Run, add_model_flags, add_output_flags, add_skip_flag, check_run_flags, cli, load  # noqa: E402
@@ -86,7 +87,7 @@ def methods_help() -> str:
 
 def make_policy(args, method: str):
     settings = method_settings(args, method)
-    settings.pop("key_rotation"), settings.pop("quant")
+    settings.pop("key_rotation"), settings.pop("quant"), settings.pop("read")
     return build_policy(method, cache_size=args.cache_size, start_size=args.start_size, **settings)
 
 
@@ -98,6 +99,8 @@ def setting(args, method: str) -> dict:
         cache.update(query_position=args.query_position, key_rotation=args.key_rotation)
     if quant_setting(args) is not None:  # none keeps the old hashes
         cache["quant"] = quant_identity(args)
+    if read_setting(args) is not None:
+        cache["read"] = read_identity(args)
     data = {"dataset": args.dataset_name, "task": args.task, "split": args.split,
             "num_eval_tokens": args.num_eval_tokens}
     if args.batch_size > 1:  # other streams, other numbers (one stream's settings keep their hash)
@@ -150,7 +153,7 @@ def run_method(args, method, model, tokenizer, texts):
                                 on_token=append, desc=method, checkpoint=ckpt_path,
                                 checkpoint_every=args.checkpoint_every, resume=resume,
                                 meta={"setting": run.setting}, key_rotation=args.key_rotation,
-                                quant=quant_setting(args))
+                                quant=quant_setting(args), read=read_setting(args))
     return _finish(args, method, run, policy, res, resume, model.config.num_hidden_layers)
 
 
@@ -172,7 +175,7 @@ def _stream_batch(args, method, model, tokenizer, texts, policy, run, resume):
         return stream_perplexity_batched(model, streams, policy, args.query_position, on_step=append, desc=method,
                                          checkpoint=run.folder / "resume.pt", checkpoint_every=args.checkpoint_every,
                                          resume=resume, meta={"setting": run.setting}, key_rotation=args.key_rotation,
-                                quant=quant_setting(args))
+                                         quant=quant_setting(args), read=read_setting(args))
     finally:
         for sink in sinks:
             sink.close()
@@ -188,6 +191,9 @@ def _finish(args, method, run, policy, res, resume, num_layers: int):
         "max_cache_len": policy.max_cache_len(num_layers), "resumed": resume is not None,
         "skipped_rows": len(args.skipped or []),
     }
+    if res.dense_read_bytes:  # --read: the bytes decode steps read, against a dense read of the same cache
+        results.update(read_bytes_per_step=res.read_bytes / len(nlls), dense_read_bytes_per_step=res.dense_read_bytes
+                       / len(nlls), read_fraction=res.read_bytes / res.dense_read_bytes)
     if batched:
         results.update(batch_size=args.batch_size, tokens_per_stream=len(res.nlls[0]),
                        stream_ppl=[running_ppl(row, len(row)) for row in res.nlls])

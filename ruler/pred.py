@@ -117,7 +117,7 @@ def predict_task(args, method, task, model, tokenizer, folder: Path) -> Optional
                         "length": sample["length"], "prompt_tokens": res.prompt_tokens,
                         "cache_size": budget_spec(args, method, res.prompt_tokens).cache_size,
                         "seconds": round(res.seconds, 3), "peak_kv_bytes": res.peak_kv_bytes,
-                        "final_kv_bytes": res.final_kv_bytes, "batch_rows": res.batch_rows})
+                        "final_kv_bytes": res.final_kv_bytes, "batch_rows": res.batch_rows, **res.read_record()})
     in_sample_order(final, samples, "index", args.world)
     return skipped
 

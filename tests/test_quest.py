@@ -9,6 +9,7 @@ from packaging.version import Version
 from lacache_core import METHODS, CompressedCache, ConfigError, Quest, build_policy, enable_position_shift
 from lacache_core.quest import page_bounds, page_scores, read_config, selected_tokens
 from lacache_core.versions import with_cache
+from test_ppl_harness import text_file, tiny_dir  # noqa: F401 (fixtures)
 from tiny import head_scores_file, rms_norm, rotate, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
@@ -30,12 +31,12 @@ def test_pages_and_their_bounds_by_hand():
     assert page_scores(query, low, high)[0, 0, 0].tolist() == [1., 2., 7., 0., -1.]
     config = Quest(token_budget=4, page_size=2)  # max(3, 4 // 2) = 3 pages: 2, 1 and 0
     every = torch.ones(1, 1, 1, 9, dtype=torch.bool)
-    chosen = selected_tokens(config, query, low, high, every, 9)[0, 0, 0]
+    chosen = selected_tokens(config, query, low, high, every)[0, 0, 0]
     assert chosen.tolist() == [True] * 6 + [False] * 3
     # a page the mask hides entirely is never worth reading: pages 1, 0 and 3 instead
     hide_page_2 = every.clone()
     hide_page_2[..., 4:6] = False
-    chosen = selected_tokens(config, query, low, high, hide_page_2, 9)[0, 0, 0]
+    chosen = selected_tokens(config, query, low, high, hide_page_2)[0, 0, 0]
     assert chosen.tolist() == [True] * 4 + [False, False] + [True, True, False]
 
 
@@ -180,3 +181,100 @@ def test_bad_read_settings_are_one_line_errors():
     with pytest.raises(ConfigError, match="--read must be one of"):
         read_config("pages", 1024, 16, 2)
     assert read_config("none", 1024, 16, 2) is None
+
+
+@pytest.mark.parametrize("method", ["full", "lacache"])
+def test_ppl_reads_sparsely_records_the_reads_and_resumes_to_the_same_numbers(tiny_dir, text_file, tmp_path, monkeypatch,  # noqa: F811
+                                                                              method):
+    import json
+
+    import ppl.run as run_module
+    from ppl.run import main
+
+    common = ["--model_name_or_path", str(tiny_dir), "--dataset_name", str(text_file), "--device", "cpu",
+              "--method", method, "--cache_size", "48", "--span", "2", "--num_eval_tokens", "120",
+              "--read", "quest", "--quest_budget", "8", "--quest_page_size", "4", "--checkpoint_every", "40"]
+    assert main(common + ["--output_dir", str(tmp_path / "clean")]) == 0
+    clean = next((tmp_path / "clean").iterdir())
+    assert "_quest8p4d2" in clean.name
+    record = json.loads((clean / "run.json").read_text())
+    assert record["setting"]["cache"]["read"] == {"method": "quest", "token_budget": 8, "page_size": 4, "dense_layers": 2}
+    results = record["results"]
+    assert 0 < results["read_fraction"] < 0.9  # 2 of the 4 layers read densely; the others 3 pages of 4 per query head
+    assert results["read_bytes_per_step"] == pytest.approx(results["read_fraction"] * results["dense_read_bytes_per_step"])
+    real = run_module.stream_perplexity
+
+    def interrupted(*a, on_token=None, **kw):
+        def boom(i, nll):
+            on_token(i, nll)
+            if i == 97:
+                raise KeyboardInterrupt
+        return real(*a, on_token=boom, **kw)
+
+    monkeypatch.setattr(run_module, "stream_perplexity", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(common + ["--output_dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(run_module, "stream_perplexity", real)
+    assert main(common + ["--output_dir", str(tmp_path / "cut")]) == 0
+    cut = next((tmp_path / "cut").iterdir())
+    resumed = json.loads((cut / "run.json").read_text())["results"]
+    assert resumed["resumed"] is True
+    assert (cut / "nlls.txt").read_text() == (clean / "nlls.txt").read_text()
+    assert resumed["read_fraction"] == pytest.approx(results["read_fraction"])
+    assert main(common[:-8] + ["--output_dir", str(tmp_path / "dense")]) == 0  # the same run read densely
+    dense = next((tmp_path / "dense").iterdir())
+    assert (dense / "nlls.txt").read_text() != (clean / "nlls.txt").read_text()
+
+
+def test_bad_read_flags_are_one_line_errors(tiny_dir, text_file, tmp_path, capsys):  # noqa: F811
+    from ppl.run import main
+
+    common = ["--model_name_or_path", str(tiny_dir), "--dataset_name", str(text_file), "--device", "cpu",
+              "--output_dir", str(tmp_path), "--read", "quest"]
+    assert main(common + ["--quest_budget", "0"]) == 2
+    assert main(common + ["--quest_page_size", "-3"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert err == ["error: --quest_budget must be >= 1, got 0", "error: --quest_page_size must be >= 1, got -3"]
+
+
+def test_each_row_of_a_padded_batch_reads_what_it_reads_alone():
+    if Version(transformers.__version__) < Version("4.48"):
+        pytest.skip("padded batches need the attention-interface path (transformers >= 4.48)")
+    model = enable_position_shift(tiny_model("llama", "sdpa"))
+    read = Quest(token_budget=8, page_size=4)
+    lengths = (60, 47)
+    rows = [TOKENS[:, :n] for n in lengths]
+    alone = []
+    for ids in rows:
+        cache = CompressedCache(build_policy("lacache", cache_size=40, span=2), 6, read=read)
+        out = model.generate(ids, **with_cache(cache), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        alone.append(out[0, ids.shape[1]:])
+    ids = torch.zeros(2, 60, dtype=torch.long)
+    mask = torch.zeros(2, 60, dtype=torch.long)
+    for j, row in enumerate(rows):
+        ids[j, 60 - row.shape[1]:], mask[j, 60 - row.shape[1]:] = row[0], 1
+    cache = CompressedCache(build_policy("lacache", cache_size=40, span=2), 6, read=read)
+    out = model.generate(ids, attention_mask=mask, **with_cache(cache), max_new_tokens=12, min_new_tokens=12,
+                         do_sample=False)
+    for j in range(2):
+        assert torch.equal(out[j, 60:], alone[j])
+
+
+def test_prompt_harnesses_read_full_and_budgeted_caches_sparsely(tiny_dir, tmp_path, capsys):  # noqa: F811
+    import json
+
+    from test_niah import rows_of
+    from test_niah import run as run_niah
+
+    read = ("--read", "quest", "--quest_budget", "8", "--quest_page_size", "4", "--quest_dense_layers", "1")
+    assert run_niah(tiny_dir, tmp_path / "q", "--method", "full,lacache", *read) == 0
+    folders = [p for p in sorted((tmp_path / "q").iterdir()) if p.is_dir()]
+    assert [p.name.split("__")[-1].rsplit("-", 1)[0] for p in folders] == ["full_quest8p4d1", "lacache_b0.5_S2_O0_s4_quest8p4d1"]
+    for folder in folders:
+        assert len(rows_of(folder / "results.csv")) == 12
+        record = json.loads((folder / "run.json").read_text())
+        assert record["setting"]["method"]["read"]["token_budget"] == 8
+        assert 0 < record["read_fraction"] < 1
+    assert run_niah(tiny_dir, tmp_path / "bad", *read[:2], "--quest_dense_layers", "-1") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert err == ["error: --quest_dense_layers must be >= 0, got -1"]

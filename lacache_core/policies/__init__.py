@@ -7,6 +7,7 @@ from typing import Dict, Tuple, Type
 from ..errors import ConfigError
 from .adakv import AdaKV
 from .base import CachePolicy
+from .cam import CAM
 from .full import FullCache
 from .h2o import H2O
 from .headkv import HeadKV
@@ -25,7 +26,7 @@ from .tova import TOVA
 METHODS: Dict[str, Type[CachePolicy]] = {
     cls.name: cls for cls in (
         FullCache, StreamingLLM, LaCache,                        # position-only
-        H2O, TOVA, LSHE, KNormDecode, Scissorhands,              # decode-time scoring
+        H2O, TOVA, LSHE, KNormDecode, Scissorhands, CAM,         # decode-time scoring (CAM merges values)
         SnapKV, PyramidKV, PyramidInfer, KNorm, NACL, AdaKV, HeadKV, ThinK,  # prefill-time
     )
 }
@@ -67,6 +68,6 @@ def policy_from_state(saved: dict) -> CachePolicy:
     return policy
 
 
-__all__ = ["CachePolicy", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "KNormDecode", "Scissorhands",
+__all__ = ["CachePolicy", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "KNormDecode", "Scissorhands", "CAM",
            "SnapKV", "PyramidKV", "PyramidInfer", "KNorm", "NACL", "AdaKV", "HeadKV", "ThinK", "METHODS", "budget_derived", "build_policy",
            "policy_from_state"]
