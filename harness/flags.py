@@ -161,6 +161,9 @@ def add_method_flags(group, *, default_method: Optional[str] = "lacache", defaul
     group.add_argument("--quant_residual", type=int, default=quant.residual,
                        help=f"--quant kivi: newest tokens kept in full precision, a multiple of --quant_group "
                             f"(default {quant.residual})")
+    group.add_argument("--quant_key_order", choices=("pre_rope", "post_rope"), default=quant.key_order,
+                       help="--quant kivi: quantize keys before RoPE (KVQuant's order) or after it (KIVI's code; "
+                            f"methods whose keys sit at their original positions only) (default {quant.key_order})")
     group.add_argument("--read", choices=READ_METHODS, default="none",
                        help="sparse reads next to any --method: quest (Quest, Tang et al. 2024: pages of slots with "
                             "key min/max; each decode step's query heads read only their top pages; nothing is "
@@ -261,12 +264,15 @@ def method_settings(args, method: str) -> dict:
 def quant_setting(args) -> Optional[KIVI]:
     """The ``--quant`` flags as a :class:`lacache_core.quant.KIVI`, or ``None`` (one-line errors for bad values)."""
     return quant_config(getattr(args, "quant", "none"), getattr(args, "quant_bits", 2), getattr(args, "quant_group", 32),
-                        getattr(args, "quant_residual", 128))
+                        getattr(args, "quant_residual", 128), getattr(args, "quant_key_order", "pre_rope"))
 
 
 def quant_identity(args) -> Optional[dict]:
     quant = quant_setting(args)
-    return None if quant is None else {"method": args.quant, **asdict(quant)}
+    if quant is None:
+        return None
+    fields_ = {k: v for k, v in asdict(quant).items() if k != "key_order" or v != "pre_rope"}  # pre_rope keeps old hashes
+    return {"method": args.quant, **fields_}
 
 
 def read_setting(args) -> Optional[Quest]:
@@ -351,7 +357,8 @@ def method_tag(args, method: str) -> str:
     quant = quant_setting(args)
     if quant is not None:
         tag += f"_kivi{quant.bits}" + ("" if (quant.group, quant.residual) == (KIVI().group, KIVI().residual)
-                                      else f"g{quant.group}r{quant.residual}")
+                                      else f"g{quant.group}r{quant.residual}") + \
+            ("_postrope" if quant.key_order == "post_rope" else "")
     read = read_setting(args)
     if read is not None:
         tag += f"_quest{read.token_budget}" + ("" if (read.page_size, read.dense_layers) == (Quest().page_size,

@@ -87,10 +87,22 @@ class CompressedCache(DynamicCache):
                                   "stored per head or with pruned channels")
             if policy.merges_values:
                 raise ConfigError(f"--quant kivi cannot be combined with --method {policy.name} yet: it merges values")
-            if key_rotation == "incremental":
+            if getattr(policy, "merges_layers", False):
+                raise ConfigError(f"--quant kivi cannot be combined with --method {policy.name} yet: it merges layers")
+            if quant.key_order == "post_rope":  # quantized as rotated, at original positions that never move
+                if policy.position_mode != "original":
+                    raise ConfigError(f"--quant_key_order post_rope cannot be used with --method {policy.name} at "
+                                      "cache slots: kept keys move to other slots, and quantized keys cannot be "
+                                      "rotated again; use pre_rope or --key_positions original")
+                if key_rotation == "every_step":
+                    raise ConfigError("--quant_key_order post_rope stores keys rotated: --key_rotation every_step "
+                                      "cannot be used with it")
+                key_rotation = "incremental"
+            elif key_rotation == "incremental":
                 raise ConfigError("--quant kivi stores keys before RoPE and rotates them at every step: "
                                   "--key_rotation incremental cannot be used with it")
-            key_rotation = "every_step"
+            else:
+                key_rotation = "every_step"
         super().__init__()
         #: KV quantization (:class:`lacache_core.quant.KIVI`), or ``None``: every layer is then a quantized store.
         self.quant = quant
@@ -389,6 +401,10 @@ class CompressedCache(DynamicCache):
             if channels is not None:
                 store = PrunedChannelStore(kept_key, kept_value, channels, policy.unpruned_window)
                 self._keep_in_store(layer_idx, store, key)
+        if getattr(policy, "merges_layers", False) and policy.closes_pair(layer_idx) and self._stores[layer_idx] is None:
+            # MiniCache, after the prompt's pass: this layer and the one before it share one merged store
+            for i, store in enumerate(policy.merge_pair(self._layer(layer_idx - 1), (key, value), row_fillers)):
+                self._keep_in_store(layer_idx - 1 + i, store, key)
         return query, keys, value
 
     def _plan_read(self, layer_idx: int, keys: torch.Tensor, q_len: int) -> None:

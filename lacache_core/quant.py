@@ -15,7 +15,7 @@ positions at every step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Literal, Optional, Tuple
 
 import torch
 
@@ -39,11 +39,17 @@ class KIVI:
     residual : int
         Newest tokens kept in full precision (KIVI's ``R``; a multiple of ``group``). Once more than
         ``residual`` are held, the oldest ``group`` of them are quantized as one key block.
+    key_order : {"pre_rope", "post_rope"}
+        Quantize keys before RoPE (KVQuant's finding, the default; the cache rotates the dequantized keys at
+        every step) or after it, as KIVI's code does (keys stored rotated at their original positions; a
+        method that moves kept keys to other slots, such as LaCache, would need them dequantized and
+        rotated again, so it is refused).
     """
 
     bits: int = 2
     group: int = 32
     residual: int = 128
+    key_order: Literal["pre_rope", "post_rope"] = "pre_rope"
 
     def __post_init__(self):
         if self.bits not in (2, 4, 8):
@@ -53,6 +59,8 @@ class KIVI:
         if self.residual < 0 or self.residual % self.group:
             raise ConfigError(f"--quant_residual must be a multiple of --quant_group {self.group} (>= 0), "
                               f"got {self.residual}")
+        if self.key_order not in ("pre_rope", "post_rope"):
+            raise ConfigError(f"--quant_key_order must be pre_rope or post_rope, got {self.key_order!r}")
 
 
 def quantize(x: torch.Tensor, bits: int, dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -177,7 +185,10 @@ class KIVIStore(LayerStore):
                       self.value_low, self.value_scale, self.key, self.value)
 
     def write_newest_keys(self, rotated):
-        raise RuntimeError("quantized keys are stored before RoPE; the cache rotates them at every step")
+        """Post-RoPE keys: the newest keys, rotated (they are in the full-precision residual until the step ends)."""
+        if self.config.key_order != "post_rope":
+            raise RuntimeError("quantized keys are stored before RoPE; the cache rotates them at every step")
+        self.key[..., self.key.shape[-2] - rotated.shape[-2]:, :] = rotated
 
     # -- checkpoints: the tensors as held (a restore must not quantize dequantized values again)
     FIELDS = ("key_codes", "value_codes", "key_block", "key_low", "key_scale", "value_low", "value_scale", "key", "value")
@@ -235,8 +246,8 @@ class KIVIStore(LayerStore):
         self.key_low, self.key_scale = take(self.key_low, order), take(self.key_scale, order)
 
 
-def quant_config(method: str, bits: int, group: int, residual: int) -> Optional[KIVI]:
+def quant_config(method: str, bits: int, group: int, residual: int, key_order: str = "pre_rope") -> Optional[KIVI]:
     """The quantization of ``--quant method`` (``None`` for ``"none"``)."""
     if method not in QUANT_METHODS:
         raise ConfigError(f"--quant must be one of {QUANT_METHODS}, got {method!r}")
-    return None if method == "none" else KIVI(bits, group, residual)
+    return None if method == "none" else KIVI(bits, group, residual, key_order)

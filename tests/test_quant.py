@@ -210,3 +210,62 @@ def test_a_padded_batch_is_refused_with_quant():
     cache = CompressedCache(build_policy("lacache", cache_size=40, span=2), 6, quant=KIVI(4, 8, 16))
     with pytest.raises(ConfigError, match="--quant kivi cannot run a padded batch yet"):
         model(TOKENS[:, :30].expand(2, -1), attention_mask=mask, use_cache=True, **with_cache(cache))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_post_rope_keys_are_quantized_as_rotated(bits):
+    # KIVI's own order: keys quantized after RoPE, at their original positions; the rule re-derived on rotated keys
+    model = enable_position_shift(tiny_model("llama", "eager"))
+    post = KIVI(bits=bits, group=8, residual=16, key_order="post_rope")
+    plain = CompressedCache(build_policy("full"), 6, key_rotation="incremental")  # keys stored rotated
+    quantized = CompressedCache(build_policy("full"), 6, quant=post)
+    pre = CompressedCache(build_policy("full"), 6, quant=KIVI(bits=bits, group=8, residual=16))
+    with torch.no_grad():
+        for cache in (plain, quantized, pre):
+            model(TOKENS[:, :90], use_cache=True, **with_cache(cache))
+        kv = [kivi_reference(*plain._layer(i), post) for i in range(6)]
+        expected = manual_next_logits(model, int(TOKENS[0, 90]), kv, rotated=True)
+        got = model(TOKENS[:, 90:91], use_cache=True, **with_cache(quantized)).logits[0, -1]
+        before_rope = model(TOKENS[:, 90:91], use_cache=True, **with_cache(pre)).logits[0, -1]
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert (got - before_rope).abs().max() > 1e-5  # the two orders quantize different numbers (float noise: ~1e-7)
+
+
+def test_post_rope_keys_survive_eviction_at_original_positions():
+    model = enable_position_shift(tiny_model("llama", "eager"))
+    cache = CompressedCache(build_policy("h2o", cache_size=40, start_size=4), 6,
+                            quant=KIVI(bits=4, group=8, residual=16, key_order="post_rope"))
+    with torch.no_grad():
+        model(TOKENS[:, :70], use_cache=True, **with_cache(cache))
+        for t in range(70, 80):
+            model(TOKENS[:, t:t + 1], use_cache=True, **with_cache(cache))
+        kv = [cache._stores[i].view() for i in range(6)]  # rotated keys, as held
+        expected = manual_next_logits(model, int(TOKENS[0, 80]), kv, query_pos=80, key_positions=cache.kept_positions(),
+                                      rotated=True)
+        got = model(TOKENS[:, 80:81], use_cache=True, **with_cache(cache)).logits[0, -1]
+    assert kv[0][0].shape[2] < 60
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_post_rope_order_is_refused_where_keys_move():
+    for method in ("lacache", "streamingllm"):
+        with pytest.raises(ConfigError, match=f"--quant_key_order post_rope cannot be used with --method {method}"):
+            CompressedCache(build_policy(method, cache_size=40), 6, quant=KIVI(4, 8, 16, "post_rope"))
+    with pytest.raises(ConfigError, match="--quant_key_order must be pre_rope or post_rope"):
+        KIVI(4, 8, 16, "after")
+
+
+def test_ppl_post_rope_names_its_folder_and_refuses_moving_keys(tiny_dir, text_file, tmp_path, capsys):  # noqa: F811
+    from ppl.run import main
+
+    common = ["--model_name_or_path", str(tiny_dir), "--dataset_name", str(text_file), "--device", "cpu",
+              "--num_eval_tokens", "40", "--quant", "kivi", "--quant_bits", "4", "--quant_group", "8",
+              "--quant_residual", "16", "--quant_key_order", "post_rope", "--output_dir", str(tmp_path)]
+    assert main(common + ["--method", "full"]) == 0
+    folder = next(tmp_path.iterdir())
+    assert folder.name.split("__")[2] == "full_kivi4g8r16_postrope"
+    record = json.loads((folder / "run.json").read_text())
+    assert record["setting"]["cache"]["quant"]["key_order"] == "post_rope"
+    assert main(common + ["--method", "lacache", "--cache_size", "24", "--span", "2"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and err[0].startswith("error: --quant_key_order post_rope cannot be used with --method lacache")
