@@ -341,7 +341,9 @@ def method_tag(args, method: str) -> str:
     if method == "full":
         tag = "full"
     else:
-        tag = f"{method}_{budget_label(args)}"
+        names = {f.name for f in fields(METHODS[method])}
+        uses_budget = "cache_size" in names or budget_derived(METHODS[method])  # MiniCache keeps every token
+        tag = f"{method}_{budget_label(args)}" if uses_budget else method
         for f in fields(METHODS[method]):
             if not f.init or not f.metadata.get("flag", True) or f.name in BUDGET_FIELDS:
                 continue
@@ -350,7 +352,7 @@ def method_tag(args, method: str) -> str:
                 tag += f"_{f.metadata['short']}{f.default if value is None else value:g}"
             elif value is not None and value != f.default:
                 tag += f"_{f.name}-{_label(value)}"
-        if args.start_size is not None and args.start_size != getattr(args, "_start_default", None):
+        if "start_size" in names and args.start_size is not None and args.start_size != getattr(args, "_start_default", None):
             tag += f"_s{args.start_size}"
         if args.key_rotation != "auto":
             tag += f"_r{args.key_rotation}"

@@ -197,3 +197,91 @@ class RowStores(LayerStore):
         heads = self.shape()[1]
         return torch.stack([store.head_lengths() if store.head_lengths() is not None
                             else torch.full((heads,), store.shape()[2]) for store in self.stores])
+
+
+class MergedPair:
+    """Two adjacent layers' keys and values after MiniCache's merge (:mod:`lacache_core.policies.minicache`).
+
+    Held once for both layers; each layer reads it through its own :class:`MergedLayerStore`.
+
+    Parameters
+    ----------
+    key_direction, value_direction : ``[b, kv_heads, n, d]``, the unit direction shared by both layers.
+    key_norms, value_norms : per layer (``[0]`` the earlier, ``[1]`` the later), ``[b, kv_heads, n]``, each
+        token's own magnitude.
+    retained : ``LongTensor [b, kv_heads, r]``, the slots kept unmerged (increasing), the same for keys and values.
+    retained_keys, retained_values : per layer, ``[b, kv_heads, r, d]``, those slots' exact keys and values.
+
+    Tokens appended after the merge are each layer's own, stored whole (:attr:`tails`).
+    """
+
+    def __init__(self, key_direction, value_direction, key_norms, value_norms, retained, retained_keys,
+                 retained_values):
+        self.key_direction, self.value_direction = key_direction, value_direction
+        self.key_norms, self.value_norms = tuple(key_norms), tuple(value_norms)
+        self.retained = retained
+        self.retained_keys, self.retained_values = tuple(retained_keys), tuple(retained_values)
+        self.tails: List[Optional[Pair]] = [None, None]
+
+    def merged_slots(self) -> int:
+        return self.key_direction.shape[2]
+
+    def restore(self, layer: int) -> Pair:
+        """Layer ``layer`` (0 or 1) of the merged slots: shared direction times its magnitudes, its retained
+        slots put back; ``(key, value)``, each ``[b, kv_heads, n, d]``."""
+        return (_restore(self.key_direction, self.key_norms[layer], self.retained, self.retained_keys[layer]),
+                _restore(self.value_direction, self.value_norms[layer], self.retained, self.retained_values[layer]))
+
+    def shared_bytes(self) -> int:
+        return _bytes(self.key_direction, self.value_direction, self.retained)
+
+    def own_bytes(self, layer: int) -> int:
+        tail = self.tails[layer] or ()
+        return _bytes(self.key_norms[layer], self.value_norms[layer], self.retained_keys[layer],
+                      self.retained_values[layer], *tail)
+
+
+def _restore(direction: torch.Tensor, norm: torch.Tensor, index: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    unit = direction.float()
+    unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # re-normalised, as the reference restores
+    out = (unit * norm.float()[..., None]).to(direction.dtype)
+    return out.scatter(2, index[..., None].expand(*index.shape, out.shape[-1]), exact)
+
+
+class MergedLayerStore(LayerStore):
+    """One layer of a :class:`MergedPair` (``layer`` 0: the earlier, 1: the later), then its own newer tokens.
+
+    :meth:`nbytes` counts the pair's shared tensors half in each layer (the odd byte in the earlier), so the
+    two layers' sum is what the pair holds.
+    """
+
+    def __init__(self, pair: MergedPair, layer: int):
+        self.pair, self.layer = pair, layer
+
+    def append(self, key, value):
+        tail = self.pair.tails[self.layer]
+        self.pair.tails[self.layer] = (key.clone(), value.clone()) if tail is None else \
+            (torch.cat([tail[0], key], -2), torch.cat([tail[1], value], -2))
+
+    def view(self):
+        key, value = self.pair.restore(self.layer)
+        tail = self.pair.tails[self.layer]
+        if tail is None:
+            return key, value
+        return torch.cat([key, tail[0]], -2), torch.cat([value, tail[1]], -2)
+
+    def shape(self):
+        b, heads, n, _ = self.pair.key_direction.shape
+        tail = self.pair.tails[self.layer]
+        return b, heads, n + (0 if tail is None else tail[0].shape[-2])
+
+    def nbytes(self):
+        shared = self.pair.shared_bytes()
+        return self.pair.own_bytes(self.layer) + shared // 2 + (shared % 2 if self.layer == 0 else 0)
+
+    def write_newest_keys(self, rotated):
+        tail = self.pair.tails[self.layer]
+        q = rotated.shape[-2]
+        if tail is None or tail[0].shape[-2] < q:
+            raise RuntimeError("merged layers are written only after their prompt: the newest keys must be their own")
+        tail[0][..., tail[0].shape[-2] - q:, :] = rotated

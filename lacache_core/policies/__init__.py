@@ -14,6 +14,7 @@ from .headkv import HeadKV
 from .knorm import KNorm, KNormDecode
 from .lacache import LaCache
 from .lshe import LSHE
+from .minicache import MiniCache
 from .nacl import NACL
 from .pyramidinfer import PyramidInfer
 from .pyramidkv import PyramidKV
@@ -28,6 +29,7 @@ METHODS: Dict[str, Type[CachePolicy]] = {
         FullCache, StreamingLLM, LaCache,                        # position-only
         H2O, TOVA, LSHE, KNormDecode, Scissorhands, CAM,         # decode-time scoring (CAM merges values)
         SnapKV, PyramidKV, PyramidInfer, KNorm, NACL, AdaKV, HeadKV, ThinK,  # prefill-time
+        MiniCache,                                               # prefill-time, merges layer pairs
     )
 }
 
@@ -69,5 +71,5 @@ def policy_from_state(saved: dict) -> CachePolicy:
 
 
 __all__ = ["CachePolicy", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "KNormDecode", "Scissorhands", "CAM",
-           "SnapKV", "PyramidKV", "PyramidInfer", "KNorm", "NACL", "AdaKV", "HeadKV", "ThinK", "METHODS", "budget_derived", "build_policy",
+           "SnapKV", "PyramidKV", "PyramidInfer", "KNorm", "NACL", "AdaKV", "HeadKV", "ThinK", "MiniCache", "METHODS", "budget_derived", "build_policy",
            "policy_from_state"]
