@@ -262,6 +262,8 @@ def test_generate_merges_after_the_prompt_and_keeps_every_token():
 
 
 def test_a_left_padded_batch_merges_each_row_over_its_own_tokens():
+    if Version(transformers.__version__) < Version("4.48"):
+        pytest.skip("padded batches need the attention-interface path (transformers >= 4.48)")
     model = enable_position_shift(tiny_model("llama", "sdpa"))
     g = torch.Generator().manual_seed(9)
     rows = [torch.randperm(127, generator=g)[:n] + 1 for n in (50, 40)]  # no pad token (0) among them
