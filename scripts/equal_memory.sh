@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Issue 17's equal-memory table: streaming perplexity against the KV bytes actually held, for the full cache,
-# LaCache, KIVI quantization (--quant), Quest's sparse reads (--read) and their compositions, on the embedded
-# SmolLM2-135M, 1,500 scored tokens of the Paul Graham essays, CPU float32. Writes the markdown table and the
-# plot (docs/equal_memory_smollm2.md, .png). Every run resumes; rerunning skips finished ones.
-#   bash scripts/equal_memory.sh [--out DIR]      ~25 min on a 2-core CPU
+# LaCache, StreamingLLM, CAM, KIVI quantization (--quant, both key orders), Quest's sparse reads (--read) and
+# their compositions, on the embedded SmolLM2-135M, 1,500 scored tokens of the Paul Graham essays, CPU float32.
+# Writes the markdown table and the plot (docs/equal_memory_smollm2.md, .png). Every run resumes; rerunning
+# skips finished ones. Run with OMP_NUM_THREADS=1 next to other work (2 cores oversubscribed slow torch ~10x).
+#   bash scripts/equal_memory.sh [--out DIR]      ~45 min on a 2-core CPU
 source "$(dirname "$0")/lib.sh"
 parse_common "$@"
 dir=$OUT/equal_memory
@@ -21,6 +22,12 @@ queue run --method lacache --cache_size 1024 "${kivi4[@]}"
 queue run --method lacache --cache_size 1024 --quant kivi --quant_bits 2
 queue run --method lacache --cache_size 1024 "${quest[@]}"
 queue run --method lacache --cache_size 1024 "${kivi4[@]}" "${quest[@]}"
+queue run --method full --read quest --quest_budget 512
+queue run --method full "${kivi4[@]}" --quant_key_order post_rope
+queue run --method full --quant kivi --quant_bits 2
+queue run --method full --quant kivi --quant_bits 2 --quant_key_order post_rope
+queue run --method streamingllm --cache_size 256
+queue run --method cam --cache_size 256
 drain
 "$PY" scripts/memory_frontier.py "$dir" --markdown docs/equal_memory_smollm2.md --plot docs/equal_memory_smollm2.png
 finish "$dir"

@@ -21,7 +21,7 @@ def label(run: dict) -> str:
     args, cache = run["args"], run["setting"]["cache"]
     name = "full" if args["method"] == "full" else f"{args['method']} {args['cache_size']}"
     if cache.get("quant"):
-        name += f", KIVI-{cache['quant']['bits']}"
+        name += f", KIVI-{cache['quant']['bits']}" + (" post-RoPE" if cache["quant"].get("key_order") == "post_rope" else "")
     if cache.get("read"):
         name += f", Quest {cache['read']['token_budget']}"
     return name
@@ -57,12 +57,18 @@ def plot(table, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in table:
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, row in enumerate(table):
         marker = "s" if "Quest" in row["cache"] else ("^" if "KIVI" in row["cache"] else "o")
         ax.scatter(row["peak KV MiB"], row["ppl"], marker=marker, s=40)
-        ax.annotate(row["cache"], (row["peak KV MiB"], row["ppl"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        # neighbours in memory alternate above and below their point, so their labels do not overlap
+        ax.annotate(row["cache"], (row["peak KV MiB"], row["ppl"]), fontsize=7, textcoords="offset points",
+                    xytext=(4, 4 if i % 2 == 0 else -10))
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("peak KV MiB held (log)")
     ax.set_ylabel("perplexity")
     ax.set_title("Perplexity at the memory held (o fp32, ^ KIVI, s Quest reads)")
