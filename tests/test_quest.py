@@ -10,7 +10,7 @@ from lacache_core import METHODS, CompressedCache, ConfigError, Quest, build_pol
 from lacache_core.quest import page_bounds, page_scores, read_config, selected_tokens
 from lacache_core.versions import with_cache
 from test_ppl_harness import text_file, tiny_dir  # noqa: F401 (fixtures)
-from tiny import head_scores_file, rms_norm, rotate, tiny_model
+from tiny import head_scores_file, rms_norm, rotate, stream_killed_after, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
@@ -203,15 +203,7 @@ def test_ppl_reads_sparsely_records_the_reads_and_resumes_to_the_same_numbers(ti
     assert 0 < results["read_fraction"] < 0.9  # 2 of the 4 layers read densely; the others 3 pages of 4 per query head
     assert results["read_bytes_per_step"] == pytest.approx(results["read_fraction"] * results["dense_read_bytes_per_step"])
     real = run_module.stream_perplexity
-
-    def interrupted(*a, on_token=None, **kw):
-        def boom(i, nll):
-            on_token(i, nll)
-            if i == 97:
-                raise KeyboardInterrupt
-        return real(*a, on_token=boom, **kw)
-
-    monkeypatch.setattr(run_module, "stream_perplexity", interrupted)
+    monkeypatch.setattr(run_module, "stream_perplexity", stream_killed_after(real, 97))
     with pytest.raises(KeyboardInterrupt):
         main(common + ["--output_dir", str(tmp_path / "cut")])
     monkeypatch.setattr(run_module, "stream_perplexity", real)

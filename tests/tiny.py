@@ -176,3 +176,15 @@ def killed_after(answer_all, n: int):
                 raise KeyboardInterrupt
             yield item
     return answers
+
+
+def stream_killed_after(stream, n: int):
+    """``stream`` (``ppl.run.stream_perplexity``) raising ``KeyboardInterrupt`` once token ``n`` is scored and logged,
+    as if the run were killed mid-stream."""
+    def interrupted(*args, on_token=None, **kwargs):
+        def boom(i, nll):
+            on_token(i, nll)
+            if i == n:
+                raise KeyboardInterrupt
+        return stream(*args, on_token=boom, **kwargs)
+    return interrupted
