@@ -11,7 +11,7 @@ from lacache_core import METHODS, CompressedCache, ConfigError, build_policy, en
 from lacache_core.quant import KIVI, KIVIStore, pack, quantize, unpack
 from lacache_core.versions import with_cache
 from test_ppl_harness import text_file, tiny_dir  # noqa: F401 (fixtures)
-from tiny import head_scores_file, manual_next_logits, tiny_model
+from tiny import head_scores_file, manual_next_logits, stream_killed_after, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
@@ -162,15 +162,7 @@ def test_ppl_quant_resumes_to_the_same_numbers(tiny_dir, text_file, tmp_path, mo
     record = json.loads((clean / "run.json").read_text())
     assert record["setting"]["cache"]["quant"] == {"method": "kivi", "bits": 2, "group": 8, "residual": 16}
     real = run_module.stream_perplexity
-
-    def interrupted(*a, on_token=None, **kw):
-        def boom(i, nll):
-            on_token(i, nll)
-            if i == 97:
-                raise KeyboardInterrupt
-        return real(*a, on_token=boom, **kw)
-
-    monkeypatch.setattr(run_module, "stream_perplexity", interrupted)
+    monkeypatch.setattr(run_module, "stream_perplexity", stream_killed_after(real, 97))
     with pytest.raises(KeyboardInterrupt):
         main(common + ["--output_dir", str(tmp_path / "cut")])
     monkeypatch.setattr(run_module, "stream_perplexity", real)
