@@ -10,7 +10,7 @@ from lacache_core import METHODS, CompressedCache, ConfigError, Quest, build_pol
 from lacache_core.quest import page_bounds, page_scores, read_config, selected_tokens
 from lacache_core.versions import with_cache
 from test_ppl_harness import text_file, tiny_dir  # noqa: F401 (fixtures)
-from tiny import head_scores_file, rms_norm, rotate, stream_killed_after, tiny_model
+from tiny import head_scores_file, manual_next_logits, stream_killed_after, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
@@ -79,33 +79,14 @@ def reference_choice(query, keys, config, n):
 
 
 def quest_next_logits(model, token, kv_unrotated, config, key_positions=None, query_pos=None):
-    """A from-scratch decoder step under Quest: layers from ``config.dense_layers`` on let each query head attend
-    only to :func:`reference_choice`'s tokens. Keys at their slots, or at ``key_positions`` (per layer ``[n]``)."""
-    cfg = model.config
-    theta = getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]
-    heads, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
-    d = cfg.hidden_size // heads
-    base = model.get_decoder()
-    h = base.embed_tokens(torch.tensor([[token]]))
-    for i, (layer, (k_old, v_old)) in enumerate(zip(base.layers, kv_unrotated)):
-        attn = layer.self_attn
-        x = rms_norm(layer.input_layernorm, h)
-        q = attn.q_proj(x).view(1, 1, heads, d).transpose(1, 2)
-        k = attn.k_proj(x).view(1, 1, kvh, d).transpose(1, 2)
-        v = attn.v_proj(x).view(1, 1, kvh, d).transpose(1, 2)
-        n = k_old.shape[2] + 1
-        qpos = n - 1 if query_pos is None else query_pos
-        kpos = torch.arange(n) if key_positions is None else torch.cat([key_positions[i], torch.tensor([qpos])])
-        keys = rotate(torch.cat([k_old, k], 2), kpos, theta, d)
-        values = torch.cat([v_old, v], 2)
-        query = rotate(q, torch.tensor([qpos]), theta, d)
-        w = query @ keys.repeat_interleave(heads // kvh, 1).transpose(2, 3) / d ** 0.5
-        if i >= config.dense_layers:
-            w = w.masked_fill(~reference_choice(query, keys, config, n), float("-inf"))
-        out = torch.softmax(w, -1) @ values.repeat_interleave(heads // kvh, 1)
-        h = h + attn.o_proj(out.transpose(1, 2).reshape(1, 1, -1))
-        h = h + layer.mlp(rms_norm(layer.post_attention_layernorm, h))
-    return model.lm_head(rms_norm(base.norm, h))[0, -1]
+    """A from-scratch decoder step (``tiny.manual_next_logits``) under Quest: layers from ``config.dense_layers`` on
+    let each query head attend only to :func:`reference_choice`'s tokens."""
+    def reads(layer, query, keys):
+        if layer < config.dense_layers:
+            return torch.ones(*query.shape[:3], keys.shape[2], dtype=torch.bool)
+        return reference_choice(query, keys, config, keys.shape[2])
+
+    return manual_next_logits(model, token, kv_unrotated, query_pos=query_pos, key_positions=key_positions, reads=reads)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

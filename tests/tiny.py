@@ -38,7 +38,7 @@ def rotate(x, pos, theta, dim):
     return x * ang.cos() + rot * ang.sin()
 
 
-def manual_next_logits(model, token, kv_unrotated, query_pos=None, key_positions=None, rotated=False):
+def manual_next_logits(model, token, kv_unrotated, query_pos=None, key_positions=None, rotated=False, reads=None):
     """Logits for one new ``token`` given each layer's cached *un-rotated* keys and values
     (``rotated=True``: keys already rotated at their positions; only the new key and the query are rotated).
 
@@ -48,7 +48,8 @@ def manual_next_logits(model, token, kv_unrotated, query_pos=None, key_positions
     original positions), old keys sit there instead and the new key at ``query_pos``. A layer whose
     heads hold different numbers of slots gives ``(heads, None)``, ``heads`` a list of per-head ``(key, value)``,
     each ``[1, 1, n_h, d]``,
-    and per-head ``[n_h]`` positions.
+    and per-head ``[n_h]`` positions. ``reads(layer, query, keys)``, if given, says which keys each query head of a
+    KV head attends to (bool ``[1, groups, 1, n]``; Quest's page choice), the others masked.
     """
     cfg = model.config
     theta = getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]
@@ -81,7 +82,10 @@ def manual_next_logits(model, token, kv_unrotated, query_pos=None, key_positions
             else:
                 keys = rotate(keys, kpos, theta, d)
             query = rotate(q[:, g * groups:(g + 1) * groups], torch.tensor([qpos]), theta, d)
-            w = torch.softmax((query @ keys.transpose(2, 3)) / d ** 0.5, -1)
+            scores = (query @ keys.transpose(2, 3)) / d ** 0.5
+            if reads is not None:
+                scores = scores.masked_fill(~reads(i, query, keys), float("-inf"))
+            w = torch.softmax(scores, -1)
             outs.append(w @ values)
         out = torch.cat(outs, 1).transpose(1, 2).reshape(1, 1, -1)
         h = h + attn.o_proj(out)
