@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 from lacache_core.cache import KEY_ROTATIONS
 from lacache_core.errors import ConfigError
+from lacache_core.gear import GEAR
 from lacache_core.policies import METHODS, budget_derived
 from lacache_core.policies.base import BOUNDS, base_type, choices_of, describe_range, type_hints
 from lacache_core.quant import KIVI, QUANT_METHODS, quant_config
@@ -153,17 +154,23 @@ def add_method_flags(group, *, default_method: Optional[str] = "lacache", defaul
     group.add_argument("--quant", choices=QUANT_METHODS, default="none",
                        help="KV quantization next to any --method: kivi (KIVI, Liu et al. 2024: keys per channel "
                             "before RoPE, values per token, asymmetric, grouped; newest tokens in full precision); "
-                            "eviction runs on the codes (default none)")
+                            "gear (GEAR-L, Kang et al. 2024: KIVI plus a rank --quant_rank approximation of each "
+                            "block's quantization error); eviction runs on the codes (default none)")
     quant = KIVI()
-    group.add_argument("--quant_bits", type=int, default=quant.bits, help=f"--quant kivi: 2, 4 or 8 (default {quant.bits})")
+    group.add_argument("--quant_bits", type=int, default=quant.bits,
+                       help=f"--quant kivi, gear: 2, 4 or 8 (default {quant.bits})")
     group.add_argument("--quant_group", type=int, default=quant.group,
-                       help=f"--quant kivi: tokens per key block, channels per value group (default {quant.group})")
+                       help=f"--quant kivi, gear: tokens per key block, channels per value group "
+                            f"(default {quant.group})")
     group.add_argument("--quant_residual", type=int, default=quant.residual,
-                       help=f"--quant kivi: newest tokens kept in full precision, a multiple of --quant_group "
+                       help=f"--quant kivi, gear: newest tokens kept in full precision, a multiple of --quant_group "
                             f"(default {quant.residual})")
     group.add_argument("--quant_key_order", choices=("pre_rope", "post_rope"), default=quant.key_order,
-                       help="--quant kivi: quantize keys before RoPE (KVQuant's order) or after it (KIVI's code; "
+                       help="--quant kivi, gear: quantize keys before RoPE (KVQuant's order) or after it (KIVI's code; "
                             f"methods whose keys sit at their original positions only) (default {quant.key_order})")
+    group.add_argument("--quant_rank", type=int, default=GEAR().rank,
+                       help="--quant gear: rank of each block's quantization-error approximation, per head, for keys "
+                            f"and values, 1 to --quant_group (default {GEAR().rank})")
     group.add_argument("--read", choices=READ_METHODS, default="none",
                        help="sparse reads next to any --method: quest (Quest, Tang et al. 2024: pages of slots with "
                             "key min/max; each decode step's query heads read only their top pages; nothing is "
@@ -264,7 +271,8 @@ def method_settings(args, method: str) -> dict:
 def quant_setting(args) -> Optional[KIVI]:
     """The ``--quant`` flags as a :class:`lacache_core.quant.KIVI`, or ``None`` (one-line errors for bad values)."""
     return quant_config(getattr(args, "quant", "none"), getattr(args, "quant_bits", 2), getattr(args, "quant_group", 32),
-                        getattr(args, "quant_residual", 128), getattr(args, "quant_key_order", "pre_rope"))
+                        getattr(args, "quant_residual", 128), getattr(args, "quant_key_order", "pre_rope"),
+                        getattr(args, "quant_rank", None))
 
 
 def quant_identity(args) -> Optional[dict]:
@@ -358,8 +366,9 @@ def method_tag(args, method: str) -> str:
             tag += f"_r{args.key_rotation}"
     quant = quant_setting(args)
     if quant is not None:
-        tag += f"_kivi{quant.bits}" + ("" if (quant.group, quant.residual) == (KIVI().group, KIVI().residual)
-                                      else f"g{quant.group}r{quant.residual}") + \
+        tag += f"_gear{quant.bits}rank{quant.rank}" if isinstance(quant, GEAR) else f"_kivi{quant.bits}"
+        tag += ("" if (quant.group, quant.residual) == (KIVI().group, KIVI().residual)
+                else f"g{quant.group}r{quant.residual}") + \
             ("_postrope" if quant.key_order == "post_rope" else "")
     read = read_setting(args)
     if read is not None:

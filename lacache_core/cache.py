@@ -83,12 +83,14 @@ class CompressedCache(DynamicCache):
                               "channels of rotated keys, so keys must be stored rotated (incremental or auto)")
         if quant is not None:
             if policy.ragged or policy.prunes_channels:
-                raise ConfigError(f"--quant kivi cannot be combined with --method {policy.name} yet: its layers are "
-                                  "stored per head or with pruned channels")
+                raise ConfigError(f"--quant {quant.method} cannot be combined with --method {policy.name} yet: its "
+                                  "layers are stored per head or with pruned channels")
             if policy.merges_values:
-                raise ConfigError(f"--quant kivi cannot be combined with --method {policy.name} yet: it merges values")
-            if getattr(policy, "merges_layers", False):
-                raise ConfigError(f"--quant kivi cannot be combined with --method {policy.name} yet: it merges layers")
+                raise ConfigError(f"--quant {quant.method} cannot be combined with --method {policy.name} yet: "
+                                  "it merges values")
+            if policy.merges_layers:
+                raise ConfigError(f"--quant {quant.method} cannot be combined with --method {policy.name} yet: "
+                                  "it merges layers")
             if quant.key_order == "post_rope":  # quantized as rotated, at original positions that never move
                 if policy.position_mode != "original":
                     raise ConfigError(f"--quant_key_order post_rope cannot be used with --method {policy.name} at "
@@ -99,7 +101,7 @@ class CompressedCache(DynamicCache):
                                       "cannot be used with it")
                 key_rotation = "incremental"
             elif key_rotation == "incremental":
-                raise ConfigError("--quant kivi stores keys before RoPE and rotates them at every step: "
+                raise ConfigError(f"--quant {quant.method} stores keys before RoPE and rotates them at every step: "
                                   "--key_rotation incremental cannot be used with it")
             else:
                 key_rotation = "every_step"
@@ -283,7 +285,7 @@ class CompressedCache(DynamicCache):
         if self.quant is not None:
             if self._stores[layer_idx] is None:
                 super().update(key_states, value_states, layer_idx, *args, **kwargs)  # the layer's place in the list
-                self._keep_in_store(layer_idx, KIVIStore(self.quant, key_states, value_states), key_states)
+                self._keep_in_store(layer_idx, self.quant.store_class(self.quant, key_states, value_states), key_states)
             else:
                 self._stores[layer_idx].append(key_states, value_states)
                 self._sync_stand_in(layer_idx, key_states)
@@ -346,7 +348,8 @@ class CompressedCache(DynamicCache):
                 keys = rotation.from_slot(key, 0)
             else:
                 if rows:
-                    cause = "--quant kivi (keys stored before RoPE)" if self.quant else "--key_rotation every_step"
+                    cause = (f"--quant {self.quant.method} (keys stored before RoPE)" if self.quant
+                             else "--key_rotation every_step")
                     raise ConfigError(f"{cause} with --method {policy.name} cannot run a batch yet: its rows keep "
                                       "different original positions" + ("" if self.quant else
                                                                         "; use --key_rotation auto"))
@@ -401,7 +404,7 @@ class CompressedCache(DynamicCache):
             if channels is not None:
                 store = PrunedChannelStore(kept_key, kept_value, channels, policy.unpruned_window)
                 self._keep_in_store(layer_idx, store, key)
-        if getattr(policy, "merges_layers", False) and policy.closes_pair(layer_idx) and self._stores[layer_idx] is None:
+        if policy.merges_layers and policy.closes_pair(layer_idx) and self._stores[layer_idx] is None:
             # MiniCache, after the prompt's pass: this layer and the one before it share one merged store
             for i, store in enumerate(policy.merge_pair(self._layer(layer_idx - 1), (key, value), row_fillers)):
                 self._keep_in_store(layer_idx - 1 + i, store, key)
@@ -522,8 +525,8 @@ class CompressedCache(DynamicCache):
             raise ConfigError("only left padding of the first forward pass is supported with a compressed cache "
                               "(pad tokens before each row's first token)")
         if self.quant is not None:  # pad tokens' keys would set the scales of the blocks they fall in
-            raise ConfigError("--quant kivi cannot run a padded batch yet: give rows of the same length, or one at a "
-                              "time (--batch_size 1)")
+            raise ConfigError(f"--quant {self.quant.method} cannot run a padded batch yet: give rows of the same "
+                              "length, or one at a time (--batch_size 1)")
         self._fillers = [pads.clone() for _ in range(self.num_layers)]
         self._pads = pads
 

@@ -22,7 +22,7 @@ import torch
 from .errors import ConfigError
 from .storage import LayerStore, _bytes
 
-QUANT_METHODS = ("none", "kivi")
+QUANT_METHODS = ("none", "kivi", "gear")
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,16 @@ class KIVI:
                               f"got {self.residual}")
         if self.key_order not in ("pre_rope", "post_rope"):
             raise ConfigError(f"--quant_key_order must be pre_rope or post_rope, got {self.key_order!r}")
+
+    @property
+    def method(self) -> str:
+        """Its ``--quant`` name."""
+        return "kivi"
+
+    @property
+    def store_class(self) -> type:
+        """The layer store this quantization keeps (:class:`KIVIStore`; subclasses name their own)."""
+        return KIVIStore
 
 
 def quantize(x: torch.Tensor, bits: int, dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -116,6 +126,10 @@ class KIVIStore(LayerStore):
         self.key, self.value = empty, value.new_zeros(b, h, 0, d)  # the residual
         self.append(key, value)
 
+    #: per quantized token (``[b, h, m, ...]``, gathered on eviction) and per key block (``[b, h, blocks, ...]``)
+    TOKEN_FIELDS = ("key_codes", "value_codes", "value_low", "value_scale")
+    BLOCK_FIELDS = ("key_low", "key_scale")
+
     # -- adding tokens: the residual grows; after the step, past ``residual`` tokens its oldest ``group`` are
     # quantized (so the tokens of a step attend in full precision, as in KIVI)
     def append(self, key, value):
@@ -132,8 +146,22 @@ class KIVIStore(LayerStore):
 
     def _add_quantized(self, key, value, block, codes_only=False):
         """Quantize ``key``, ``value`` (``[b, h, n, d]``) as one new key block over the tokens where ``block``
-        (``[b, h, n]`` bool) is set; returns ``(key codes, value codes, value low, value scale, block id)``
-        when ``codes_only``, else appends them."""
+        (``[b, h, n]`` bool) is set. The block's own tensors (:attr:`BLOCK_FIELDS`) are appended; the tokens'
+        (:attr:`TOKEN_FIELDS`, in that order) and the block id are returned when ``codes_only``, else appended."""
+        tokens, blocks = self._quantize_block(key, value, block)
+        block_id = self.key_low.shape[2]
+        for name, new in zip(self.BLOCK_FIELDS, blocks):
+            setattr(self, name, torch.cat([getattr(self, name), new], 2))
+        if codes_only:
+            return (*tokens, block_id)
+        for name, new in zip(self.TOKEN_FIELDS, tokens):
+            setattr(self, name, torch.cat([getattr(self, name), new], 2))
+        b, h, n, _ = key.shape
+        self.key_block = torch.cat([self.key_block, self.key_block.new_full((b, h, n), block_id)], 2)
+        return None
+
+    def _quantize_block(self, key, value, block):
+        """One new block's ``(token tensors, block tensors)``, as :attr:`TOKEN_FIELDS` and :attr:`BLOCK_FIELDS`."""
         c = self.config
         k = key.float()
         big = torch.finfo(torch.float32).max
@@ -147,17 +175,8 @@ class KIVIStore(LayerStore):
         b, h, n, d = value.shape
         codes, v_low, v_scale = quantize(value.float().view(b, h, n, d // c.group, c.group), c.bits, dim=-1)
         value_codes = pack(codes.view(b, h, n, d), c.bits)
-        block_id = self.key_low.shape[2]
-        self.key_low = torch.cat([self.key_low, low.to(self.dtype)], 2)
-        self.key_scale = torch.cat([self.key_scale, scale.to(self.dtype)], 2)
-        parts = (key_codes, value_codes, v_low[..., 0].to(self.dtype), v_scale[..., 0].to(self.dtype))
-        if codes_only:
-            return (*parts, block_id)
-        self.key_codes, self.value_codes, self.value_low, self.value_scale = (
-            torch.cat([old, new], 2) for old, new in
-            zip((self.key_codes, self.value_codes, self.value_low, self.value_scale), parts))
-        self.key_block = torch.cat([self.key_block, self.key_block.new_full((b, h, n), block_id)], 2)
-        return None
+        return ((key_codes, value_codes, v_low[..., 0].to(self.dtype), v_scale[..., 0].to(self.dtype)),
+                (low.to(self.dtype), scale.to(self.dtype)))
 
     # -- reading
     def dequantized(self) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -181,8 +200,7 @@ class KIVIStore(LayerStore):
         return b, h, self.key_codes.shape[2] + r
 
     def nbytes(self):
-        return _bytes(self.key_codes, self.value_codes, self.key_block, self.key_low, self.key_scale,
-                      self.value_low, self.value_scale, self.key, self.value)
+        return _bytes(*(getattr(self, name) for name in self.FIELDS))
 
     def write_newest_keys(self, rotated):
         """Post-RoPE keys: the newest keys, rotated (they are in the full-precision residual until the step ends)."""
@@ -221,19 +239,24 @@ class KIVIStore(LayerStore):
         front = idx[..., :mq]
         early = torch.arange(mq, device=idx.device) >= old_count[..., None]  # [b, h, mq]: residual tokens
 
-        def take(t, index):
-            return t.gather(2, index[..., None].expand(*index.shape, t.shape[-1]))
+        def take(t, index):  # along dim 2, whatever trails it
+            at = index.view(*index.shape, *(1,) * (t.dim() - 3))
+            return t.gather(2, at.expand(*index.shape, *t.shape[3:]))
+
+        def where(mask, fresh, kept):
+            return torch.where(mask.view(*mask.shape, *(1,) * (kept.dim() - 3)), fresh, kept)
 
         at_old = front.clamp(max=max(m - 1, 0))
-        parts = [take(t, at_old) if m else t.new_zeros(b, h, mq, t.shape[-1])
-                 for t in (self.key_codes, self.value_codes, self.value_low, self.value_scale)]
+        parts = [take(getattr(self, name), at_old) if m else getattr(self, name).new_zeros(
+                 b, h, mq, *getattr(self, name).shape[3:]) for name in self.TOKEN_FIELDS]
         block = self.key_block.long().gather(2, at_old) if m else idx.new_zeros(b, h, mq)
         if bool(early.any()):
             at_new = (front - m).clamp(min=0)
-            new = self._add_quantized(take(self.key, at_new), take(self.value, at_new), early, codes_only=True)
-            parts = [torch.where(early[..., None], fresh, kept) for fresh, kept in zip(new[:4], parts)]
-            block = torch.where(early, new[4], block)
-        self.key_codes, self.value_codes, self.value_low, self.value_scale = parts
+            *new, block_id = self._add_quantized(take(self.key, at_new), take(self.value, at_new), early, codes_only=True)
+            parts = [where(early, fresh, kept) for fresh, kept in zip(new, parts)]
+            block = torch.where(early, block_id, block)
+        for name, part in zip(self.TOKEN_FIELDS, parts):
+            setattr(self, name, part)
         rest = idx[..., mq:] - m
         self.key, self.value = take(self.key, rest), take(self.value, rest)
         # drop the key blocks no kept token uses, per row and head
@@ -243,11 +266,16 @@ class KIVIStore(LayerStore):
         used = torch.zeros(b, h, blocks, dtype=torch.bool, device=idx.device).scatter_(2, block, True)
         order = torch.argsort((~used).to(torch.int8), dim=2, stable=True)[..., :int(used.sum(-1).max())]
         self.key_block = (used.long().cumsum(2) - 1).gather(2, block).to(torch.int32)
-        self.key_low, self.key_scale = take(self.key_low, order), take(self.key_scale, order)
+        for name in self.BLOCK_FIELDS:
+            setattr(self, name, take(getattr(self, name), order))
 
 
-def quant_config(method: str, bits: int, group: int, residual: int, key_order: str = "pre_rope") -> Optional[KIVI]:
-    """The quantization of ``--quant method`` (``None`` for ``"none"``)."""
+def quant_config(method: str, bits: int, group: int, residual: int, key_order: str = "pre_rope",
+                 rank: Optional[int] = None) -> Optional[KIVI]:
+    """The quantization of ``--quant method`` (``None`` for ``"none"``; ``rank``: GEAR's, its default if ``None``)."""
     if method not in QUANT_METHODS:
         raise ConfigError(f"--quant must be one of {QUANT_METHODS}, got {method!r}")
+    if method == "gear":
+        from .gear import GEAR  # gear.py builds on this module
+        return GEAR(bits, group, residual, key_order, **({} if rank is None else {"rank": rank}))
     return None if method == "none" else KIVI(bits, group, residual, key_order)

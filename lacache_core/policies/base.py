@@ -136,6 +136,9 @@ class CachePolicy:
     #: ``True`` for policies that also rewrite kept values when they evict (CaM): the cache then passes the layer's
     #: values through ``merge_values(layer, keep, value)`` (a new ``[b, kv_heads, n, d]``) before gathering ``keep``.
     merges_values: ClassVar[bool] = False
+    #: ``True`` for policies that merge adjacent layers into one store (MiniCache): after layer ``l``'s step the cache
+    #: asks ``closes_pair(l)`` and, if so, holds layers ``l - 1`` and ``l`` in the stores ``merge_pair`` returns.
+    merges_layers: ClassVar[bool] = False
 
     key_positions: Optional[Literal["slot", "original"]] = field(default=None, kw_only=True)
 
