@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .masks import own_key_visible
 from .policies import CachePolicy, build_policy
 from .policies.base import gather_layer
-from .quant import KIVI, KIVIStore
+from .quant import KIVI, KIVIStore, PerHeadQuantStore
 from .quest import Quest, page_bounds, selected_tokens
 from .storage import DenseStore, LayerStore, PerHeadStore, PrunedChannelStore, RowStores
 from .versions import HAS_CACHE_CLASSES, with_cache
@@ -82,9 +82,9 @@ class CompressedCache(DynamicCache):
             raise ConfigError(f"--key_rotation every_step cannot be used with --method {policy.name}: it prunes "
                               "channels of rotated keys, so keys must be stored rotated (incremental or auto)")
         if quant is not None:
-            if policy.ragged or policy.prunes_channels:
+            if policy.prunes_channels:
                 raise ConfigError(f"--quant {quant.method} cannot be combined with --method {policy.name} yet: its "
-                                  "layers are stored per head or with pruned channels")
+                                  "keys are stored with pruned channels")
             if policy.merges_values:
                 raise ConfigError(f"--quant {quant.method} cannot be combined with --method {policy.name} yet: "
                                   "it merges values")
@@ -374,10 +374,16 @@ class CompressedCache(DynamicCache):
         if self.read is not None:
             self._plan_read(layer_idx, keys, q_len)
         if rows is not None and (policy.ragged or policy.prunes_channels):
+            if self.quant is not None:
+                raise ConfigError(f"--quant {self.quant.method} with --method {policy.name} cannot run a batch yet: "
+                                  "use --batch_size 1")
             self._rows_into_stores(rows, layer_idx, key, value, n)
             return query, keys, value
         keep = policy.settle(layer_idx, n) if rows is None else self._rows_keep(rows, layer_idx, n, key.shape[1])
-        if isinstance(self._stores[layer_idx], KIVIStore):  # eviction on the quantized codes, then quantization
+        if isinstance(self._stores[layer_idx], KIVIStore) and isinstance(keep, list):  # AdaKV, HeadKV: a store per head
+            self._keep_in_store(layer_idx, PerHeadQuantStore.from_store(self._stores[layer_idx], keep), key)
+            keep = None
+        if isinstance(self._stores[layer_idx], (KIVIStore, PerHeadQuantStore)):  # eviction on the codes, then quantization
             if keep is not None:
                 self._stores[layer_idx].gather(keep)
             self._stores[layer_idx].compress()

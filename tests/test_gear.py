@@ -222,7 +222,7 @@ def test_gear_composes_with_every_method_in_generate(method):
     hyper = {k: v for k, v in settings.items() if k in METHODS[method].hyperparameters()}
     policy = build_policy(method, **hyper)
     config = GEAR(bits=4, group=8, residual=16, rank=2)
-    if policy.ragged or policy.prunes_channels or policy.merges_values or getattr(policy, "merges_layers", False):
+    if policy.prunes_channels or policy.merges_values or policy.merges_layers:
         with pytest.raises(ConfigError, match=f"--quant gear cannot be combined with --method {method} yet"):
             CompressedCache(policy, 6, quant=config)
         return
@@ -234,7 +234,8 @@ def test_gear_composes_with_every_method_in_generate(method):
     kivi = CompressedCache(build_policy(method, **hyper), 6, quant=KIVI(4, 8, 16))
     model.generate(TOKENS[:, :60], **with_cache(kivi), max_new_tokens=40, min_new_tokens=40, do_sample=False)
     assert quantized.get_seq_length() == plain.get_seq_length()
-    assert isinstance(quantized._stores[0], KIVIStore)  # the cache's quantized-store paths hold for GEAR
+    stores = quantized._stores[0].heads if policy.ragged else [quantized._stores[0]]  # per head: AdaKV, HeadKV
+    assert all(isinstance(store, GEARStore) for store in stores)  # the cache's quantized-store paths hold for GEAR
     # KIVI's bytes plus the factors (at head_dim 16 and a 48-slot cache thinned blocks can cost more than float32;
     # the no-eviction comparison with float32 is in the next-step test)
     assert kivi.kv_bytes() < quantized.kv_bytes()

@@ -123,7 +123,7 @@ def test_quant_composes_with_every_method_in_generate(method):
     model = enable_position_shift(tiny_model("llama", "sdpa"))
     settings = dict(cache_size=48, start_size=4, span=2, recent_window=4, window_size=4, head_scores=head_scores_file(model.config))
     policy = build_policy(method, **{k: v for k, v in settings.items() if k in METHODS[method].hyperparameters()})
-    if policy.ragged or policy.prunes_channels or policy.merges_values or getattr(policy, "merges_layers", False):
+    if policy.prunes_channels or policy.merges_values or policy.merges_layers:
         with pytest.raises(ConfigError, match=f"--quant kivi cannot be combined with --method {method} yet"):
             CompressedCache(policy, 6, quant=KIVI(4, 8, 16))
         return
@@ -261,3 +261,39 @@ def test_ppl_post_rope_names_its_folder_and_refuses_moving_keys(tiny_dir, text_f
     assert main(common + ["--method", "lacache", "--cache_size", "24", "--span", "2"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(err) == 1 and err[0].startswith("error: --quant_key_order post_rope cannot be used with --method lacache")
+
+
+@pytest.mark.parametrize("method", ["adakv", "headkv"])
+@pytest.mark.parametrize("key_order", ["pre_rope", "post_rope"])
+def test_per_head_methods_hold_each_head_quantized(method, key_order):
+    # AdaKV and HeadKV keep heads at their own lengths: each head becomes a quantized store of its own after the
+    # prompt, and the next step equals a from-scratch step over the heads' dequantized views at their positions
+    model = enable_position_shift(tiny_model("llama", "eager"))
+    settings = dict(cache_size=40, start_size=4, window_size=8, head_scores=head_scores_file(model.config))
+    config = KIVI(bits=4, group=8, residual=16, key_order=key_order)
+    policy = build_policy(method, **{k: v for k, v in settings.items() if k in METHODS[method].hyperparameters()})
+    cache = CompressedCache(policy, 6, quant=config)
+    plain = CompressedCache(build_policy(method, **{k: v for k, v in settings.items()
+                                                    if k in METHODS[method].hyperparameters()}), 6)
+    with torch.no_grad():
+        for c in (cache, plain):
+            model(TOKENS[:, :90], use_cache=True, **with_cache(c))
+        for t in range(90, 94):
+            model(TOKENS[:, t:t + 1], use_cache=True, **with_cache(cache))
+        layers = [([head.view() for head in cache._stores[i].heads], None) for i in range(6)]
+        expected = manual_next_logits(model, int(TOKENS[0, 94]), layers, query_pos=94, key_positions=cache.kept_positions(),
+                                      rotated=key_order == "post_rope")
+        got = model(TOKENS[:, 94:95], use_cache=True, **with_cache(cache)).logits[0, -1]
+    assert cache.head_lengths(3) is not None and len(set(cache.head_lengths(3).tolist())) > 1  # heads differ
+    assert any(head.key_codes.shape[2] for head in cache._stores[3].heads)  # and hold quantized tokens
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert cache.kv_bytes() < plain.kv_bytes()
+
+
+@pytest.mark.parametrize("key_order", ["pre_rope", "post_rope"])
+def test_per_head_methods_refuse_a_quantized_batch(key_order):
+    model = enable_position_shift(tiny_model("llama", "eager"))
+    cache = CompressedCache(build_policy("adakv", cache_size=40, start_size=4, window_size=8), 6,
+                            quant=KIVI(4, 8, 16, key_order))
+    with pytest.raises(ConfigError, match=r"--quant kivi.* with --method adakv cannot run a batch yet"):
+        model(TOKENS[:, :60].expand(2, -1), use_cache=True, **with_cache(cache))
