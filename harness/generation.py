@@ -149,9 +149,12 @@ class Answer:
     #: With ``--read``: the share of the cache's bytes the decode steps read (the batch's), else ``None``.
     read_fraction: Optional[float] = None
 
-    def read_record(self) -> dict:
-        """``{"read_fraction": ...}`` for a record when reads were sparse, else nothing (records stay as they were)."""
-        return {} if self.read_fraction is None else {"read_fraction": round(self.read_fraction, 6)}
+
+def read_record(answer) -> dict:
+    """``{"read_fraction": ...}`` for an answer's record when reads were sparse, else nothing (records stay as
+    they were)."""
+    fraction = getattr(answer, "read_fraction", None)
+    return {} if fraction is None else {"read_fraction": round(fraction, 6)}
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import paper  # noqa: E402
 from harness.flags import add_method_flags, hyperparameters, method_identity, method_tag, parser  # noqa: E402
-from harness.generation import BudgetSpec, answer_all, budget_spec, encode_prompt, stop_token_ids  # noqa: E402
+from harness.generation import BudgetSpec, answer_all, budget_spec, encode_prompt, read_record, stop_token_ids  # noqa: E402
 from harness.records import AppendOnlyFile  # noqa: E402
 from harness.runner import (Run, add_batch_flag, add_model_flags, add_output_flags, batch_setting,  # noqa: E402
                             batch_tag, check_batch_flags, check_budgets, check_run_flags, cli, load, progress)
@@ -346,8 +346,7 @@ def run_method(args, method, model, tokenizer, essays, stop) -> List[dict]:
             out.append({"context_length": length, "depth": depth_label(depth), "test": test,
                         "score": f"{score(args.mode, res.text, prompt.answer):g}", "pred": res.text,
                         "prompt_tokens": res.prompt_tokens})
-            if res.read_fraction is not None:
-                reads.append(res.read_fraction)
+            reads.extend(read_record(res).values())
         wanted = {_key(*c) for c in cells}  # the file may hold other cells from a wider earlier run
         rows = [r for r in out.rows if _key(r["context_length"], r["depth"], r["test"]) in wanted]
     means = cell_means(rows)

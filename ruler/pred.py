@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.flags import add_method_flags, hyperparameters, method_identity, method_tag, parser  # noqa: E402
-from harness.generation import answer_all, budget_spec, encode_prompt, stop_token_ids  # noqa: E402
+from harness.generation import answer_all, budget_spec, encode_prompt, read_record, stop_token_ids  # noqa: E402
 from harness.records import complete_rows, in_sample_order, read_json_object, read_jsonl, sharded_results  # noqa: E402
 from harness.runner import (Run, add_batch_flag, add_model_flags, add_output_flags, add_skip_flag,  # noqa: E402
                             batch_setting, batch_tag, check_batch_flags, check_budgets, check_run_flags, cli, load,
@@ -117,7 +117,7 @@ def predict_task(args, method, task, model, tokenizer, folder: Path) -> Optional
                         "length": sample["length"], "prompt_tokens": res.prompt_tokens,
                         "cache_size": budget_spec(args, method, res.prompt_tokens).cache_size,
                         "seconds": round(res.seconds, 3), "peak_kv_bytes": res.peak_kv_bytes,
-                        "final_kv_bytes": res.final_kv_bytes, "batch_rows": res.batch_rows, **res.read_record()})
+                        "final_kv_bytes": res.final_kv_bytes, "batch_rows": res.batch_rows, **read_record(res)})
     in_sample_order(final, samples, "index", args.world)
     return skipped
 

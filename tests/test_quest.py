@@ -9,6 +9,7 @@ from packaging.version import Version
 from lacache_core import METHODS, CompressedCache, ConfigError, Quest, build_policy, enable_position_shift
 from lacache_core.quest import page_bounds, page_scores, read_config, selected_tokens
 from lacache_core.versions import with_cache
+from test_longbench_pred import data_dir  # noqa: F401 (fixture)
 from test_ppl_harness import text_file, tiny_dir  # noqa: F401 (fixtures)
 from tiny import head_scores_file, manual_next_logits, stream_killed_after, tiny_model
 
@@ -251,3 +252,19 @@ def test_prompt_harnesses_read_full_and_budgeted_caches_sparsely(tiny_dir, tmp_p
     assert run_niah(tiny_dir, tmp_path / "bad", *read[:2], "--quest_dense_layers", "-1") == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert err == ["error: --quest_dense_layers must be >= 0, got -1"]
+
+
+def test_longbench_records_the_share_each_answer_read(tiny_dir, data_dir, tmp_path):  # noqa: F811
+    import json
+
+    from test_longbench_pred import DATASETS, read
+    from test_longbench_pred import run as run_longbench
+
+    assert run_longbench(tiny_dir, data_dir, tmp_path, "--method", "full", "--read", "quest", "--quest_budget", "8",
+                         "--quest_page_size", "4") == 0
+    folder = next((tmp_path / "pred").iterdir())
+    assert folder.name.startswith("tiny__full_quest8p4d2")
+    shares = [r.get("read_fraction") for name in DATASETS for r in read(folder / f"{name}.jsonl")]
+    answered = [share for share in shares if share is not None]  # an answer of one token has no decode step
+    assert answered and all(0 < share < 1 for share in answered)
+    assert json.loads((folder / "run.json").read_text())["setting"]["method"]["read"]["page_size"] == 4
