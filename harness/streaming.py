@@ -101,7 +101,7 @@ def _restore_cache(state: dict, policy: CachePolicy, num_layers: int, legacy: bo
                              layers[i][0])
     if isinstance(cache, CompressedCache):
         cache.peak_bytes = state["peak_kv_bytes"]
-        cache.read_bytes, cache.dense_read_bytes = state.get("read_bytes", (0.0, 0))
+        cache.read_bytes, cache.dense_read_bytes, cache.metadata_read_bytes = state.get("read_bytes", (0.0, 0.0, 0.0))
     return cache
 
 
@@ -112,7 +112,8 @@ def save_checkpoint(path: Path, policy: CachePolicy, cache, result: "StreamResul
              "peak_kv_bytes": result.peak_kv_bytes if not isinstance(cache, CompressedCache) else cache.peak_bytes,
              "policy": policy.state_dict(), "layers": [(k.cpu(), v.cpu()) for k, v in cache_layers(cache)], "meta": meta,
              "stored_rotated": getattr(cache, "_stored_rotated", None),
-             "read_bytes": (getattr(cache, "read_bytes", 0.0), getattr(cache, "dense_read_bytes", 0))}
+             "read_bytes": tuple(float(getattr(cache, name, 0.0))
+                                 for name in ("read_bytes", "dense_read_bytes", "metadata_read_bytes"))}
     if getattr(cache, "quant", None) is not None:  # dequantized views would be quantized again on restore
         state["layers"] = [(k[..., :0, :].cpu(), v[..., :0, :].cpu()) for k, v in state["layers"]]
         state["quant_layers"] = [{k: t.cpu() for k, t in store.state().items()} for store in cache._stores]

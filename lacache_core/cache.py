@@ -111,11 +111,12 @@ class CompressedCache(DynamicCache):
         #: Sparse reads (:class:`lacache_core.quest.Quest`), or ``None``.
         self.read = read
         self._pages = [None] * num_layers  # Quest's page (min, max) of each layer's keys, as last computed
-        self._pending_read = [None] * num_layers  # a layer's KV bytes, while its page choice awaits the step's mask
+        self._pending_read = [None] * num_layers  # a layer's KV bytes per own slot, while its pages await the mask
         #: Bytes of keys, values and page metadata that decode steps read (with ``read``), and that they would
         #: read densely: their ratio is the read saving.
         self.read_bytes = 0.0
-        self.dense_read_bytes = 0
+        self.dense_read_bytes = 0.0
+        self.metadata_read_bytes = 0.0  # the page metadata's part of read_bytes
         self.key_rotation = key_rotation
         self._stored_rotated: Optional[bool] = None  # resolved from "auto" at the first step
         self._next_position = 0  # original position of the first new token of the current forward pass
@@ -211,7 +212,7 @@ class CompressedCache(DynamicCache):
         """``mask`` narrowed to Quest's pages (bool or additive like ``mask``; additive where it is ``None``), and
         the bytes this step reads counted: the page metadata, and of the KV bytes the share of slots that some
         query head of each KV head reads."""
-        layer_bytes, self._pending_read[i] = self._pending_read[i], None
+        slot_bytes, self._pending_read[i] = self._pending_read[i], None
         low, high = self._pages[i]
         n = self._step_slots[i]
         if mask is None:
@@ -220,8 +221,9 @@ class CompressedCache(DynamicCache):
             visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
         chosen = selected_tokens(self.read, query, low, high, visible[..., -n:], self._first_slots(i, low.shape[1]))
         b, heads, q = chosen.shape[:3]
-        per_kv_head = chosen.view(b, low.shape[1], heads // low.shape[1], q, n).any(2).any(2)
-        self.read_bytes += layer_bytes * float(per_kv_head.float().mean()) + self._page_bytes(i)
+        per_kv_head = chosen.view(b, low.shape[1], heads // low.shape[1], q, n).any(2).any(2)  # [b, kv_heads, n]
+        self.read_bytes += slot_bytes * int(per_kv_head.sum()) + self._page_bytes(i)
+        self.metadata_read_bytes += self._page_bytes(i)
         if mask is None:
             return torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~chosen, torch.finfo(query.dtype).min)
         if mask.dtype == torch.bool:
@@ -421,13 +423,19 @@ class CompressedCache(DynamicCache):
         in :meth:`head_mask`, once the step's mask is known); prefill and the dense layers read every slot."""
         if q_len != 1:
             return
-        layer_bytes = self._layer_bytes(layer_idx)
-        self.dense_read_bytes += layer_bytes
+        # bytes are counted per own slot of each row and head: a row's filler slots and a head's padding are neither
+        # read by Quest nor part of a dense read of that row (stores hold own slots only; a dense padded layer all n)
+        b, kv_heads, n = keys.shape[0], keys.shape[1], keys.shape[2]
+        first = self._first_slots(layer_idx, kv_heads)
+        own = b * kv_heads * n if first is None else int((n - first.expand(b, kv_heads)).sum())
+        stored = own if first is not None and self._stores[layer_idx] is not None else b * kv_heads * n
+        slot_bytes = self._layer_bytes(layer_idx) / stored
+        self.dense_read_bytes += slot_bytes * own
         if layer_idx < self.read.dense_layers:
-            self.read_bytes += layer_bytes
+            self.read_bytes += slot_bytes * own
             return
-        self._pages[layer_idx] = page_bounds(keys, self.read.page_size, self._first_slots(layer_idx, keys.shape[1]))
-        self._pending_read[layer_idx] = layer_bytes
+        self._pages[layer_idx] = page_bounds(keys, self.read.page_size, first)
+        self._pending_read[layer_idx] = slot_bytes
 
     def _first_slots(self, i: int, kv_heads: int) -> Optional[torch.Tensor]:
         """The first slot of each row's and head's own tokens in the tensors the last :meth:`attend` of layer ``i``

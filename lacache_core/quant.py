@@ -312,6 +312,9 @@ class PerHeadQuantStore(LayerStore):
     def gather(self, keep) -> None:
         raise RuntimeError("a layer held per head cannot be compacted again")
 
+    def state(self) -> dict:  # the perplexity harness, which checkpoints, refuses prefill-time methods
+        raise ConfigError("checkpoints of per-head quantized layers (AdaKV, HeadKV with --quant) are not built")
+
     def view(self):
         n = self.shape()[2]
         views = [head.view() for head in self.heads]

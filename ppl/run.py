@@ -192,8 +192,9 @@ def _finish(args, method, run, policy, res, resume, num_layers: int):
         "skipped_rows": len(args.skipped or []),
     }
     if res.dense_read_bytes:  # --read: the bytes decode steps read, against a dense read of the same cache
-        results.update(read_bytes_per_step=res.read_bytes / len(nlls), dense_read_bytes_per_step=res.dense_read_bytes
-                       / len(nlls), read_fraction=res.read_bytes / res.dense_read_bytes)
+        steps = len(res.nlls[0]) if batched else len(nlls)  # forward passes: a batch's streams step together
+        results.update(read_bytes_per_step=res.read_bytes / steps, dense_read_bytes_per_step=res.dense_read_bytes
+                       / steps, read_fraction=res.read_bytes / res.dense_read_bytes)
     if batched:
         results.update(batch_size=args.batch_size, tokens_per_stream=len(res.nlls[0]),
                        stream_ppl=[running_ppl(row, len(row)) for row in res.nlls])
