@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .errors import ConfigError
-from .masks import own_key_visible
+from .masks import own_key_visible, visible
 from .policies import CachePolicy, build_policy
 from .policies.base import gather_layer
 from .quant import KIVI, KIVIStore, PerHeadQuantStore
@@ -111,7 +111,7 @@ class CompressedCache(DynamicCache):
         #: Sparse reads (:class:`lacache_core.quest.Quest`), or ``None``.
         self.read = read
         self._pages = [None] * num_layers  # Quest's page (min, max) of each layer's keys, as last computed
-        self._pending_read = [None] * num_layers  # a layer's KV bytes per own slot, while its pages await the mask
+        self._pending_read = [None] * num_layers  # (KV bytes per own slot, first own slots), while pages await the mask
         #: Bytes of keys, values and page metadata that decode steps read (with ``read``), and that they would
         #: read densely: their ratio is the read saving.
         self.read_bytes = 0.0
@@ -212,18 +212,16 @@ class CompressedCache(DynamicCache):
         """``mask`` narrowed to Quest's pages (bool or additive like ``mask``; additive where it is ``None``), and
         the bytes this step reads counted: the page metadata, and of the KV bytes the share of slots that some
         query head of each KV head reads."""
-        slot_bytes, self._pending_read[i] = self._pending_read[i], None
+        (slot_bytes, first), self._pending_read[i] = self._pending_read[i], None
         low, high = self._pages[i]
         n = self._step_slots[i]
-        if mask is None:
-            visible = torch.ones(1, 1, 1, n, dtype=torch.bool, device=query.device)
-        else:
-            visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-        chosen = selected_tokens(self.read, query, low, high, visible[..., -n:], self._first_slots(i, low.shape[1]))
+        seen = torch.ones(1, 1, 1, n, dtype=torch.bool, device=query.device) if mask is None else visible(mask)
+        chosen = selected_tokens(self.read, query, low, high, seen[..., -n:], first)
         b, heads, q = chosen.shape[:3]
         per_kv_head = chosen.view(b, low.shape[1], heads // low.shape[1], q, n).any(2).any(2)  # [b, kv_heads, n]
-        self.read_bytes += slot_bytes * int(per_kv_head.sum()) + self._page_bytes(i)
-        self.metadata_read_bytes += self._page_bytes(i)
+        metadata = self._page_bytes(i)
+        self.read_bytes += slot_bytes * int(per_kv_head.sum()) + metadata
+        self.metadata_read_bytes += metadata
         if mask is None:
             return torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~chosen, torch.finfo(query.dtype).min)
         if mask.dtype == torch.bool:
@@ -262,11 +260,11 @@ class CompressedCache(DynamicCache):
         slots before the query (the model's own mask counts the window in cache slots too). It replaces the
         model's mask, which knows the padding of the input but not where compaction has moved each row's tokens."""
         b, heads, q, device = *query.shape[:3], query.device
-        fillers, n = self._step_fillers[i] or (torch.zeros(b, dtype=torch.long), self._step_slots[i])
-        lengths = self._step_lengths[i]  # [b, kv_heads] (rows), [kv_heads] (one row) or None
-        # the first slot each row (and, where heads differ in length, each head) may see: [b, 1] or [b, heads]
-        first = fillers[:, None] if lengths is None else \
-            (n - lengths.expand(b, -1)).repeat_interleave(heads // lengths.shape[-1], -1)
+        n = self._step_slots[i]
+        first = self._first_slots(i)  # the first slot each row (and head) may see: [b, 1] or [b | 1, kv_heads]
+        first = torch.zeros(b, 1, dtype=torch.long) if first is None else first.expand(b, -1)
+        if first.shape[-1] > 1:  # heads of different lengths: [b, heads]
+            first = first.repeat_interleave(heads // first.shape[-1], -1)
         slots = torch.arange(n, device=device)
         allowed = slots[None, None, None, :] >= first.to(device)[:, :, None, None]  # [b, 1 | heads, 1, n]
         query_slots = torch.arange(n - q, n, device=device)[:, None]
@@ -426,8 +424,9 @@ class CompressedCache(DynamicCache):
         # bytes are counted per own slot of each row and head: a row's filler slots and a head's padding are neither
         # read by Quest nor part of a dense read of that row (stores hold own slots only; a dense padded layer all n)
         b, kv_heads, n = keys.shape[0], keys.shape[1], keys.shape[2]
-        first = self._first_slots(layer_idx, kv_heads)
-        own = b * kv_heads * n if first is None else int((n - first.expand(b, kv_heads)).sum())
+        first = self._first_slots(layer_idx)
+        first = None if first is None else first.expand(b, kv_heads)
+        own = b * kv_heads * n if first is None else int((n - first).sum())
         stored = own if first is not None and self._stores[layer_idx] is not None else b * kv_heads * n
         slot_bytes = self._layer_bytes(layer_idx) / stored
         self.dense_read_bytes += slot_bytes * own
@@ -435,18 +434,17 @@ class CompressedCache(DynamicCache):
             self.read_bytes += slot_bytes * own
             return
         self._pages[layer_idx] = page_bounds(keys, self.read.page_size, first)
-        self._pending_read[layer_idx] = slot_bytes
+        self._pending_read[layer_idx] = slot_bytes, first
 
-    def _first_slots(self, i: int, kv_heads: int) -> Optional[torch.Tensor]:
-        """The first slot of each row's and head's own tokens in the tensors the last :meth:`attend` of layer ``i``
-        returned (``[b, kv_heads]``; ``None``: slot 0 everywhere), past filler slots and a head's padding."""
-        lengths, fillers = self._step_lengths[i], self._step_fillers[i]
-        if lengths is None and fillers is None:
-            return None
-        n = self._step_slots[i]
-        if lengths is not None:
-            return (n - lengths).expand(fillers[0].shape[0] if fillers else 1, kv_heads)
-        return fillers[0][:, None].expand(-1, kv_heads)
+    def _first_slots(self, i: int) -> Optional[torch.Tensor]:
+        """The first slot of each row's (and, where heads differ in length, each head's) own tokens in the tensors
+        the last :meth:`attend` of layer ``i`` returned, past filler slots and a head's padding: ``[b, 1]``,
+        ``[b | 1, kv_heads]``, or ``None`` (slot 0 everywhere). CPU."""
+        lengths, fillers = self._step_lengths[i], self._step_fillers[i]  # lengths: [b, kv_heads], [kv_heads] or None
+        if lengths is None:
+            return None if fillers is None else fillers[0][:, None]
+        first = self._step_slots[i] - lengths
+        return first if first.dim() == 2 else first[None]
 
     @classmethod
     def for_rows(cls, policies: list, num_layers: int, query_at_slot: bool = True,

@@ -6,13 +6,18 @@ import torch
 from .errors import ConfigError
 
 
+def visible(mask: torch.Tensor) -> torch.Tensor:
+    """Where a mask (bool, or additive with the dtype's min for hidden keys) lets a query see a key: bool, same shape."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
 def own_key_visible(mask: torch.Tensor) -> torch.Tensor:
     """Whether each new token may see its own key: ``[b, q]`` bool, from a 4D mask ``[b, 1 | heads, q, n]``
     (bool or additive) fitted to the keys. Causal and sliding-window masks always let a token see itself; only
     padding hides it."""
     q, n = mask.shape[-2], mask.shape[-1]
     own = mask[..., torch.arange(q), torch.arange(n - q, n)]
-    return (own if own.dtype == torch.bool else own > torch.finfo(own.dtype).min / 2).all(1)
+    return visible(own).all(1)
 
 
 def refuse_padding(mask, layer_idx: int) -> None:

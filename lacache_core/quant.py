@@ -20,7 +20,7 @@ from typing import Literal, Optional, Tuple
 import torch
 
 from .errors import ConfigError
-from .storage import LayerStore, _bytes
+from .storage import LayerStore, _bytes, left_padded
 
 QUANT_METHODS = ("none", "kivi", "gear")
 
@@ -316,13 +316,7 @@ class PerHeadQuantStore(LayerStore):
         raise ConfigError("checkpoints of per-head quantized layers (AdaKV, HeadKV with --quant) are not built")
 
     def view(self):
-        n = self.shape()[2]
-        views = [head.view() for head in self.heads]
-
-        def pad(t):
-            return torch.nn.functional.pad(t, (0, 0, n - t.shape[-2], 0))
-
-        return torch.cat([pad(k) for k, _ in views], 1), torch.cat([pad(v) for _, v in views], 1)
+        return left_padded([head.view() for head in self.heads])
 
     def shape(self):
         return self.heads[0].shape()[0], len(self.heads), max(head.shape()[2] for head in self.heads)

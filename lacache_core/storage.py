@@ -48,6 +48,17 @@ def _bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def left_padded(heads: List[Pair]) -> Pair:
+    """Per-head ``(key, value)`` pairs (``[b, 1, n_h, d]``) as one ``[b, kv_heads, max n_h, d]`` pair, each head
+    left-padded with zeros (the cache's mask hides the padding)."""
+    n = max(k.shape[-2] for k, _ in heads)
+
+    def pad(t):
+        return torch.nn.functional.pad(t, (0, 0, n - t.shape[-2], 0))
+
+    return torch.cat([pad(k) for k, _ in heads], 1), torch.cat([pad(v) for _, v in heads], 1)
+
+
 class PerHeadStore(LayerStore):
     """Each KV head at its own length: per head ``(key, value)``, each ``[b, 1, n_h, d]``.
 
@@ -64,12 +75,7 @@ class PerHeadStore(LayerStore):
                       for h, (k, v) in enumerate(self.heads)]
 
     def view(self):
-        n = self.shape()[2]
-
-        def pad(t):
-            return torch.nn.functional.pad(t, (0, 0, n - t.shape[-2], 0))
-
-        return torch.cat([pad(k) for k, _ in self.heads], 1), torch.cat([pad(v) for _, v in self.heads], 1)
+        return left_padded(self.heads)
 
     def shape(self):
         return self.heads[0][0].shape[0], len(self.heads), max(k.shape[-2] for k, _ in self.heads)

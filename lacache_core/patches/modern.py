@@ -29,6 +29,7 @@ import torch
 
 from ..cache import CompressedCache
 from ..errors import ConfigError
+from ..masks import visible
 from ..rope import Rotation, rotary_fn_from_module, standard_apply
 
 PREFIX = "lacache_"
@@ -57,8 +58,8 @@ def _fit_mask(mask, key_len: int):
         return mask
     # some releases (4.48) size the mask one past the keys, the extra column masked for every query: drop
     # such trailing columns first, so that a widened mask does not hide this layer's newest key
-    visible = (mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2).flatten(0, 2).any(0)
-    width = int(visible.nonzero().max()) + 1 if visible.any() else mask.shape[-1]
+    seen = visible(mask).flatten(0, 2).any(0)
+    width = int(seen.nonzero().max()) + 1 if seen.any() else mask.shape[-1]
     mask = mask[..., :width]
     if mask.shape[-1] == key_len:
         return mask
