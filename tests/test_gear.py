@@ -13,10 +13,11 @@ from packaging.version import Version
 
 from lacache_core import METHODS, CompressedCache, ConfigError, build_policy, enable_position_shift
 from lacache_core.gear import GEAR, GEARStore
-from lacache_core.quant import KIVI, KIVIStore
+from lacache_core.quant import KIVI
 from lacache_core.versions import with_cache
 from test_ppl_harness import text_file, tiny_dir  # noqa: F401 (fixtures)
-from tiny import head_scores_file, manual_next_logits, stream_killed_after, tiny_model
+from test_quant import evicted_next_step
+from tiny import head_scores_file, manual_next_logits, ppl_killed_then_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
@@ -195,20 +196,8 @@ def test_eviction_keeps_codes_and_factor_rows_and_counts_bytes():
 
 @pytest.mark.parametrize("method", ["lacache", "h2o", "streamingllm"])
 def test_an_evicting_gear_cache_attends_to_its_own_view(method):
-    model = enable_position_shift(tiny_model("llama", "eager"))
-    cache = CompressedCache(build_policy(method, cache_size=40, start_size=4, span=2, window_size=4),
-                            6, quant=GEAR(bits=4, group=8, residual=16, rank=2))
-    with torch.no_grad():
-        model(TOKENS[:, :70], use_cache=True, **with_cache(cache))
-        for t in range(70, 80):
-            model(TOKENS[:, t:t + 1], use_cache=True, **with_cache(cache))
-        kv = [cache._stores[i].view() for i in range(6)]
-        slot = cache.policy.position_mode == "slot"
-        positions = None if slot else cache.kept_positions()
-        expected = manual_next_logits(model, int(TOKENS[0, 80]), kv, query_pos=None if slot else 80,
-                                      key_positions=positions)
-        got = model(TOKENS[:, 80:81], use_cache=True, **with_cache(cache)).logits[0, -1]
-    assert kv[0][0].shape[2] < 60
+    cache, got, expected = evicted_next_step(method, GEAR(bits=4, group=8, residual=16, rank=2))
+    assert cache._stores[0].shape()[2] < 60
     store = cache._stores[0]
     assert store.key_lr_a.shape[2] == store.key_codes.shape[2] and store.key_lr_b.shape[2] == store.key_low.shape[2]
     assert torch.allclose(got, expected, atol=1e-5)
@@ -253,7 +242,6 @@ def test_bad_gear_settings_are_one_line_errors():
 
 @pytest.mark.parametrize("method", ["lacache", "h2o"])
 def test_ppl_gear_resumes_to_the_same_numbers(tiny_dir, text_file, tmp_path, monkeypatch, capsys, method):  # noqa: F811
-    import ppl.run as run_module
     from ppl.run import main
 
     common = ["--model_name_or_path", str(tiny_dir), "--dataset_name", str(text_file), "--device", "cpu",
@@ -265,14 +253,7 @@ def test_ppl_gear_resumes_to_the_same_numbers(tiny_dir, text_file, tmp_path, mon
     assert "_gear2rank2g8r16" in clean.name
     record = json.loads((clean / "run.json").read_text())
     assert record["setting"]["cache"]["quant"] == {"method": "gear", "bits": 2, "group": 8, "residual": 16, "rank": 2}
-    real = run_module.stream_perplexity
-    monkeypatch.setattr(run_module, "stream_perplexity", stream_killed_after(real, 97))
-    with pytest.raises(KeyboardInterrupt):
-        main(common + ["--output_dir", str(tmp_path / "cut")])
-    monkeypatch.setattr(run_module, "stream_perplexity", real)
-    assert main(common + ["--output_dir", str(tmp_path / "cut")]) == 0
-    cut = next((tmp_path / "cut").iterdir())
-    assert json.loads((cut / "run.json").read_text())["results"]["resumed"] is True
+    cut = ppl_killed_then_resumed(common, tmp_path / "cut", monkeypatch)
     assert (cut / "nlls.txt").read_text() == (clean / "nlls.txt").read_text()
     kivi = common[:common.index("--quant_rank")] + common[common.index("--checkpoint_every"):]
     kivi[kivi.index("gear")] = "kivi"

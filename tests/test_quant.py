@@ -11,7 +11,7 @@ from lacache_core import METHODS, CompressedCache, ConfigError, build_policy, en
 from lacache_core.quant import KIVI, KIVIStore, pack, quantize, unpack
 from lacache_core.versions import with_cache
 from test_ppl_harness import text_file, tiny_dir  # noqa: F401 (fixtures)
-from tiny import head_scores_file, manual_next_logits, stream_killed_after, tiny_model
+from tiny import head_scores_file, manual_next_logits, ppl_killed_then_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
@@ -101,9 +101,16 @@ def test_next_step_matches_a_from_scratch_step_on_kivi_dequantized_keys(bits):
 def test_an_evicting_quantized_cache_attends_to_its_dequantized_slots(method):
     # after evictions, the next step equals a from-scratch step over what the store holds, at its slots
     # (slot methods) or original positions
+    cache, got, expected = evicted_next_step(method, KIVI(bits=4, group=8, residual=16))
+    assert cache._stores[0].shape()[2] < 60  # evicted
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def evicted_next_step(method: str, quant):
+    """A 40-slot ``method`` cache held under ``quant``, after a 70-token prompt and 10 decode steps: ``(cache, the
+    next logits, a from-scratch step's over what the stores hold, at the method's slots or original positions)``."""
     model = enable_position_shift(tiny_model("llama", "eager"))
-    cache = CompressedCache(build_policy(method, cache_size=40, start_size=4, span=2, window_size=4),
-                            6, quant=KIVI(bits=4, group=8, residual=16))
+    cache = CompressedCache(build_policy(method, cache_size=40, start_size=4, span=2, window_size=4), 6, quant=quant)
     with torch.no_grad():
         model(TOKENS[:, :70], use_cache=True, **with_cache(cache))
         for t in range(70, 80):
@@ -114,8 +121,7 @@ def test_an_evicting_quantized_cache_attends_to_its_dequantized_slots(method):
         expected = manual_next_logits(model, int(TOKENS[0, 80]), kv, query_pos=None if slot else 80,
                                       key_positions=positions)
         got = model(TOKENS[:, 80:81], use_cache=True, **with_cache(cache)).logits[0, -1]
-    assert kv[0][0].shape[2] < 60  # evicted
-    assert torch.allclose(got, expected, atol=1e-5)
+    return cache, got, expected
 
 
 @pytest.mark.parametrize("method", sorted(m for m in METHODS if m != "full"))
@@ -149,7 +155,6 @@ def test_bad_quant_settings_are_one_line_errors():
 @pytest.mark.parametrize("method", ["lacache", "h2o"])
 def test_ppl_quant_resumes_to_the_same_numbers(tiny_dir, text_file, tmp_path, monkeypatch, method):  # noqa: F811
     # the checkpoint holds the quantized stores as they are: a resumed run scores what an uninterrupted one does
-    import ppl.run as run_module
     from ppl.run import main
 
     common = ["--model_name_or_path", str(tiny_dir), "--dataset_name", str(text_file), "--device", "cpu",
@@ -161,14 +166,7 @@ def test_ppl_quant_resumes_to_the_same_numbers(tiny_dir, text_file, tmp_path, mo
     assert "_kivi2g8r16" in clean.name
     record = json.loads((clean / "run.json").read_text())
     assert record["setting"]["cache"]["quant"] == {"method": "kivi", "bits": 2, "group": 8, "residual": 16}
-    real = run_module.stream_perplexity
-    monkeypatch.setattr(run_module, "stream_perplexity", stream_killed_after(real, 97))
-    with pytest.raises(KeyboardInterrupt):
-        main(common + ["--output_dir", str(tmp_path / "cut")])
-    monkeypatch.setattr(run_module, "stream_perplexity", real)
-    assert main(common + ["--output_dir", str(tmp_path / "cut")]) == 0
-    cut = next((tmp_path / "cut").iterdir())
-    assert json.loads((cut / "run.json").read_text())["results"]["resumed"] is True
+    cut = ppl_killed_then_resumed(common, tmp_path / "cut", monkeypatch)
     assert (cut / "nlls.txt").read_text() == (clean / "nlls.txt").read_text()
     unquantized = main(common[:-10] + ["--output_dir", str(tmp_path / "plain")])
     assert unquantized == 0

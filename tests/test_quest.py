@@ -11,7 +11,7 @@ from lacache_core.quest import page_bounds, page_scores, read_config, selected_t
 from lacache_core.versions import with_cache
 from test_longbench_pred import data_dir  # noqa: F401 (fixture)
 from test_ppl_harness import text_file, tiny_dir  # noqa: F401 (fixtures)
-from tiny import head_scores_file, manual_next_logits, stream_killed_after, tiny_model
+from tiny import head_scores_file, manual_next_logits, ppl_killed_then_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
@@ -170,7 +170,6 @@ def test_ppl_reads_sparsely_records_the_reads_and_resumes_to_the_same_numbers(ti
                                                                               method):
     import json
 
-    import ppl.run as run_module
     from ppl.run import main
 
     common = ["--model_name_or_path", str(tiny_dir), "--dataset_name", str(text_file), "--device", "cpu",
@@ -184,15 +183,8 @@ def test_ppl_reads_sparsely_records_the_reads_and_resumes_to_the_same_numbers(ti
     results = record["results"]
     assert 0 < results["read_fraction"] < 0.9  # 2 of the 4 layers read densely; the others 3 pages of 4 per query head
     assert results["read_bytes_per_step"] == pytest.approx(results["read_fraction"] * results["dense_read_bytes_per_step"])
-    real = run_module.stream_perplexity
-    monkeypatch.setattr(run_module, "stream_perplexity", stream_killed_after(real, 97))
-    with pytest.raises(KeyboardInterrupt):
-        main(common + ["--output_dir", str(tmp_path / "cut")])
-    monkeypatch.setattr(run_module, "stream_perplexity", real)
-    assert main(common + ["--output_dir", str(tmp_path / "cut")]) == 0
-    cut = next((tmp_path / "cut").iterdir())
+    cut = ppl_killed_then_resumed(common, tmp_path / "cut", monkeypatch)
     resumed = json.loads((cut / "run.json").read_text())["results"]
-    assert resumed["resumed"] is True
     assert (cut / "nlls.txt").read_text() == (clean / "nlls.txt").read_text()
     assert resumed["read_fraction"] == pytest.approx(results["read_fraction"])
     assert main(common[:-8] + ["--output_dir", str(tmp_path / "dense")]) == 0  # the same run read densely

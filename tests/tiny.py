@@ -192,3 +192,23 @@ def stream_killed_after(stream, n: int):
                 raise KeyboardInterrupt
         return stream(*args, on_token=boom, **kwargs)
     return interrupted
+
+
+def ppl_killed_then_resumed(argv, folder, monkeypatch, after: int = 97):
+    """Run ``ppl/run.py`` with ``argv`` into ``folder``, killed once token ``after`` is scored, then again to the end;
+    the result folder of the resumed run (its ``run.json`` says it resumed)."""
+    import json
+
+    import pytest
+
+    import ppl.run as run_module
+
+    real = run_module.stream_perplexity
+    monkeypatch.setattr(run_module, "stream_perplexity", stream_killed_after(real, after))
+    with pytest.raises(KeyboardInterrupt):
+        run_module.main(argv + ["--output_dir", str(folder)])
+    monkeypatch.setattr(run_module, "stream_perplexity", real)
+    assert run_module.main(argv + ["--output_dir", str(folder)]) == 0
+    cut = next(folder.iterdir())
+    assert json.loads((cut / "run.json").read_text())["results"]["resumed"] is True
+    return cut
