@@ -201,6 +201,11 @@ def check_method_flags(args) -> None:
         if not any(m in flag.defaults for m in args.methods):  # e.g. one flag set for several runs of a script
             print(f"note: --{name} is ignored: {', '.join(args.methods)} does not take it "
                   f"({', '.join(flag.defaults)} does)", file=sys.stderr)
+    if getattr(args, "quant", "none") != "none":
+        for method in args.methods:
+            for name, reason in METHODS[method].quant_ignores.items():
+                if getattr(args, name, None) is not None:
+                    print(f"note: --{name} is ignored with --quant: {reason}", file=sys.stderr)
     for method in args.methods:  # each method's own ranges, before any model is loaded
         check_hyperparameters(method, method_settings(args, method), args.start_size)
     default_budget = getattr(args, "_budget_default", None)

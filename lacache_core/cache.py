@@ -62,8 +62,9 @@ class CompressedCache(DynamicCache):
           policies in float32/float64 with a RoPE whose position 0 is the identity; ``"every_step"``
           otherwise (in bf16/fp16 the roundings of repeated shifts add up; YaRN's scaled tables do not compose).
     quant : KIVI, optional
-        Store every layer quantized (:class:`lacache_core.quant.KIVIStore`): keys before RoPE, so the
-        rotation is ``"every_step"``; eviction runs on the quantized codes.
+        Store every layer quantized (:class:`lacache_core.quant.KIVIStore`, or ``quant.store_class``): keys
+        before RoPE, rotated at every step, or after it (``quant.key_order``); eviction runs on the quantized
+        codes. Under ThinK each key keeps only its layer's chosen channels once it is quantized.
     read : Quest, optional
         Read each decode step's keys sparsely (:mod:`lacache_core.quest`): each query head attends only to the
         pages of slots whose key bounds score highest. The page metadata is held and counted in
@@ -82,9 +83,9 @@ class CompressedCache(DynamicCache):
             raise ConfigError(f"--key_rotation every_step cannot be used with --method {policy.name}: it prunes "
                               "channels of rotated keys, so keys must be stored rotated (incremental or auto)")
         if quant is not None:
-            if policy.prunes_channels:
-                raise ConfigError(f"--quant {quant.method} cannot be combined with --method {policy.name} yet: its "
-                                  "keys are stored with pruned channels")
+            if policy.prunes_channels and quant.key_order != "post_rope":
+                raise ConfigError(f"--method {policy.name} prunes channels of rotated keys: with --quant "
+                                  f"{quant.method} use --quant_key_order post_rope")
             if policy.merges_values:
                 raise ConfigError(f"--quant {quant.method} cannot be combined with --method {policy.name} yet: "
                                   "it merges values")
@@ -384,9 +385,14 @@ class CompressedCache(DynamicCache):
             self._keep_in_store(layer_idx, PerHeadQuantStore.from_store(self._stores[layer_idx], keep), key)
             keep = None
         if isinstance(self._stores[layer_idx], (KIVIStore, PerHeadQuantStore)):  # eviction on the codes, then quantization
+            store = self._stores[layer_idx]
             if keep is not None:
-                self._stores[layer_idx].gather(keep)
-            self._stores[layer_idx].compress()
+                store.gather(keep)
+            if policy.prunes_channels and store.channels is None and not store.key_codes.shape[2]:
+                channels = policy.channel_keep(layer_idx, store.view()[0])  # ThinK: after the token choice
+                if channels is not None:
+                    store.prune_channels(channels)
+            store.compress()
             self._sync_stand_in(layer_idx, key)
             return query, keys, value
         if keep is not None and self._stores[layer_idx] is not None:

@@ -100,6 +100,7 @@ class GEARStore(KIVIStore):
     TOKEN_FIELDS = KIVIStore.TOKEN_FIELDS + ("key_lr_a", "value_lr_a")
     BLOCK_FIELDS = KIVIStore.BLOCK_FIELDS + ("key_lr_b", "value_lr_b")
     FIELDS = KIVIStore.FIELDS + ("key_lr_a", "value_lr_a", "key_lr_b", "value_lr_b")
+    KEY_CHANNEL_FIELDS = KIVIStore.KEY_CHANNEL_FIELDS + ("key_lr_b",)
 
     def __init__(self, config: GEAR, key: torch.Tensor, value: torch.Tensor):
         b, h, _, d = key.shape
@@ -111,9 +112,9 @@ class GEARStore(KIVIStore):
 
     def _quantize_block(self, key, value, block):
         (key_codes, value_codes, v_low, v_scale), (k_low, k_scale) = super()._quantize_block(key, value, block)
-        c, (b, h, n, d) = self.config, key.shape
-        # the errors of what dequantized() will give, over the block's tokens only
-        k_hat = unpack(key_codes, c.bits).to(self.dtype) * k_scale + k_low
+        c, (b, h, n, d) = self.config, value.shape
+        # the errors of what dequantized() will give, over the block's tokens only (keys: their channels held)
+        k_hat = unpack(key_codes, c.bits, key.shape[-1]).to(self.dtype) * k_scale + k_low
         v_hat = (unpack(value_codes, c.bits).to(self.dtype).view(b, h, n, d // c.group, c.group) * v_scale[..., None]
                  + v_low[..., None]).view(b, h, n, d)
         mask = block[..., None]
@@ -122,11 +123,12 @@ class GEARStore(KIVIStore):
         return ((key_codes, value_codes, v_low, v_scale, k_a.to(self.dtype), v_a.to(self.dtype)),
                 (k_low, k_scale, k_b[:, :, None].to(self.dtype), v_b[:, :, None].to(self.dtype)))
 
-    def dequantized(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _decoded(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """KIVI's dequantized keys and values plus each token's low-rank correction ``A[t] @ B[block(t)]``."""
-        keys, values = super().dequantized()
-        block = self.key_block.long()[..., None].expand(keys.shape)
+        keys, values = super()._decoded()
+        block = self.key_block.long()[..., None]
+        key_block, value_block = block.expand(keys.shape), block.expand(values.shape)
         for j in range(self.config.rank):  # rank-1 terms, each gathered per token as KIVI gathers its block scales
-            keys = keys + self.key_lr_a[..., j:j + 1] * self.key_lr_b[:, :, :, j].gather(2, block)
-            values = values + self.value_lr_a[..., j:j + 1] * self.value_lr_b[:, :, :, j].gather(2, block)
+            keys = keys + self.key_lr_a[..., j:j + 1] * self.key_lr_b[:, :, :, j].gather(2, key_block)
+            values = values + self.value_lr_a[..., j:j + 1] * self.value_lr_b[:, :, :, j].gather(2, value_block)
         return keys, values

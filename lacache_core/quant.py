@@ -88,18 +88,21 @@ def quantize(x: torch.Tensor, bits: int, dim: int) -> Tuple[torch.Tensor, torch.
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``[..., d]`` uint8 codes of ``bits`` bits into ``[..., d * bits / 8]`` bytes (``8 / bits`` per byte)."""
+    """``[..., d]`` uint8 codes of ``bits`` bits into ``[..., ceil(d * bits / 8)]`` bytes (``8 / bits`` per byte;
+    the last byte zero-filled where ``d`` is not a multiple of ``8 / bits``)."""
     per = 8 // bits
+    codes = torch.nn.functional.pad(codes, (0, -codes.shape[-1] % per))
     codes = codes.view(*codes.shape[:-1], codes.shape[-1] // per, per)
     shifts = torch.arange(per, device=codes.device, dtype=torch.uint8) * bits
     return (codes << shifts).sum(-1, dtype=torch.uint8)
 
 
-def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: ``[..., d]`` codes."""
+def unpack(packed: torch.Tensor, bits: int, width: Optional[int] = None) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``[..., width]`` codes (``width``: the ``d`` packed; every code if ``None``)."""
     per = 8 // bits
     shifts = torch.arange(per, device=packed.device, dtype=torch.uint8) * bits
-    return ((packed[..., None] >> shifts) & (2 ** bits - 1)).flatten(-2)
+    codes = ((packed[..., None] >> shifts) & (2 ** bits - 1)).flatten(-2)
+    return codes if width is None else codes[..., :width]
 
 
 class KIVIStore(LayerStore):
@@ -124,11 +127,35 @@ class KIVIStore(LayerStore):
         self.value_low = key.new_zeros(b, h, 0, d // config.group)
         self.value_scale = self.value_low.clone()
         self.key, self.value = empty, value.new_zeros(b, h, 0, d)  # the residual
+        self.channels: Optional[torch.Tensor] = None  # [h, d_keep]: the key channels quantized keys keep (ThinK)
         self.append(key, value)
 
     #: per quantized token (``[b, h, m, ...]``, gathered on eviction) and per key block (``[b, h, blocks, ...]``)
     TOKEN_FIELDS = ("key_codes", "value_codes", "value_low", "value_scale")
     BLOCK_FIELDS = ("key_low", "key_scale")
+    #: per key block, one entry per key channel held (``d_keep`` after :meth:`prune_channels`)
+    KEY_CHANNEL_FIELDS = ("key_low", "key_scale")
+
+    def prune_channels(self, channels: torch.Tensor) -> None:
+        """Quantize only ``channels`` (``LongTensor [h, d_keep]``, increasing) of every key from now on; the
+        others read as zeros. ThinK under quantization, as ThinK's own KIVI code prunes: the keys in the
+        full-precision residual keep every channel, and each key loses the others as it is quantized. Called
+        before any key is quantized, so no key is quantized at two widths."""
+        if self.key_codes.shape[2]:
+            raise RuntimeError("key channels are chosen before any key is quantized")
+        self.channels = channels.to(self.key.device)
+        width = channels.shape[-1]
+        b, h = self.key.shape[:2]
+        self.key_codes = self.key_codes.new_zeros(b, h, 0, -(-width * self.config.bits // 8))
+        for name in self.KEY_CHANNEL_FIELDS:
+            held = getattr(self, name)
+            setattr(self, name, held.new_zeros(*held.shape[:-1], width))
+
+    def _kept_channels(self, key: torch.Tensor) -> torch.Tensor:
+        if self.channels is None:
+            return key
+        b, h, n, _ = key.shape
+        return key.gather(-1, self.channels[None, :, None, :].expand(b, h, n, -1))
 
     # -- adding tokens: the residual grows; after the step, past ``residual`` tokens its oldest ``group`` are
     # quantized (so the tokens of a step attend in full precision, as in KIVI)
@@ -148,7 +175,7 @@ class KIVIStore(LayerStore):
         """Quantize ``key``, ``value`` (``[b, h, n, d]``) as one new key block over the tokens where ``block``
         (``[b, h, n]`` bool) is set. The block's own tensors (:attr:`BLOCK_FIELDS`) are appended; the tokens'
         (:attr:`TOKEN_FIELDS`, in that order) and the block id are returned when ``codes_only``, else appended."""
-        tokens, blocks = self._quantize_block(key, value, block)
+        tokens, blocks = self._quantize_block(self._kept_channels(key), value, block)
         block_id = self.key_low.shape[2]
         for name, new in zip(self.BLOCK_FIELDS, blocks):
             setattr(self, name, torch.cat([getattr(self, name), new], 2))
@@ -161,7 +188,8 @@ class KIVIStore(LayerStore):
         return None
 
     def _quantize_block(self, key, value, block):
-        """One new block's ``(token tensors, block tensors)``, as :attr:`TOKEN_FIELDS` and :attr:`BLOCK_FIELDS`."""
+        """One new block's ``(token tensors, block tensors)``, as :attr:`TOKEN_FIELDS` and :attr:`BLOCK_FIELDS`
+        (``key``: its kept channels only)."""
         c = self.config
         k = key.float()
         big = torch.finfo(torch.float32).max
@@ -180,12 +208,21 @@ class KIVIStore(LayerStore):
 
     # -- reading
     def dequantized(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The older tokens' keys and values, dequantized: ``[b, h, m, d]`` each."""
+        """The older tokens' keys and values, dequantized: ``[b, h, m, d]`` each (pruned key channels: zeros)."""
+        keys, values = self._decoded()
+        if self.channels is None:
+            return keys, values
+        b, h, m, _ = keys.shape
+        index = self.channels[None, :, None, :].expand(b, h, m, -1)
+        return keys.new_zeros(b, h, m, self.key.shape[-1]).scatter_(-1, index, keys), values
+
+    def _decoded(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The older tokens' keys (``[b, h, m, channels held]``) and values (``[b, h, m, d]``), dequantized."""
         c = self.config
         b, h, m, _ = self.value_codes.shape
-        d = self.key.shape[-1]
-        block = self.key_block.long()[..., None].expand(b, h, m, d)
-        keys = unpack(self.key_codes, c.bits).to(self.dtype) * self.key_scale.gather(2, block) \
+        width, d = self.key_low.shape[-1], self.value.shape[-1]
+        block = self.key_block.long()[..., None].expand(b, h, m, width)
+        keys = unpack(self.key_codes, c.bits, width).to(self.dtype) * self.key_scale.gather(2, block) \
             + self.key_low.gather(2, block)
         codes = unpack(self.value_codes, c.bits).to(self.dtype).view(b, h, m, d // c.group, c.group)
         values = codes * self.value_scale[..., None] + self.value_low[..., None]
@@ -200,7 +237,7 @@ class KIVIStore(LayerStore):
         return b, h, self.key_codes.shape[2] + r
 
     def nbytes(self):
-        return _bytes(*(getattr(self, name) for name in self.FIELDS))
+        return _bytes(*(getattr(self, name) for name in self.FIELDS), *self._channel_state().values())
 
     def write_newest_keys(self, rotated):
         """Post-RoPE keys: the newest keys, rotated (they are in the full-precision residual until the step ends)."""
@@ -212,7 +249,10 @@ class KIVIStore(LayerStore):
     FIELDS = ("key_codes", "value_codes", "key_block", "key_low", "key_scale", "value_low", "value_scale", "key", "value")
 
     def state(self) -> dict:
-        return {name: getattr(self, name) for name in self.FIELDS}
+        return {**{name: getattr(self, name) for name in self.FIELDS}, **self._channel_state()}
+
+    def _channel_state(self) -> dict:
+        return {} if self.channels is None else {"channels": self.channels}
 
     @classmethod
     def from_state(cls, config: KIVI, state: dict) -> "KIVIStore":
@@ -220,6 +260,7 @@ class KIVIStore(LayerStore):
         store.config, store.dtype = config, state["key"].dtype
         for name in cls.FIELDS:
             setattr(store, name, state[name])
+        store.channels = state.get("channels")
         return store
 
     # -- eviction on the quantized form
@@ -231,7 +272,6 @@ class KIVIStore(LayerStore):
         block of their own), never dequantized ones quantized again.
         """
         b, h, m, _ = self.key_codes.shape
-        d = self.key.shape[-1]
         idx = keep.to(self.key.device)
         idx = idx.expand(b, h, idx.shape[-1]) if idx.dim() < 3 else idx
         old_count = (idx < m).sum(-1)  # [b, h]

@@ -40,6 +40,11 @@ SETTINGS = [  # (label, method, settings, quantization, sparse reads)
     ("LaCache 1024, Quest 256", "lacache", {"cache_size": 1024, **LADDER}, None, Quest(token_budget=256)),
     ("LaCache 256", "lacache", {"cache_size": 256, **LADDER}, None, None),
     ("CAM 256", "cam", {"cache_size": 256}, None, None),
+    ("SnapKV 1024", "snapkv", {"cache_size": 1024}, None, None),
+    ("ThinK 1024", "think", {"cache_size": 1024}, None, None),
+    ("ThinK 1024, KIVI-4 post-RoPE", "think", {"cache_size": 1024}, KIVI(bits=4, key_order="post_rope"), None),
+    ("ThinK 1024, KIVI-2 post-RoPE", "think", {"cache_size": 1024}, KIVI(bits=2, key_order="post_rope"), None),
+    ("SnapKV 1024, KIVI-2 post-RoPE", "snapkv", {"cache_size": 1024}, KIVI(bits=2, key_order="post_rope"), None),
 ]
 
 

@@ -17,6 +17,7 @@ from lacache_core.quant import KIVI
 from lacache_core.versions import with_cache
 from test_ppl_harness import text_file, tiny_dir  # noqa: F401 (fixtures)
 from test_quant import evicted_next_step
+from test_quant import quantized_count
 from tiny import head_scores_file, manual_next_logits, ppl_killed_then_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
@@ -52,18 +53,15 @@ def power_iteration(error, rank, loops, seed=0):
 def gear_block(key, value, config):
     """One block (``[b, h, n, d]``) under GEAR-L: keys per channel over the block, values per token over groups of
     ``group`` channels, each plus the best rank-``rank`` approximation of its error."""
-    b, h, n, d = key.shape
     k = fake_quant(key, config.bits, 2)
+    b, h, n, d = value.shape  # keys may hold fewer channels (ThinK)
     v = fake_quant(value.reshape(b, h, n, d // config.group, config.group), config.bits, -1).reshape(b, h, n, d)
     return k + best_rank(key - k, config.rank), v + best_rank(value - v, config.rank)
 
 
 def gear_reference(key, value, config):
     """GEAR-L on a run without eviction: blocks of ``group`` oldest tokens until at most ``residual`` are whole."""
-    n, g = key.shape[2], config.group
-    m = 0
-    while n - m > config.residual and n - m >= g:
-        m += g
+    g, m = config.group, quantized_count(key.shape[2], config)
     blocks = [gear_block(key[:, :, i:i + g], value[:, :, i:i + g], config) for i in range(0, m, g)]
     return (torch.cat([k for k, _ in blocks] + [key[:, :, m:]], 2),
             torch.cat([v for _, v in blocks] + [value[:, :, m:]], 2))
@@ -210,8 +208,9 @@ def test_gear_composes_with_every_method_in_generate(method):
                     head_scores=head_scores_file(model.config))
     hyper = {k: v for k, v in settings.items() if k in METHODS[method].hyperparameters()}
     policy = build_policy(method, **hyper)
-    config = GEAR(bits=4, group=8, residual=16, rank=2)
-    if policy.prunes_channels or policy.merges_values or policy.merges_layers:
+    order = "post_rope" if policy.prunes_channels else "pre_rope"  # ThinK prunes channels of rotated keys
+    config = GEAR(bits=4, group=8, residual=16, key_order=order, rank=2)
+    if policy.merges_values or policy.merges_layers:
         with pytest.raises(ConfigError, match=f"--quant gear cannot be combined with --method {method} yet"):
             CompressedCache(policy, 6, quant=config)
         return
@@ -220,7 +219,7 @@ def test_gear_composes_with_every_method_in_generate(method):
     assert out.shape[1] == 100
     plain = CompressedCache(build_policy(method, **hyper), 6)
     model.generate(TOKENS[:, :60], **with_cache(plain), max_new_tokens=40, min_new_tokens=40, do_sample=False)
-    kivi = CompressedCache(build_policy(method, **hyper), 6, quant=KIVI(4, 8, 16))
+    kivi = CompressedCache(build_policy(method, **hyper), 6, quant=KIVI(4, 8, 16, order))
     model.generate(TOKENS[:, :60], **with_cache(kivi), max_new_tokens=40, min_new_tokens=40, do_sample=False)
     assert quantized.get_seq_length() == plain.get_seq_length()
     stores = quantized._stores[0].heads if policy.ragged else [quantized._stores[0]]  # per head: AdaKV, HeadKV

@@ -62,19 +62,25 @@ def test_eviction_keeps_the_codes_and_quantizes_only_residual_tokens():
                               + 2 * 2 * 10 * 16 * 4)
 
 
+def quantized_count(n, config):
+    """Tokens of ``n`` KIVI holds quantized on a run without eviction: blocks of ``group`` oldest tokens until at
+    most ``residual`` are left whole."""
+    m = 0
+    while n - m > config.residual and n - m >= config.group:
+        m += config.group
+    return m
+
+
 def kivi_reference(key, value, config):
     """KIVI's rule on a run without eviction: the oldest tokens in blocks of ``group`` (keys per channel over a
     block, values per token over ``group`` channels) until at most ``residual`` are left whole."""
-    n, g = key.shape[2], config.group
-    m = 0
-    while n - m > config.residual and n - m >= g:
-        m += g
+    g, m = config.group, quantized_count(key.shape[2], config)
 
     def fake(x, dim):
         codes, low, scale = quantize(x, config.bits, dim)
         return low + codes * scale
 
-    b, h, _, d = key.shape
+    b, h, _, d = value.shape  # keys may hold fewer channels (ThinK)
     k = torch.cat([fake(key[:, :, i:i + g], 2) for i in range(0, m, g)] + [key[:, :, m:]], 2)
     v = fake(value[:, :, :m].reshape(b, h, m, d // g, g), -1).reshape(b, h, m, d)
     return k, torch.cat([v, value[:, :, m:]], 2)
@@ -129,11 +135,12 @@ def test_quant_composes_with_every_method_in_generate(method):
     model = enable_position_shift(tiny_model("llama", "sdpa"))
     settings = dict(cache_size=48, start_size=4, span=2, recent_window=4, window_size=4, head_scores=head_scores_file(model.config))
     policy = build_policy(method, **{k: v for k, v in settings.items() if k in METHODS[method].hyperparameters()})
-    if policy.prunes_channels or policy.merges_values or policy.merges_layers:
+    if policy.merges_values or policy.merges_layers:
         with pytest.raises(ConfigError, match=f"--quant kivi cannot be combined with --method {method} yet"):
             CompressedCache(policy, 6, quant=KIVI(4, 8, 16))
         return
-    quantized = CompressedCache(policy, 6, quant=KIVI(bits=4, group=8, residual=16))
+    # ThinK prunes channels of rotated keys: they are quantized after RoPE (test_think_quant.py)
+    quantized = CompressedCache(policy, 6, quant=KIVI(4, 8, 16, "post_rope" if policy.prunes_channels else "pre_rope"))
     out = model.generate(TOKENS[:, :60], **with_cache(quantized), max_new_tokens=40, min_new_tokens=40, do_sample=False)
     assert out.shape[1] == 100
     plain = CompressedCache(build_policy(method, **{k: v for k, v in settings.items()
@@ -141,6 +148,8 @@ def test_quant_composes_with_every_method_in_generate(method):
     model.generate(TOKENS[:, :60], **with_cache(plain), max_new_tokens=40, min_new_tokens=40, do_sample=False)
     assert quantized.get_seq_length() == plain.get_seq_length()  # the same slots, held in fewer bytes
     assert quantized.kv_bytes() < plain.kv_bytes()
+    if policy.prunes_channels:  # and its quantized keys hold the chosen channels only
+        assert quantized._stores[0].channels.shape[-1] < quantized._stores[0].key.shape[-1]
 
 
 def test_bad_quant_settings_are_one_line_errors():

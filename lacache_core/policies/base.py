@@ -133,6 +133,8 @@ class CachePolicy:
     #: ``True`` for policies that also drop key channels (ThinK): the cache then asks :meth:`channel_keep`
     #: after each choice of slots, and keeps the layer's older keys with the kept channels only.
     prunes_channels: ClassVar[bool] = False
+    #: Hyper-parameters that have no effect under KV quantization (``--quant``), each with the reason.
+    quant_ignores: ClassVar[Dict[str, str]] = {}
     #: ``True`` for policies that also rewrite kept values when they evict (CaM): the cache then passes the layer's
     #: values through ``merge_values(layer, keep, value)`` (a new ``[b, kv_heads, n, d]``) before gathering ``keep``.
     merges_values: ClassVar[bool] = False

@@ -20,11 +20,15 @@ Where we differ, and why:
   score is the mean of its query heads' scores (the same reduction as our SnapKV's).
 * A prompt no longer than ``cache_size`` keeps every token and still has its channels pruned (the
   reference's ``update_think`` returns two values there where its caller unpacks four, and fails).
+* Under KV quantization (``--quant``, keys after RoPE) the pruning follows ThinK's own KIVI code
+  (SalesforceAIResearch/ThinK @ d200577, ``ThinK_kivi/models/llama_kivi_think.py``): the channels are
+  chosen once at the prompt, and every key quantized, prompt or generated, keeps only those; the keys in
+  the full-precision residual keep all (:meth:`lacache_core.quant.KIVIStore.prune_channels`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, List, Optional
+from typing import ClassVar, Dict, List, Optional
 
 import torch
 
@@ -60,11 +64,15 @@ class ThinK(SnapKV):
         Share of each head's key channels dropped (``int(head_dim * pruning_ratio)`` of them;
         KVCache-Factory's ``--pruning_ratio``, 0.4).
     unpruned_window : int
-        Newest kept tokens whose keys keep every channel (KVCache-Factory's ``--recent_size``, 32).
+        Newest kept tokens whose keys keep every channel (KVCache-Factory's ``--recent_size``, 32). Under
+        ``--quant``, keys keep every channel while in the full-precision residual instead (ThinK's KIVI code).
     """
 
     name: ClassVar[str] = "think"
     prunes_channels: ClassVar[bool] = True
+    quant_ignores: ClassVar[Dict[str, str]] = {
+        "unpruned_window": "ThinK's keys keep every channel while they are in the full-precision residual "
+                           "(--quant_residual), as in ThinK's KIVI code"}
     #: Prompt queries whose energy scores the channels (fixed at 32 in the reference, whatever the window).
     channel_queries: ClassVar[int] = 32
 
