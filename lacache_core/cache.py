@@ -86,9 +86,6 @@ class CompressedCache(DynamicCache):
             if policy.prunes_channels and quant.key_order != "post_rope":
                 raise ConfigError(f"--method {policy.name} prunes channels of rotated keys: with --quant "
                                   f"{quant.method} use --quant_key_order post_rope")
-            if policy.merges_values:
-                raise ConfigError(f"--quant {quant.method} cannot be combined with --method {policy.name} yet: "
-                                  "it merges values")
             if policy.merges_layers:
                 raise ConfigError(f"--quant {quant.method} cannot be combined with --method {policy.name} yet: "
                                   "it merges layers")
@@ -386,6 +383,9 @@ class CompressedCache(DynamicCache):
             keep = None
         if isinstance(self._stores[layer_idx], (KIVIStore, PerHeadQuantStore)):  # eviction on the codes, then quantization
             store = self._stores[layer_idx]
+            if keep is not None and policy.merges_values:  # CaM: the merged tokens' values are quantized again
+                merged = self._merged_values(layer_idx, keep, value, rows, fillers)
+                store.rewrite_values(merged, (merged != value).any(-1))
             if keep is not None:
                 store.gather(keep)
             if policy.prunes_channels and store.channels is None and not store.key_codes.shape[2]:
@@ -401,11 +401,7 @@ class CompressedCache(DynamicCache):
         if isinstance(keep, list):  # per-head lengths (AdaKV, HeadKV)
             self._keep_in_store(layer_idx, PerHeadStore(key, value, keep), key)
         elif keep is not None:
-            merged = value  # CaM: evicted values merge into kept ones (new tensors), each row's over its own slots
-            if policy.merges_values:
-                parts = [(value[j:j + 1, :, :f], row.merge_values(layer_idx, keep, value[j:j + 1, :, f:]))
-                         for j, (row, f) in enumerate(zip(rows or [policy], fillers or [0]))]
-                merged = torch.cat([torch.cat(part, 2) for part in parts])
+            merged = self._merged_values(layer_idx, keep, value, rows, fillers) if policy.merges_values else value
             kept_key, kept_value = gather_layer(key, merged, keep)  # the stored keys, rotated or not
             if self._stored_rotated and slot:  # kept keys move down to slots 0 .. n_keep - 1
                 shift = (keep.to(key.device) - torch.arange(keep.shape[-1], device=key.device)).clamp_min(0)
@@ -421,6 +417,13 @@ class CompressedCache(DynamicCache):
             for i, store in enumerate(policy.merge_pair(self._layer(layer_idx - 1), (key, value), row_fillers)):
                 self._keep_in_store(layer_idx - 1 + i, store, key)
         return query, keys, value
+
+    def _merged_values(self, layer_idx: int, keep, value: torch.Tensor, rows, fillers) -> torch.Tensor:
+        """CaM: ``value`` (``[b, kv_heads, n, d]``) with the evicted values merged into kept ones, as a new tensor,
+        each row's by its own policy over its own slots (after its fillers)."""
+        parts = [(value[j:j + 1, :, :f], row.merge_values(layer_idx, keep, value[j:j + 1, :, f:]))
+                 for j, (row, f) in enumerate(zip(rows or [self.policy], fillers or [0]))]
+        return torch.cat([torch.cat(part, 2) for part in parts])
 
     def _plan_read(self, layer_idx: int, keys: torch.Tensor, q_len: int) -> None:
         """Quest, before the kernel: a decode step's page bounds of the rotated ``keys`` (the pages are chosen

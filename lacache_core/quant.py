@@ -128,6 +128,10 @@ class KIVIStore(LayerStore):
         self.value_scale = self.value_low.clone()
         self.key, self.value = empty, value.new_zeros(b, h, 0, d)  # the residual
         self.channels: Optional[torch.Tensor] = None  # [h, d_keep]: the key channels quantized keys keep (ThinK)
+        # quantized tokens whose values were rewritten (CaM), held whole over their codes until evicted: per row and
+        # head, their slots among the quantized tokens ([b, h, z] int32; m where a row or head has fewer) and values
+        self.whole_slot: Optional[torch.Tensor] = None
+        self.whole_value: Optional[torch.Tensor] = None
         self.append(key, value)
 
     #: per quantized token (``[b, h, m, ...]``, gathered on eviction) and per key block (``[b, h, blocks, ...]``)
@@ -200,16 +204,56 @@ class KIVIStore(LayerStore):
         scale = (high - low) / (2 ** c.bits - 1)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         key_codes = pack(((k - low) / scale).round_().clamp_(0, 2 ** c.bits - 1).to(torch.uint8), c.bits)
-        b, h, n, d = value.shape
-        codes, v_low, v_scale = quantize(value.float().view(b, h, n, d // c.group, c.group), c.bits, dim=-1)
-        value_codes = pack(codes.view(b, h, n, d), c.bits)
-        return ((key_codes, value_codes, v_low[..., 0].to(self.dtype), v_scale[..., 0].to(self.dtype)),
-                (low.to(self.dtype), scale.to(self.dtype)))
+        return (key_codes, *self._quantized_values(value)), (low.to(self.dtype), scale.to(self.dtype))
+
+    def _quantized_values(self, value):
+        """Per token, each group of ``group`` channels: ``(packed codes, min, scale)`` of ``value`` ``[b, h, n, d]``."""
+        c, (b, h, n, d) = self.config, value.shape
+        codes, low, scale = quantize(value.float().view(b, h, n, d // c.group, c.group), c.bits, dim=-1)
+        return pack(codes.view(b, h, n, d), c.bits), low[..., 0].to(self.dtype), scale[..., 0].to(self.dtype)
+
+    def rewrite_values(self, values: torch.Tensor, changed: torch.Tensor) -> None:
+        """Replace the values of the tokens ``changed`` (``[b, h, n]`` bool over :meth:`view`'s slots) by theirs in
+        ``values`` (``[b, h, n, d]``). CaM's merge under quantization: a quantized token's new value is held whole,
+        over its codes, until the token is evicted, so no value is quantized twice (CaM merges into a token up to
+        ``merge_budget`` times); a residual token's is written in place."""
+        m = self.value_codes.shape[2]
+        self._hold_whole(changed[..., :m] | self._whole_mask(m), values[:, :, :m])
+        self.value = torch.where(changed[..., m:, None], values[:, :, m:].to(self.value.dtype), self.value)
+
+    def _whole_mask(self, m: int) -> torch.Tensor:
+        """``[b, h, m]`` bool: the quantized tokens whose values are held whole."""
+        b, h = self.value_codes.shape[:2]
+        mask = torch.zeros(b, h, m + 1, dtype=torch.bool, device=self.value.device)
+        if self.whole_slot is not None:
+            mask.scatter_(2, self.whole_slot.long(), True)
+        return mask[..., :m]
+
+    def _hold_whole(self, members: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold ``values`` (``[b, h, m, d]``) whole at the quantized tokens ``members`` (``[b, h, m]`` bool) only."""
+        z = int(members.sum(-1).max()) if members.numel() else 0
+        if not z:
+            self.whole_slot = self.whole_value = None
+            return
+        order = torch.argsort((~members).to(torch.int8), dim=2, stable=True)[..., :z]
+        held = members.gather(2, order)
+        self.whole_slot = torch.where(held, order, members.shape[-1]).to(torch.int32)
+        self.whole_value = values.gather(2, order[..., None].expand(*order.shape, values.shape[-1])) * held[..., None]
+
+    def _with_whole(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (``[b, h, m, d]``, as dequantized) with the values held whole put over theirs."""
+        if self.whole_slot is None:
+            return values
+        b, h, m, d = values.shape
+        padded = torch.cat([values, values.new_zeros(b, h, 1, d)], 2)  # slot m takes the unused entries
+        index = self.whole_slot.long()[..., None].expand(*self.whole_slot.shape, d)
+        return padded.scatter(2, index, self.whole_value.to(values.dtype))[:, :, :m]
 
     # -- reading
     def dequantized(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The older tokens' keys and values, dequantized: ``[b, h, m, d]`` each (pruned key channels: zeros)."""
         keys, values = self._decoded()
+        values = self._with_whole(values)
         if self.channels is None:
             return keys, values
         b, h, m, _ = keys.shape
@@ -237,7 +281,7 @@ class KIVIStore(LayerStore):
         return b, h, self.key_codes.shape[2] + r
 
     def nbytes(self):
-        return _bytes(*(getattr(self, name) for name in self.FIELDS), *self._channel_state().values())
+        return _bytes(*(getattr(self, name) for name in self.FIELDS), *self._optional_state().values())
 
     def write_newest_keys(self, rotated):
         """Post-RoPE keys: the newest keys, rotated (they are in the full-precision residual until the step ends)."""
@@ -249,10 +293,12 @@ class KIVIStore(LayerStore):
     FIELDS = ("key_codes", "value_codes", "key_block", "key_low", "key_scale", "value_low", "value_scale", "key", "value")
 
     def state(self) -> dict:
-        return {**{name: getattr(self, name) for name in self.FIELDS}, **self._channel_state()}
+        return {**{name: getattr(self, name) for name in self.FIELDS}, **self._optional_state()}
 
-    def _channel_state(self) -> dict:
-        return {} if self.channels is None else {"channels": self.channels}
+    OPTIONAL_FIELDS = ("channels", "whole_slot", "whole_value")
+
+    def _optional_state(self) -> dict:
+        return {name: getattr(self, name) for name in self.OPTIONAL_FIELDS if getattr(self, name) is not None}
 
     @classmethod
     def from_state(cls, config: KIVI, state: dict) -> "KIVIStore":
@@ -260,7 +306,8 @@ class KIVIStore(LayerStore):
         store.config, store.dtype = config, state["key"].dtype
         for name in cls.FIELDS:
             setattr(store, name, state[name])
-        store.channels = state.get("channels")
+        for name in cls.OPTIONAL_FIELDS:
+            setattr(store, name, state.get(name))
         return store
 
     # -- eviction on the quantized form
@@ -287,6 +334,11 @@ class KIVIStore(LayerStore):
             return torch.where(mask.view(*mask.shape, *(1,) * (kept.dim() - 3)), fresh, kept)
 
         at_old = front.clamp(max=max(m - 1, 0))
+        if self.whole_slot is not None:  # values held whole move with their tokens (a residual filler holds none)
+            d = self.value.shape[-1]
+            whole = self._with_whole(torch.zeros(b, h, m, d, dtype=self.value.dtype, device=idx.device))
+            self._hold_whole(self._whole_mask(m).gather(2, at_old) & ~early,
+                             whole.gather(2, at_old[..., None].expand(b, h, mq, d)))
         parts = [take(getattr(self, name), at_old) if m else getattr(self, name).new_zeros(
                  b, h, mq, *getattr(self, name).shape[3:]) for name in self.TOKEN_FIELDS]
         block = self.key_block.long().gather(2, at_old) if m else idx.new_zeros(b, h, mq)

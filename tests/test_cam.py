@@ -9,7 +9,8 @@ from packaging.version import Version
 from lacache_core import CompressedCache, ConfigError, StreamingLLM, build_policy, enable_position_shift
 from lacache_core.policies.cam import CAM
 from lacache_core.policies.scoring import seeded_generator
-from lacache_core.quant import KIVI
+from lacache_core.gear import GEAR
+from lacache_core.quant import KIVI, KIVIStore
 from lacache_core.versions import with_cache
 from tiny import manual_next_logits, tiny_model
 
@@ -196,11 +197,9 @@ def test_the_evicting_step_attends_to_unmerged_values():
 
 
 @needs_cache
-def test_kivi_is_refused_and_each_row_of_a_batch_merges_as_alone():
+def test_each_row_of_a_batch_merges_as_alone():
     model = enable_position_shift(tiny_model("llama", "eager"))
     layers = model.config.num_hidden_layers
-    with pytest.raises(ConfigError, match="--quant kivi cannot be combined with --method cam"):
-        CompressedCache(build_policy("cam", cache_size=40), layers, quant=KIVI())
     rows = torch.stack([TOKENS[0, :70], TOKENS[0, 70:140]])
     caches = [CompressedCache(build_policy("cam", cache_size=40, random_seed=3), layers) for _ in range(3)]
     with torch.no_grad():
@@ -235,3 +234,73 @@ def test_hyperparameters_are_checked_and_saved_state_restores_the_draws():
     b = policy_stream(restored, *rest, k_cache, v_cache)
     assert restored.settings() == first.settings()
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- under KV quantization
+def test_a_rewritten_quantized_value_is_held_whole_until_its_token_leaves():
+    g = torch.Generator().manual_seed(4)
+    key, value = torch.randn(1, 1, 12, 8, generator=g), torch.randn(1, 1, 12, 8, generator=g)
+    store = KIVIStore(KIVI(bits=2, group=4, residual=4), key, value)
+    store.compress()  # 8 quantized, 4 whole
+    plain_bytes, (_, before) = store.nbytes(), store.view()
+    new = before.clone()
+    new[:, :, 2] += 0.25  # a quantized token and a residual one
+    new[:, :, 9] -= 0.5
+    store.rewrite_values(new, (new != before).any(-1))
+    _, after = store.view()
+    assert torch.equal(after, new)  # exact: nothing quantized again, no other token touched
+    assert store.whole_slot.tolist() == [[[2]]]
+    assert store.nbytes() == plain_bytes + 8 * 4 + 4  # one value in float32, its slot as int32
+    keep = torch.tensor([0, 2, 3, 5, 6, 7, 8, 9, 10, 11])  # slots 1 and 4 leave: token 2 moves to slot 1
+    store.gather(keep)
+    assert store.whole_slot.tolist() == [[[1]]] and torch.equal(store.view()[1], new[:, :, keep])
+    store.gather(torch.tensor([0, 2, 3, 4, 5, 6, 7, 8, 9]))  # token 2 leaves: nothing is held whole
+    assert store.whole_slot is None and store.nbytes() < plain_bytes
+
+
+def run_stream(model, cache, until=130):
+    with torch.no_grad():
+        model(TOKENS[:, :90], **with_cache(cache), use_cache=True)
+        for t in range(90, until):
+            model(TOKENS[:, t:t + 1], **with_cache(cache), use_cache=True)
+
+
+@needs_cache
+def test_quantized_cam_follows_cam_not_streamingllm():
+    """At 8 bits the quantized cache's next logits stay near CaM's, far from StreamingLLM's (which keeps the same
+    slots unmerged): the merges survive quantization."""
+    model = enable_position_shift(tiny_model("llama", "eager"))
+    layers = model.config.num_hidden_layers
+    caches = [CompressedCache(CAM(cache_size=40, start_size=4, merge_mode="expected"), layers, quant=KIVI(8, 8, 16)),
+              CompressedCache(CAM(cache_size=40, start_size=4, merge_mode="expected"), layers, key_rotation="every_step"),
+              CompressedCache(StreamingLLM(start_size=4, recent_size=36), layers, key_rotation="every_step")]
+    logits = []
+    for cache in caches:
+        run_stream(model, cache)
+        with torch.no_grad():
+            logits.append(model(TOKENS[:, 130:131], **with_cache(cache), use_cache=True).logits[0, -1])
+    quantized, cam, streaming = logits
+    assert (quantized - cam).abs().max() < 0.02 * (cam - streaming).abs().max()
+
+
+@needs_cache
+@pytest.mark.parametrize("quant", [KIVI(4, 8, 16), GEAR(2, 8, 16, rank=2)], ids=["kivi4", "gear2"])
+def test_quantized_cam_attends_to_what_it_holds_and_counts_the_whole_values(quant):
+    model = enable_position_shift(tiny_model("llama", "eager"))
+    layers = model.config.num_hidden_layers
+    cam = CompressedCache(CAM(cache_size=40, start_size=4), layers, quant=quant)
+    streaming = CompressedCache(StreamingLLM(start_size=4, recent_size=36), layers, quant=quant)
+    for cache in (cam, streaming):
+        run_stream(model, cache)
+    assert torch.equal(cam.kept_positions(), streaming.kept_positions())
+    whole = 0
+    for i in range(layers):
+        store = cam._stores[i]
+        assert store.whole_slot is not None and store.whole_slot.shape[2] <= 16  # at most the merge budget per head
+        whole += store.whole_slot.numel() * 4 + store.whole_value.numel() * 4
+    assert cam.kv_bytes() - streaming.kv_bytes() == whole  # the same codes; the merged values held whole on top
+    kv = [cam._stores[i].view() for i in range(layers)]
+    with torch.no_grad():
+        expected = manual_next_logits(model, int(TOKENS[0, 130]), kv)
+        ours = model(TOKENS[:, 130:131], **with_cache(cam), use_cache=True).logits[0, -1]
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)

@@ -42,7 +42,11 @@ Where we differ, and why:
   with no random state to save. ``merge_mode="expected"`` merges ``p`` times the value instead (the mean of
   the draw), a deterministic variant of our own.
 * In a batch each row's policy merges its own row's values (over its own slots, after any left padding).
-  ``--quant kivi`` is refused: the values are merged in the dense layer, not in quantized codes.
+* Under ``--quant`` (ours; the reference has no quantization) the merge reads the dequantized values, and a
+  quantized token whose value a merge changed is held whole from then on, over its codes, until it is evicted
+  (:meth:`lacache_core.quant.KIVIStore.rewrite_values`): a token receives up to ``merge_budget`` merges, and
+  quantizing it again after each would add up the rounding. The tokens held so are at most the
+  ``merge_budget`` oldest of the window, per head; their bytes are counted.
 """
 from __future__ import annotations
 
