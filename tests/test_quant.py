@@ -161,7 +161,7 @@ def test_bad_quant_settings_are_one_line_errors():
         CompressedCache(build_policy("lacache", cache_size=40, span=2), 6, key_rotation="incremental", quant=KIVI())
 
 
-@pytest.mark.parametrize("method", ["lacache", "h2o"])
+@pytest.mark.parametrize("method", ["lacache", "h2o", "cam"])
 def test_ppl_quant_resumes_to_the_same_numbers(tiny_dir, text_file, tmp_path, monkeypatch, method):  # noqa: F811
     # the checkpoint holds the quantized stores as they are: a resumed run scores what an uninterrupted one does
     from ppl.run import main
