@@ -86,9 +86,6 @@ class CompressedCache(DynamicCache):
             if policy.prunes_channels and quant.key_order != "post_rope":
                 raise ConfigError(f"--method {policy.name} prunes channels of rotated keys: with --quant "
                                   f"{quant.method} use --quant_key_order post_rope")
-            if policy.merges_layers:
-                raise ConfigError(f"--quant {quant.method} cannot be combined with --method {policy.name} yet: "
-                                  "it merges layers")
             if quant.key_order == "post_rope":  # quantized as rotated, at original positions that never move
                 if policy.position_mode != "original":
                     raise ConfigError(f"--quant_key_order post_rope cannot be used with --method {policy.name} at "
@@ -378,22 +375,8 @@ class CompressedCache(DynamicCache):
             self._rows_into_stores(rows, layer_idx, key, value, n)
             return query, keys, value
         keep = policy.settle(layer_idx, n) if rows is None else self._rows_keep(rows, layer_idx, n, key.shape[1])
-        if isinstance(self._stores[layer_idx], KIVIStore) and isinstance(keep, list):  # AdaKV, HeadKV: a store per head
-            self._keep_in_store(layer_idx, PerHeadQuantStore.from_store(self._stores[layer_idx], keep), key)
-            keep = None
-        if isinstance(self._stores[layer_idx], (KIVIStore, PerHeadQuantStore)):  # eviction on the codes, then quantization
-            store = self._stores[layer_idx]
-            if keep is not None and policy.merges_values:  # CaM: the merged tokens' values are quantized again
-                merged = self._merged_values(layer_idx, keep, value, rows, fillers)
-                store.rewrite_values(merged, (merged != value).any(-1))
-            if keep is not None:
-                store.gather(keep)
-            if policy.prunes_channels and store.channels is None and not store.key_codes.shape[2]:
-                channels = policy.channel_keep(layer_idx, store.view()[0])  # ThinK: after the token choice
-                if channels is not None:
-                    store.prune_channels(channels)
-            store.compress()
-            self._sync_stand_in(layer_idx, key)
+        if self.quant is not None:  # eviction on the codes, then quantization
+            self._settle_quantized(layer_idx, keep, key, value, rows, fillers, row_fillers)
             return query, keys, value
         if keep is not None and self._stores[layer_idx] is not None:
             raise RuntimeError(f"{policy.name}: a layer held in a store of its own cannot be compacted again")
@@ -417,6 +400,34 @@ class CompressedCache(DynamicCache):
             for i, store in enumerate(policy.merge_pair(self._layer(layer_idx - 1), (key, value), row_fillers)):
                 self._keep_in_store(layer_idx - 1 + i, store, key)
         return query, keys, value
+
+    def _settle_quantized(self, layer_idx: int, keep, key: torch.Tensor, value: torch.Tensor, rows, fillers,
+                          row_fillers) -> None:
+        """The end of a step of a quantized layer: the policy's choice ``keep`` applied to the codes, then the
+        residual's oldest tokens quantized (``key``, ``value``: this step's view)."""
+        policy, store = self.policy, self._stores[layer_idx]
+        if isinstance(keep, list):  # AdaKV, HeadKV: a store per head
+            store = PerHeadQuantStore.from_store(store, keep)
+            self._keep_in_store(layer_idx, store, key)
+            keep = None
+        if keep is not None and policy.merges_values:  # CaM: merged values held whole
+            merged = self._merged_values(layer_idx, keep, value, rows, fillers)
+            store.rewrite_values(merged, (merged != value).any(-1))
+        if keep is not None:
+            store.gather(keep)
+        if policy.prunes_channels and store.channels is None and not store.key_codes.shape[2]:
+            channels = policy.channel_keep(layer_idx, store.view()[0])  # ThinK: after the token choice
+            if channels is not None:
+                store.prune_channels(channels)
+        merging = policy.merges_layers and isinstance(store, KIVIStore)  # MiniCache's prompt pass
+        if merging and policy.closes_pair(layer_idx):  # both layers still whole: merged, then quantized once
+            pair = policy.merge_pair(self._layer(layer_idx - 1), (key, value), row_fillers, quant=self.quant)
+            for i, merged_store in enumerate(pair):
+                self._keep_in_store(layer_idx - 1 + i, merged_store, key)
+            return
+        if not (merging and policy.closes_pair(layer_idx + 1)):  # a pair's earlier layer waits whole for the merge
+            store.compress()
+        self._sync_stand_in(layer_idx, key)
 
     def _merged_values(self, layer_idx: int, keep, value: torch.Tensor, rows, fillers) -> torch.Tensor:
         """CaM: ``value`` (``[b, kv_heads, n, d]``) with the evicted values merged into kept ones, as a new tensor,

@@ -8,7 +8,7 @@ run unchanged.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -212,39 +212,50 @@ class MergedPair:
 
     Parameters
     ----------
-    key_direction, value_direction : ``[b, kv_heads, n, d]``, the unit direction shared by both layers.
+    directions : the unit directions shared by both layers, keys and values (``[b, kv_heads, n, d]`` each), in a
+        store: :class:`DenseStore`, or a quantized one (``--quant``).
     key_norms, value_norms : per layer (``[0]`` the earlier, ``[1]`` the later), ``[b, kv_heads, n]``, each
         token's own magnitude.
     retained : ``LongTensor [b, kv_heads, r]``, the slots kept unmerged (increasing), the same for keys and values.
     retained_keys, retained_values : per layer, ``[b, kv_heads, r, d]``, those slots' exact keys and values.
-
-    Tokens appended after the merge are each layer's own, stored whole (:attr:`tails`).
+    tail_store : makes the store of the tokens a layer appends after the merge, each layer's own, from the first
+        of them (``(key, value) -> LayerStore``; :class:`DenseStore` by default): :attr:`tails`.
     """
 
-    def __init__(self, key_direction, value_direction, key_norms, value_norms, retained, retained_keys,
-                 retained_values):
-        self.key_direction, self.value_direction = key_direction, value_direction
+    def __init__(self, directions: LayerStore, key_norms, value_norms, retained, retained_keys, retained_values,
+                 tail_store: Optional[Callable[[torch.Tensor, torch.Tensor], LayerStore]] = None):
+        self.directions = directions
         self.key_norms, self.value_norms = tuple(key_norms), tuple(value_norms)
         self.retained = retained
         self.retained_keys, self.retained_values = tuple(retained_keys), tuple(retained_values)
-        self.tails: List[Optional[Pair]] = [None, None]
+        self.tail_store = tail_store or DenseStore
+        self.tails: List[Optional[LayerStore]] = [None, None]
+
+    @property
+    def key_direction(self) -> torch.Tensor:
+        return self.directions.view()[0]
+
+    @property
+    def value_direction(self) -> torch.Tensor:
+        return self.directions.view()[1]
 
     def merged_slots(self) -> int:
-        return self.key_direction.shape[2]
+        return self.directions.shape()[2]
 
     def restore(self, layer: int) -> Pair:
         """Layer ``layer`` (0 or 1) of the merged slots: shared direction times its magnitudes, its retained
         slots put back; ``(key, value)``, each ``[b, kv_heads, n, d]``."""
-        return (_restore(self.key_direction, self.key_norms[layer], self.retained, self.retained_keys[layer]),
-                _restore(self.value_direction, self.value_norms[layer], self.retained, self.retained_values[layer]))
+        key_direction, value_direction = self.directions.view()
+        return (_restore(key_direction, self.key_norms[layer], self.retained, self.retained_keys[layer]),
+                _restore(value_direction, self.value_norms[layer], self.retained, self.retained_values[layer]))
 
     def shared_bytes(self) -> int:
-        return _bytes(self.key_direction, self.value_direction, self.retained)
+        return self.directions.nbytes() + _bytes(self.retained)
 
     def own_bytes(self, layer: int) -> int:
-        tail = self.tails[layer] or ()
+        tail = self.tails[layer]
         return _bytes(self.key_norms[layer], self.value_norms[layer], self.retained_keys[layer],
-                      self.retained_values[layer], *tail)
+                      self.retained_values[layer]) + (0 if tail is None else tail.nbytes())
 
 
 def _restore(direction: torch.Tensor, norm: torch.Tensor, index: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
@@ -266,20 +277,29 @@ class MergedLayerStore(LayerStore):
 
     def append(self, key, value):
         tail = self.pair.tails[self.layer]
-        self.pair.tails[self.layer] = (key.clone(), value.clone()) if tail is None else \
-            (torch.cat([tail[0], key], -2), torch.cat([tail[1], value], -2))
+        if tail is None:
+            self.pair.tails[self.layer] = self.pair.tail_store(key.clone(), value.clone())
+        else:
+            tail.append(key, value)
+
+    def compress(self) -> None:
+        """End of a step under ``--quant``: the tail's (the merged directions were quantized once, at the merge)."""
+        tail = self.pair.tails[self.layer]
+        if tail is not None:
+            tail.compress()
 
     def view(self):
         key, value = self.pair.restore(self.layer)
         tail = self.pair.tails[self.layer]
         if tail is None:
             return key, value
-        return torch.cat([key, tail[0]], -2), torch.cat([value, tail[1]], -2)
+        tail_key, tail_value = tail.view()
+        return torch.cat([key, tail_key], -2), torch.cat([value, tail_value], -2)
 
     def shape(self):
-        b, heads, n, _ = self.pair.key_direction.shape
+        b, heads, n = self.pair.directions.shape()
         tail = self.pair.tails[self.layer]
-        return b, heads, n + (0 if tail is None else tail[0].shape[-2])
+        return b, heads, n + (0 if tail is None else tail.shape()[2])
 
     def nbytes(self):
         shared = self.pair.shared_bytes()
@@ -287,7 +307,6 @@ class MergedLayerStore(LayerStore):
 
     def write_newest_keys(self, rotated):
         tail = self.pair.tails[self.layer]
-        q = rotated.shape[-2]
-        if tail is None or tail[0].shape[-2] < q:
+        if tail is None or tail.shape()[2] < rotated.shape[-2]:
             raise RuntimeError("merged layers are written only after their prompt: the newest keys must be their own")
-        tail[0][..., tail[0].shape[-2] - q:, :] = rotated
+        tail.write_newest_keys(rotated)

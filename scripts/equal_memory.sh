@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 17's equal-memory table: streaming perplexity against the KV bytes actually held, for the full cache,
-# LaCache, StreamingLLM, CAM, KIVI quantization (--quant, both key orders), Quest's sparse reads (--read) and
+# LaCache, StreamingLLM, CAM (also quantized), KIVI quantization (--quant, both key orders), Quest's sparse reads (--read) and
 # their compositions, on the embedded SmolLM2-135M, 1,500 scored tokens of the Paul Graham essays, CPU float32.
 # Writes the markdown table and the plot (docs/equal_memory_smollm2.md, .png). Every run resumes; rerunning
 # skips finished ones. Run with OMP_NUM_THREADS=1 next to other work (2 cores oversubscribed slow torch ~10x).
@@ -28,6 +28,8 @@ queue run --method full --quant kivi --quant_bits 2
 queue run --method full --quant kivi --quant_bits 2 --quant_key_order post_rope
 queue run --method streamingllm --cache_size 256
 queue run --method cam --cache_size 256
+queue run --method cam --cache_size 1024 "${kivi4[@]}"
+queue run --method streamingllm --cache_size 1024 "${kivi4[@]}"
 drain
 "$PY" scripts/memory_frontier.py "$dir" --markdown docs/equal_memory_smollm2.md --plot docs/equal_memory_smollm2.png
 finish "$dir"

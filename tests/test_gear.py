@@ -210,10 +210,6 @@ def test_gear_composes_with_every_method_in_generate(method):
     policy = build_policy(method, **hyper)
     order = "post_rope" if policy.prunes_channels else "pre_rope"  # ThinK prunes channels of rotated keys
     config = GEAR(bits=4, group=8, residual=16, key_order=order, rank=2)
-    if policy.merges_layers:
-        with pytest.raises(ConfigError, match=f"--quant gear cannot be combined with --method {method} yet"):
-            CompressedCache(policy, 6, quant=config)
-        return
     quantized = CompressedCache(policy, 6, quant=config)
     out = model.generate(TOKENS[:, :60], **with_cache(quantized), max_new_tokens=40, min_new_tokens=40, do_sample=False)
     assert out.shape[1] == 100

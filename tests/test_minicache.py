@@ -2,6 +2,7 @@
 unit directions, per-layer magnitudes, the tokens of largest key angle kept unmerged). Hand-derived merges, the
 round trip, next-step logits against a from-scratch step on the restored keys and values, and the bytes held."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,11 +10,14 @@ import transformers
 from packaging.version import Version
 
 from lacache_core import CompressedCache, ConfigError, KIVI, build_policy, enable_position_shift
+from lacache_core.gear import GEAR
 from lacache_core.policies import METHODS, MiniCache
 from lacache_core.policies.minicache import merge_layers, retained_slots, slerp_directions
 from lacache_core.storage import MergedLayerStore, RowStores
 from lacache_core.versions import with_cache
+from test_gear import gear_reference
 from test_ppl_harness import tiny_dir  # noqa: F401 (fixture)
+from test_quant import kivi_reference
 from tiny import manual_next_logits, rotate, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
@@ -143,9 +147,10 @@ def test_merging_commutes_with_the_rotation_both_layers_share():
 
 
 # ----------------------------------------------------------------------------- in the cache
-def reference_merge(key0, value0, key1, value1, t, ratio):
+def reference_merge(key0, value0, key1, value1, t, ratio, held=None):
     """Both layers restored after the merge, re-derived here: per token the SLERP of the unit vectors, each
-    layer's norm, the ceil(n * ratio) tokens of largest key angle put back exactly (keys and values)."""
+    layer's norm, the ceil(n * ratio) tokens of largest key angle put back exactly (keys and values). ``held``:
+    what storing does to the two directions (quantization; then re-normalised, as the restore does)."""
     def slerp(x, y):
         u, w = x / x.norm(dim=-1, keepdim=True), y / y.norm(dim=-1, keepdim=True)
         a = torch.acos((u * w).sum(-1, keepdim=True).clamp(-1 + 1e-6, 1 - 1e-6))
@@ -153,6 +158,8 @@ def reference_merge(key0, value0, key1, value1, t, ratio):
         return m / m.norm(dim=-1, keepdim=True), a[..., 0]
 
     (kd, angle), (vd, _) = slerp(key0, key1), slerp(value0, value1)
+    if held is not None:
+        kd, vd = (x / x.norm(dim=-1, keepdim=True) for x in held(kd, vd))
     r = math.ceil(key0.shape[2] * ratio)
     kept = angle.argsort(-1, descending=True)[..., :r]
     out = []
@@ -185,7 +192,7 @@ def test_next_step_matches_a_from_scratch_step_on_the_restored_keys_and_values(k
         for first in (1, 3):
             (k0, v0), (k1, v1) = (tuple(t[:, :, :120] for t in kv[i]) for i in (first, first + 1))
             for i, (k, v) in enumerate(reference_merge(k0, v0, k1, v1, 0.6, 0.1)):
-                tail = mini._stores[first + i].pair.tails[i]
+                tail = mini._stores[first + i].pair.tails[i].view()
                 restored[first + i] = (torch.cat([k, tail[0]], 2), torch.cat([v, tail[1]], 2))
         assert torch.equal(restored[0][0], kv[0][0])  # before the first merged layer nothing differs
         for i in range(L):
@@ -296,8 +303,6 @@ def test_defaults_registry_and_one_line_errors():
     with pytest.raises(ConfigError, match="--merge_start 5 leaves no pair of layers to merge in a 6-layer model"):
         CompressedCache(build_policy("minicache", merge_start=5), 6)
     CompressedCache(build_policy("minicache", merge_start=4), 6)  # the last pair
-    with pytest.raises(ConfigError, match="--quant kivi cannot be combined with --method minicache"):
-        CompressedCache(build_policy("minicache"), 6, quant=KIVI())
     with pytest.raises(ConfigError, match="CompressedCache"):
         build_policy("minicache")([(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))] * 2)
 
@@ -311,3 +316,41 @@ def test_prompt_harness_runs_minicache_without_a_budget_in_its_name(tiny_dir, tm
     folder = next(p for p in (tmp_path / "out").iterdir() if p.is_dir())
     assert folder.name.split("__")[-1].rsplit("-", 1)[0] == "minicache_merge_start-2"
     assert len(rows_of(folder / "results.csv")) == 12
+
+
+# ----------------------------------------------------------------------------- under KV quantization
+@pytest.mark.parametrize("quant", [KIVI(4, 8, 16), KIVI(2, 8, 16, "post_rope"), GEAR(2, 8, 16, rank=2)],
+                         ids=["kivi4", "kivi2_post_rope", "gear2"])
+def test_quantized_pairs_hold_the_merge_of_whole_layers_quantized_once(quant):
+    # the pair's earlier layer waits whole for the merge; the directions are then quantized (every whole block),
+    # magnitudes and retained tokens kept whole; unmerged layers are KIVI's; decoded tokens fill each layer's tail
+    model = enable_position_shift(tiny_model("llama", "eager"))
+    L = model.config.num_hidden_layers
+    rotated = quant.key_order == "post_rope"
+    reference = gear_reference if isinstance(quant, GEAR) else kivi_reference
+    settings = dict(interpolation=0.6, retention_ratio=0.1, merge_start=1)  # pairs (1, 2) and (3, 4)
+    mini = CompressedCache(build_policy("minicache", **settings), L, quant=quant)
+    plain = CompressedCache(build_policy("minicache", **settings), L)
+    full = CompressedCache(build_policy("full"), L, key_rotation="incremental" if rotated else "every_step")
+    full_quant = CompressedCache(build_policy("full"), L, quant=quant)
+    with torch.no_grad():
+        for cache in (mini, plain, full, full_quant):
+            model(TOKENS[:, :120], **with_cache(cache), use_cache=True)
+    kv = [full._layer(i) for i in range(L)]
+    expected = [reference(*kv[i], quant) for i in range(L)]
+    for first in (1, 3):
+        expected[first:first + 2] = reference_merge(*kv[first], *kv[first + 1], 0.6, 0.1,
+                                                    held=lambda k, v: reference(k, v, replace(quant, residual=0)))
+    for i in range(L):
+        torch.testing.assert_close(mini._layer(i)[0], expected[i][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mini._layer(i)[1], expected[i][1], atol=1e-5, rtol=1e-5)
+    assert mini._stores[1].pair.directions.key_codes.shape[2] == 120  # 15 blocks: no direction left whole
+    assert mini.kv_bytes() < min(plain.kv_bytes(), full_quant.kv_bytes())
+    with torch.no_grad():
+        for t in range(120, 140):  # 20 decoded tokens: each tail quantizes its oldest block of 8
+            model(TOKENS[:, t:t + 1], **with_cache(mini), use_cache=True)
+        assert mini._stores[2].pair.tails[1].key_codes.shape[2] == 8
+        layers = [mini._layer(i) for i in range(L)]
+        want = manual_next_logits(model, int(TOKENS[0, 140]), layers, rotated=rotated)
+        got = model(TOKENS[:, 140:141], **with_cache(mini), use_cache=True).logits[0, -1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -135,10 +135,6 @@ def test_quant_composes_with_every_method_in_generate(method):
     model = enable_position_shift(tiny_model("llama", "sdpa"))
     settings = dict(cache_size=48, start_size=4, span=2, recent_window=4, window_size=4, head_scores=head_scores_file(model.config))
     policy = build_policy(method, **{k: v for k, v in settings.items() if k in METHODS[method].hyperparameters()})
-    if policy.merges_layers:
-        with pytest.raises(ConfigError, match=f"--quant kivi cannot be combined with --method {method} yet"):
-            CompressedCache(policy, 6, quant=KIVI(4, 8, 16))
-        return
     # ThinK prunes channels of rotated keys: they are quantized after RoPE (test_think_quant.py)
     quantized = CompressedCache(policy, 6, quant=KIVI(4, 8, 16, "post_rope" if policy.prunes_channels else "pre_rope"))
     out = model.generate(TOKENS[:, :60], **with_cache(quantized), max_new_tokens=40, min_new_tokens=40, do_sample=False)
