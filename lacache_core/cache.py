@@ -346,8 +346,8 @@ class CompressedCache(DynamicCache):
                     cause = (f"--quant {self.quant.method} (keys stored before RoPE)" if self.quant
                              else "--key_rotation every_step")
                     raise ConfigError(f"{cause} with --method {policy.name} cannot run a batch yet: its rows keep "
-                                      "different original positions" + ("" if self.quant else
-                                                                        "; use --key_rotation auto"))
+                                      "different original positions; use " + ("--quant_key_order post_rope"
+                                                                                if self.quant else "--key_rotation auto"))
                 held = policy.layer_positions(layer_idx)
                 keys = rotation.at(key, held, per_head=held.dim() == 2, limit=policy.seen)
         if rows:
@@ -368,16 +368,13 @@ class CompressedCache(DynamicCache):
         self._step_fillers[layer_idx] = (row_fillers, n) if own_mask else None
         if self.read is not None:
             self._plan_read(layer_idx, keys, q_len)
+        if self.quant is not None:  # eviction on the codes, then quantization
+            self._settle_quantized(layer_idx, key, value, rows, n, row_fillers)
+            return query, keys, value
         if rows is not None and (policy.ragged or policy.prunes_channels):
-            if self.quant is not None:
-                raise ConfigError(f"--quant {self.quant.method} with --method {policy.name} cannot run a batch yet: "
-                                  "use --batch_size 1")
             self._rows_into_stores(rows, layer_idx, key, value, n)
             return query, keys, value
         keep = policy.settle(layer_idx, n) if rows is None else self._rows_keep(rows, layer_idx, n, key.shape[1])
-        if self.quant is not None:  # eviction on the codes, then quantization
-            self._settle_quantized(layer_idx, keep, key, value, rows, fillers, row_fillers)
-            return query, keys, value
         if keep is not None and self._stores[layer_idx] is not None:
             raise RuntimeError(f"{policy.name}: a layer held in a store of its own cannot be compacted again")
         kept_key, kept_value = key, value
@@ -401,17 +398,40 @@ class CompressedCache(DynamicCache):
                 self._keep_in_store(layer_idx - 1 + i, store, key)
         return query, keys, value
 
-    def _settle_quantized(self, layer_idx: int, keep, key: torch.Tensor, value: torch.Tensor, rows, fillers,
+    def _settle_quantized(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, rows, n: int,
                           row_fillers) -> None:
-        """The end of a step of a quantized layer: the policy's choice ``keep`` applied to the codes, then the
-        residual's oldest tokens quantized (``key``, ``value``: this step's view)."""
+        """The end of a step of a quantized layer (``key``, ``value``: this step's view, keys as stored): the
+        policy's choice applied to the codes, then the residual's oldest tokens quantized. In a batch of rows each
+        row holds its own tokens in a quantized store of its own (:class:`RowStores`), chosen, evicted and
+        quantized as alone; the rows are split on the first pass, before anything is quantized."""
         policy, store = self.policy, self._stores[layer_idx]
+        if rows is None:
+            store = self._settle_store(layer_idx, policy, store, policy.settle(layer_idx, n), value)
+        else:
+            fillers = row_fillers.tolist()
+            if not isinstance(store, RowStores):
+                store = RowStores([self.quant.store_class(self.quant, key[j:j + 1, :, f:], value[j:j + 1, :, f:])
+                                   for j, f in enumerate(fillers)])
+            store.stores = [self._settle_store(layer_idx, row, part, row.settle(layer_idx, n - f), value[j:j + 1, :, f:])
+                            for j, (row, part, f) in enumerate(zip(rows, store.stores, fillers))]
+            self._fillers[layer_idx] = store.shape()[2] - store.row_lengths()
+        self._keep_in_store(layer_idx, store, key)
+        whole = store.stores[0] if isinstance(store, RowStores) else store
+        merging = policy.merges_layers and isinstance(whole, KIVIStore)  # MiniCache's prompt pass
+        if merging and policy.closes_pair(layer_idx):  # both layers still whole: merged, then quantized once
+            pair = policy.merge_pair(self._layer(layer_idx - 1), (key, value), row_fillers, quant=self.quant)
+            for i, merged_store in enumerate(pair):
+                self._keep_in_store(layer_idx - 1 + i, merged_store, key)
+        elif not (merging and policy.closes_pair(layer_idx + 1)):  # a pair's earlier layer waits whole for the merge
+            store.compress()
+
+    def _settle_store(self, layer_idx: int, policy: CachePolicy, store: LayerStore, keep, value: torch.Tensor):
+        """One quantized store (a layer, or one row of it) after ``policy`` chose ``keep`` among its slots
+        (``value``: their values as attention read them); returns the store, a new one where heads part."""
         if isinstance(keep, list):  # AdaKV, HeadKV: a store per head
-            store = PerHeadQuantStore.from_store(store, keep)
-            self._keep_in_store(layer_idx, store, key)
-            keep = None
+            return PerHeadQuantStore.from_store(store, keep)
         if keep is not None and policy.merges_values:  # CaM: merged values held whole
-            merged = self._merged_values(layer_idx, keep, value, rows, fillers)
+            merged = policy.merge_values(layer_idx, keep, value)
             store.rewrite_values(merged, (merged != value).any(-1))
         if keep is not None:
             store.gather(keep)
@@ -419,15 +439,7 @@ class CompressedCache(DynamicCache):
             channels = policy.channel_keep(layer_idx, store.view()[0])  # ThinK: after the token choice
             if channels is not None:
                 store.prune_channels(channels)
-        merging = policy.merges_layers and isinstance(store, KIVIStore)  # MiniCache's prompt pass
-        if merging and policy.closes_pair(layer_idx):  # both layers still whole: merged, then quantized once
-            pair = policy.merge_pair(self._layer(layer_idx - 1), (key, value), row_fillers, quant=self.quant)
-            for i, merged_store in enumerate(pair):
-                self._keep_in_store(layer_idx - 1 + i, merged_store, key)
-            return
-        if not (merging and policy.closes_pair(layer_idx + 1)):  # a pair's earlier layer waits whole for the merge
-            store.compress()
-        self._sync_stand_in(layer_idx, key)
+        return store
 
     def _merged_values(self, layer_idx: int, keep, value: torch.Tensor, rows, fillers) -> torch.Tensor:
         """CaM: ``value`` (``[b, kv_heads, n, d]``) with the evicted values merged into kept ones, as a new tensor,
@@ -556,9 +568,6 @@ class CompressedCache(DynamicCache):
         if n != q or not torch.equal(~own.cpu(), prefix):
             raise ConfigError("only left padding of the first forward pass is supported with a compressed cache "
                               "(pad tokens before each row's first token)")
-        if self.quant is not None:  # pad tokens' keys would set the scales of the blocks they fall in
-            raise ConfigError(f"--quant {self.quant.method} cannot run a padded batch yet: give rows of the same "
-                              "length, or one at a time (--batch_size 1)")
         self._fillers = [pads.clone() for _ in range(self.num_layers)]
         self._pads = pads
 

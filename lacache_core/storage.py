@@ -186,6 +186,11 @@ class RowStores(LayerStore):
         shapes = [store.shape() for store in self.stores]
         return len(shapes), shapes[0][1], max(n for _, _, n in shapes)
 
+    def compress(self) -> None:
+        """End of a step under ``--quant``: each row's store's."""
+        for store in self.stores:
+            store.compress()
+
     def row_lengths(self) -> torch.Tensor:
         """Slots each row's own view holds (``LongTensor [b]``)."""
         return torch.tensor([store.shape()[2] for store in self.stores])

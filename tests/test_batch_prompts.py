@@ -2,6 +2,7 @@
 under its own budget (a fraction of its own prompt, sinks by its own length), stopping at its own stop token
 or limit. Each row answers exactly what it answers alone, for every method."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import transformers
 from packaging.version import Version
 
 from harness.generation import BudgetSpec, answer_all
-from lacache_core import METHODS, enable_position_shift
+from lacache_core import KIVI, METHODS, enable_position_shift
 from test_longbench_pred import DATASETS, data_dir, read  # noqa: F401 (fixture)
 from test_longbench_pred import run as run_longbench
 from test_ruler_pred import data_dir as ruler_data  # noqa: F401 (fixture)
@@ -62,6 +63,44 @@ def test_each_prompt_of_a_batch_is_answered_as_alone(method):
     assert [batched[i].batch_rows for i in range(4)] == [3, 3, 3, 1]
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_prompt_of_a_quantized_batch_is_answered_as_alone(method):
+    # each row holds its own tokens in a quantized store of its own: its blocks, residual and evictions are those it
+    # has alone (keys quantized before RoPE at slots, after it at original positions, where rows' positions differ)
+    model = enable_position_shift(tiny_model("llama", "sdpa"))
+    order = "pre_rope" if METHODS[method].default_positions == "slot" else "post_rope"
+    quant = KIVI(bits=4, group=8, residual=16, key_order=order)
+    spec = spec_for(method, model)
+    quantized = lambda n: replace(spec(n), settings={**(spec(n).settings or {}), "quant": quant})  # noqa: E731
+    requests = prompts()
+    alone = dict(answer_all(model, IdTokenizer(), requests, quantized, batch_size=1))
+    batched = dict(answer_all(model, IdTokenizer(), requests, quantized, batch_size=3, longest_first=True))
+    plain = dict(answer_all(model, IdTokenizer(), requests, spec, batch_size=1))
+    for i in range(4):
+        assert batched[i].token_ids == alone[i].token_ids, f"prompt {i}"
+        assert alone[i].final_kv_bytes < plain[i].final_kv_bytes  # held quantized
+    assert [batched[i].batch_rows for i in range(4)] == [3, 3, 3, 1]
+
+
+def test_longbench_quantized_batch_gives_the_batch_1_records_and_names_the_key_order(tiny_dir, data_dir, tmp_path,
+                                                                                     capsys):  # noqa: F811
+    quant = ("--quant", "kivi", "--quant_bits", "4", "--quant_group", "8", "--quant_residual", "16")
+    for flags in (("--method", "lacache", *quant), ("--method", "h2o", *quant, "--quant_key_order", "post_rope")):
+        assert run_longbench(tiny_dir, data_dir, tmp_path / "one", *flags, "--budget", "0.25") == 0
+        assert run_longbench(tiny_dir, data_dir, tmp_path / "three", *flags, "--budget", "0.25", "--batch_size", "3") == 0
+    for one in sorted((tmp_path / "one" / "pred").iterdir()):
+        three = result_dir(tmp_path / "three" / "pred", one.name.rsplit("-", 1)[0] + "_bs3")
+        for dataset in DATASETS:
+            a, b = read(one / f"{dataset}.jsonl"), read(three / f"{dataset}.jsonl")
+            assert [(r["_id"], r["pred"]) for r in a] == [(r["_id"], r["pred"]) for r in b]
+    capsys.readouterr()
+    assert run_longbench(tiny_dir, data_dir, tmp_path / "bad", "--method", "h2o", *quant, "--budget", "0.25",
+                         "--batch_size", "3") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert err == ["error: --quant kivi with --method h2o cannot run a batch yet: its rows keep different original "
+                   "positions; use --quant_key_order post_rope or --batch_size 1"]
+
+
 def test_min_new_tokens_holds_back_the_stop_token_in_every_row():
     model = enable_position_shift(tiny_model("llama", "sdpa"))
     requests, spec = prompts()[:2], spec_for("lacache", model)
@@ -108,7 +147,6 @@ def test_ruler_and_niah_batches_give_the_batch_1_results(tiny_dir, ruler_data, t
 @pytest.mark.parametrize("extra,message", [
     (("--batch_size", "0"), "--batch_size must be >= 1, got 0"),
     (("--batch_size", "2", "--prefill_chunk_size", "16"), "--prefill_chunk_size cannot be used with --batch_size 2"),
-    (("--batch_size", "2", "--quant", "kivi"), "--quant kivi cannot be used with --batch_size 2 yet"),
 ])
 def test_bad_batch_flags_are_one_line_errors(tiny_dir, tmp_path, capsys, extra, message):
     assert run_niah(tiny_dir, tmp_path, *extra) == 2
