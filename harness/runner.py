@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from lacache_core.errors import ConfigError
-from lacache_core.policies import METHODS
 
 from .flags import ArgumentParser, check_method_flags
 from .identity import differences, digest, model_identity, normalise
@@ -71,11 +70,6 @@ def check_batch_flags(args) -> None:
         raise ConfigError(f"--prefill_chunk_size cannot be used with --batch_size {size}: the rows of a batch would "
                           "be cut at different places of their own prompts; use one of the two")
     for method in getattr(args, "methods", []):
-        positions = getattr(args, "key_positions", None) or METHODS[method].default_positions
-        if getattr(args, "quant", "none") != "none" and getattr(args, "quant_key_order", "pre_rope") == "pre_rope" \
-                and positions == "original":
-            raise ConfigError(f"--quant {args.quant} with --method {method} cannot run a batch yet: its rows keep "
-                              "different original positions; use --quant_key_order post_rope or --batch_size 1")
         if method != "full" and not MODERN_ATTENTION:
             raise ConfigError(f"--batch_size {size} with --method {method} needs transformers >= 4.48 (prompts of "
                               "different lengths are left-padded); use --batch_size 1")

@@ -21,7 +21,7 @@ from lacache_core.cache import CompressedCache, cache_layers, kv_bytes
 from lacache_core.errors import ConfigError
 from lacache_core.patches import enable_position_shift
 from lacache_core.policies import CachePolicy, FullCache, policy_from_state
-from lacache_core.quant import KIVI
+from lacache_core.quant import KIVI, store_from_state
 from lacache_core.quest import Quest
 from lacache_core.versions import HAS_CACHE_CLASSES, output_cache, with_cache
 
@@ -97,9 +97,9 @@ def _restore_cache(state: dict, policy: CachePolicy, num_layers: int, legacy: bo
     for i, (k, v) in enumerate(layers):
         DynamicCache.update(cache, k, v, i)  # the base update: no compaction, the policy state is restored as is
     for i, saved in enumerate(state.get("quant_layers") or []):  # the quantized stores as they were, codes and all
-        cache._keep_in_store(i, quant.store_class.from_state(quant, {k: t.to(device) for k, t in saved.items()}),
-                             layers[i][0])
+        cache._keep_in_store(i, store_from_state(quant, {k: t.to(device) for k, t in saved.items()}), layers[i][0])
     if isinstance(cache, CompressedCache):
+        cache.restore_batch(state.get("batch") or {})
         cache.peak_bytes = state["peak_kv_bytes"]
         cache.read_bytes, cache.dense_read_bytes, cache.metadata_read_bytes = state.get("read_bytes", (0.0, 0.0, 0.0))
     return cache
@@ -112,6 +112,7 @@ def save_checkpoint(path: Path, policy: CachePolicy, cache, result: "StreamResul
              "peak_kv_bytes": result.peak_kv_bytes if not isinstance(cache, CompressedCache) else cache.peak_bytes,
              "policy": policy.state_dict(), "layers": [(k.cpu(), v.cpu()) for k, v in cache_layers(cache)], "meta": meta,
              "stored_rotated": getattr(cache, "_stored_rotated", None),
+             "batch": cache.batch_state() if isinstance(cache, CompressedCache) else {},
              "read_bytes": tuple(float(getattr(cache, name, 0.0))
                                  for name in ("read_bytes", "dense_read_bytes", "metadata_read_bytes"))}
     if getattr(cache, "quant", None) is not None:  # dequantized views would be quantized again on restore

@@ -19,7 +19,7 @@ import torch
 
 from .errors import ConfigError
 from .masks import own_key_visible, visible
-from .policies import CachePolicy, build_policy
+from .policies import CachePolicy, build_policy, policy_from_state
 from .policies.base import gather_layer
 from .quant import KIVI, KIVIStore, PerHeadQuantStore
 from .quest import Quest, page_bounds, selected_tokens
@@ -332,7 +332,12 @@ class CompressedCache(DynamicCache):
         else:
             seen = policy.seen if rows is None else self._tokens_in
             first = n - q_len if slot else seen - q_len  # position of the first new token
-            if slot and not (self.query_at_slot or position_ids is None):
+            per_row = rows is not None and not slot and not self.stores_rotated(rotation, key)
+            if per_row:  # each row at its own original positions: its tokens count from its first after its padding
+                pads = self._pads if self._pads is not None else torch.zeros(len(rows), dtype=torch.long)
+                at = (self._tokens_in - q_len - pads)[:, None] + torch.arange(q_len)
+                query = rotation.at(query, at.clamp_min(0), limit=self._tokens_in)
+            elif slot and not (self.query_at_slot or position_ids is None):
                 query = rotation.at(query, position_ids)
             else:
                 query = rotation.from_slot(query, first)
@@ -341,13 +346,10 @@ class CompressedCache(DynamicCache):
                 key = keys = self._rotate_new(layer_idx, key, value, q_len, new)
             elif slot:
                 keys = rotation.from_slot(key, 0)
+            elif per_row:
+                keys = rotation.at(key, self._row_positions(rows, layer_idx, n, key.shape[1]), per_head=True,
+                                   limit=self._tokens_in)
             else:
-                if rows:
-                    cause = (f"--quant {self.quant.method} (keys stored before RoPE)" if self.quant
-                             else "--key_rotation every_step")
-                    raise ConfigError(f"{cause} with --method {policy.name} cannot run a batch yet: its rows keep "
-                                      "different original positions; use " + ("--quant_key_order post_rope"
-                                                                                if self.quant else "--key_rotation auto"))
                 held = policy.layer_positions(layer_idx)
                 keys = rotation.at(key, held, per_head=held.dim() == 2, limit=policy.seen)
         if rows:
@@ -397,6 +399,17 @@ class CompressedCache(DynamicCache):
             for i, store in enumerate(policy.merge_pair(self._layer(layer_idx - 1), (key, value), row_fillers)):
                 self._keep_in_store(layer_idx - 1 + i, store, key)
         return query, keys, value
+
+    @staticmethod
+    def _row_positions(rows: list, layer_idx: int, n: int, kv_heads: int) -> torch.Tensor:
+        """``LongTensor [b, kv_heads, n]``: each row's original positions of its slots (its own after its fillers,
+        which read position 0 and are masked)."""
+        out = []
+        for row in rows:
+            held = row.layer_positions(layer_idx)
+            held = held.expand(kv_heads, -1) if held.dim() == 1 else held
+            out.append(torch.nn.functional.pad(held, (n - held.shape[-1], 0)))
+        return torch.stack(out)
 
     def _settle_quantized(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, rows, n: int,
                           row_fillers) -> None:
@@ -495,6 +508,25 @@ class CompressedCache(DynamicCache):
             cache._rows = list(policies)
             cache._fillers = [torch.zeros(len(policies), dtype=torch.long) for _ in range(num_layers)]
         return cache
+
+    def batch_state(self) -> dict:
+        """What a batch of rows with policies of their own needs to continue (``{}`` without such rows): the
+        other rows' policy states, each layer's filler slots per row, and the tokens fed."""
+        if self._rows is None:
+            return {}
+        return {"rows": [p.state_dict() for p in self._rows[1:]], "fillers": [f.clone() for f in self._fillers],
+                "tokens_in": self._tokens_in}
+
+    def restore_batch(self, state: dict) -> None:
+        """Continue the batch :meth:`batch_state` saved (row 0's policy is this cache's own, restored with it)."""
+        if not state:
+            return
+        rows = [policy_from_state(saved) for saved in state["rows"]]
+        for p in rows:
+            p.bind(self.num_layers)
+        self._rows = [self.policy] + rows
+        self._fillers = [f.clone() for f in state["fillers"]]
+        self._tokens_in = state["tokens_in"]
 
     def _row_policies(self, batch: int) -> Optional[list]:
         """The per-row policies of a batch, for a policy that scores tokens (``None``: one policy serves every row,

@@ -20,7 +20,7 @@ from typing import Literal, Optional, Tuple
 import torch
 
 from .errors import ConfigError
-from .storage import LayerStore, _bytes, left_padded
+from .storage import LayerStore, RowStores, _bytes, left_padded
 
 QUANT_METHODS = ("none", "kivi", "gear")
 
@@ -371,6 +371,14 @@ def quant_config(method: str, bits: int, group: int, residual: int, key_order: s
         from .gear import GEAR  # gear.py builds on this module
         return GEAR(bits, group, residual, key_order, **({} if rank is None else {"rank": rank}))
     return None if method == "none" else KIVI(bits, group, residual, key_order)
+
+
+def store_from_state(config: KIVI, state: dict) -> LayerStore:
+    """A quantized layer as its ``state()`` saved it: one store, or a batch's :class:`RowStores` of them."""
+    def one(saved: dict) -> LayerStore:
+        return config.store_class.from_state(config, saved)
+
+    return RowStores.from_state(state, one) if next(iter(state)).startswith("row") else one(state)
 
 
 class PerHeadQuantStore(LayerStore):

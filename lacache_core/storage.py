@@ -191,6 +191,17 @@ class RowStores(LayerStore):
         for store in self.stores:
             store.compress()
 
+    def state(self) -> dict:
+        """Every row's store's :meth:`state`, as one flat dict (``"row<j>.<name>"``)."""
+        return {f"row{j}.{name}": t for j, store in enumerate(self.stores) for name, t in store.state().items()}
+
+    @classmethod
+    def from_state(cls, state: dict, row_from_state: Callable[[dict], LayerStore]) -> "RowStores":
+        """The rows :meth:`state` saved, each rebuilt by ``row_from_state`` from its own entries."""
+        count = 1 + max(int(name.split(".", 1)[0][3:]) for name in state)
+        return cls([row_from_state({name.split(".", 1)[1]: t for name, t in state.items() if name.startswith(f"row{j}.")})
+                    for j in range(count)])
+
     def row_lengths(self) -> torch.Tensor:
         """Slots each row's own view holds (``LongTensor [b]``)."""
         return torch.tensor([store.shape()[2] for store in self.stores])

@@ -63,12 +63,15 @@ def test_each_prompt_of_a_batch_is_answered_as_alone(method):
     assert [batched[i].batch_rows for i in range(4)] == [3, 3, 3, 1]
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_each_prompt_of_a_quantized_batch_is_answered_as_alone(method):
+QUANTIZED = [(m, "pre_rope") for m in sorted(METHODS) if not METHODS[m].prunes_channels] + \
+    [(m, "post_rope") for m in sorted(METHODS) if METHODS[m].default_positions == "original"]
+
+
+@pytest.mark.parametrize("method, order", QUANTIZED)
+def test_each_prompt_of_a_quantized_batch_is_answered_as_alone(method, order):
     # each row holds its own tokens in a quantized store of its own: its blocks, residual and evictions are those it
-    # has alone (keys quantized before RoPE at slots, after it at original positions, where rows' positions differ)
+    # has alone; keys stored before RoPE are rotated to each row's own positions (slots, or original positions)
     model = enable_position_shift(tiny_model("llama", "sdpa"))
-    order = "pre_rope" if METHODS[method].default_positions == "slot" else "post_rope"
     quant = KIVI(bits=4, group=8, residual=16, key_order=order)
     spec = spec_for(method, model)
     quantized = lambda n: replace(spec(n), settings={**(spec(n).settings or {}), "quant": quant})  # noqa: E731
@@ -82,10 +85,21 @@ def test_each_prompt_of_a_quantized_batch_is_answered_as_alone(method):
     assert [batched[i].batch_rows for i in range(4)] == [3, 3, 3, 1]
 
 
-def test_longbench_quantized_batch_gives_the_batch_1_records_and_names_the_key_order(tiny_dir, data_dir, tmp_path,
-                                                                                     capsys):  # noqa: F811
+@pytest.mark.parametrize("method", ["h2o", "snapkv", "adakv"])
+def test_keys_rotated_at_every_step_batch_as_alone(method):
+    # un-rotated keys at original positions: each row's rotated to its own (its tokens after its padding)
+    model = enable_position_shift(tiny_model("llama", "sdpa"))
+    spec = spec_for(method, model)
+    every = lambda n: replace(spec(n), settings={**spec(n).settings, "key_rotation": "every_step"})  # noqa: E731
+    alone = dict(answer_all(model, IdTokenizer(), prompts(), every, batch_size=1))
+    batched = dict(answer_all(model, IdTokenizer(), prompts(), every, batch_size=3, longest_first=True))
+    assert all(batched[i].token_ids == alone[i].token_ids for i in range(4))
+
+
+def test_longbench_quantized_batch_gives_the_batch_1_records(tiny_dir, data_dir, tmp_path):  # noqa: F811
     quant = ("--quant", "kivi", "--quant_bits", "4", "--quant_group", "8", "--quant_residual", "16")
-    for flags in (("--method", "lacache", *quant), ("--method", "h2o", *quant, "--quant_key_order", "post_rope")):
+    for flags in (("--method", "lacache", *quant), ("--method", "h2o", *quant),
+                  ("--method", "snapkv", *quant, "--quant_key_order", "post_rope")):
         assert run_longbench(tiny_dir, data_dir, tmp_path / "one", *flags, "--budget", "0.25") == 0
         assert run_longbench(tiny_dir, data_dir, tmp_path / "three", *flags, "--budget", "0.25", "--batch_size", "3") == 0
     for one in sorted((tmp_path / "one" / "pred").iterdir()):
@@ -93,12 +107,6 @@ def test_longbench_quantized_batch_gives_the_batch_1_records_and_names_the_key_o
         for dataset in DATASETS:
             a, b = read(one / f"{dataset}.jsonl"), read(three / f"{dataset}.jsonl")
             assert [(r["_id"], r["pred"]) for r in a] == [(r["_id"], r["pred"]) for r in b]
-    capsys.readouterr()
-    assert run_longbench(tiny_dir, data_dir, tmp_path / "bad", "--method", "h2o", *quant, "--budget", "0.25",
-                         "--batch_size", "3") == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
-    assert err == ["error: --quant kivi with --method h2o cannot run a batch yet: its rows keep different original "
-                   "positions; use --quant_key_order post_rope or --batch_size 1"]
 
 
 def test_min_new_tokens_holds_back_the_stop_token_in_every_row():

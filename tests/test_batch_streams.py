@@ -203,3 +203,42 @@ def test_a_padded_batch_keeps_the_models_sliding_window(method):
         rows[0][None], **with_cache(CompressedCache(build_policy(method, **settings), 6)), max_new_tokens=15,
         min_new_tokens=15, do_sample=False, pad_token_id=0)
     assert not torch.equal(free[0, 60:], batch[0, 60:])
+
+
+KIVI_FLAGS = ["--quant", "kivi", "--quant_bits", "4", "--quant_group", "8", "--quant_residual", "16"]
+
+
+@pytest.mark.parametrize("quant", [[], KIVI_FLAGS], ids=["dense", "kivi4"])
+@pytest.mark.parametrize("method", ["lacache", "h2o"])
+def test_ppl_streams_score_as_alone_and_resume(tiny_dir, text_file, tmp_path, monkeypatch, method, quant):  # noqa: F811
+    # stream 0 scores what the one-stream run of its tokens scores, and a killed run resumes from the checkpoint to
+    # the same numbers: H2O's rows each keep a policy of their own (and under --quant a store of their own), saved
+    import ppl.run as run_module
+    from ppl.run import main
+
+    base = ["--model_name_or_path", str(tiny_dir), "--dataset_name", str(text_file), "--device", "cpu",
+            "--method", method, "--cache_size", "32", "--span", "2", *quant]
+    common = base + ["--num_eval_tokens", "299", "--batch_size", "3", "--checkpoint_every", "40"]
+    assert main(common + ["--output_dir", str(tmp_path / "clean")]) == 0
+    folder = next((tmp_path / "clean").iterdir())
+    logs = [(folder / f"nlls_stream{j}.txt").read_text() for j in range(3)]
+    assert main(base + ["--num_eval_tokens", "99", "--output_dir", str(tmp_path / "one")]) == 0
+    first = [float(x) for x in next((tmp_path / "one").iterdir()).joinpath("nlls.txt").read_text().split()]
+    torch.testing.assert_close(torch.tensor([float(x) for x in logs[0].split()]), torch.tensor(first),
+                               rtol=1e-5, atol=1e-6)
+    real = run_module.stream_perplexity_batched
+
+    def interrupted(*a, on_step=None, **kw):
+        def boom(step, nlls):
+            on_step(step, nlls)
+            if step == 57:
+                raise KeyboardInterrupt
+        return real(*a, on_step=boom, **kw)
+
+    monkeypatch.setattr(run_module, "stream_perplexity_batched", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(common + ["--output_dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(run_module, "stream_perplexity_batched", real)
+    assert main(common + ["--output_dir", str(tmp_path / "cut")]) == 0
+    cut = next((tmp_path / "cut").iterdir())
+    assert [(cut / f"nlls_stream{j}.txt").read_text() for j in range(3)] == logs

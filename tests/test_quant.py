@@ -280,13 +280,3 @@ def test_per_head_methods_hold_each_head_quantized(method, key_order):
     assert any(head.key_codes.shape[2] for head in cache._stores[3].heads)  # and hold quantized tokens
     assert torch.allclose(got, expected, atol=1e-5)
     assert cache.kv_bytes() < plain.kv_bytes()
-
-
-def test_a_batch_of_original_position_rows_needs_keys_quantized_after_rope():
-    # rows keep different original positions: keys stored before RoPE would be rotated to each row's own (padded
-    # batches under --quant work otherwise: tests/test_batch_prompts.py)
-    model = enable_position_shift(tiny_model("llama", "eager"))
-    cache = CompressedCache(build_policy("adakv", cache_size=40, start_size=4, window_size=8), 6, quant=KIVI(4, 8, 16))
-    with pytest.raises(ConfigError, match=r"--quant kivi .* with --method adakv cannot run a batch yet: its rows keep "
-                                          r"different original positions; use --quant_key_order post_rope"):
-        model(TOKENS[:, :60].expand(2, -1), use_cache=True, **with_cache(cache))
