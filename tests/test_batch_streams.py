@@ -12,7 +12,7 @@ from harness.streaming import split_streams, stream_perplexity, stream_perplexit
 from lacache_core import METHODS, CompressedCache, ConfigError, build_policy, enable_position_shift
 from lacache_core.versions import with_cache
 from test_ppl_harness import text_file, tiny_dir  # noqa: F401 (fixtures)
-from tiny import head_scores_file, tiny_model
+from tiny import head_scores_file, ppl_killed_then_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
@@ -213,7 +213,6 @@ KIVI_FLAGS = ["--quant", "kivi", "--quant_bits", "4", "--quant_group", "8", "--q
 def test_ppl_streams_score_as_alone_and_resume(tiny_dir, text_file, tmp_path, monkeypatch, method, quant):  # noqa: F811
     # stream 0 scores what the one-stream run of its tokens scores, and a killed run resumes from the checkpoint to
     # the same numbers: H2O's rows each keep a policy of their own (and under --quant a store of their own), saved
-    import ppl.run as run_module
     from ppl.run import main
 
     base = ["--model_name_or_path", str(tiny_dir), "--dataset_name", str(text_file), "--device", "cpu",
@@ -226,19 +225,5 @@ def test_ppl_streams_score_as_alone_and_resume(tiny_dir, text_file, tmp_path, mo
     first = [float(x) for x in next((tmp_path / "one").iterdir()).joinpath("nlls.txt").read_text().split()]
     torch.testing.assert_close(torch.tensor([float(x) for x in logs[0].split()]), torch.tensor(first),
                                rtol=1e-5, atol=1e-6)
-    real = run_module.stream_perplexity_batched
-
-    def interrupted(*a, on_step=None, **kw):
-        def boom(step, nlls):
-            on_step(step, nlls)
-            if step == 57:
-                raise KeyboardInterrupt
-        return real(*a, on_step=boom, **kw)
-
-    monkeypatch.setattr(run_module, "stream_perplexity_batched", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        main(common + ["--output_dir", str(tmp_path / "cut")])
-    monkeypatch.setattr(run_module, "stream_perplexity_batched", real)
-    assert main(common + ["--output_dir", str(tmp_path / "cut")]) == 0
-    cut = next((tmp_path / "cut").iterdir())
+    cut = ppl_killed_then_resumed(common, tmp_path / "cut", monkeypatch, after=57, batched=True)
     assert [(cut / f"nlls_stream{j}.txt").read_text() for j in range(3)] == logs

@@ -182,32 +182,36 @@ def killed_after(answer_all, n: int):
     return answers
 
 
-def stream_killed_after(stream, n: int):
-    """``stream`` (``ppl.run.stream_perplexity``) raising ``KeyboardInterrupt`` once token ``n`` is scored and logged,
-    as if the run were killed mid-stream."""
-    def interrupted(*args, on_token=None, **kwargs):
+def stream_killed_after(stream, n: int, callback: str = "on_token"):
+    """``stream`` (``ppl.run.stream_perplexity``, or ``stream_perplexity_batched`` with ``callback="on_step"``)
+    raising ``KeyboardInterrupt`` once token (step) ``n`` is scored and logged, as if the run were killed mid-stream."""
+    def interrupted(*args, **kwargs):
+        logged = kwargs.pop(callback)
+
         def boom(i, nll):
-            on_token(i, nll)
+            logged(i, nll)
             if i == n:
                 raise KeyboardInterrupt
-        return stream(*args, on_token=boom, **kwargs)
+        return stream(*args, **{callback: boom}, **kwargs)
     return interrupted
 
 
-def ppl_killed_then_resumed(argv, folder, monkeypatch, after: int = 97):
-    """Run ``ppl/run.py`` with ``argv`` into ``folder``, killed once token ``after`` is scored, then again to the end;
-    the result folder of the resumed run (its ``run.json`` says it resumed)."""
+def ppl_killed_then_resumed(argv, folder, monkeypatch, after: int = 97, batched: bool = False):
+    """Run ``ppl/run.py`` with ``argv`` into ``folder``, killed once token ``after`` is scored (step ``after`` of a
+    ``--batch_size`` run with ``batched``), then again to the end; the result folder of the resumed run (its
+    ``run.json`` says it resumed)."""
     import json
 
     import pytest
 
     import ppl.run as run_module
 
-    real = run_module.stream_perplexity
-    monkeypatch.setattr(run_module, "stream_perplexity", stream_killed_after(real, after))
+    name = "stream_perplexity_batched" if batched else "stream_perplexity"
+    real = getattr(run_module, name)
+    monkeypatch.setattr(run_module, name, stream_killed_after(real, after, "on_step" if batched else "on_token"))
     with pytest.raises(KeyboardInterrupt):
         run_module.main(argv + ["--output_dir", str(folder)])
-    monkeypatch.setattr(run_module, "stream_perplexity", real)
+    monkeypatch.setattr(run_module, name, real)
     assert run_module.main(argv + ["--output_dir", str(folder)]) == 0
     cut = next(folder.iterdir())
     assert json.loads((cut / "run.json").read_text())["results"]["resumed"] is True
