@@ -429,8 +429,8 @@ class CompressedCache(DynamicCache):
                             for j, (row, part, f) in enumerate(zip(rows, store.stores, fillers))]
             self._fillers[layer_idx] = store.shape()[2] - store.row_lengths()
         self._keep_in_store(layer_idx, store, key)
-        whole = store.stores[0] if isinstance(store, RowStores) else store
-        merging = policy.merges_layers and isinstance(whole, KIVIStore)  # MiniCache's prompt pass
+        one = store.stores[0] if isinstance(store, RowStores) else store  # every row's store is of one kind
+        merging = policy.merges_layers and isinstance(one, KIVIStore)  # MiniCache's prompt pass
         if merging and policy.closes_pair(layer_idx):  # both layers still whole: merged, then quantized once
             pair = policy.merge_pair(self._layer(layer_idx - 1), (key, value), row_fillers, quant=self.quant)
             for i, merged_store in enumerate(pair):
