@@ -115,20 +115,29 @@ class GEARStore(KIVIStore):
         c, (b, h, n, d) = self.config, value.shape
         # the errors of what dequantized() will give, over the block's tokens only (keys: their channels held)
         k_hat = unpack(key_codes, c.bits, key.shape[-1]).to(self.dtype) * k_scale + k_low
-        v_hat = (unpack(value_codes, c.bits).to(self.dtype).view(b, h, n, d // c.group, c.group) * v_scale[..., None]
+        v_hat = (unpack(value_codes, c.bits, d).to(self.dtype).view(b, h, n, d // c.group, c.group) * v_scale[..., None]
                  + v_low[..., None]).view(b, h, n, d)
         mask = block[..., None]
-        k_a, k_b = low_rank(torch.where(mask, key.float() - k_hat.float(), 0.0), c.rank)
+        k_a, k_b = low_rank(torch.where(mask, key.float() - k_hat.float(), 0.0), self.key_lr_a.shape[-1])
         v_a, v_b = low_rank(torch.where(mask, value.float() - v_hat.float(), 0.0), c.rank)
         return ((key_codes, value_codes, v_low, v_scale, k_a.to(self.dtype), v_a.to(self.dtype)),
                 (k_low, k_scale, k_b[:, :, None].to(self.dtype), v_b[:, :, None].to(self.dtype)))
+
+    def prune_channels(self, channels: torch.Tensor) -> None:
+        """KIVI's, and the key factors' rank capped at the channels kept (a rank above it would hold zeros)."""
+        super().prune_channels(channels)
+        b, h = self.key.shape[:2]
+        rank, width = min(self.config.rank, channels.shape[-1]), channels.shape[-1]
+        self.key_lr_a = self.key_lr_a.new_zeros(b, h, 0, rank)
+        self.key_lr_b = self.key_lr_b.new_zeros(b, h, 0, rank, width)
 
     def _decoded(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """KIVI's dequantized keys and values plus each token's low-rank correction ``A[t] @ B[block(t)]``."""
         keys, values = super()._decoded()
         block = self.key_block.long()[..., None]
         key_block, value_block = block.expand(keys.shape), block.expand(values.shape)
-        for j in range(self.config.rank):  # rank-1 terms, each gathered per token as KIVI gathers its block scales
+        for j in range(self.key_lr_a.shape[-1]):  # rank-1 terms, each gathered per token as KIVI gathers its scales
             keys = keys + self.key_lr_a[..., j:j + 1] * self.key_lr_b[:, :, :, j].gather(2, key_block)
+        for j in range(self.value_lr_a.shape[-1]):
             values = values + self.value_lr_a[..., j:j + 1] * self.value_lr_b[:, :, :, j].gather(2, value_block)
         return keys, values

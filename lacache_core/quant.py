@@ -116,7 +116,7 @@ class KIVIStore(LayerStore):
 
     def __init__(self, config: KIVI, key: torch.Tensor, value: torch.Tensor):
         b, h, _, d = key.shape
-        if d % config.group or d % (8 // config.bits):
+        if d % config.group:
             raise ConfigError(f"--quant_group {config.group} must divide head_dim {d}")
         self.config, self.dtype = config, key.dtype
         empty = key.new_zeros(b, h, 0, d)
@@ -129,7 +129,7 @@ class KIVIStore(LayerStore):
         self.key, self.value = empty, value.new_zeros(b, h, 0, d)  # the residual
         self.channels: Optional[torch.Tensor] = None  # [h, d_keep]: the key channels quantized keys keep (ThinK)
         # quantized tokens whose values were rewritten (CaM), held whole over their codes until evicted: per row and
-        # head, their slots among the quantized tokens ([b, h, z] int32; m where a row or head has fewer) and values
+        # head, their slots among the quantized tokens ([b, h, z] int32; -1 where a row or head has fewer) and values
         self.whole_slot: Optional[torch.Tensor] = None
         self.whole_value: Optional[torch.Tensor] = None
         self.append(key, value)
@@ -226,8 +226,12 @@ class KIVIStore(LayerStore):
         b, h = self.value_codes.shape[:2]
         mask = torch.zeros(b, h, m + 1, dtype=torch.bool, device=self.value.device)
         if self.whole_slot is not None:
-            mask.scatter_(2, self.whole_slot.long(), True)
+            mask.scatter_(2, self._whole_index(m), True)
         return mask[..., :m]
+
+    def _whole_index(self, m: int) -> torch.Tensor:
+        """:attr:`whole_slot` with the unused entries at slot ``m`` (a slot past the quantized tokens)."""
+        return torch.where(self.whole_slot >= 0, self.whole_slot, m).long()
 
     def _hold_whole(self, members: torch.Tensor, values: torch.Tensor) -> None:
         """Hold ``values`` (``[b, h, m, d]``) whole at the quantized tokens ``members`` (``[b, h, m]`` bool) only."""
@@ -237,7 +241,7 @@ class KIVIStore(LayerStore):
             return
         order = torch.argsort((~members).to(torch.int8), dim=2, stable=True)[..., :z]
         held = members.gather(2, order)
-        self.whole_slot = torch.where(held, order, members.shape[-1]).to(torch.int32)
+        self.whole_slot = torch.where(held, order, -1).to(torch.int32)
         self.whole_value = values.gather(2, order[..., None].expand(*order.shape, values.shape[-1])) * held[..., None]
 
     def _with_whole(self, values: torch.Tensor) -> torch.Tensor:
@@ -246,7 +250,7 @@ class KIVIStore(LayerStore):
             return values
         b, h, m, d = values.shape
         padded = torch.cat([values, values.new_zeros(b, h, 1, d)], 2)  # slot m takes the unused entries
-        index = self.whole_slot.long()[..., None].expand(*self.whole_slot.shape, d)
+        index = self._whole_index(m)[..., None].expand(*self.whole_slot.shape, d)
         return padded.scatter(2, index, self.whole_value.to(values.dtype))[:, :, :m]
 
     # -- reading
@@ -268,7 +272,7 @@ class KIVIStore(LayerStore):
         block = self.key_block.long()[..., None].expand(b, h, m, width)
         keys = unpack(self.key_codes, c.bits, width).to(self.dtype) * self.key_scale.gather(2, block) \
             + self.key_low.gather(2, block)
-        codes = unpack(self.value_codes, c.bits).to(self.dtype).view(b, h, m, d // c.group, c.group)
+        codes = unpack(self.value_codes, c.bits, d).to(self.dtype).view(b, h, m, d // c.group, c.group)
         values = codes * self.value_scale[..., None] + self.value_low[..., None]
         return keys, values.view(b, h, m, d)
 

@@ -258,6 +258,30 @@ def test_a_rewritten_quantized_value_is_held_whole_until_its_token_leaves():
     assert store.whole_slot is None and store.nbytes() < plain_bytes
 
 
+def test_heads_holding_different_counts_keep_their_values_as_blocks_are_quantized():
+    # head 0 holds two merged values whole, head 1 one: its unused entry must never land on a token quantized later
+    g = torch.Generator().manual_seed(4)
+    key, value = torch.randn(1, 2, 12, 8, generator=g), torch.randn(1, 2, 12, 8, generator=g)
+    store = KIVIStore(KIVI(bits=8, group=4, residual=4), key, value)
+    store.compress()
+    _, before = store.view()
+    new = before.clone()
+    new[:, 0, 1] += 1
+    new[:, 0, 2] += 1
+    new[:, 1, 1] += 1
+    store.rewrite_values(new, (new != before).any(-1))
+    later = torch.randn(1, 2, 4, 8, generator=g)
+    for t in range(4):  # slots 8-11 become a quantized block
+        store.append(later[:, :, t:t + 1], later[:, :, t:t + 1])
+        store.compress()
+    _, after = store.view()
+    assert store.key_codes.shape[2] == 12 and store.whole_slot.tolist() == [[[1, 2], [1, -1]]]
+    assert torch.equal(after[:, :, :8], new[:, :, :8])
+    part = new[:, :, 8:12].reshape(1, 2, 4, 2, 4)  # 8-bit codes per token and group of 4 channels
+    step = (part.amax(-1, keepdim=True) - part.amin(-1, keepdim=True)) / 255
+    assert bool(((after[:, :, 8:12].reshape(1, 2, 4, 2, 4) - part).abs() <= step / 2 + 1e-6).all())
+
+
 def run_stream(model, cache, until=130):
     with torch.no_grad():
         model(TOKENS[:, :90], **with_cache(cache), use_cache=True)

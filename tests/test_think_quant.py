@@ -7,7 +7,7 @@ import transformers
 from packaging.version import Version
 
 from lacache_core import CompressedCache, ConfigError, build_policy, enable_position_shift
-from lacache_core.gear import GEAR
+from lacache_core.gear import GEAR, GEARStore
 from lacache_core.quant import KIVI, KIVIStore, pack, unpack
 from lacache_core.versions import with_cache
 from test_gear import gear_reference
@@ -60,6 +60,19 @@ def test_quantized_keys_keep_only_the_chosen_channels_and_the_residual_keeps_all
     keys, _ = store.view()
     assert store.key_codes.shape[2] == 32 and bool((keys[:, :, 24:32][dropped[None, :, None, :].expand(1, 2, 8, 16)] == 0).all())
     assert torch.equal(keys[:, :, 32:], torch.cat([key[:, :, 32:], later], 2))
+
+
+def test_gear_key_factors_are_capped_at_the_channels_kept():
+    # two channels kept, rank 4: the key factors hold rank 2, which already gives the kept channels back exactly
+    g = torch.Generator().manual_seed(2)
+    key, value = torch.randn(1, 2, 24, 16, generator=g), torch.randn(1, 2, 24, 16, generator=g)
+    store = GEARStore(GEAR(bits=2, group=8, residual=8, key_order="post_rope", rank=4), key, value)
+    store.prune_channels(torch.tensor([[3, 9], [0, 15]]))
+    store.compress()
+    assert store.key_lr_a.shape[-1] == 2 and store.key_lr_b.shape[-2:] == (2, 2) and store.value_lr_a.shape[-1] == 4
+    keys, _ = store.view()
+    for h, kept in enumerate(([3, 9], [0, 15])):
+        torch.testing.assert_close(keys[0, h, :16, kept], key[0, h, :16, kept], atol=1e-5, rtol=0)
 
 
 def prompt_then_steps(cache, model, steps=0):
