@@ -207,9 +207,12 @@ class CompressedCache(DynamicCache):
         """``mask`` narrowed to Quest's pages (bool or additive like ``mask``; additive where it is ``None``), and
         the bytes this step reads counted: the page metadata, and of the KV bytes the share of slots that some
         query head of each KV head reads."""
-        (slot_bytes, first), self._pending_read[i] = self._pending_read[i], None
+        (slot_bytes, first, rotation), self._pending_read[i] = self._pending_read[i], None
         low, high = self._pages[i]
         n = self._step_slots[i]
+        shift = self._slot_shift(i)
+        if shift is not None:
+            query = rotation.at(query, shift[:, None].expand(-1, query.shape[2]), inverse=True)
         seen = torch.ones(1, 1, 1, n, dtype=torch.bool, device=query.device) if mask is None else visible(mask)
         chosen = selected_tokens(self.read, query, low, high, seen[..., -n:], first)
         b, heads, q = chosen.shape[:3]
@@ -369,7 +372,7 @@ class CompressedCache(DynamicCache):
         own_mask = rows is not None and (self._pads is not None or any(fillers) or self._stores[layer_idx] is not None)
         self._step_fillers[layer_idx] = (row_fillers, n) if own_mask else None
         if self.read is not None:
-            self._plan_read(layer_idx, keys, q_len)
+            self._plan_read(layer_idx, keys, q_len, rotation)
         if self.quant is not None:  # eviction on the codes, then quantization
             self._settle_quantized(layer_idx, key, value, rows, n, row_fillers)
             return query, keys, value
@@ -385,9 +388,8 @@ class CompressedCache(DynamicCache):
         elif keep is not None:
             merged = self._merged_values(layer_idx, keep, value, rows, fillers) if policy.merges_values else value
             kept_key, kept_value = gather_layer(key, merged, keep)  # the stored keys, rotated or not
-            if self._stored_rotated and slot:  # kept keys move down to slots 0 .. n_keep - 1
-                shift = (keep.to(key.device) - torch.arange(keep.shape[-1], device=key.device)).clamp_min(0)
-                kept_key = rotation.at(kept_key, shift, per_head=shift.dim() >= 2, limit=n, inverse=True)
+            if self._stored_rotated and slot:  # kept keys move to slots 0 .. n_keep - 1 (after a row's fillers)
+                kept_key = self._moved_keys(kept_key, keep, rotation, n, rows, layer_idx)
             self._set_layer(layer_idx, kept_key, kept_value)
         if policy.prunes_channels and self._stores[layer_idx] is None:  # ThinK: after the token choice
             channels = policy.channel_keep(layer_idx, kept_key)
@@ -399,6 +401,20 @@ class CompressedCache(DynamicCache):
             for i, store in enumerate(policy.merge_pair(self._layer(layer_idx - 1), (key, value), row_fillers)):
                 self._keep_in_store(layer_idx - 1 + i, store, key)
         return query, keys, value
+
+    def _moved_keys(self, kept_key: torch.Tensor, keep: torch.Tensor, rotation, n: int, rows, layer_idx: int):
+        """Keys stored rotated at their slots, gathered by ``keep``, rotated to the slots they now hold. Alone a key
+        only moves down; in a batch a row that now keeps fewer slots than the longest gains filler slots in
+        front, so its keys can move up (fillers are not rotated)."""
+        place = torch.arange(keep.shape[-1], device=kept_key.device)
+        shift = keep.to(kept_key.device) - place
+        if rows is not None:
+            fillers = self._fillers[layer_idx].to(kept_key.device)  # after this step's choice
+            shift = torch.where(place < fillers.view(-1, *(1,) * (shift.dim() - 1)), 0, shift)
+        per_head = shift.dim() >= 2
+        kept_key = rotation.at(kept_key, shift.clamp_min(0), per_head=per_head, limit=n, inverse=True)
+        up = (-shift).clamp_min(0)
+        return rotation.at(kept_key, up, per_head=per_head, limit=n) if bool(up.any()) else kept_key
 
     @staticmethod
     def _row_positions(rows: list, layer_idx: int, n: int, kv_heads: int) -> torch.Tensor:
@@ -461,7 +477,7 @@ class CompressedCache(DynamicCache):
                  for j, (row, f) in enumerate(zip(rows or [self.policy], fillers or [0]))]
         return torch.cat([torch.cat(part, 2) for part in parts])
 
-    def _plan_read(self, layer_idx: int, keys: torch.Tensor, q_len: int) -> None:
+    def _plan_read(self, layer_idx: int, keys: torch.Tensor, q_len: int, rotation) -> None:
         """Quest, before the kernel: a decode step's page bounds of the rotated ``keys`` (the pages are chosen
         in :meth:`head_mask`, once the step's mask is known); prefill and the dense layers read every slot."""
         if q_len != 1:
@@ -478,8 +494,20 @@ class CompressedCache(DynamicCache):
         if layer_idx < self.read.dense_layers:
             self.read_bytes += slot_bytes * own
             return
+        shift = self._slot_shift(layer_idx)
+        if shift is not None:
+            keys = rotation.at(keys, shift[:, None].expand(b, n), inverse=True)
         self._pages[layer_idx] = page_bounds(keys, self.read.page_size, first)
-        self._pending_read[layer_idx] = slot_bytes, first
+        self._pending_read[layer_idx] = slot_bytes, first, rotation
+
+    def _slot_shift(self, i: int) -> Optional[torch.Tensor]:
+        """Quest under a slot method in a padded batch: each row's filler slots (``[b]``), by which its keys and
+        query are rotated past the slots it would have alone. A page's bound is per channel, which a rotation of
+        both sides changes, so pages are scored at the row's own slots (``None`` where no row has fillers)."""
+        first = self._first_slots(i)
+        if self.policy.position_mode != "slot" or first is None or not bool(first.any()):
+            return None
+        return first[:, 0]
 
     def _first_slots(self, i: int) -> Optional[torch.Tensor]:
         """The first slot of each row's (and, where heads differ in length, each head's) own tokens in the tensors
