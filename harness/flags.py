@@ -168,6 +168,11 @@ def add_method_flags(group, *, default_method: Optional[str] = "lacache", defaul
     group.add_argument("--quant_key_order", choices=("pre_rope", "post_rope"), default=quant.key_order,
                        help="--quant kivi, gear: quantize keys before RoPE (KVQuant's order) or after it (KIVI's code; "
                             f"methods whose keys sit at their original positions only) (default {quant.key_order})")
+    group.add_argument("--quant_schedule", choices=("block", "reference"), default=quant.schedule,
+                       help="--quant kivi: when tokens are quantized; block: a key and its value together, a block of "
+                            "--quant_group at a time (eviction moves them as one); reference: KIVI's code's timing, keys "
+                            "--quant_residual at a time and values one at a time (--method full only) "
+                            f"(default {quant.schedule})")
     group.add_argument("--quant_rank", type=int, default=GEAR().rank,
                        help="--quant gear: rank of each block's quantization-error approximation, per head, for keys "
                             f"and values, 1 to --quant_group (default {GEAR().rank})")
@@ -277,14 +282,15 @@ def quant_setting(args) -> Optional[KIVI]:
     """The ``--quant`` flags as a :class:`lacache_core.quant.KIVI`, or ``None`` (one-line errors for bad values)."""
     return quant_config(getattr(args, "quant", "none"), getattr(args, "quant_bits", 2), getattr(args, "quant_group", 32),
                         getattr(args, "quant_residual", 128), getattr(args, "quant_key_order", "pre_rope"),
-                        getattr(args, "quant_rank", None))
+                        getattr(args, "quant_rank", None), getattr(args, "quant_schedule", "block"))
 
 
 def quant_identity(args) -> Optional[dict]:
     quant = quant_setting(args)
     if quant is None:
         return None
-    fields_ = {k: v for k, v in asdict(quant).items() if k != "key_order" or v != "pre_rope"}  # pre_rope keeps old hashes
+    defaults = {"key_order": "pre_rope", "schedule": "block"}  # left out at their defaults: old hashes hold
+    fields_ = {k: v for k, v in asdict(quant).items() if defaults.get(k, object()) != v}
     return {"method": args.quant, **fields_}
 
 
@@ -374,7 +380,8 @@ def method_tag(args, method: str) -> str:
         tag += f"_gear{quant.bits}rank{quant.rank}" if isinstance(quant, GEAR) else f"_kivi{quant.bits}"
         tag += ("" if (quant.group, quant.residual) == (KIVI().group, KIVI().residual)
                 else f"g{quant.group}r{quant.residual}") + \
-            ("_postrope" if quant.key_order == "post_rope" else "")
+            ("_postrope" if quant.key_order == "post_rope" else "") + \
+            ("_refschedule" if quant.schedule == "reference" else "")
     read = read_setting(args)
     if read is not None:
         tag += f"_quest{read.token_budget}" + ("" if (read.page_size, read.dense_layers) == (Quest().page_size,

@@ -19,7 +19,7 @@ import torch
 
 from .errors import ConfigError
 from .masks import own_key_visible, visible
-from .policies import CachePolicy, build_policy, policy_from_state
+from .policies import CachePolicy, FullCache, build_policy, policy_from_state
 from .policies.base import gather_layer
 from .quant import KIVI, KIVIStore, PerHeadQuantStore
 from .quest import Quest, page_bounds, selected_tokens
@@ -83,6 +83,10 @@ class CompressedCache(DynamicCache):
             raise ConfigError(f"--key_rotation every_step cannot be used with --method {policy.name}: it prunes "
                               "channels of rotated keys, so keys must be stored rotated (incremental or auto)")
         if quant is not None:
+            if quant.schedule == "reference" and not isinstance(policy, FullCache):
+                raise ConfigError(f"--quant_schedule reference splits keys and values at different tokens, as KIVI's "
+                                  f"code does, so nothing can be evicted from it: use it with --method full, not "
+                                  f"{policy.name}")
             if policy.prunes_channels and quant.key_order != "post_rope":
                 raise ConfigError(f"--method {policy.name} prunes channels of rotated keys: with --quant "
                                   f"{quant.method} use --quant_key_order post_rope")

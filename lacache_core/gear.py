@@ -64,6 +64,8 @@ class GEAR(KIVI):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.schedule != "block":
+            raise ConfigError(f"--quant_schedule {self.schedule} is KIVI's alone: --quant gear takes --quant_schedule block")
         if not 1 <= self.rank <= self.group:
             raise ConfigError(f"--quant_rank must be between 1 and --quant_group {self.group}, got {self.rank}")
 

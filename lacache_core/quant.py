@@ -44,12 +44,18 @@ class KIVI:
         every step) or after it, as KIVI's code does (keys stored rotated at their original positions; a
         method that moves kept keys to other slots, such as LaCache, would need them dequantized and
         rotated again, so it is refused).
+    schedule : {"block", "reference"}
+        When tokens are quantized. ``"block"`` (the default): a key and its value together, the residual's oldest
+        ``group`` once it holds more than ``residual``, so eviction moves a token's codes as one. ``"reference"``:
+        KIVI's code's own timing, keys ``residual`` at a time once that many are whole and values one at a time
+        past the newest ``residual`` (:mod:`lacache_core.kivi_reference`; ``--method full`` only).
     """
 
     bits: int = 2
     group: int = 32
     residual: int = 128
     key_order: Literal["pre_rope", "post_rope"] = "pre_rope"
+    schedule: Literal["block", "reference"] = "block"
 
     def __post_init__(self):
         if self.bits not in (2, 4, 8):
@@ -61,6 +67,11 @@ class KIVI:
                               f"got {self.residual}")
         if self.key_order not in ("pre_rope", "post_rope"):
             raise ConfigError(f"--quant_key_order must be pre_rope or post_rope, got {self.key_order!r}")
+        if self.schedule not in ("block", "reference"):
+            raise ConfigError(f"--quant_schedule must be block or reference, got {self.schedule!r}")
+        if self.schedule == "reference" and self.residual < self.group:
+            raise ConfigError(f"--quant_schedule reference quantizes keys --quant_residual at a time: --quant_residual "
+                              f"must be at least --quant_group {self.group}, got {self.residual}")
 
     @property
     def method(self) -> str:
@@ -69,7 +80,11 @@ class KIVI:
 
     @property
     def store_class(self) -> type:
-        """The layer store this quantization keeps (:class:`KIVIStore`; subclasses name their own)."""
+        """The layer store this quantization keeps (:class:`KIVIStore`, or KIVI's own schedule's; subclasses name
+        their own)."""
+        if self.schedule == "reference":
+            from .kivi_reference import KIVIReferenceStore  # it builds on this module
+            return KIVIReferenceStore
         return KIVIStore
 
 
@@ -367,14 +382,14 @@ class KIVIStore(LayerStore):
 
 
 def quant_config(method: str, bits: int, group: int, residual: int, key_order: str = "pre_rope",
-                 rank: Optional[int] = None) -> Optional[KIVI]:
+                 rank: Optional[int] = None, schedule: str = "block") -> Optional[KIVI]:
     """The quantization of ``--quant method`` (``None`` for ``"none"``; ``rank``: GEAR's, its default if ``None``)."""
     if method not in QUANT_METHODS:
         raise ConfigError(f"--quant must be one of {QUANT_METHODS}, got {method!r}")
     if method == "gear":
         from .gear import GEAR  # gear.py builds on this module
-        return GEAR(bits, group, residual, key_order, **({} if rank is None else {"rank": rank}))
-    return None if method == "none" else KIVI(bits, group, residual, key_order)
+        return GEAR(bits, group, residual, key_order, schedule, **({} if rank is None else {"rank": rank}))
+    return None if method == "none" else KIVI(bits, group, residual, key_order, schedule)
 
 
 def store_from_state(config: KIVI, state: dict) -> LayerStore:

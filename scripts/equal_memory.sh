@@ -30,6 +30,8 @@ queue run --method streamingllm --cache_size 256
 queue run --method cam --cache_size 256
 queue run --method cam --cache_size 1024 "${kivi4[@]}"
 queue run --method streamingllm --cache_size 1024 "${kivi4[@]}"
+queue run --method full "${kivi4[@]}" --quant_key_order post_rope --quant_schedule reference
+queue run --method full --quant kivi --quant_bits 2 --quant_key_order post_rope --quant_schedule reference
 drain
 "$PY" scripts/memory_frontier.py "$dir" --markdown docs/equal_memory_smollm2.md --plot docs/equal_memory_smollm2.png
 finish "$dir"

@@ -21,7 +21,9 @@ def label(run: dict) -> str:
     args, cache = run["args"], run["setting"]["cache"]
     name = "full" if args["method"] == "full" else f"{args['method']} {args['cache_size']}"
     if cache.get("quant"):
-        name += f", KIVI-{cache['quant']['bits']}" + (" post-RoPE" if cache["quant"].get("key_order") == "post_rope" else "")
+        quant = cache["quant"]
+        name += f", KIVI-{quant['bits']}" + (" post-RoPE" if quant.get("key_order") == "post_rope" else "") + \
+            (", KIVI's schedule" if quant.get("schedule") == "reference" else "")
     if cache.get("read"):
         name += f", Quest {cache['read']['token_budget']}"
     return name
