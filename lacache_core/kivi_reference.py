@@ -26,11 +26,10 @@ from typing import Tuple
 import torch
 
 from .errors import ConfigError
-from .quant import KIVI, pack, quantize, unpack
-from .storage import LayerStore, _bytes
+from .quant import KIVI, QuantizedStore, pack, quantize, unpack
 
 
-class KIVIReferenceStore(LayerStore):
+class KIVIReferenceStore(QuantizedStore):
     """One layer's keys and values under :class:`lacache_core.quant.KIVI` with ``schedule="reference"``.
 
     Held: ``key_codes`` (packed, ``[b, h, m_k, d * bits / 8]``) with each key block's per-channel ``key_low``
@@ -81,38 +80,7 @@ class KIVIReferenceStore(LayerStore):
 
     def dequantized(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The quantized keys (``[b, h, m_k, d]``) and values (``[b, h, m_v, d]``), dequantized."""
-        c, (b, h, _, d) = self.config, self.key.shape
-        m_k, m_v = self.key_codes.shape[2], self.value_codes.shape[2]
-        keys = unpack(self.key_codes, c.bits, d).to(self.dtype).view(b, h, m_k // c.group, c.group, d)
+        c, (b, h, _, d), m = self.config, self.key.shape, self.key_codes.shape[2]
+        keys = unpack(self.key_codes, c.bits, d).to(self.dtype).view(b, h, m // c.group, c.group, d)
         keys = keys * self.key_scale[:, :, :, None] + self.key_low[:, :, :, None]
-        values = unpack(self.value_codes, c.bits, d).to(self.dtype).view(b, h, m_v, d // c.group, c.group)
-        values = values * self.value_scale[..., None] + self.value_low[..., None]
-        return keys.view(b, h, m_k, d), values.view(b, h, m_v, d)
-
-    def view(self):
-        keys, values = self.dequantized()
-        return torch.cat([keys, self.key], -2), torch.cat([values, self.value], -2)
-
-    def shape(self):
-        b, h, r, _ = self.key.shape
-        return b, h, self.key_codes.shape[2] + r
-
-    def nbytes(self):
-        return _bytes(*(getattr(self, name) for name in self.FIELDS))
-
-    def write_newest_keys(self, rotated):
-        """Post-RoPE keys: the newest keys, rotated (they are whole until the step ends)."""
-        if self.config.key_order != "post_rope":
-            raise RuntimeError("quantized keys are stored before RoPE; the cache rotates them at every step")
-        self.key[..., self.key.shape[-2] - rotated.shape[-2]:, :] = rotated
-
-    def state(self) -> dict:
-        return {name: getattr(self, name) for name in self.FIELDS}
-
-    @classmethod
-    def from_state(cls, config: KIVI, state: dict) -> "KIVIReferenceStore":
-        store = cls.__new__(cls)
-        store.config, store.dtype = config, state["key"].dtype
-        for name in cls.FIELDS:
-            setattr(store, name, state[name])
-        return store
+        return keys.view(b, h, m, d), self._dequantized_values()

@@ -120,7 +120,60 @@ def unpack(packed: torch.Tensor, bits: int, width: Optional[int] = None) -> torc
     return codes if width is None else codes[..., :width]
 
 
-class KIVIStore(LayerStore):
+class QuantizedStore(LayerStore):
+    """What every quantized layer store shares: its tensors, named in :attr:`FIELDS` (and :attr:`OPTIONAL_FIELDS`
+    where set), are its bytes and its checkpoint, and ``self.key`` holds its newest keys whole."""
+
+    FIELDS: Tuple[str, ...] = ()
+    OPTIONAL_FIELDS: Tuple[str, ...] = ()
+
+    def dequantized(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The quantized tokens' keys and values, dequantized (``[b, h, m, d]`` each; the keys' ``m`` may differ)."""
+        raise NotImplementedError
+
+    def view(self):
+        keys, values = self.dequantized()
+        return torch.cat([keys, self.key], -2), torch.cat([values, self.value], -2)
+
+    def shape(self):
+        b, h, r, _ = self.key.shape
+        return b, h, self.key_codes.shape[2] + r
+
+    def _dequantized_values(self) -> torch.Tensor:
+        """``value_codes`` with their per-token, per-group ``value_low`` and ``value_scale``: ``[b, h, m, d]``."""
+        c, d = self.config, self.value.shape[-1]
+        b, h, m, _ = self.value_codes.shape
+        codes = unpack(self.value_codes, c.bits, d).to(self.dtype).view(b, h, m, d // c.group, c.group)
+        return (codes * self.value_scale[..., None] + self.value_low[..., None]).view(b, h, m, d)
+
+    def nbytes(self):
+        return _bytes(*(getattr(self, name) for name in self.FIELDS), *self._optional_state().values())
+
+    def write_newest_keys(self, rotated):
+        """Post-RoPE keys: the newest keys, rotated (they are whole until the step ends)."""
+        if self.config.key_order != "post_rope":
+            raise RuntimeError("quantized keys are stored before RoPE; the cache rotates them at every step")
+        self.key[..., self.key.shape[-2] - rotated.shape[-2]:, :] = rotated
+
+    # checkpoints: the tensors as held (a restore must not quantize dequantized values again)
+    def state(self) -> dict:
+        return {**{name: getattr(self, name) for name in self.FIELDS}, **self._optional_state()}
+
+    def _optional_state(self) -> dict:
+        return {name: getattr(self, name) for name in self.OPTIONAL_FIELDS if getattr(self, name) is not None}
+
+    @classmethod
+    def from_state(cls, config: KIVI, state: dict) -> "QuantizedStore":
+        store = cls.__new__(cls)
+        store.config, store.dtype = config, state["key"].dtype
+        for name in cls.FIELDS:
+            setattr(store, name, state[name])
+        for name in cls.OPTIONAL_FIELDS:
+            setattr(store, name, state.get(name))
+        return store
+
+
+class KIVIStore(QuantizedStore):
     """One layer's keys (un-rotated) and values under :class:`KIVI`.
 
     Held: the quantized older tokens (packed key codes ``[b, h, m, d * bits / 8]`` with each token's key
@@ -283,51 +336,14 @@ class KIVIStore(LayerStore):
         """The older tokens' keys (``[b, h, m, channels held]``) and values (``[b, h, m, d]``), dequantized."""
         c = self.config
         b, h, m, _ = self.value_codes.shape
-        width, d = self.key_low.shape[-1], self.value.shape[-1]
+        width = self.key_low.shape[-1]
         block = self.key_block.long()[..., None].expand(b, h, m, width)
         keys = unpack(self.key_codes, c.bits, width).to(self.dtype) * self.key_scale.gather(2, block) \
             + self.key_low.gather(2, block)
-        codes = unpack(self.value_codes, c.bits, d).to(self.dtype).view(b, h, m, d // c.group, c.group)
-        values = codes * self.value_scale[..., None] + self.value_low[..., None]
-        return keys, values.view(b, h, m, d)
+        return keys, self._dequantized_values()
 
-    def view(self):
-        keys, values = self.dequantized()
-        return torch.cat([keys, self.key], -2), torch.cat([values, self.value], -2)
-
-    def shape(self):
-        b, h, r, _ = self.key.shape
-        return b, h, self.key_codes.shape[2] + r
-
-    def nbytes(self):
-        return _bytes(*(getattr(self, name) for name in self.FIELDS), *self._optional_state().values())
-
-    def write_newest_keys(self, rotated):
-        """Post-RoPE keys: the newest keys, rotated (they are in the full-precision residual until the step ends)."""
-        if self.config.key_order != "post_rope":
-            raise RuntimeError("quantized keys are stored before RoPE; the cache rotates them at every step")
-        self.key[..., self.key.shape[-2] - rotated.shape[-2]:, :] = rotated
-
-    # -- checkpoints: the tensors as held (a restore must not quantize dequantized values again)
     FIELDS = ("key_codes", "value_codes", "key_block", "key_low", "key_scale", "value_low", "value_scale", "key", "value")
-
-    def state(self) -> dict:
-        return {**{name: getattr(self, name) for name in self.FIELDS}, **self._optional_state()}
-
     OPTIONAL_FIELDS = ("channels", "whole_slot", "whole_value")
-
-    def _optional_state(self) -> dict:
-        return {name: getattr(self, name) for name in self.OPTIONAL_FIELDS if getattr(self, name) is not None}
-
-    @classmethod
-    def from_state(cls, config: KIVI, state: dict) -> "KIVIStore":
-        store = cls.__new__(cls)
-        store.config, store.dtype = config, state["key"].dtype
-        for name in cls.FIELDS:
-            setattr(store, name, state[name])
-        for name in cls.OPTIONAL_FIELDS:
-            setattr(store, name, state.get(name))
-        return store
 
     # -- eviction on the quantized form
     def gather(self, keep: torch.Tensor) -> None:

@@ -31,6 +31,8 @@ SETTINGS = [  # (label, method, settings, quantization, sparse reads)
     ("full", "full", {}, None, None),
     ("full, KIVI-4", "full", {}, KIVI(bits=4), None),
     ("full, KIVI-2", "full", {}, KIVI(bits=2), None),
+    ("full, KIVI-4, KIVI's schedule", "full", {}, KIVI(bits=4, schedule="reference"), None),
+    ("full, KIVI-2, KIVI's schedule", "full", {}, KIVI(bits=2, schedule="reference"), None),
     ("full, Quest 256", "full", {}, None, Quest(token_budget=256)),
     ("MiniCache (pairs from the middle layer)", "minicache", {}, None, None),
     ("MiniCache (pairs from layer 0)", "minicache", {"merge_start": 0}, None, None),
