@@ -171,7 +171,8 @@ def add_method_flags(group, *, default_method: Optional[str] = "lacache", defaul
     group.add_argument("--quant_schedule", choices=("block", "reference"), default=quant.schedule,
                        help="--quant kivi: when tokens are quantized; block: a key and its value together, a block of "
                             "--quant_group at a time (eviction moves them as one); reference: KIVI's code's timing, keys "
-                            "--quant_residual at a time and values one at a time (--method full only) "
+                            "--quant_residual at a time and values one at a time (--method full only; with --quant_key_order "
+                            "post_rope, as KIVI holds keys) "
                             f"(default {quant.schedule})")
     group.add_argument("--quant_rank", type=int, default=GEAR().rank,
                        help="--quant gear: rank of each block's quantization-error approximation, per head, for keys "

@@ -16,8 +16,15 @@ move a token's codes as one. Its blocks are the same tokens as the reference's (
 arithmetic is the same; only when a token is quantized differs. This store keeps the reference's timing, and
 so holds keys and values split at different points: no method may evict, merge or prune from it.
 
-Where we still differ: a block whose channel is constant gets codes 0 and is exact (the reference divides by a
-zero scale); codes are packed along channels rather than along tokens, which holds the same bytes.
+Where we still differ:
+- a block whose channel is constant gets codes 0 and is exact (the reference divides by a zero scale);
+- min, scale and codes are computed in float32 (the reference: in the model's dtype, so in float16 about 0.1% of
+  codes land one step apart);
+- codes are packed along channels rather than along tokens, which holds the same bytes;
+- a prompt fed in chunks (``--prefill_chunk_size``) ends in the state of the whole prompt at once (the
+  reference's decode branch takes one token at a time);
+- the reference quantizes keys after RoPE: ``key_order="post_rope"`` reproduces it; the default, before RoPE,
+  keeps only its timing.
 """
 from __future__ import annotations
 
@@ -68,7 +75,7 @@ class KIVIReferenceStore(QuantizedStore):
             self.key_codes = torch.cat([self.key_codes, pack(codes.view(b, h, ready, d), c.bits)], 2)
             self.key_low = torch.cat([self.key_low, low[:, :, :, 0].to(self.dtype)], 2)
             self.key_scale = torch.cat([self.key_scale, scale[:, :, :, 0].to(self.dtype)], 2)
-            self.key = self.key[:, :, ready:]
+            self.key = self.key[:, :, ready:].clone()  # not a view that keeps the quantized keys alive
         old = self.value.shape[2] - c.residual
         if old > 0:
             groups = self.value[:, :, :old].float().view(b, h, old, d // c.group, c.group)
@@ -76,7 +83,7 @@ class KIVIReferenceStore(QuantizedStore):
             self.value_codes = torch.cat([self.value_codes, pack(codes.view(b, h, old, d), c.bits)], 2)
             self.value_low = torch.cat([self.value_low, low[..., 0].to(self.dtype)], 2)
             self.value_scale = torch.cat([self.value_scale, scale[..., 0].to(self.dtype)], 2)
-            self.value = self.value[:, :, old:]
+            self.value = self.value[:, :, old:].clone()
 
     def dequantized(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The quantized keys (``[b, h, m_k, d]``) and values (``[b, h, m_v, d]``), dequantized."""

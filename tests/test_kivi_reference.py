@@ -83,7 +83,7 @@ def stream(store_class, config, key, value, prompt):
     return steps
 
 
-@pytest.mark.parametrize("prompt", [5, 16, 37, 48])
+@pytest.mark.parametrize("prompt", [5, 16, 24, 37, 40, 48])  # n % R below and above G
 @pytest.mark.parametrize("bits", [2, 4])
 def test_reference_schedule_holds_what_kivis_code_holds_at_every_step(prompt, bits):
     g = torch.Generator().manual_seed(prompt)
@@ -95,6 +95,23 @@ def test_reference_schedule_holds_what_kivis_code_holds_at_every_step(prompt, bi
     # keys 16 at a time, values one by one past the newest 16, counted over the tokens before each step
     assert [held for _, _, held in steps] == [(n // 16 * 16, max(n - 16, 0)) for n in range(prompt, prompt + 40)]
     assert (got_k - key[:, :, :prompt + 40]).abs().max() > 1e-3  # the older tokens are quantized
+
+
+def test_a_prompt_in_chunks_ends_as_the_whole_prompt():
+    # the reference takes a prompt in one pass; fed in chunks, the store quantizes whole multiples of R as they come
+    g = torch.Generator().manual_seed(5)
+    key, value = torch.randn(1, 2, 61, 16, generator=g), torch.randn(1, 2, 61, 16, generator=g)
+    config = KIVI(bits=2, group=8, residual=16, schedule="reference")
+    whole = KIVIReferenceStore(config, key, value)
+    whole.compress()
+    for chunk in (1, 7, 20, 33):
+        store = KIVIReferenceStore(config, key[:, :, :chunk], value[:, :, :chunk])
+        store.compress()
+        for start in range(chunk, 61, chunk):
+            store.append(key[:, :, start:start + chunk], value[:, :, start:start + chunk])
+            store.compress()
+        assert all(torch.equal(a, b) for a, b in zip(store.view(), whole.view()))
+        assert store.nbytes() == whole.nbytes()
 
 
 @pytest.mark.parametrize("bits", [2, 4])
