@@ -279,8 +279,24 @@ def method_settings(args, method: str) -> dict:
     return {**given, "key_rotation": args.key_rotation, "quant": quant_setting(args), "read": read_setting(args)}
 
 
+def _unused_flags(args, option: str, uses: dict) -> None:
+    """One-line error for a flag given a value other than its default where ``--<option>`` does not read it
+    (``uses``: flag name -> (default, the ``--<option>`` values that read it)), so a run is never silently
+    other than the one asked for."""
+    chosen = getattr(args, option, "none")
+    for name, (default, readers) in uses.items():
+        value = getattr(args, name, default)
+        if value != default and chosen not in readers:
+            raise ConfigError(f"--{name} {value} needs --{option} {' or '.join(readers)}; "
+                              f"--{option} {chosen} does not use it")
+
+
 def quant_setting(args) -> Optional[KIVI]:
     """The ``--quant`` flags as a :class:`lacache_core.quant.KIVI`, or ``None`` (one-line errors for bad values)."""
+    quant, both = KIVI(), ("kivi", "gear")
+    _unused_flags(args, "quant", {"quant_bits": (quant.bits, both), "quant_group": (quant.group, both),
+                                  "quant_residual": (quant.residual, both), "quant_key_order": (quant.key_order, both),
+                                  "quant_schedule": (quant.schedule, both), "quant_rank": (GEAR().rank, ("gear",))})
     return quant_config(getattr(args, "quant", "none"), getattr(args, "quant_bits", 2), getattr(args, "quant_group", 32),
                         getattr(args, "quant_residual", 128), getattr(args, "quant_key_order", "pre_rope"),
                         getattr(args, "quant_rank", None), getattr(args, "quant_schedule", "block"))
@@ -298,6 +314,9 @@ def quant_identity(args) -> Optional[dict]:
 def read_setting(args) -> Optional[Quest]:
     """The ``--read`` flags as a :class:`lacache_core.quest.Quest`, or ``None`` (one-line errors for bad values)."""
     default = Quest()
+    _unused_flags(args, "read", {"quest_budget": (default.token_budget, ("quest",)),
+                                 "quest_page_size": (default.page_size, ("quest",)),
+                                 "quest_dense_layers": (default.dense_layers, ("quest",))})
     return read_config(getattr(args, "read", "none"), getattr(args, "quest_budget", default.token_budget),
                        getattr(args, "quest_page_size", default.page_size),
                        getattr(args, "quest_dense_layers", default.dense_layers))

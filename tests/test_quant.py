@@ -280,3 +280,22 @@ def test_per_head_methods_hold_each_head_quantized(method, key_order):
     assert any(head.key_codes.shape[2] for head in cache._stores[3].heads)  # and hold quantized tokens
     assert torch.allclose(got, expected, atol=1e-5)
     assert cache.kv_bytes() < plain.kv_bytes()
+
+
+def test_storage_flags_their_option_does_not_read_are_one_line_errors(tiny_dir, text_file, tmp_path, capsys):  # noqa: F811
+    # a --quant_* or --quest_* value without the option that reads it would run silently unquantized or dense
+    from ppl.run import main
+
+    common = ["--model_name_or_path", str(tiny_dir), "--dataset_name", str(text_file), "--device", "cpu",
+              "--method", "full", "--num_eval_tokens", "20", "--output_dir", str(tmp_path)]
+    cases = [(["--quant_bits", "4"], "error: --quant_bits 4 needs --quant kivi or gear; --quant none does not use it"),
+             (["--quant", "kivi", "--quant_rank", "4"], "error: --quant_rank 4 needs --quant gear; --quant kivi does not use it"),
+             (["--quant_schedule", "reference"], "error: --quant_schedule reference needs --quant kivi or gear; --quant none "
+                                                 "does not use it"),
+             (["--quest_budget", "64"], "error: --quest_budget 64 needs --read quest; --read none does not use it")]
+    for flags, message in cases:
+        capsys.readouterr()
+        assert main(common + flags) == 2
+        assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")] == [message]
+    assert not any(tmp_path.iterdir())
+    assert main(common + ["--quant", "gear", "--quant_rank", "4", "--quant_group", "8", "--quant_residual", "16"]) == 0
