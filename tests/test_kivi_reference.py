@@ -160,6 +160,8 @@ def test_the_next_step_matches_a_from_scratch_step_on_the_reference_cache():
     assert (got - other).abs().max() > 1e-4  # the timings differ: of 90 tokens, 74 values quantized against 80
 
 
+@pytest.mark.skipif(Version(transformers.__version__) < Version("4.48"),
+                    reason="padded batches need the attention-interface path (transformers >= 4.48)")
 def test_reference_schedule_in_a_padded_batch_gives_each_row_alone():
     model = enable_position_shift(tiny_model("llama", "eager"))
     prompts = [TOKENS[0, :50].tolist(), TOKENS[0, 10:33].tolist()]
