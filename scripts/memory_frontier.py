@@ -61,13 +61,15 @@ def plot(table, path: Path) -> None:
 
     from matplotlib.ticker import ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, row in enumerate(table):
+    # points are numbered in memory order and named in the legend: full names beside the points overlapped
+    # where several caches hold about the same memory at about the same perplexity
+    fig, ax = plt.subplots(figsize=(11, 6))
+    for i, row in enumerate(table, 1):
         marker = "s" if "Quest" in row["cache"] else ("^" if "KIVI" in row["cache"] else "o")
-        ax.scatter(row["peak KV MiB"], row["ppl"], marker=marker, s=40)
-        # neighbours in memory alternate above and below their point, so their labels do not overlap
-        ax.annotate(row["cache"], (row["peak KV MiB"], row["ppl"]), fontsize=7, textcoords="offset points",
-                    xytext=(4, 4 if i % 2 == 0 else -10))
+        ax.scatter(row["peak KV MiB"], row["ppl"], marker=marker, s=40, label=f"{i}  {row['cache']}")
+        ax.annotate(str(i), (row["peak KV MiB"], row["ppl"]), fontsize=7, textcoords="offset points",
+                    xytext=(4, 4 if i % 2 else -10))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(ScalarFormatter())
