@@ -1,5 +1,6 @@
 """scripts/make_tables.py: our numbers beside the paper's, with the difference, from result folders."""
 import csv
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -47,3 +48,30 @@ def test_tables_put_the_paper_value_and_difference_beside_ours(tmp_path):
     # Table 5, LaCache: vt 60.80, cwe 61.00
     assert "50.00 / 60.80 (-10.80)" in page and "70.00 / 61.00 (+9.00)" in page
     assert "transformers 9.9" in page
+
+
+def test_memory_frontier_rows_sorted_by_memory_with_bytes_per_slot_and_labels(tmp_path, capsys):
+    from memory_frontier import main as frontier
+
+    def run(name, method, cache, quant, peak, ppl, slots):
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        record = {"complete": True, "args": {"method": method, "cache_size": cache},
+                  "setting": {"cache": {"quant": quant} if quant else {}},
+                  "results": {"ppl": ppl, "peak_kv_bytes": peak, "max_cache_len": slots, "tokens_per_s": 1.0}}
+        (folder / "run.json").write_text(json.dumps(record))
+
+    run("a", "full", None, None, 3 * 2 ** 20, 10.0, 1024)
+    run("b", "full", None, {"bits": 4, "key_order": "post_rope", "schedule": "reference"}, 2 ** 20, 11.0, 1024)
+    run("c", "lacache", 256, None, 2 * 2 ** 20, 12.0, 256)
+    (tmp_path / "runs" / "d").mkdir()
+    (tmp_path / "runs" / "d" / "run.json").write_text(json.dumps({"complete": False}))  # unfinished: left out
+    plot = ["--plot", str(tmp_path / "f.png")] if importlib.util.find_spec("matplotlib") else []  # not in the 4.33 env
+    assert frontier([str(tmp_path / "runs"), "--layers", "4", *plot]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and not line.startswith("| cache |")]
+    assert [line.split(" | ")[0] for line in lines] == ["| full, KIVI-4 post-RoPE, KIVI's schedule", "| lacache 256",
+                                                        "| full"]
+    # bytes per slot and layer: 1 MiB / (1,024 slots x 4 layers) = 256; 2 MiB / (256 x 4) = 2,048; 3 MiB / 4,096 = 768
+    assert [line.split(" | ")[3] for line in lines] == ["256", "2,048", "768"]
+    assert not plot or (tmp_path / "f.png").stat().st_size > 0
+    assert frontier([str(tmp_path / "runs" / "d"), "--layers", "4"]) == 2
