@@ -306,7 +306,7 @@ def quant_identity(args) -> Optional[dict]:
     quant = quant_setting(args)
     if quant is None:
         return None
-    defaults = {"key_order": "pre_rope", "schedule": "block"}  # left out at their defaults: old hashes hold
+    defaults = {name: getattr(KIVI(), name) for name in ("key_order", "schedule")}  # left out at these: old hashes hold
     fields_ = {k: v for k, v in asdict(quant).items() if defaults.get(k, object()) != v}
     return {"method": args.quant, **fields_}
 

@@ -78,11 +78,9 @@ class KIVIReferenceStore(QuantizedStore):
             self.key = self.key[:, :, ready:].clone()  # not a view that keeps the quantized keys alive
         old = self.value.shape[2] - c.residual
         if old > 0:
-            groups = self.value[:, :, :old].float().view(b, h, old, d // c.group, c.group)
-            codes, low, scale = quantize(groups, c.bits, dim=-1)
-            self.value_codes = torch.cat([self.value_codes, pack(codes.view(b, h, old, d), c.bits)], 2)
-            self.value_low = torch.cat([self.value_low, low[..., 0].to(self.dtype)], 2)
-            self.value_scale = torch.cat([self.value_scale, scale[..., 0].to(self.dtype)], 2)
+            quantized = self._quantized_values(self.value[:, :, :old])  # codes, min, scale
+            for name, new in zip(("value_codes", "value_low", "value_scale"), quantized):
+                setattr(self, name, torch.cat([getattr(self, name), new], 2))
             self.value = self.value[:, :, old:].clone()
 
     def dequantized(self) -> Tuple[torch.Tensor, torch.Tensor]:

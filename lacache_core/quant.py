@@ -139,6 +139,12 @@ class QuantizedStore(LayerStore):
         b, h, r, _ = self.key.shape
         return b, h, self.key_codes.shape[2] + r
 
+    def _quantized_values(self, value):
+        """Per token, each group of ``group`` channels: ``(packed codes, min, scale)`` of ``value`` ``[b, h, n, d]``."""
+        c, (b, h, n, d) = self.config, value.shape
+        codes, low, scale = quantize(value.float().view(b, h, n, d // c.group, c.group), c.bits, dim=-1)
+        return pack(codes.view(b, h, n, d), c.bits), low[..., 0].to(self.dtype), scale[..., 0].to(self.dtype)
+
     def _dequantized_values(self) -> torch.Tensor:
         """``value_codes`` with their per-token, per-group ``value_low`` and ``value_scale``: ``[b, h, m, d]``."""
         c, d = self.config, self.value.shape[-1]
@@ -273,12 +279,6 @@ class KIVIStore(QuantizedStore):
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         key_codes = pack(((k - low) / scale).round_().clamp_(0, 2 ** c.bits - 1).to(torch.uint8), c.bits)
         return (key_codes, *self._quantized_values(value)), (low.to(self.dtype), scale.to(self.dtype))
-
-    def _quantized_values(self, value):
-        """Per token, each group of ``group`` channels: ``(packed codes, min, scale)`` of ``value`` ``[b, h, n, d]``."""
-        c, (b, h, n, d) = self.config, value.shape
-        codes, low, scale = quantize(value.float().view(b, h, n, d // c.group, c.group), c.bits, dim=-1)
-        return pack(codes.view(b, h, n, d), c.bits), low[..., 0].to(self.dtype), scale[..., 0].to(self.dtype)
 
     def rewrite_values(self, values: torch.Tensor, changed: torch.Tensor) -> None:
         """Replace the values of the tokens ``changed`` (``[b, h, n]`` bool over :meth:`view`'s slots) by theirs in
