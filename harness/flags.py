@@ -24,7 +24,7 @@ from lacache_core.cache import KEY_ROTATIONS
 from lacache_core.errors import ConfigError
 from lacache_core.gear import GEAR
 from lacache_core.policies import METHODS, budget_derived
-from lacache_core.policies.base import BOUNDS, base_type, choices_of, describe_range, type_hints
+from lacache_core.policies.base import BOUNDS, base_type, choices_of, describe_range, left_out_of_identity, type_hints
 from lacache_core.quant import KIVI, QUANT_METHODS, quant_config
 from lacache_core.quest import READ_METHODS, Quest, read_config
 
@@ -348,7 +348,8 @@ def resolved_hyperparameters(args, method: str) -> dict:
                     None if f.default is MISSING else f.default)
             if f.metadata.get("file") and value is not None:  # a file's contents are part of the setting
                 value = {"path": str(value), "sha256": file_sha256(value)}
-            out[f.name] = value
+            if not left_out_of_identity(f, value):
+                out[f.name] = value
     return out
 
 

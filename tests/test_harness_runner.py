@@ -108,6 +108,36 @@ def test_a_method_added_at_run_time_gets_flags_checks_and_folder_names(new_metho
     assert run["results"]["max_cache_len"] == 40
 
 
+@dataclass
+class NewestOnlyWithLaterKnob(NewestOnly):
+    """NewestOnly after a release added a field whose default reproduces the earlier behaviour.
+
+    Parameters
+    ----------
+    later : int
+        A field added after results were recorded.
+    """
+
+    later: int = param(0, low=0, added_later=True)
+
+
+def test_a_field_added_later_keeps_old_hashes_at_its_default_and_enters_them_otherwise(monkeypatch):
+    import longbench.pred
+    from harness.flags import method_identity
+
+    def identity_and_settings(cls, argv):
+        monkeypatch.setitem(METHODS, "newest_only", cls)
+        args = longbench.pred.parse_args(["--method", "newest_only", "--cache_size", "40", *argv])
+        later = {"later": args.later} if getattr(args, "later", None) is not None else {}
+        return method_identity(args, "newest_only"), cls(cache_size=40, **later).settings()
+
+    before = identity_and_settings(NewestOnly, [])
+    assert identity_and_settings(NewestOnlyWithLaterKnob, []) == before
+    assert identity_and_settings(NewestOnlyWithLaterKnob, ["--later", "0"]) == before
+    identity, settings = identity_and_settings(NewestOnlyWithLaterKnob, ["--later", "2"])
+    assert identity == {**before[0], "later": 2} and settings == {**before[1], "later": 2}
+
+
 def test_readme_flag_table_is_the_generated_one():
     from harness.flags import flags_table
 

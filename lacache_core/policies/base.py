@@ -34,7 +34,7 @@ Bound = Union[int, float, Callable[["CachePolicy"], Union[int, float]], None]
 
 
 def param(default, *, low: Bound = None, high: Bound = None, above: Bound = None, below: Bound = None,
-          flag: bool = True, short: Optional[str] = None, file: bool = False):
+          flag: bool = True, short: Optional[str] = None, file: bool = False, added_later: bool = False):
     """A hyper-parameter field with its valid range: the one place that range is declared.
 
     ``low``/``high`` are inclusive bounds, ``above``/``below`` exclusive ones; a bound may be a
@@ -43,9 +43,16 @@ def param(default, *, low: Bound = None, high: Bound = None, above: Bound = None
     class docstring's ``Parameters`` entry). ``flag=False`` keeps a field off the command line;
     ``short`` is its label in result-folder names (``S16``), which then always show it. ``file=True``: the
     value is a file's path, and a run's identity records the file's contents' digest with it.
+    ``added_later=True``: a field added after results were recorded; a run's identity leaves it out while
+    it holds its default (which reproduces the earlier behaviour), so those results keep their hash.
     """
     return field(default=default, metadata={"low": low, "high": high, "above": above, "below": below, "flag": flag,
-                                            "short": short, "file": file})
+                                            "short": short, "file": file, "added_later": added_later})
+
+
+def left_out_of_identity(f, value) -> bool:
+    """Whether a run's identity omits field ``f`` holding ``value`` (see ``param(added_later=True)``)."""
+    return f.metadata.get("added_later", False) and value == f.default
 
 
 @functools.lru_cache(maxsize=None)
@@ -246,7 +253,10 @@ class CachePolicy:
 
     def settings(self) -> dict:
         """The hyper-parameters, as a JSON-friendly dict (for run records); ``key_positions`` resolved."""
-        out = {"method": self.name, **{k: getattr(self, k) for k in self.hyperparameters()}}
+        out, chosen = {"method": self.name}, set(self.hyperparameters())
+        for f in fields(self):
+            if f.name in chosen and not left_out_of_identity(f, getattr(self, f.name)):
+                out[f.name] = getattr(self, f.name)
         out["key_positions"] = self.position_mode
         return out
 
