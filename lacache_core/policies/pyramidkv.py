@@ -12,11 +12,13 @@ from .snapkv import SnapKV
 class PyramidKV(SnapKV):
     """SnapKV selection; layer budgets fall linearly from the first to the last layer.
 
-    KVCache-Factory's schedule (``PyramidKVCluster.update_kv``), in integers: with ``C = cache_size``,
-    window ``w``, ``P = C - w`` and a prompt of ``n`` tokens,
+    KVCache-Factory's schedule (Zefan-Cai/KVCache-Factory @ c97f9d7, ``pyramidkv/pyramidkv_utils.py``,
+    ``PyramidKVCluster.update_kv``), in integers: with ``C = cache_size``, window ``w``, ``P = C - w`` and
+    a prompt of ``n`` tokens (the comparisons strict, as there; ``tests/test_pyramidkv_regimes.py``),
 
     * ``n < C``: every layer keeps the whole prompt;
-    * ``n < 2 P``: every layer keeps ``P`` prefix tokens (SnapKV's budget);
+    * ``C <= n < 2 P``: every layer makes SnapKV's choice at SnapKV's budget (``P`` prefix tokens and the
+      window), the same in every layer; at ``n = C`` that choice is the whole prompt;
     * otherwise the last layer keeps ``lo = P // beta`` prefix tokens and the first ``hi = 2 P - lo``
       (``hi = n - w`` and ``lo = 2 P - hi`` when the prompt is shorter than that), layer ``l``
       keeping ``hi - l * ((hi - lo) // (L - 1))``: the step is floored, so deeper layers keep a few
