@@ -246,7 +246,7 @@ def answer_batch(model, tokenizer, prompts: Sequence[torch.Tensor], specs: Seque
     peak = cache.peak_bytes if isinstance(cache, CompressedCache) else kv_bytes(cache)
     final = kv_bytes(cache)
     read = cache.read_bytes / cache.dense_read_bytes if getattr(cache, "read", None) and cache.dense_read_bytes else None
-    return [Answer(row, tokenizer.decode(row, skip_special_tokens=True), n, seconds, peak // len(prompts),
+    return [Answer(row, decode_text(tokenizer, row), n, seconds, peak // len(prompts),
                    final // len(prompts), len(prompts), read) for row, n in zip(ids, lengths)]
 
 
@@ -280,15 +280,50 @@ def answer_all(model, tokenizer, requests: Iterable[Tuple[torch.Tensor, int]], s
         yield from zip((i for i, _ in batch), answers)
 
 
+#: transformers 4.x's decode clean-up, in its order (``clean_up_tokenization`` in ``tokenization_utils_base.py``,
+#: identical in 4.33.0, 4.43.4 and 4.57): a space before punctuation and English contractions is dropped.
+CLEANUP_REPLACEMENTS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                        (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def declares_cleanup(tokenizer) -> bool:
+    """Whether the tokenizer's own configuration sets ``clean_up_tokenization_spaces: true``.
+
+    Read from what the tokenizer was built with (``init_kwargs``), not from the attribute, whose
+    default differs between transformers versions when the configuration says nothing.
+    """
+    return bool(getattr(tokenizer, "init_kwargs", {}).get("clean_up_tokenization_spaces", False))
+
+
+def clean_up_spaces(text: str) -> str:
+    """``text`` after transformers 4.x's ``clean_up_tokenization`` replacements (:data:`CLEANUP_REPLACEMENTS`)."""
+    for old, new in CLEANUP_REPLACEMENTS:
+        text = text.replace(old, new)
+    return text
+
+
+def decode_text(tokenizer, ids) -> str:
+    """Text of ``ids`` (a list or ``[T]`` tensor) without special tokens, as transformers 4.x decodes it.
+
+    The reference harnesses decode under transformers 4.x, which applies the clean-up a tokenizer
+    declares; transformers 5 skips it for BPE tokenizers (Llama-3's among them). Decode is told not to
+    clean up and :func:`clean_up_spaces` is applied here instead, so every version gives the 4.x text.
+    A tokenizer without the setting (not a transformers tokenizer) decodes as it does.
+    """
+    own = {"clean_up_tokenization_spaces": False} if hasattr(tokenizer, "clean_up_tokenization_spaces") else {}
+    text = tokenizer.decode(ids, skip_special_tokens=True, **own)
+    return clean_up_spaces(text) if declares_cleanup(tokenizer) else text
+
+
 def truncate_middle(tokenizer, prompt: str, max_length: int) -> str:
     """LongBench's truncation: a prompt longer than ``max_length`` tokens keeps its first and last
-    ``max_length / 2`` tokens (the question usually sits at one end)."""
+    ``max_length / 2`` tokens (the question usually sits at one end), each half decoded on its own
+    with the tokenizer's declared clean-up (:func:`decode_text`), as THUDM's ``pred.py`` does under 4.x."""
     ids = tokenizer(prompt, truncation=False).input_ids  # BOS included, as LongBench counts it
     if len(ids) <= max_length:
         return prompt
     half = max_length // 2
-    return (tokenizer.decode(ids[:half], skip_special_tokens=True)
-            + tokenizer.decode(ids[-half:], skip_special_tokens=True))
+    return decode_text(tokenizer, ids[:half]) + decode_text(tokenizer, ids[-half:])
 
 
 def encode_prompt(tokenizer, text: str, chat: bool, answer_prefix: str = "") -> torch.Tensor:
