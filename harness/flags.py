@@ -26,7 +26,7 @@ from lacache_core.gear import GEAR
 from lacache_core.policies import METHODS, budget_derived
 from lacache_core.policies.base import BOUNDS, base_type, choices_of, describe_range, left_out_of_identity, type_hints
 from lacache_core.quant import KIVI, QUANT_METHODS, quant_config
-from lacache_core.quest import READ_METHODS, Quest, read_config
+from lacache_core.quest import QUEST_RULES, READ_METHODS, Quest, read_config
 
 #: Fields every budgeted method shares, set by the harness's budget flags rather than generated.
 BUDGET_FIELDS = ("cache_size", "start_size")
@@ -189,6 +189,14 @@ def add_method_flags(group, *, default_method: Optional[str] = "lacache", defaul
                        help=f"--read quest: cache slots per page (default {read.page_size})")
     group.add_argument("--quest_dense_layers", type=int, default=read.dense_layers,
                        help=f"--read quest: leading layers that read every slot (default {read.dense_layers})")
+    group.add_argument("--quest_rule", choices=QUEST_RULES, default=read.rule,
+                       help="--read quest: whose page rule; quest: Quest's code, max(3, budget // page size) whole "
+                            "pages of all slots; kvcache_factory: KVCache-Factory's select_quest_tokens, the newest "
+                            "--quest_recent_size slots and the earliest slots of the prefix's top pages, "
+                            f"--quest_budget slots exactly (default {read.rule})")
+    group.add_argument("--quest_recent_size", type=int, default=read.recent_size,
+                       help="--quest_rule kvcache_factory: newest slots always read, within --quest_budget "
+                            f"(default {read.recent_size})")
     if prefill_chunks:
         group.add_argument("--prefill_chunk_size", type=int, default=None,
                            help="feed the prompt N tokens at a time and compact between chunks (bounded memory); "
@@ -316,15 +324,22 @@ def read_setting(args) -> Optional[Quest]:
     default = Quest()
     _unused_flags(args, "read", {"quest_budget": (default.token_budget, ("quest",)),
                                  "quest_page_size": (default.page_size, ("quest",)),
-                                 "quest_dense_layers": (default.dense_layers, ("quest",))})
+                                 "quest_dense_layers": (default.dense_layers, ("quest",)),
+                                 "quest_rule": (default.rule, ("quest",)),
+                                 "quest_recent_size": (default.recent_size, ("quest",))})
     return read_config(getattr(args, "read", "none"), getattr(args, "quest_budget", default.token_budget),
                        getattr(args, "quest_page_size", default.page_size),
-                       getattr(args, "quest_dense_layers", default.dense_layers))
+                       getattr(args, "quest_dense_layers", default.dense_layers),
+                       getattr(args, "quest_rule", default.rule),
+                       getattr(args, "quest_recent_size", default.recent_size))
 
 
 def read_identity(args) -> Optional[dict]:
     read = read_setting(args)
-    return None if read is None else {"method": args.read, **asdict(read)}
+    if read is None:
+        return None
+    later = {"rule": Quest().rule, "recent_size": Quest().recent_size}  # left out at these: old hashes hold
+    return {"method": args.read, **{k: v for k, v in asdict(read).items() if later.get(k, object()) != v}}
 
 
 def file_sha256(path) -> str:
@@ -407,7 +422,8 @@ def method_tag(args, method: str) -> str:
     if read is not None:
         tag += f"_quest{read.token_budget}" + ("" if (read.page_size, read.dense_layers) == (Quest().page_size,
                                                                                            Quest().dense_layers)
-                                              else f"p{read.page_size}d{read.dense_layers}")
+                                              else f"p{read.page_size}d{read.dense_layers}") + \
+            ("" if read.rule == Quest().rule else f"_kvcf{read.recent_size}")
     if getattr(args, "prefill_chunk_size", None):
         tag += f"_chunk{args.prefill_chunk_size}"
     return tag + ("" if args.dtype == "float32" else f"_{args.dtype}")

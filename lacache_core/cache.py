@@ -22,7 +22,7 @@ from .masks import own_key_visible, visible
 from .policies import CachePolicy, FullCache, build_policy, policy_from_state
 from .policies.base import gather_layer
 from .quant import KIVI, KIVIStore, PerHeadQuantStore
-from .quest import Quest, page_bounds, selected_tokens
+from .quest import Quest, selected_tokens
 from .storage import DenseStore, LayerStore, PerHeadStore, PrunedChannelStore, RowStores
 from .versions import HAS_CACHE_CLASSES, with_cache
 
@@ -90,6 +90,9 @@ class CompressedCache(DynamicCache):
             if policy.prunes_channels and quant.key_order != "post_rope":
                 raise ConfigError(f"--method {policy.name} prunes channels of rotated keys: with --quant "
                                   f"{quant.method} use --quant_key_order post_rope")
+            if getattr(policy, "row_order", "position") != "position":  # ThinK's rows whole by order of score
+                raise ConfigError(f"--row_order {policy.row_order} cannot be used with --quant: there the keys in "
+                                  "the full-precision residual keep every channel, whatever their order")
             if quant.key_order == "post_rope":  # quantized as rotated, at original positions that never move
                 if policy.position_mode != "original":
                     raise ConfigError(f"--quant_key_order post_rope cannot be used with --method {policy.name} at "
@@ -398,7 +401,7 @@ class CompressedCache(DynamicCache):
         if policy.prunes_channels and self._stores[layer_idx] is None:  # ThinK: after the token choice
             channels = policy.channel_keep(layer_idx, kept_key)
             if channels is not None:
-                store = PrunedChannelStore(kept_key, kept_value, channels, policy.unpruned_window)
+                store = PrunedChannelStore(kept_key, kept_value, channels, policy.unpruned(layer_idx))
                 self._keep_in_store(layer_idx, store, key)
         if policy.merges_layers and policy.closes_pair(layer_idx) and self._stores[layer_idx] is None:
             # MiniCache, after the prompt's pass: this layer and the one before it share one merged store
@@ -501,7 +504,7 @@ class CompressedCache(DynamicCache):
         shift = self._slot_shift(layer_idx)
         if shift is not None:
             keys = rotation.at(keys, shift[:, None].expand(b, n), inverse=True)
-        self._pages[layer_idx] = page_bounds(keys, self.read.page_size, first)
+        self._pages[layer_idx] = self.read.bounds(keys, first)
         self._pending_read[layer_idx] = slot_bytes, first, rotation
 
     def _slot_shift(self, i: int) -> Optional[torch.Tensor]:
@@ -610,7 +613,7 @@ class CompressedCache(DynamicCache):
                 continue
             k, v = gather_layer(k, v, keep) if keep is not None else (k.clone(), v.clone())
             channels = row.channel_keep(layer, k) if row.prunes_channels else None  # ThinK: after the token choice
-            stores.append(DenseStore(k, v) if channels is None else PrunedChannelStore(k, v, channels, row.unpruned_window))
+            stores.append(DenseStore(k, v) if channels is None else PrunedChannelStore(k, v, channels, row.unpruned(layer)))
         store = RowStores(stores)
         self._fillers[layer] = store.shape()[2] - store.row_lengths()
         self._keep_in_store(layer, store, key)

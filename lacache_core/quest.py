@@ -22,6 +22,16 @@ Where we differ: the reference numbers layers from 32 down (``enable_quest_atten
 that does not have 32 layers its "first two layers" are not layers 0 and 1; we count from layer 0. The
 reference recomputes the page min and max from all keys at every step (as we do); a paged kernel would
 update them as pages fill. The metadata is held between steps, so the bytes reported are what is held.
+
+``rule="kvcache_factory"`` reads what KVCache-Factory's ``select_quest_tokens`` returns instead
+(Zefan-Cai/KVCache-Factory @ c97f9d7, ``pyramidkv/quest.py``), for comparing with numbers published from that
+library: the newest ``r = min(slots, recent_size, token_budget)`` slots always, and of the slots before them
+(the prefix, paged from its first slot, bounds over the prefix's keys only) the top
+``ceil((token_budget - r) / page_size)`` pages (one more where the prefix ends in a partial page and not every
+page is taken), of whose slots the earliest ``token_budget - r`` are read: exactly ``token_budget`` slots, all
+of them when the layer holds no more. Our default reads ``max(3, token_budget // page_size)`` whole pages of
+all slots, as Quest's own code does, so a budget that is not a multiple of ``page_size`` reads fewer tokens
+than the budget, and the newest tokens compete for pages like any other.
 """
 from __future__ import annotations
 
@@ -33,6 +43,8 @@ import torch
 from .errors import ConfigError
 
 READ_METHODS = ("none", "quest")
+#: Whose page rule ``--read quest`` follows: Quest's own (mit-han-lab/Quest), or KVCache-Factory's.
+QUEST_RULES = ("quest", "kvcache_factory")
 
 
 @dataclass(frozen=True)
@@ -48,11 +60,19 @@ class Quest:
         Consecutive cache slots per page (the reference's ``--chunk_size``, 16).
     dense_layers : int
         Leading layers that always read every slot (the reference: 2).
+    rule : {"quest", "kvcache_factory"}
+        ``quest``: Quest's own rule, ``max(3, token_budget // page_size)`` whole pages of all slots;
+        ``kvcache_factory``: KVCache-Factory's ``select_quest_tokens``, the newest ``recent_size`` slots and the
+        earliest slots of the prefix's top pages, ``token_budget`` slots exactly (module docstring).
+    recent_size : int
+        ``rule="kvcache_factory"``: newest slots always read (its ``recent_size``, default 0 there too).
     """
 
     token_budget: int = 1024
     page_size: int = 16
     dense_layers: int = 2
+    rule: str = "quest"
+    recent_size: int = 0
 
     def __post_init__(self):
         if self.token_budget < 1:
@@ -61,6 +81,30 @@ class Quest:
             raise ConfigError(f"--quest_page_size must be >= 1, got {self.page_size}")
         if self.dense_layers < 0:
             raise ConfigError(f"--quest_dense_layers must be >= 0, got {self.dense_layers}")
+        if self.rule not in QUEST_RULES:
+            raise ConfigError(f"--quest_rule must be one of {list(QUEST_RULES)}, got {self.rule!r}")
+        if self.recent_size < 0:
+            raise ConfigError(f"--quest_recent_size must be >= 0, got {self.recent_size}")
+        if self.recent_size and self.rule != "kvcache_factory":
+            raise ConfigError(f"--quest_recent_size {self.recent_size} needs --quest_rule kvcache_factory; "
+                              f"--quest_rule {self.rule} has no recent window")
+
+    def bounds(self, keys: torch.Tensor, first: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:func:`page_bounds` of the keys this rule pages: all of them, or under ``kvcache_factory`` the prefix's
+        only (the recent window's slots count on no page)."""
+        if self.rule == "quest":
+            return page_bounds(keys, self.page_size, first)
+        n = keys.shape[-2]
+        own = _own_slots(n, first, keys.device)
+        recent = (torch.arange(n, device=keys.device) >= n - self._recent(own)[..., None])[..., None]
+        big = torch.finfo(keys.dtype).max
+        low = page_bounds(keys.masked_fill(recent, big), self.page_size, first)[0]
+        high = page_bounds(keys.masked_fill(recent, -big), self.page_size, first)[1]
+        return low, high
+
+    def _recent(self, own: torch.Tensor) -> torch.Tensor:
+        """KVCache-Factory's recent window: ``min(own, recent_size, token_budget)`` slots per row and head."""
+        return own.clamp(max=min(self.recent_size, self.token_budget))
 
     def pages_read(self, slots: int) -> int:
         """Pages each query head reads in a layer of ``slots`` slots (the reference's rule)."""
@@ -68,11 +112,20 @@ class Quest:
         return min(max(3, min(slots, self.token_budget) // self.page_size), pages)
 
 
-def read_config(read: str, token_budget: int, page_size: int, dense_layers: int) -> Optional[Quest]:
+def read_config(read: str, token_budget: int, page_size: int, dense_layers: int, rule: str = "quest",
+                recent_size: int = 0) -> Optional[Quest]:
     """The ``--read`` flags as a :class:`Quest`, or ``None`` for ``--read none``."""
     if read not in READ_METHODS:
         raise ConfigError(f"--read must be one of {list(READ_METHODS)}, got {read!r}")
-    return None if read == "none" else Quest(token_budget, page_size, dense_layers)
+    return None if read == "none" else Quest(token_budget, page_size, dense_layers, rule, recent_size)
+
+
+def _own_slots(n: int, first: Optional[torch.Tensor], device) -> torch.Tensor:
+    """Each row's and head's own slots of ``n`` (past ``first``, :func:`page_index`):
+    ``LongTensor [b | 1, kv_heads | 1]``."""
+    if first is None:
+        return torch.full((1, 1), n, dtype=torch.long, device=device)
+    return n - first.to(device).long()
 
 
 def page_index(n: int, page_size: int, first: Optional[torch.Tensor] = None, device=None) -> Tuple[torch.Tensor, int]:
@@ -147,10 +200,13 @@ def page_scores(query: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> t
 
 def selected_tokens(config: Quest, query: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
                     visible: torch.Tensor, first: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The slots each query head reads: its top pages by :func:`page_scores`, less what ``visible`` hides.
+    """The slots each query head reads under ``config.rule``: its top pages by :func:`page_scores` (and under
+    ``kvcache_factory`` the recent window, the pages trimmed to the budget), less what ``visible`` hides.
 
     Parameters
     ----------
+    query : ``[b, heads, q, d]``, rotated.
+    low, high : ``[b, kv_heads, pages, d]``, from :meth:`Quest.bounds`.
     visible : ``[b, 1 | heads, q, n]`` bool, the slots the step's mask lets each query see.
     first : ``[b, kv_heads]``, optional, as for :func:`page_bounds`: each row and head reads
         :meth:`Quest.pages_read` of its own slots' count.
@@ -160,15 +216,54 @@ def selected_tokens(config: Quest, query: torch.Tensor, low: torch.Tensor, high:
     ``[b, heads, q, n]`` bool.
     """
     b, heads, q, n = *query.shape[:3], visible.shape[-1]
-    groups = heads // low.shape[1]
+    kv_heads = low.shape[1]
+    groups = heads // kv_heads
     page_of, pages = page_index(n, config.page_size, first, query.device)
-    page_of = page_of.expand(b, low.shape[1], n).repeat_interleave(groups, 1)[:, :, None].expand(b, heads, q, n)
+    page_of = page_of.expand(b, kv_heads, n).repeat_interleave(groups, 1)[:, :, None].expand(b, heads, q, n)
+    visible = visible.expand(b, heads, q, n)
     seen = torch.zeros(b, heads, q, pages + 1, device=query.device).scatter_reduce_(
-        -1, page_of, visible.expand(b, heads, q, n).float(), "amax")[..., :pages] > 0
+        -1, page_of, visible.float(), "amax")[..., :pages] > 0
     scores = page_scores(query, low, high).masked_fill(~seen, float("-inf"))
-    own = torch.full((b, low.shape[1]), n, device=query.device) if first is None else n - first.to(query.device)
+    own = _own_slots(n, first, query.device).expand(b, kv_heads)
+    if config.rule == "kvcache_factory":
+        return _factory_tokens(config, scores, page_of, own, visible)
     limit = torch.tensor([[config.pages_read(int(m)) for m in row] for row in own.tolist()], device=query.device)
-    top = scores.topk(int(limit.max()), dim=-1).indices  # [b, heads, q, k], best first
-    ranked = torch.arange(top.shape[-1], device=query.device) < limit.repeat_interleave(groups, 1)[:, :, None, None]
-    chosen = torch.zeros(b, heads, q, pages + 1, dtype=torch.bool, device=query.device).scatter_(-1, top, ranked)
-    return chosen.gather(-1, page_of) & visible
+    return _top_pages(scores, limit).gather(-1, page_of) & visible
+
+
+def _per_query_head(counts: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[b, kv_heads]`` counts as ``[b, heads, 1, 1]``, each KV head's for its query heads."""
+    return counts.repeat_interleave(heads // counts.shape[1], 1)[:, :, None, None]
+
+
+def _top_pages(scores: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """``[b, heads, q, pages + 1]`` bool: each query head's ``limit`` (``[b, kv_heads]``) best-scored pages of
+    ``scores`` (``[b, heads, q, pages]``); the extra page (fillers', :func:`page_index`) is never chosen."""
+    b, heads, q, pages = scores.shape
+    top = scores.topk(int(limit.max()), dim=-1).indices  # best first
+    ranked = torch.arange(top.shape[-1], device=scores.device) < _per_query_head(limit, heads)
+    chosen = torch.zeros(b, heads, q, pages + 1, dtype=torch.bool, device=scores.device)
+    return chosen.scatter_(-1, top, ranked)
+
+
+def _factory_tokens(config: Quest, scores: torch.Tensor, page_of: torch.Tensor, own: torch.Tensor,
+                    visible: torch.Tensor) -> torch.Tensor:
+    """KVCache-Factory's ``select_quest_tokens`` (module docstring) as ``[b, heads, q, n]`` bool.
+
+    ``scores``: ``[b, heads, q, pages]``; ``page_of``, ``visible``: ``[b, heads, q, n]``; ``own``: ``[b, kv_heads]``
+    slots each row and head holds (the last of the ``n``).
+    """
+    heads, n, size = scores.shape[1], page_of.shape[-1], config.page_size
+    recent = config._recent(own)
+    prefix, spare = own - recent, config.token_budget - recent
+    prefix_pages, wanted = -(-prefix // size), -(-spare // size)
+    # a partial last page holds fewer than page_size slots: one more page keeps the trimmed read at the budget
+    wanted = wanted + ((prefix % size != 0) & (wanted < prefix_pages)).long()
+    beyond = torch.arange(scores.shape[-1], device=scores.device) >= _per_query_head(prefix_pages, heads)
+    chosen = _top_pages(scores.masked_fill(beyond, float("-inf")), torch.minimum(wanted, prefix_pages))
+    relative = torch.arange(n, device=scores.device) - (n - _per_query_head(own, heads))  # own slots from 0
+    prefix_slot = (relative >= 0) & (relative < _per_query_head(prefix, heads))
+    chosen = chosen.gather(-1, page_of) & prefix_slot & visible
+    chosen &= chosen.cumsum(-1) <= _per_query_head(spare, heads)  # the earliest slots of the pages, as it sorts them
+    everything = _per_query_head(own <= config.token_budget, heads) & (relative >= 0)
+    return (chosen | (relative >= _per_query_head(prefix, heads)) | everything) & visible

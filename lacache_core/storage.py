@@ -99,21 +99,31 @@ class PrunedChannelStore(LayerStore):
     ----------
     key, value : ``[b, kv_heads, n, d]``, the layer's kept keys (rotated) and values.
     channels : ``LongTensor [kv_heads, d_keep]``, the channels each KV head keeps of its older keys (increasing).
-    whole : int
-        The newest ``whole`` slots keep every channel; so do all tokens appended later.
+    whole : int or ``LongTensor [kv_heads, w]``
+        The slots that keep every channel: the newest ``whole``, or each head's own ``w`` slots of the ``n``
+        (ThinK's ``row_order="score"``); all tokens appended later keep every channel too.
 
     The view's pruned channels are zeros, so a query's dot product with such a key is the one over the
     kept channels only: the attention ThinK's reference computes from the split cache.
     """
 
-    def __init__(self, key: torch.Tensor, value: torch.Tensor, channels: torch.Tensor, whole: int):
+    def __init__(self, key: torch.Tensor, value: torch.Tensor, channels: torch.Tensor, whole):
         b, heads, n, d = key.shape
-        old = max(n - whole, 0)
         self.head_dim = d
         self.channels = channels.to(key.device)
-        self.pruned = key[:, :, :old].gather(-1, self._index(b, old))  # [b, kv_heads, old, d_keep]
-        self.key = key[:, :, old:].clone()  # [b, kv_heads, n - old, d]
         self.value = value
+        if isinstance(whole, int):
+            old = max(n - whole, 0)
+            self.pruned_at = self.whole_at = None  # slots 0 .. old - 1 pruned, the rest whole
+            self.pruned = key[:, :, :old].gather(-1, self._index(b, old))  # [b, kv_heads, old, d_keep]
+            self.key = key[:, :, old:].clone()  # [b, kv_heads, n - old, d]
+            return
+        keeps = torch.zeros(heads, n, dtype=torch.bool, device=key.device).scatter_(-1, whole.to(key.device), True)
+        slots = torch.arange(n, device=key.device).expand(heads, n)
+        self.pruned_at = slots[~keeps].view(heads, -1)  # [kv_heads, old], increasing
+        self.whole_at = slots[keeps].view(heads, -1)  # [kv_heads, n - old], increasing
+        self.pruned = _rows(key, self.pruned_at).gather(-1, self._index(b, self.pruned_at.shape[1]))
+        self.key = _rows(key, self.whole_at)  # [b, kv_heads, n - old, d], then the appended tokens
 
     def _index(self, b: int, n: int) -> torch.Tensor:
         return self.channels[None, :, None, :].expand(b, -1, n, -1)
@@ -125,16 +135,34 @@ class PrunedChannelStore(LayerStore):
     def view(self):
         b, heads, old, _ = self.pruned.shape
         full = self.pruned.new_zeros(b, heads, old, self.head_dim).scatter_(-1, self._index(b, old), self.pruned)
-        return torch.cat([full, self.key], -2), self.value
+        if self.pruned_at is None:
+            return torch.cat([full, self.key], -2), self.value
+        first = old + self.whole_at.shape[1]  # the slots held at construction, then the appended ones
+        keys = self.key.new_empty(b, heads, first, self.head_dim)
+        keys.scatter_(2, _slot_index(self.pruned_at, b, self.head_dim), full)
+        keys.scatter_(2, _slot_index(self.whole_at, b, self.head_dim), self.key[:, :, :self.whole_at.shape[1]])
+        return torch.cat([keys, self.key[:, :, self.whole_at.shape[1]:]], -2), self.value
 
     def shape(self):
         return tuple(self.value.shape[:3])
 
     def nbytes(self):
-        return _bytes(self.pruned, self.key, self.value, self.channels)
+        where = () if self.pruned_at is None else (self.pruned_at, self.whole_at)  # which slots lost channels
+        return _bytes(self.pruned, self.key, self.value, self.channels, *where)
 
     def write_newest_keys(self, rotated):
+        # the newest slots are whole (the last of self.key) under either form of ``whole``
         self.key[..., self.key.shape[-2] - rotated.shape[-2]:, :] = rotated
+
+
+def _slot_index(slots: torch.Tensor, b: int, d: int) -> torch.Tensor:
+    """``[kv_heads, m]`` slots as a gather/scatter index along dim 2 of ``[b, kv_heads, m, d]``."""
+    return slots[None, :, :, None].expand(b, -1, -1, d)
+
+
+def _rows(key: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``key`` (``[b, kv_heads, n, d]``) at each head's ``slots`` (``[kv_heads, m]``): ``[b, kv_heads, m, d]``."""
+    return key.gather(2, _slot_index(slots.to(key.device), key.shape[0], key.shape[-1]))
 
 
 class DenseStore(LayerStore):

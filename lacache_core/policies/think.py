@@ -20,6 +20,13 @@ Where we differ, and why:
   score is the mean of its query heads' scores (the same reduction as our SnapKV's).
 * A prompt no longer than ``cache_size`` keeps every token and still has its channels pruned (the
   reference's ``update_think`` returns two values there where its caller unpacks four, and fails).
+* Which kept keys keep every channel: by default the newest ``unpruned_window`` (by position). The reference
+  strips all rows of its cache but the last ``recent_size``, and its rows are in SnapKV's top-k order (the
+  kept prefix tokens by descending pooled score, then the window), so where ``recent_size`` exceeds the
+  window it keeps whole the lowest-scored kept tokens and strips the highest-scored. We default to the
+  newest tokens, the ones ThinK's paper leaves whole (and the same rows wherever the window is at least
+  ``unpruned_window``); ``row_order="score"`` follows the reference's order (sinks, with ``start_size``,
+  ahead of the scored tokens).
 * Under KV quantization (``--quant``, keys after RoPE) the pruning follows ThinK's own KIVI code
   (SalesforceAIResearch/ThinK @ d200577, ``ThinK_kivi/models/llama_kivi_think.py``): the channels are
   chosen once at the prompt, and every key quantized, prompt or generated, keeps only those; the keys in
@@ -28,13 +35,38 @@ Where we differ, and why:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict, List, Optional
+from typing import ClassVar, Dict, List, Literal, Optional, Union
 
 import torch
 
 from .base import param
 from .scoring import ensure_layer
 from .snapkv import SnapKV
+
+
+def score_ordered(kept: torch.Tensor, scores: torch.Tensor, start_size: int, prefix: int) -> torch.Tensor:
+    """The kept slots in KVCache-Factory's cache-row order: sinks, then the kept prefix tokens in the order
+    ``topk`` of SnapKV's scores returns them (best first; equal scores as ``topk`` puts them, which is how the
+    reference gathers its rows and how :meth:`SnapKV.layer_keep` chose them), then the window.
+
+    Parameters
+    ----------
+    kept : ``LongTensor [kv_heads, m]``, the kept tokens' positions, increasing (slot ``i`` holds ``kept[:, i]``):
+        every sink and window token, and as many prefix tokens in every head.
+    scores : ``[kv_heads, >= prefix]``, SnapKV's pooled scores of the prompt before the window.
+    prefix : int
+        Prompt tokens before the window; positions from ``prefix`` on are the window.
+
+    Returns
+    -------
+    ``LongTensor [kv_heads, m]``: slots (indices into ``kept``'s rows), first to last.
+    """
+    heads, m = kept.shape
+    sinks = int((kept[0] < start_size).sum())
+    count = int(((kept[0] >= start_size) & (kept[0] < prefix)).sum())
+    ranked = scores[:, start_size:prefix].topk(count, dim=-1).indices + start_size  # the choice's own call
+    slots = torch.arange(m, device=kept.device).expand(heads, m)
+    return torch.cat([slots[:, :sinks], torch.searchsorted(kept.contiguous(), ranked), slots[:, sinks + count:]], -1)
 
 
 def pruned_channels(query_energy: torch.Tensor, key_energy: torch.Tensor, count: int) -> torch.Tensor:
@@ -66,6 +98,11 @@ class ThinK(SnapKV):
     unpruned_window : int
         Newest kept tokens whose keys keep every channel (KVCache-Factory's ``--recent_size``, 32). Under
         ``--quant``, keys keep every channel while in the full-precision residual instead (ThinK's KIVI code).
+    row_order : {"position", "score"}
+        Order of the kept tokens whose last ``unpruned_window`` keep every channel: ``position`` (the newest);
+        ``score``, KVCache-Factory's ``update_think`` (its cache rows: SnapKV's choice by descending pooled
+        score, then the window), which keeps the lowest-scored kept tokens whole where ``unpruned_window``
+        exceeds ``window_size``. Refused under ``--quant`` (the residual decides there).
     """
 
     name: ClassVar[str] = "think"
@@ -78,12 +115,32 @@ class ThinK(SnapKV):
 
     pruning_ratio: float = param(0.4, low=0.0, below=1.0)
     unpruned_window: int = param(32, low=0)
+    row_order: Literal["position", "score"] = param("position", added_later=True)
 
     _query_energy: List[Optional[torch.Tensor]] = field(default_factory=list, init=False, repr=False)
+    _whole_rows: List[Optional[torch.Tensor]] = field(default_factory=list, init=False, repr=False)
 
     def _reset_state(self) -> None:
         super()._reset_state()
-        self._query_energy = []
+        self._query_energy, self._whole_rows = [], []
+
+    def keep(self, layer: int, n: int):
+        scores = None if self._done or layer >= len(self._window_scores) else self._window_scores[layer]
+        row = super().keep(layer, n)  # SnapKV's choice drops the scores
+        if self.row_order == "score" and scores is not None:
+            ensure_layer(self._whole_rows, layer)
+            kept = torch.arange(n, device=scores.device).expand(scores.shape[0], n) if row is None else row
+            self._whole_rows[layer] = score_ordered(kept, scores, self.start_size, n - self.window_size)[
+                :, max(kept.shape[1] - self.unpruned_window, 0):]
+        return row
+
+    def unpruned(self, layer: int) -> Union[int, torch.Tensor]:
+        """The kept slots whose keys keep every channel (after :meth:`channel_keep`): the newest
+        ``unpruned_window``, or under ``row_order="score"`` each head's ``LongTensor [kv_heads, w]``."""
+        if layer >= len(self._whole_rows) or self._whole_rows[layer] is None:
+            return self.unpruned_window
+        whole, self._whole_rows[layer] = self._whole_rows[layer], None
+        return whole
 
     def observe(self, layer, query, key, scaling):
         done = self._done
