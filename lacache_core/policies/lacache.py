@@ -7,7 +7,11 @@ deviate, as documented in the README ("LaCache: where we differ from the officia
 
 * settings that divide by zero or corrupt the cache are rejected up front (:class:`ConfigError`);
 * a startover that merges two or more groups at once (``times >= 2``) made some layers keep one
-  token twice; those layers now take the last offset that stays inside the group.
+  token twice; those layers now take the last offset that stays inside the group;
+* a startover whose kept slots would lie past the end of the cache (the official code's
+  ``IndexError``, after a long prompt into a small cache) runs in *rounds* instead: each round is
+  the official startover for the largest number of slots it can free with all its groups before
+  the newest slot, and rounds repeat until the cache is within budget (:meth:`LaCache.startover_rounds`).
 
 The index arithmetic is vectorised: one ``[num_layers, n_keep]`` index per call, built from a
 handful of ``arange`` ops, never Python lists per layer.
@@ -50,6 +54,11 @@ def ladder_index(n: int, start: int, groups: int, group_size: int, inner: torch.
     return torch.cat([head, body, tail], dim=1)
 
 
+def merged_group(group: int, times: int) -> int:
+    """Width ``B2`` of a startover group that merges ``times`` ladder groups of ``group`` slots (they share ends)."""
+    return group + (times - 1) * (group - 1)
+
+
 @dataclass
 class LaCache(CachePolicy):
     """Ladder-shaped KV cache with iterative compaction.
@@ -75,6 +84,14 @@ class LaCache(CachePolicy):
         every layer keeps ``A`` slots per group.
     num_layers : int, optional
         If given, the settings are validated against it immediately.
+
+    Notes
+    -----
+    Startover in rounds: where the official startover would read past the end of the cache (its
+    ``IndexError`` after a long prompt into a small cache), the startover runs in rounds, each the
+    official startover for the most slots it can free with every group before the newest slot,
+    until the cache is within budget (:meth:`startover_rounds`). Everywhere else the kept
+    positions are the official ones.
 
     Examples
     --------
@@ -165,7 +182,6 @@ class LaCache(CachePolicy):
         capacity = (room // kept) * freed
         startover = need > capacity
         groups = room // kept if startover else ceil_div(need, freed)
-        layers = torch.arange(num_layers)
         inner = torch.arange(kept)
         offsets = self.layer_offsets(num_layers)
         keep = ladder_index(n, cursor, groups, group, inner, offsets)
@@ -176,14 +192,84 @@ class LaCache(CachePolicy):
         # Iterative compaction: compact the already compacted region again, from the sinks on.
         need2 = need - capacity
         full = ((cap - s - num_layers) // kept) * freed
-        times = ceil_div(need2, full)
-        group2 = group + (times - 1) * (group - 1)
-        freed2 = group2 - kept
-        groups2 = ceil_div(need2, freed2)
-        # The official offset ``i mod (R2 + 1)`` overruns the group when times >= 2 and A >= 2
-        # (a token kept twice); cap it at the last offset whose A entries stay in the group.
-        offset2 = layers % (freed2 + 1) if self.ladder_layout == "official" else offsets * times
-        offset2 = offset2.clamp(max=group2 - 1 - times * (kept - 1))
-        second = ladder_index(keep.shape[1], s, groups2, group2, inner * times, offset2)
+        times, groups2 = self._startover_plan(need2, full, num_layers)
+        if self._reads_past_end(keep.shape[1], times, groups2, num_layers):
+            return self.startover_rounds(keep, full, num_layers)
+        keep = torch.gather(keep, 1, self._startover_index(keep.shape[1], times, groups2, num_layers))
         self._cursor = s + groups2 * kept
-        return torch.gather(keep, 1, second)
+        return keep
+
+    # ------------------------------------------------------------------ startover (step 5 of the spec)
+    def _startover_plan(self, need: int, full: int, num_layers: int):
+        """``(times, groups)`` of the official startover freeing ``need`` slots (``full``: slots one pass frees)."""
+        group, kept, _ = self.geometry(num_layers)
+        times = ceil_div(need, full)
+        return times, ceil_div(need, merged_group(group, times) - kept)
+
+    def _startover_offsets(self, times: int, num_layers: int) -> torch.Tensor:
+        """First entry each layer keeps inside a startover group, before the duplicate fix: ``LongTensor [L]``."""
+        group, kept, _ = self.geometry(num_layers)
+        freed2 = merged_group(group, times) - kept
+        if self.ladder_layout == "official":
+            return torch.arange(num_layers) % (freed2 + 1)
+        return self.layer_offsets(num_layers) * times
+
+    def _reads_past_end(self, n: int, times: int, groups: int, num_layers: int) -> bool:
+        """Whether the official startover would read a slot ``>= n`` (the official code's ``IndexError``)."""
+        group, kept, _ = self.geometry(num_layers)
+        group2 = merged_group(group, times)
+        last = self.start_size + int(self._startover_offsets(times, num_layers).max()) + group2 * (groups - 1)
+        return last + times * (kept - 1) >= n
+
+    def _startover_index(self, n: int, times: int, groups: int, num_layers: int) -> torch.Tensor:
+        """Slots kept by a startover over ``n`` slots: ``LongTensor [L, n_keep]``."""
+        group, kept, _ = self.geometry(num_layers)
+        group2 = merged_group(group, times)
+        # The official offset overruns the group when times >= 2 and A >= 2 (a token kept twice);
+        # cap it at the last offset whose A entries stay in the group.
+        offset2 = self._startover_offsets(times, num_layers).clamp(max=group2 - 1 - times * (kept - 1))
+        return ladder_index(n, self.start_size, groups, group2, torch.arange(kept) * times, offset2)
+
+    def fitting_need(self, n: int, need: int, full: int, num_layers: int) -> int:
+        """The most slots, at most ``need``, that one official startover over ``n`` slots frees with every
+        group ending before the newest slot (``start + groups * group2 < n``), so that every layer keeps
+        it. At least 1 for a valid setting (``n > cache_size >= start + L + A >= start + B``).
+
+        Each ``times`` serves the needs in ``((times - 1) * full, times * full]``; with ``times`` fixed
+        the groups that fit cap the need at ``fits * freed2``. All ``times`` are tried at once.
+        """
+        group, kept, _ = self.geometry(num_layers)
+        times = torch.arange(1, ceil_div(need, full) + 1)
+        group2 = merged_group(group, times)
+        fits = (n - 1 - self.start_size) // group2
+        served = torch.minimum((times * full).clamp(max=need), fits * (group2 - kept))
+        served = torch.where(served > (times - 1) * full, served, torch.zeros_like(served))
+        return int(served.max())
+
+    def startover_rounds(self, keep: torch.Tensor, full: int, num_layers: int) -> torch.Tensor:
+        """Startover in rounds, where the official one would read past the end of the cache.
+
+        That happens when a call frees many times what one pass can (a long prompt into a small
+        cache): the official startover then merges so many groups that its last group, ``group2``
+        slots wide, no longer fits in the step-4 list. Here each round is the official startover
+        for :meth:`fitting_need` slots (its groups all end before the newest slot, which every layer keeps);
+        rounds repeat on the shorter cache until it holds at most ``cache_size`` (+ compensation)
+        slots. The cursor is set by the last round, as after an official startover.
+
+        Parameters
+        ----------
+        keep : LongTensor ``[L, n]``, slots kept by step 4 of this call (in the cache before the call).
+        full : int, slots one startover pass frees without merging groups.
+
+        Returns
+        -------
+        LongTensor ``[L, n_keep]``, slots kept after the last round, ``n_keep <= cache length``.
+        """
+        _, kept, _ = self.geometry(num_layers)
+        while keep.shape[1] > self._capacity:
+            n = keep.shape[1]
+            times, groups = self._startover_plan(self.fitting_need(n, n - self._capacity, full, num_layers),
+                                                 full, num_layers)
+            keep = torch.gather(keep, 1, self._startover_index(n, times, groups, num_layers))
+            self._cursor = self.start_size + groups * kept
+        return keep
