@@ -434,7 +434,7 @@ def _label(value) -> str:
 
 
 def flags_table() -> str:
-    """Markdown table of every method flag (the README's copy is checked against it by the tests)."""
+    """Markdown table of every method flag (the copy in docs/methods.md is checked against it by the tests)."""
     lines = ["| flag | methods | type | default | valid | meaning |", "|---|---|---|---|---|---|"]
     for flag in method_flags().values():
         kind = " / ".join(flag.choices) if flag.choices else flag.kind.__name__

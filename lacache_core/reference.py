@@ -4,7 +4,7 @@ Written from the spec's prose, step by step, with per-layer Python lists, as the
 works: the tests check the fast tensor implementation (:class:`lacache_core.LaCache`) against it,
 and ``scripts/bench_decode.py --official_slow`` times it as "the official way". Indexing is
 explicit (``lst[k]``), so a step that would read past a list raises instead of silently
-truncating. It reproduces the official defects too (see the README); do not use it for runs.
+truncating. It reproduces the official defects too (see docs/reference_differences.md); do not use it for runs.
 """
 import math
 

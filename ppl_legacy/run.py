@@ -2,7 +2,7 @@
 
 Same flags and outputs as ``ppl/run.py``; the query sits at the current cache length and the
 policy compacts the ``(key, value)`` tuples after every step. Run it in an environment with
-``transformers==4.33.*`` (see the README).
+``transformers==4.33.*`` (see docs/benchmarks.md and docs/versions.md).
 """
 import sys
 from pathlib import Path

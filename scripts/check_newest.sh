@@ -19,6 +19,6 @@ echo "== newest transformers: $version (locked in requirements/lock-main.txt: $l
 if "$ENV/bin/python" -m pytest -q -p no:cacheprovider tests "$@"; then
     echo "== newest transformers $version: PASSED"
 else
-    echo "== newest transformers $version: FAILED (fix it, or say so in the README's supported-versions section)"
+    echo "== newest transformers $version: FAILED (fix it, or say so in docs/versions.md)"
     exit 1
 fi

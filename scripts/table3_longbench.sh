@@ -2,7 +2,7 @@
 # Table 3: LongBench (21 datasets) on Llama2-7B-Chat and Llama2-13B-Chat, full cache vs StreamingLLM vs
 # LaCache at 50% (span 16, overlap 0) and 25% (span 9, overlap 3) of the 3500-token input; 128 start
 # tokens by the official rule; the official repository's prompts (--chat_template lacache: no
-# [INST] wrapper for meta-llama/Llama-2-*-chat-hf, see README). Then scoring and the paper-side table.
+# [INST] wrapper for meta-llama/Llama-2-*-chat-hf, see docs/benchmarks.md). Then scoring and the paper-side table.
 #   bash scripts/table3_longbench.sh [--gpus N]   samples sharded over N GPUs with torchrun; ~4 GPU-hours per run
 #   bash scripts/table3_longbench.sh --smoke      embedded SmolLM2-135M, offline synthetic samples (~5 min CPU)
 source "$(dirname "$0")/lib.sh"

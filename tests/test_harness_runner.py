@@ -138,11 +138,11 @@ def test_a_field_added_later_keeps_old_hashes_at_its_default_and_enters_them_oth
     assert identity == {**before[0], "later": 2} and settings == {**before[1], "later": 2}
 
 
-def test_readme_flag_table_is_the_generated_one():
+def test_docs_flag_table_is_the_generated_one():
     from harness.flags import flags_table
 
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- method flags: python -m harness.flags -->\n(.*?)\n<!-- end method flags -->", readme, re.S)
+    page = (ROOT / "docs" / "methods.md").read_text()
+    block = re.search(r"<!-- method flags: python -m harness.flags -->\n(.*?)\n<!-- end method flags -->", page, re.S)
     assert block is not None and block.group(1) == flags_table()
 
 

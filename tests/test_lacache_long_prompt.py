@@ -160,7 +160,7 @@ def decode_grid():
 
 def same_as_reference(pos, ref):
     """``pos`` equals the official kept slots, layer by layer, except on layers where the official code
-    keeps a token twice or out of order (its ``times >= 2`` defect, fixed here, see the README)."""
+    keeps a token twice or out of order (its ``times >= 2`` defect, fixed here, see docs/reference_differences.md)."""
     return all(row.tolist() == kept for row, kept in zip(pos, ref.layers) if kept == sorted(set(kept)))
 
 

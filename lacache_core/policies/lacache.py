@@ -3,7 +3,7 @@
 Reproduces the slot selection of the official implementation (GATECH-EIC/LaCache @ 0f27c33) as
 specified in ``LACACHE_SPEC.md``: same kept positions in every layer after every call, for every
 configuration the official code handles correctly. Where the official code is defective we
-deviate, as documented in the README ("LaCache: where we differ from the official code"):
+deviate, as documented in docs/reference_differences.md ("LaCache: where we differ from the official code"):
 
 * settings that divide by zero or corrupt the cache are rejected up front (:class:`ConfigError`);
 * a startover that merges two or more groups at once (``times >= 2``) made some layers keep one
@@ -69,7 +69,7 @@ class LaCache(CachePolicy):
         Requested cache length ``C`` (slots per layer). With ``compensate=True`` (official), the
         length saw-tooths up to ``C + floor(R / 2)`` so that its average is about ``C``.
     span : int
-        ``S``, ladder span (official meaning; see the README for the paper-prose layout).
+        ``S``, ladder span (official meaning; see docs/reference_differences.md for the paper-prose layout).
     overlap : int
         ``O``, ladder overlap, ``0 <= O < S``.
     start_size : int
