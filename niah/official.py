@@ -15,9 +15,9 @@ What the official script does, and this module re-creates (pure functions: no mo
 * **Answer budget**: the token count of the key as the tokenizer encodes it (BOS included).
 * **Score**: the key's digits as a substring of the answer; the CSV has one row per cell
   (``Context Length`` = mean prompt tokens, floor; ``Score`` = tests passed) and the heatmap's
-  columns read ``1k, 2k, ...``.
+  columns read ``1k, 2k, ...``, its rows ``0.0, 10.0, ..., 100.0``.
 
-Where the official script is defective we keep our behaviour (README, "NIAH: --protocol lacache"):
+Where the official script is defective we keep our behaviour (docs/benchmarks.md, "Needle in a haystack"):
 the answer is decoded from the generated tokens only (its full-cache path decodes the last tokens of
 the output, prompt tail included when generation stopped early); EOS stops decoding even as the first
 token; the answer budget is the key's tokens plus one whether or not the tokenizer adds a BOS (without
@@ -85,6 +85,12 @@ def prompt(cell: Cell, test: int) -> Tuple[str, str]:
 def answer_budget(tokenizer, key: str) -> int:
     """Answer tokens: the key's own tokens plus one (the official count when the tokenizer adds one BOS)."""
     return len(tokenizer(key, add_special_tokens=False).input_ids) + 1
+
+
+def row_label(depth: float) -> str:
+    """The official heatmap's row label: the depth as ``pd.read_csv`` gives it back from the CSV, a float
+    printed as ``0.0, 10.0, ..., 100.0`` (``ax.set_yticklabels(document_depths)``)."""
+    return str(float(depth))
 
 
 def column_label(mean_tokens: int, method: str) -> str:

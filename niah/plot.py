@@ -35,10 +35,24 @@ def length_label(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
-def heatmap(rows: Iterable[dict], path: Path, title: str, labels: Optional[Dict[int, str]] = None) -> Optional[Path]:
+def depth_text(depth: float) -> str:
+    return f"{depth:g}"
+
+
+def tick_labels(lengths: List[int], depths: List[float], labels: Optional[Dict[int, str]] = None,
+                depth_labels: Optional[Dict[float, str]] = None) -> Tuple[List[str], List[str]]:
+    """``(column labels, row labels)`` of the heatmap: ``labels`` / ``depth_labels`` where they name a
+    length / depth, else :func:`length_label` / :func:`depth_text` (``0, 10, ...``)."""
+    columns = [(labels or {}).get(n) or length_label(n) for n in lengths]
+    rows = [(depth_labels or {}).get(d) or depth_text(d) for d in depths]
+    return columns, rows
+
+
+def heatmap(rows: Iterable[dict], path: Path, title: str, labels: Optional[Dict[int, str]] = None,
+            depth_labels: Optional[Dict[float, str]] = None) -> Optional[Path]:
     """Write the heatmap of ``rows`` to ``path``; ``None`` (nothing written) when matplotlib is missing.
 
-    ``labels``: column label per context length (default :func:`length_label`).
+    ``labels``: column label per context length, ``depth_labels``: row label per depth (see :func:`tick_labels`).
     """
     try:
         import matplotlib
@@ -55,8 +69,9 @@ def heatmap(rows: Iterable[dict], path: Path, title: str, labels: Optional[Dict[
     cmap = LinearSegmentedColormap.from_list("niah", COLORS)
     fig, ax = plt.subplots(figsize=(max(4.0, 1.0 + 0.9 * len(lengths)), max(3.0, 0.8 + 0.45 * len(depths))))
     im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=100, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(len(lengths)), [(labels or {}).get(n) or length_label(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    columns, row_names = tick_labels(lengths, depths, labels, depth_labels)
+    ax.set_xticks(range(len(lengths)), columns)
+    ax.set_yticks(range(len(depths)), row_names)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth (%)")
     if len(lengths) * len(depths) <= 400:

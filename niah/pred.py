@@ -355,7 +355,8 @@ def run_method(args, method, model, tokenizer, essays, stop) -> List[dict]:
                **extra)
     title = f"{model_label(args.model_name_or_path)} {args.mode}, {method_tag(args, method)}"
     labels = write_official_csv(args, method, folder, rows) if args.protocol == "lacache" else None
-    if heatmap(rows, folder / "heatmap.png", title, labels) is None:
+    depth_labels = {c.depth: official.row_label(c.depth) for c in args.cells} if args.protocol == "lacache" else None
+    if heatmap(rows, folder / "heatmap.png", title, labels, depth_labels) is None:
         print("note: matplotlib is not installed; no heatmap.png (pip install matplotlib, then "
               f"python niah/plot.py {folder / 'results.csv'})")
     print(write_summary(args, method, folder, rows))
