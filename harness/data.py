@@ -62,10 +62,7 @@ def pg_essays() -> List[str]:
 def _json_rows(path: Path, skipped: Optional[List[str]] = None) -> List[dict]:
     """Rows of a local ``.jsonl`` (one object per line) or ``.json`` (a list of objects, an object of
     columns, or JSON lines), read without ``datasets`` and so without any network access."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"--dataset_name {path}: not a UTF-8 text file") from None
+    text = _read_text(path)
     if path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -92,10 +89,7 @@ def _json_rows(path: Path, skipped: Optional[List[str]] = None) -> List[dict]:
 
 def _local_texts(path: Path, split: Optional[str], field: str, skipped: Optional[List[str]] = None) -> List[str]:
     if path.is_file() and path.suffix == ".txt":
-        try:
-            return [path.read_text(encoding="utf-8")]
-        except UnicodeDecodeError:
-            raise ConfigError(f"--dataset_name {path}: not a UTF-8 text file") from None
+        return _check_text(path, [_read_text(path)])
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         rows = _json_rows(path, skipped)
     elif path.is_file() and path.suffix == ".parquet":
@@ -103,18 +97,12 @@ def _local_texts(path: Path, split: Optional[str], field: str, skipped: Optional
             import pyarrow.parquet as pq
         except ImportError:
             raise ConfigError(f"--dataset_name {path}: reading parquet needs `pip install pyarrow`") from None
-        rows = pq.read_table(path).to_pylist()
-    elif path.is_dir():
         try:
-            import datasets
-        except ImportError:
-            raise ConfigError(f"--dataset_name {path}: a saved dataset folder needs `pip install datasets`") from None
-        data = datasets.load_from_disk(str(path))
-        if isinstance(data, datasets.DatasetDict):
-            if split not in data:
-                raise ConfigError(f"--split must be one of {sorted(data)} for {path}, got {split!r}")
-            data = data[split]
-        rows = data.to_list()
+            rows = pq.read_table(path).to_pylist()
+        except Exception as err:  # pyarrow's errors (ArrowInvalid, OSError, ...) share no base class
+            raise ConfigError(f"--dataset_name {path}: not a readable parquet file ({_first_line(err)})") from None
+    elif path.is_dir():
+        rows = _saved_dataset_rows(path, split)
     else:
         raise ConfigError(f"--dataset_name {path}: a local file must end in one of {LOCAL_SUFFIXES}")
     good = [row for row in rows if isinstance(row, dict) and isinstance(row.get(field), str)]
@@ -127,7 +115,65 @@ def _local_texts(path: Path, split: Optional[str], field: str, skipped: Optional
     rows = good
     if not rows:
         raise ConfigError(f"--dataset_name {path}: no rows")
-    return [row[field] for row in rows]
+    return _check_text(path, [row[field] for row in rows])
+
+
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: " + (str(err).strip().splitlines() or [""])[0][:200]
+
+
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of a local data file, or a one-line error naming ``--dataset_name``."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"--dataset_name {path}: not a UTF-8 text file (non-text bytes)") from None
+    except OSError as err:
+        raise ConfigError(f"--dataset_name {path}: cannot read it ({err.strerror})") from None
+
+
+def _saved_dataset_rows(path: Path, split: Optional[str]) -> List[dict]:
+    """Rows of a folder written by ``datasets``' ``save_to_disk`` (one split of a ``DatasetDict``)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"--dataset_name {path}: a saved dataset folder needs `pip install datasets`") from None
+    try:
+        data = datasets.load_from_disk(str(path))
+    except Exception as err:  # not a saved dataset, or a damaged one: missing or bad state.json, arrow files
+        raise ConfigError(f"--dataset_name {path}: a folder must be a dataset saved by datasets' save_to_disk "
+                          f"({_first_line(err)})") from None
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ConfigError(f"--split must be one of {sorted(data)} for {path}, got {split!r}")
+        data = data[split]
+    return data.to_list()
+
+
+#: Characters below U+0020 (and DEL) that no text file holds: every one but tab, the newlines, vertical
+#: tab and form feed. A binary file can decode as UTF-8 (NUL bytes, ASCII control codes) and the model
+#: scores it happily, to a perplexity that means nothing.
+BINARY_CHARS = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
+#: A text that is not binary may carry a stray control code (an ESC, a SUB at the end of an old file).
+BINARY_SHARE = 0.01
+
+
+def _check_text(path: Path, texts: List[str]) -> List[str]:
+    """``texts`` unchanged, or a one-line error when one of them is binary: a NUL anywhere, or control
+    characters above :data:`BINARY_SHARE` of its characters; or when none holds anything but whitespace."""
+    if not any(text.strip() for text in texts):
+        raise ConfigError(f"--dataset_name {path}: no text ({len(texts)} text(s), empty or whitespace only)")
+    for number, text in enumerate(texts, 1):
+        first = BINARY_CHARS.search(text)
+        if first is None:
+            continue
+        count = len(BINARY_CHARS.findall(text))
+        if "\x00" in text or count > BINARY_SHARE * len(text):
+            where = f"text {number}, " if len(texts) > 1 else ""
+            raise ConfigError(f"--dataset_name {path}: non-text bytes ({where}{count} control characters of "
+                              f"{len(text)}, the first {first.group()!r} at character {first.start()}); pass a "
+                              "text file")
+    return texts
 
 
 def load_texts(dataset_name: str, task: Optional[str] = None, split: str = "test", field: str = "text",

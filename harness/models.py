@@ -7,11 +7,12 @@ transformers version (4.33 included) under ``$LACACHE_HOME`` (default ``~/.cache
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -100,6 +101,59 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def present_devices() -> List[str]:
+    """The ``--device`` values that run on this machine: ``cpu``, each GPU family present with its
+    indices (``cuda``, ``cuda:0``, ...), and ``auto`` (``device_map``)."""
+    out = ["cpu"]
+    families = [("cuda", torch.cuda), ("xpu", getattr(torch, "xpu", None))]
+    for name, module in families:
+        if module is not None and module.is_available():
+            out += [name] + [f"{name}:{i}" for i in range(module.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return out + ["auto"]
+
+
+def device_problem(text: str) -> Optional[str]:
+    """Why ``text`` is not a device this machine can run a model on (``None`` when it is one).
+
+    torch parses ``cuda:7`` or ``mps`` on any machine and fails only when a tensor moves there, as a
+    traceback deep in model loading; this answers before anything is loaded.
+    """
+    present = present_devices()
+    valid = f"valid here: {', '.join(present)}"
+    if text in present:
+        return None
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        return f"not a device name; {valid}"
+    if device.type == "cpu" and device.index in (None, 0):
+        return None
+    if device.type not in ("cpu", "cuda", "xpu", "mps"):
+        return f"not a device a model runs on; {valid}"
+    if not any(d.split(":")[0] == device.type for d in present):
+        return f"no {device.type} device on this machine (torch {torch.__version__}); {valid}"
+    return f"not one of this machine's {device.type} devices; {valid}"
+
+
+def check_device(text: str, flag: str = "--device") -> str:
+    """``text`` unchanged when it names a device present here, else a one-line :class:`ConfigError`."""
+    problem = device_problem(text)
+    if problem is not None:
+        raise ConfigError(f"{flag} {text!r}: {problem}")
+    return text
+
+
+def device_arg(text: str) -> str:
+    """argparse ``type=`` of every ``--device`` flag: the error names the flag and the devices present."""
+    problem = device_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
+
+
 def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
                attn_implementation: str | None = None) -> Tuple[torch.nn.Module, object]:
     """Load ``(model, tokenizer)`` from an alias, a local folder or a hub name.
@@ -110,6 +164,7 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
     from packaging.version import Version
 
     torch_dtype = parse_dtype(dtype)
+    check_device(device)
     path = resolve_model_path(name_or_path)
     kwargs = {DTYPE_KWARG: torch_dtype}
     if attn_implementation:

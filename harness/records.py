@@ -19,6 +19,17 @@ from typing import Iterable, List, Optional, Set, Tuple
 from lacache_core.errors import ConfigError
 
 
+def read_text(path: Path, what: str = "") -> str:
+    """The UTF-8 text of ``path``, or a one-line :class:`ConfigError` (prefixed with ``what``, the flag that
+    named the file) when it is a folder, unreadable, or binary."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}{path}: not a UTF-8 text file (non-text bytes)") from None
+    except OSError as err:
+        raise ConfigError(f"{what}{path}: cannot read it ({err.strerror})") from None
+
+
 def read_jsonl(path: Path, what: str = "", skipped: Optional[List[str]] = None) -> List[dict]:
     """All records of ``path`` (a missing file reads as empty).
 
@@ -30,11 +41,7 @@ def read_jsonl(path: Path, what: str = "", skipped: Optional[List[str]] = None) 
     path = Path(path)
     if not path.exists():
         return []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what}{path}: not a UTF-8 text file") from None
-    lines = text.split("\n")  # the last item is "" when the file ends in a newline
+    lines = read_text(path, what).split("\n")  # the last item is "" when the file ends in a newline
     rows = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -62,8 +69,8 @@ def read_json_object(path: Path, what: str = "", hint: str = "") -> dict:
     if not path.exists():
         return {}
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        value = json.loads(read_text(path, what))
+    except json.JSONDecodeError:
         raise ConfigError(f"{what}{path} is not valid JSON{hint}") from None
     if not isinstance(value, dict):
         raise ConfigError(f"{what}{path} is not a JSON object{hint}")

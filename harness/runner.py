@@ -16,6 +16,7 @@ rest:
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -26,7 +27,7 @@ from lacache_core.errors import ConfigError
 
 from .flags import ArgumentParser, check_method_flags
 from .identity import differences, digest, model_identity, normalise
-from .models import DEFAULT_MODEL, DTYPES
+from .models import DEFAULT_MODEL, DTYPES, device_arg
 from .records import init_distributed, local_device
 from .runlog import run_record, write_json
 
@@ -36,17 +37,31 @@ ATTENTION = ("eager", "sdpa", "flash_attention_2")
 
 def add_model_flags(group, default: Optional[str] = DEFAULT_MODEL, names=MODEL_FLAGS,
                     help: Optional[str] = None) -> None:
-    """The model and how it runs. Every spelling of the model flag sets ``args.model_name_or_path``."""
-    group.add_argument(*names, dest="model_name_or_path", default=default,
+    """The model and how it runs. Every spelling of the model flag sets ``args.model_name_or_path``; two
+    spellings naming different models are an error."""
+    group.add_argument(*names, dest="model_name_or_path", default=default, action=OneOfSpellings,
                        help=help or f"hub name, local folder, or {DEFAULT_MODEL!r} (embedded SmolLM2-135M-Instruct, "
                                     "offline; the default)")
     add_runtime_flags(group)
 
 
+class OneOfSpellings(argparse.Action):
+    """A flag with several spellings (the official scripts' ``--model_name``, ``--model``): two of them given
+    different values is a one-line error, not "the last one wins"."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = getattr(namespace, "_spelling_" + self.dest, None)
+        if seen is not None and seen[0] != option_string and seen[1] != values:
+            raise argparse.ArgumentError(self, f"{option_string} {values!r} contradicts {seen[0]} {seen[1]!r}: "
+                                               "both name the model; give one")
+        setattr(namespace, "_spelling_" + self.dest, (option_string, values))
+        setattr(namespace, self.dest, values)
+
+
 def add_runtime_flags(group) -> None:
     group.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and cache dtype")
-    group.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (device_map; default: cuda if "
-                                                      "available)")
+    group.add_argument("--device", type=device_arg, default=None,
+                       help="cpu, cuda, cuda:N or auto (device_map; default: cuda if available); one present here")
     group.add_argument("--attn_implementation", default=None, choices=ATTENTION,
                        help="attention kernel (default: the model's)")
 
@@ -96,6 +111,22 @@ def add_output_flags(group, default: str) -> None:
     group.add_argument("--output_dir", default=default, help=f"results root (default {default})")
 
 
+def add_official_method_flag(group) -> None:
+    group.add_argument("--enable_lacache", action="store_true", help="the official flag: same as --method lacache")
+
+
+def apply_official_method_flag(args) -> None:
+    """``--enable_lacache`` (the LaCache repository's scripts) as ``--method lacache``; a ``--method`` that does not
+    run lacache contradicts it and is a one-line error rather than silently winning."""
+    if not getattr(args, "enable_lacache", False):
+        return
+    if args.method is None:
+        args.method = "lacache"
+    elif "lacache" not in [m.strip() for m in args.method.split(",")]:
+        raise ConfigError(f"--enable_lacache means --method lacache, but --method is {args.method!r}; give one of the "
+                          "two (or a --method list that includes lacache)")
+
+
 def check_run_flags(args) -> None:
     """One-line errors for the shared flags, and the device default."""
     if hasattr(args, "method"):
@@ -103,9 +134,35 @@ def check_run_flags(args) -> None:
     if args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output_dir {out} is a file, not a folder")
+    check_output_folder(args.output_dir)
+
+
+def _file_above(path: Path) -> Optional[Path]:
+    """The nearest existing ancestor of ``path`` when it is a file (nothing can be made under it)."""
+    above = next((p for p in path.parents if p.exists()), None)
+    return above if above is not None and not above.is_dir() else None
+
+
+def check_output_folder(path, flag: str = "--output_dir") -> None:
+    """One-line error, before any work, when the folder a CLI writes into cannot be one: it is a file, or
+    lies under one (a run would otherwise fail at its first write, or at its end)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a folder")
+    above = _file_above(path)
+    if above is not None:
+        raise ConfigError(f"{flag} {path}: {above} is a file, not a folder")
+
+
+def check_output_file(path, flag: str = "--output") -> None:
+    """One-line error, before any work, when the file a CLI writes at its end cannot be written there: it
+    is a folder, or lies under a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder, not a file")
+    above = _file_above(path)
+    if above is not None:
+        raise ConfigError(f"{flag} {path}: {above} is a file, not a folder")
 
 
 def load(args, position_shift: bool = True):
@@ -236,5 +293,5 @@ def cli(parse: Callable[[Optional[list]], object], body: Callable[[object], int]
     return main
 
 
-__all__ = ["ArgumentParser", "Run", "add_batch_flag", "add_model_flags", "add_output_flags", "add_runtime_flags", "add_skip_flag",
-           "batch_setting", "batch_tag", "check_batch_flags", "check_budgets", "check_run_flags", "cli", "load", "predict_each", "progress", "recorded_args", "run_main"]
+__all__ = ["ArgumentParser", "Run", "add_batch_flag", "add_model_flags", "add_official_method_flag", "apply_official_method_flag", "add_output_flags", "add_runtime_flags", "add_skip_flag",
+           "batch_setting", "batch_tag", "check_batch_flags", "check_budgets", "check_output_file", "check_output_folder", "check_run_flags", "cli", "load", "predict_each", "progress", "recorded_args", "run_main"]

@@ -48,7 +48,37 @@ class StreamResult:
 
 def running_ppl(nlls: List[float], upto: int) -> float:
     part = nlls[:upto]
-    return math.exp(sum(part) / len(part)) if part else float("nan")
+    if not part:
+        return float("nan")
+    try:
+        return math.exp(sum(part) / len(part))
+    except OverflowError:  # a mean NLL above ~709: a perplexity past float range, not a crash
+        return float("inf")
+
+
+def perplexity_problem(nlls: List[float]) -> Optional[str]:
+    """Why the perplexity of ``nlls`` is not a number to report (``None`` when it is finite)."""
+    if not nlls:
+        return "no token was scored"
+    bad = [i for i, nll in enumerate(nlls) if not math.isfinite(nll)]
+    if bad:
+        return (f"{len(bad)} of {len(nlls)} scored tokens have a non-finite loss, the first at token {bad[0]} "
+                "(the model's logits overflow or are NaN: a broken model, or a --dtype too narrow for it)")
+    mean = sum(nlls) / len(nlls)
+    if not math.isfinite(running_ppl(nlls, len(nlls))):
+        return f"the mean loss {mean:.1f} over {len(nlls)} tokens is past float range (exp overflows)"
+    return None
+
+
+def scoreable_tokens(tokenizer, texts: Iterable[str], enough: Optional[int] = None) -> int:
+    """Tokens the protocol scores in ``texts`` (each text's tokens but its first), counting stops once
+    ``enough`` are found (the texts are then not all tokenized)."""
+    total = 0
+    for text in texts:
+        total += max(0, len(tokenizer(text).input_ids) - 1)
+        if enough is not None and total >= enough:
+            break
+    return total
 
 
 def checkpoints(nlls: List[float], start: int = 1024) -> dict:

@@ -29,9 +29,10 @@ from typing import Dict, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.flags import ArgumentParser  # noqa: E402
+from harness.records import read_text  # noqa: E402
 
 from lacache_core.errors import ConfigError  # noqa: E402
-from harness.runner import run_main  # noqa: E402
+from harness.runner import check_output_folder, run_main  # noqa: E402
 from longbench.config import DATASETS, METRICS  # noqa: E402
 from longbench.metrics import BUCKETS, score, score_e  # noqa: E402
 
@@ -52,7 +53,9 @@ def parse_args(argv=None):
                    help="where pred/ and pred_e/ live, and where comparison.md goes (default outputs/longbench)")
     p.add_argument("--path", nargs="+", default=[], metavar="FOLDER",
                    help="prediction folder(s) to score directly; several also write {output_dir}/comparison.md")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_output_folder(args.output_dir)
+    return args
 
 
 # ----------------------------------------------------------------------------------- reading
@@ -80,7 +83,7 @@ def read_run(folder: Path) -> dict:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from err
 
@@ -91,7 +94,7 @@ def read_predictions(path: Path, need_length: bool) -> dict:
     As LongBench, ``all_classes`` is taken from the last line (it is the same on every line).
     """
     preds, answers, lengths, all_classes = [], [], [], None
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:

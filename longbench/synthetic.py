@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.flags import ArgumentParser  # noqa: E402
-from harness.runner import cli  # noqa: E402
+from harness.runner import check_output_folder, cli  # noqa: E402
 from lacache_core.errors import ConfigError  # noqa: E402
 
 RETRIEVAL_PARAGRAPHS = 30  # LongBench's prompt says "Here are 30 paragraphs"
@@ -78,7 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--words_per_paragraph", type=int, default=50, help="paragraph length (about 65 tokens per 50)")
     p.add_argument("--count_paragraphs", type=int, default=20, help="paragraphs per passage_count sample")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_output_folder(args.output_dir)
+    return args
 
 
 def _main(args) -> int:

@@ -45,7 +45,8 @@ from harness import paper  # noqa: E402
 from harness.flags import add_method_flags, hyperparameters, method_identity, method_tag, parser  # noqa: E402
 from harness.generation import BudgetSpec, answer_all, budget_spec, encode_prompt, read_record, stop_token_ids  # noqa: E402
 from harness.records import AppendOnlyFile  # noqa: E402
-from harness.runner import (Run, add_batch_flag, add_model_flags, add_output_flags, batch_setting,  # noqa: E402
+from harness.runner import (Run, add_batch_flag, add_model_flags, add_official_method_flag, add_output_flags,  # noqa: E402
+                            apply_official_method_flag, batch_setting,
                             batch_tag, check_batch_flags, check_budgets, check_run_flags, cli, load, progress)
 from lacache_core.errors import ConfigError  # noqa: E402
 from niah import official  # noqa: E402
@@ -86,7 +87,7 @@ def parse_args(argv=None):
                         "sentences, a key per cell, chat template; lacache: the LaCache repository's niah/pred.py "
                         "(filler sized in characters, ~3.75 per token; a key per test index; its wording; no chat "
                         "template; the key's token count as answer budget; its CSV), used by scripts/niah.sh")
-    g["method"].add_argument("--enable_lacache", action="store_true", help="the official flag: same as --method lacache")
+    add_official_method_flag(g["method"])
     add_method_flags(g["method"], default_method=None, budget=0.5, defaults={"span": 14},
                      start_help=f"leading tokens kept by every method (default {NIAH_START_SIZE}, as the official "
                                 "NIAH script)")
@@ -107,11 +108,7 @@ def parse_depths(text) -> List[float]:
 
 
 def validate(args) -> None:
-    if args.enable_lacache:
-        if args.method is None:
-            args.method = "lacache"
-        elif "lacache" not in [m.strip() for m in args.method.split(",")]:
-            raise ConfigError(f"--enable_lacache means --method lacache, but --method is {args.method!r}")
+    apply_official_method_flag(args)
     args.method = args.method or "full"
     check_run_flags(args)
     check_batch_flags(args)

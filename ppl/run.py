@@ -17,10 +17,11 @@ from harness.flags import (add_method_flags, method_settings, method_tag, parser
                            read_identity, read_setting)
 from harness.models import DEFAULT_MODEL  # noqa: E402
 from harness.plots import running_ppl_plot  # noqa: E402
-from harness.runner import Run, add_model_flags, add_output_flags, add_skip_flag, check_run_flags, cli, load  # noqa: E402
+from harness.runner import (Run, add_model_flags, add_official_method_flag, add_output_flags, add_skip_flag,  # noqa: E402
+                            apply_official_method_flag, check_run_flags, cli, load)
 from harness.streaming import (QUERY_POSITIONS, BatchStreamResult, check_batchable, checkpoints,  # noqa: E402
-                               load_checkpoint, running_ppl, split_streams, stream_perplexity, stream_perplexity_batched,
-                               stream_tokens)
+                               load_checkpoint, perplexity_problem, running_ppl, scoreable_tokens, split_streams,
+                               stream_perplexity, stream_perplexity_batched, stream_tokens)
 from lacache_core import ConfigError, build_policy  # noqa: E402
 from lacache_core.policies import METHODS  # noqa: E402
 
@@ -47,7 +48,7 @@ def parse_args(argv=None):
                                 "each chunk from an empty cache, one NLL log per stream (nlls_stream<j>.txt); "
                                 "every decode-time method (default 1: one stream, the official protocol)")
     add_skip_flag(g["data"])
-    g["method"].add_argument("--enable_lacache", action="store_true", help="official flag: same as --method lacache")
+    add_official_method_flag(g["method"])
     add_method_flags(g["method"], default_method=None, cache_size=256, start_size=4, prefill_chunks=False,
                      start_help="leading tokens kept by every method (attention sinks; default 4)")
     g["method"].add_argument("--query_position", choices=QUERY_POSITIONS, default="slot",
@@ -65,10 +66,11 @@ def parse_args(argv=None):
         raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.checkpoint_every < 0:
         raise ConfigError(f"--checkpoint_every must be >= 0, got {args.checkpoint_every}")
+    if args.method is None and args.model_name_or_path is None and args.num_eval_tokens is None:
+        args.num_eval_tokens = DEFAULT_COMPARE_TOKENS
+    apply_official_method_flag(args)
     if args.method is None:
-        args.method = "lacache" if args.enable_lacache else (",".join(COMPARE) if args.model_name_or_path is None else "full")
-        if args.model_name_or_path is None and args.num_eval_tokens is None:
-            args.num_eval_tokens = DEFAULT_COMPARE_TOKENS
+        args.method = ",".join(COMPARE) if args.model_name_or_path is None else "full"
     args.model_name_or_path = args.model_name_or_path or DEFAULT_MODEL
     if args.dataset_name == "wikitext" and args.task is None:
         args.task = "wikitext-2-raw-v1"
@@ -185,6 +187,10 @@ def _finish(args, method, run, policy, res, resume, num_layers: int):
     """Write the run's results (one stream or several), its plot, and drop the checkpoint."""
     batched = isinstance(res, BatchStreamResult)
     nlls = res.step_major() if batched else res.nlls
+    problem = perplexity_problem(nlls)
+    if problem is not None:  # never a result: run.json stays incomplete
+        raise ConfigError(f"[{method}] perplexity on --dataset_name {args.dataset_name} is not finite, so not recorded "
+                          f"as a result: {problem}")
     results = {
         "ppl": res.ppl, "checkpoints": checkpoints(nlls), "tokens_scored": len(nlls),
         "tokens_per_s": res.tokens_per_s, "seconds": res.seconds, "peak_kv_bytes": res.peak_kv_bytes,
@@ -235,6 +241,9 @@ def _main(args, legacy: bool = False) -> int:
         print(f"note: --skip_bad_rows left out {len(args.skipped)} bad rows ({', '.join(args.skipped[:5])}"
               f"{' ...' if len(args.skipped) > 5 else ''})", file=sys.stderr)
     model, tokenizer = load(args, position_shift=False)  # stream_perplexity installs it for the methods that shift
+    if scoreable_tokens(tokenizer, texts, enough=1) == 0:
+        raise ConfigError(f"--dataset_name {args.dataset_name}: no scoreable tokens ({len(texts)} text(s), none of "
+                          "2 or more tokens; perplexity scores every token after a text's first)")
     for method in args.methods:
         make_policy(args, method).bind(model.config.num_hidden_layers)
     rows, curves = [], {}

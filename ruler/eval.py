@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import paper  # noqa: E402
 from lacache_core.errors import ConfigError  # noqa: E402
 from harness.flags import ArgumentParser  # noqa: E402
-from harness.records import read_json_object  # noqa: E402
-from harness.runner import run_main  # noqa: E402
+from harness.records import read_json_object, read_text  # noqa: E402
+from harness.runner import check_output_folder, run_main  # noqa: E402
 from ruler.metrics import metric_for  # noqa: E402
 from ruler.tasks import TASK_NAMES  # noqa: E402
 
@@ -46,24 +46,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     for d in args.pred_dir:
         if not Path(d).is_dir():
             raise ConfigError(f"--pred_dir {d}: not a directory")
+    if args.output_dir is not None:
+        check_output_folder(args.output_dir)
     return args
 
 
 def read_predictions(path: Path):
     """``(preds, refs)`` of one ``{task}.jsonl``."""
     preds, refs = [], []
-    with open(path, encoding="utf-8") as f:
-        for num, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise ConfigError(f"--pred_dir: {path} line {num} is not JSON") from None
-            if not isinstance(row, dict) or "pred" not in row or "outputs" not in row:
-                raise ConfigError(f"--pred_dir: {path} line {num} lacks 'pred' or 'outputs'")
-            preds.append(row["pred"] or "")
-            refs.append(list(row["outputs"]))
+    for num, line in enumerate(read_text(path, "--pred_dir: ").split("\n"), 1):  # as open() iterates: "\n" only
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ConfigError(f"--pred_dir: {path} line {num} is not JSON") from None
+        if not isinstance(row, dict) or "pred" not in row or "outputs" not in row:
+            raise ConfigError(f"--pred_dir: {path} line {num} lacks 'pred' or 'outputs'")
+        preds.append(row["pred"] or "")
+        refs.append(list(row["outputs"]))
     return preds, refs
 
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lacache_core.errors import ConfigError  # noqa: E402
 from harness.flags import ArgumentParser  # noqa: E402
-from harness.runner import run_main  # noqa: E402
+from harness.runner import check_output_folder, run_main  # noqa: E402
 from harness.models import DEFAULT_MODEL, resolve_model_path  # noqa: E402
 from harness.runlog import run_record, write_json  # noqa: E402
 from ruler.tasks import TASK_NAMES, TASKS, RulerGenerator, load_hotpotqa, load_squad  # noqa: E402
@@ -73,8 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad or not tasks:
         raise ConfigError(f"--tasks must be a comma list of {', '.join(TASK_NAMES)}, got {args.tasks!r}")
     args.task_list = list(dict.fromkeys(tasks))
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise ConfigError(f"--output_dir {args.output_dir} is a file, not a folder")
+    check_output_folder(args.output_dir)
     return args
 
 
@@ -111,7 +110,7 @@ def load_qa(flag: str, value: str):
     if path.exists():
         try:
             return src["loader"](path), None
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, OSError) as err:  # OSError: a folder, an unreadable file
             raise ConfigError(f"--{flag} {value}: not a {src['what']} ({type(err).__name__}: {err})") from err
     if path.suffix in (".json", ".jsonl"):
         raise ConfigError(f"--{flag} {value}: file not found; give a {src['what']} or a hub name such as {src['hub']}")

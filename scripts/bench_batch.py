@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.data import load_texts  # noqa: E402
 from harness.flags import ArgumentParser, at_least_one, int_list, parse_methods  # noqa: E402
-from harness.models import load_model  # noqa: E402
+from harness.models import device_arg, load_model  # noqa: E402
 from harness.runlog import run_record, write_json  # noqa: E402
-from harness.runner import run_main  # noqa: E402
+from harness.runner import check_output_file, run_main  # noqa: E402
 from harness.streaming import check_batchable, split_streams, stream_perplexity_batched, stream_tokens  # noqa: E402
 from lacache_core import build_policy  # noqa: E402
 
@@ -47,7 +47,7 @@ def _run(argv=None) -> int:
     p.add_argument("--cache_size", type=int, default=256)
     p.add_argument("--span", type=int, default=8)
     p.add_argument("--overlap", type=int, default=4)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--attn_implementation", default="sdpa")
     p.add_argument("--num_samples", type=int, default=8, help="--task longbench: samples per synthetic task")
@@ -61,6 +61,7 @@ def _run(argv=None) -> int:
     methods = parse_methods(args.methods, "--methods")
     if args.output is None:
         args.output = f"outputs/bench/bench_batch{'' if args.task == 'ppl' else '_' + args.task}.json"
+    check_output_file(args.output)
     if args.task == "longbench":
         return bench_longbench(args, methods, batches)
     settings = dict(cache_size=args.cache_size, start_size=4, span=args.span, overlap=args.overlap)

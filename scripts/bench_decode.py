@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.flags import ArgumentParser, at_least_one, int_list, parse_methods  # noqa: E402
-from harness.runner import run_main  # noqa: E402
+from harness.runner import check_output_file, run_main  # noqa: E402
 
 from dataclasses import dataclass  # noqa: E402
 from typing import ClassVar  # noqa: E402
@@ -35,7 +35,7 @@ from lacache_core import CompressedCache, ConfigError, build_policy, enable_posi
 from lacache_core.cache import kv_bytes, prefill  # noqa: E402
 from lacache_core.policies.base import CachePolicy  # noqa: E402
 from lacache_core.reference import ReferenceLaCache  # noqa: E402
-from harness.models import load_model  # noqa: E402
+from harness.models import device_arg, load_model  # noqa: E402
 from harness.runlog import process_rss_bytes, run_record, write_json  # noqa: E402
 from lacache_core.versions import DTYPE_KWARG, with_cache  # noqa: E402
 
@@ -214,6 +214,7 @@ def check_args(args) -> None:
     int_list(args, "contexts", 1, "context lengths in tokens")
     at_least_one(args, "steps", "rounds", "cache_size")
     parse_methods(args.methods, "--methods")
+    check_output_file(args.output)
 
 
 def _run(argv=None) -> int:
@@ -228,7 +229,7 @@ def _run(argv=None) -> int:
     p.add_argument("--span", type=int, default=None, help="LaCache span (default: num_layers // 4, >= 1)")
     p.add_argument("--overlap", type=int, default=None, help="LaCache overlap (default: span // 2)")
     p.add_argument("--steps", type=int, default=40, help="decode steps timed per context")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--attn_implementation", default="sdpa")
     p.add_argument("--shift_ratio", action="store_true",

@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.data import load_texts  # noqa: E402
 from harness.flags import ArgumentParser, at_least_one  # noqa: E402
-from harness.models import load_model  # noqa: E402
+from harness.models import device_arg, load_model  # noqa: E402
 from harness.runlog import run_record, write_json  # noqa: E402
-from harness.runner import run_main  # noqa: E402
+from harness.runner import check_output_file, run_main  # noqa: E402
 from harness.streaming import stream_tokens  # noqa: E402
 from lacache_core import KIVI, CompressedCache, Quest, enable_position_shift, make_cache  # noqa: E402
 from lacache_core.versions import with_cache  # noqa: E402
@@ -86,9 +86,10 @@ def _run(argv=None) -> int:
     p.add_argument("--dataset_name", default="pg-essays")
     p.add_argument("--tokens", type=int, default=1500, help="prompt plus decoded tokens (default 1500)")
     p.add_argument("--decode", type=int, default=32, help="decode steps after the prompt (default 32)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_arg, default="cpu")
     p.add_argument("--output", default="outputs/bench/kv_bytes.json", help="JSON results (the table beside it, .md)")
     args = p.parse_args(argv)
+    check_output_file(args.output)
     at_least_one(args, "tokens", "decode")
     if args.decode >= args.tokens:
         print(f"error: --decode must be < --tokens {args.tokens}, got {args.decode}", file=sys.stderr)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.flags import ArgumentParser, at_least_one, int_list, parse_methods  # noqa: E402
-from harness.runner import run_main  # noqa: E402
+from harness.runner import check_output_file, run_main  # noqa: E402
+from lacache_core.errors import ConfigError  # noqa: E402
 
 
 def one_run(args) -> dict:
@@ -34,7 +35,11 @@ def one_run(args) -> dict:
 
     model, tok = load_model(args.model, "float32", "cpu", "sdpa")
     text = "\n\n".join(load_texts(args.dataset_name))
-    ids = tok(text, return_tensors="pt").input_ids[:, :args.prompt_tokens + args.eval_tokens + 1]
+    need = args.prompt_tokens + args.eval_tokens + 1
+    ids = tok(text, return_tensors="pt").input_ids[:, :need]
+    if ids.shape[1] < need:
+        raise ConfigError(f"--dataset_name {args.dataset_name}: {ids.shape[1]} tokens, fewer than --prompt_tokens "
+                          f"+ --eval_tokens + 1 = {need}; lower them or pass a longer text")
     layers = model.config.num_hidden_layers
     span = max(1, layers // 4)
     enable_position_shift(model)
@@ -64,6 +69,7 @@ def _run(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=None, help=argparse.SUPPRESS)  # one configuration (child)
     p.add_argument("--output", default="outputs/bench/bench_prefill.json")
     args = p.parse_args(argv)
+    check_output_file(args.output)
     chunks = int_list(args, "chunks", 0, "chunk sizes (0: the whole prompt)")
     at_least_one(args, "cache_size", "prompt_tokens", "eval_tokens")
     parse_methods(args.method)
@@ -76,9 +82,10 @@ def _run(argv=None) -> int:
             a for k in ("model", "dataset_name", "method", "cache_size", "prompt_tokens", "eval_tokens")
             for a in (f"--{k}", str(getattr(args, k)))]
         done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(done.stderr[-2000:], file=sys.stderr)
-            return 1
+        if done.returncode != 0:  # the child's one error line alone, as if this process had raised it
+            errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+            print(errors[-1] if errors else done.stderr[-2000:], file=sys.stderr)
+            return 2 if errors else 1
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(f"chunk {row['chunk'] or 'whole':>6}: prefill {row['prefill_s']:.1f} s, peak RSS {row['peak_rss_mib']:.0f} MiB, "

@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.flags import ArgumentParser  # noqa: E402
+from harness.models import device_arg  # noqa: E402
 from harness.runner import run_main  # noqa: E402
 from lacache_core.errors import ConfigError  # noqa: E402
 
@@ -36,7 +37,7 @@ def _run(argv=None) -> int:
     import transformers
 
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokens", type=int, default=200)
     args = p.parse_args(argv)
     if args.tokens < 1:

@@ -18,11 +18,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.flags import ArgumentParser  # noqa: E402
-from harness.runner import run_main  # noqa: E402
+from harness.runner import check_output_file, run_main  # noqa: E402
 
 from lacache_core import ConfigError, enable_position_shift, make_cache  # noqa: E402
 from lacache_core.versions import with_cache  # noqa: E402
-from harness.models import load_model  # noqa: E402
+from harness.models import device_arg, load_model  # noqa: E402
 from harness.runlog import process_rss_bytes, run_record, write_json  # noqa: E402
 
 
@@ -94,12 +94,13 @@ def _run(argv=None) -> int:
     p.add_argument("--report_every", type=int, default=1024)
     p.add_argument("--prompt", default="Write a very long story about a lighthouse keeper.")
     p.add_argument("--sample", action="store_true", help="sample (temperature 0.8) instead of greedy decoding")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--output", default="outputs/generate_forever/run.json")
     args = p.parse_args(argv)
     if args.tokens < 1 or args.report_every < 1:
         p.error("--tokens and --report_every must be >= 1")
+    check_output_file(args.output)
     try:
         if args.model == "tiny":
             model, tok = tiny_model(args.device)

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.flags import at_least_one, int_list, parser  # noqa: E402
-from harness.runner import add_model_flags, check_run_flags, cli, load, progress, safe_name  # noqa: E402
+from harness.runner import add_model_flags, check_output_file, check_run_flags, cli, load, progress, safe_name  # noqa: E402
 from harness.runlog import run_record, write_json  # noqa: E402
 from lacache_core import CompressedCache  # noqa: E402
 from lacache_core.errors import ConfigError  # noqa: E402
@@ -116,6 +116,8 @@ def parse_args(argv=None):
 def validate(args) -> None:
     args.output_dir = str(Path(args.output or "head_scores").parent if args.output else "head_scores")
     check_run_flags(args)
+    if args.output:
+        check_output_file(args.output)
     args.length_list = int_list(args, "lengths", 16, "context lengths")
     at_least_one(args, "top_k")
     try:

@@ -22,7 +22,8 @@ from typing import List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.flags import ArgumentParser  # noqa: E402
-from harness.runner import run_main  # noqa: E402
+from harness.runner import check_output_file, check_output_folder, run_main  # noqa: E402
+from lacache_core.errors import ConfigError  # noqa: E402
 
 from harness import paper  # noqa: E402
 from harness.plots import running_ppl_plot  # noqa: E402
@@ -285,7 +286,7 @@ def build(roots: List[Path], out: Path, assets_dir: Path) -> str:
                 found += 1
                 lines += [f"## {name} ({folder})", ""] + body
     if not found:
-        raise SystemExit(f"error: --root {' '.join(map(str, roots))}: no result folders ({', '.join(n for n, _ in SECTIONS)})")
+        raise ConfigError(f"--root {' '.join(map(str, roots))}: no result folders ({', '.join(n for n, _ in SECTIONS)})")
     return "\n".join(lines) + "\n"
 
 
@@ -295,6 +296,8 @@ def _run(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("RESULTS.md"))
     p.add_argument("--assets", type=Path, default=Path("docs/results"), help="where plots are copied for the page")
     args = p.parse_args(argv)
+    check_output_file(args.out, "--out")
+    check_output_folder(args.assets, "--assets")
     args.out.write_text(build(args.root, args.out, args.assets))
     print(f"wrote {args.out} (plots in {args.assets})")
     return 0

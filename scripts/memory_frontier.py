@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.flags import ArgumentParser  # noqa: E402
-from harness.runner import run_main  # noqa: E402
+from harness.runner import check_output_file, run_main  # noqa: E402
 
 
 def label(run: dict) -> str:
@@ -91,6 +91,9 @@ def _run(argv=None) -> int:
     if args.layers < 1:
         print(f"error: --layers must be >= 1, got {args.layers}", file=sys.stderr)
         return 2
+    for flag in ("markdown", "plot"):
+        if getattr(args, flag) is not None:
+            check_output_file(getattr(args, flag), f"--{flag}")
     table = sorted(rows(args.folder, args.layers), key=lambda r: r["peak KV MiB"])
     if not table:
         print(f"error: no completed perplexity runs under {args.folder}", file=sys.stderr)

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the fuzz cases 
 
 CLIS = ["ppl.run", "longbench.pred", "longbench.eval", "longbench.synthetic", "niah.pred", "niah.plot",
         "ruler.prepare", "ruler.pred", "ruler.eval"]
-SCRIPTS = ["bench_decode", "bench_prefill", "generate_forever", "check_numerics", "collect_ppl", "make_tables"]
+SCRIPTS = ["bench_decode", "bench_prefill", "generate_forever", "check_numerics", "collect_ppl", "make_tables",
+           "bench_kv_bytes", "bench_batch", "memory_frontier", "head_scores"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -149,7 +150,48 @@ def files(tmp_path_factory, tiny_dir):
     (preds / "run.json").write_text("{oops")
     text = root / "words.txt"
     text.write_text(" ".join(TINY_WORDS[i % 100] for i in range(300)))
+    bad_kinds(root, tiny_dir)
     return out
+
+
+def bad_kinds(root: Path, tiny_dir) -> None:
+    """Files whose contents do not match their kind, and folders where files belong (and back)."""
+    (root / "nul.txt").write_bytes(b"\0" * 500)  # decodes as UTF-8: only the byte check catches it
+    (root / "controls.txt").write_bytes(bytes(range(1, 32)) * 20)
+    (root / "blank.txt").write_text("  \n\n \t\n")
+    (root / "one_token.txt").write_text("w1")
+    (root / "empty_text.jsonl").write_text('{"text": ""}\n')
+    (root / "not.parquet").write_text("not parquet at all")
+    (root / "folder.txt").mkdir()
+    (root / "plain_folder").mkdir()
+    (root / "plain_folder" / "a.txt").write_text("w1 w2")
+    (root / "damaged_dataset").mkdir()
+    (root / "damaged_dataset" / "state.json").write_text("{oops")
+    (root / "squad.json").mkdir()
+    for name, member in (("lb_folders", "hotpotqa.jsonl"), ("ruler_folders", "vt.jsonl"), ("preds_folders", "vt.jsonl")):
+        (root / name / member).mkdir(parents=True)
+    (root / "preds_folders" / "hotpotqa.jsonl").mkdir()
+    for name, member in (("binary_preds", "vt.jsonl"), ("binary_preds", "hotpotqa.jsonl"), ("binary_run", "run.json")):
+        (root / name).mkdir(exist_ok=True)
+        (root / name / member).write_bytes(bytes(range(256)))
+    (root / "binary_run" / "hotpotqa.jsonl").write_text('{"pred": "a", "answers": ["a"]}\n')
+    (root / "empty_dir").mkdir()
+    overflowing_model(tiny_dir, root / "overflow_model")
+
+
+def overflowing_model(tiny_dir, folder: Path) -> None:
+    """The tiny model with an infinite final norm: every logit, and so every loss, is NaN (as a float16 overflow)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("inf"))
+    model.save_pretrained(folder)
+    for f in Path(tiny_dir).iterdir():
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            shutil.copy(f, folder / f.name)
 
 
 def generated_cases(monkeypatch):
@@ -292,3 +334,128 @@ def test_bash_scripts_reject_bad_flags(tmp_path):
         if done.returncode != 2 or len(errors) != 1:
             failures.append(f"{script} {argv}: rc {done.returncode}\n{done.stderr[-400:]}")
     assert not failures, "\n\n".join(failures)
+
+
+#: Device strings that torch parses, or not, but that no run can use on this machine (none has 8 GPUs or a
+#: device called ``cpux``); each CLI must refuse them while parsing, naming ``--device``.
+BAD_DEVICES = ["cuda:7", "cpux", "", "meta", "cpu:1", "cuda:x", "CUDA"]
+if not torch.cuda.is_available():
+    BAD_DEVICES.append("cuda")
+if not torch.backends.mps.is_available():
+    BAD_DEVICES.append("mps")
+
+
+def device_clis(monkeypatch):
+    """``(name, main)`` of every CLI whose parser has ``--device`` (the legacy perplexity CLI included)."""
+    found = []
+    for name in CLIS + SCRIPTS:
+        module = load(name)
+        parser = parser_of(module, monkeypatch)
+        if parser is not None and any("--device" in a.option_strings for a in parser._actions):
+            found.append((name, module.main))
+    return found + [("ppl_legacy", load("ppl.run").legacy_main)]
+
+
+def test_every_device_flag_refuses_devices_not_on_this_machine(monkeypatch, files):
+    clis = device_clis(monkeypatch)
+    assert len(clis) >= 10  # the four harnesses, head_scores, the benchmarks, generate_forever, check_numerics
+    failures = [check("bad device", main, ["--device", device], "--device") for _, main in clis
+                for device in BAD_DEVICES]
+    failures = [f for f in failures if f]
+    assert not failures, "\n\n".join(failures[:10])
+
+
+def test_device_check_accepts_what_is_here():
+    from harness.models import check_device, present_devices
+
+    for device in present_devices():
+        assert check_device(device) == device
+    assert "cpu" in present_devices() and "auto" in present_devices()
+
+
+def test_official_flag_that_contradicts_method(files):
+    tiny, text = files["tiny"], str(files["root"] / "words.txt")
+    cases = [(name, base + ["--enable_lacache", "--method", method, "--output_dir", str(files["root"] / "o")])
+             for name, base in (("ppl.run", ["--model_name_or_path", tiny, "--dataset_name", text,
+                                             "--num_eval_tokens", "4"]),
+                                ("niah.pred", ["--model_name", tiny, "--max_tokens", "64", "--interval", "64"]))
+             for method in ("streamingllm", "full", "h2o,full")]
+    cases += [("niah.pred", ["--model_name", tiny, "--model_name_or_path", text]),
+              ("ppl.run", ["--model", tiny, "--model_name_or_path", text]),
+              ("ruler.pred", ["--model", tiny, "--model_name", text, "--data_dir", str(files["root"])])]
+    failures = [check("contradiction", load(name).main, argv, "--enable_lacache" if "--enable_lacache" in argv
+                      else "--model") for name, argv in cases]
+    failures = [f for f in failures if f]
+    assert not failures, "\n\n".join(failures[:10])
+
+
+def bad_kind_cases(root: Path, tiny: str) -> list:
+    """``(module, argv, needle)``: data, prediction and output paths whose kind or contents are wrong."""
+    ppl = lambda data, model=tiny: ("ppl.run", ["--model_name_or_path", model, "--dataset_name", str(root / data),
+                                                "--num_eval_tokens", "4", "--output_dir", str(root / "o")])
+    cases = [ppl("not.parquet") + ("not.parquet",), ppl("plain_folder") + ("plain_folder",),
+             ppl("damaged_dataset") + ("damaged_dataset",), ppl("folder.txt") + ("folder.txt",),
+             ppl("empty_dir") + ("empty_dir",), ppl("nul.txt") + ("non-text bytes",),
+             ppl("controls.txt") + ("non-text bytes",), ppl("blank.txt") + ("no text",),
+             ppl("one_token.txt") + ("no scoreable tokens",), ppl("empty_text.jsonl") + ("empty_text.jsonl",),
+             ppl("words.txt", str(root / "overflow_model")) + ("not finite",),
+             ("bench_kv_bytes", ["--model", tiny, "--dataset_name", str(root / "nul.txt")], "nul.txt"),
+             ("bench_prefill", ["--model", tiny, "--dataset_name", str(root / "words.txt"), "--chunks", "0",
+                                "--output", str(root / "p.json")], "--prompt_tokens"),
+             ("ruler.prepare", ["--tokenizer", tiny, "--tasks", "qa_1", "--squad", str(root / "squad.json"),
+                                "--max_length", "64", "--num_samples", "1", "--output_dir", str(root / "o")], "--squad"),
+             ("longbench.eval", ["--path", str(root / "preds_folders")], "hotpotqa.jsonl"),
+             ("longbench.eval", ["--path", str(root / "binary_preds")], "hotpotqa.jsonl"),
+             ("longbench.eval", ["--path", str(root / "binary_run")], "run.json"),
+             ("ruler.eval", ["--pred_dir", str(root / "preds_folders")], "vt.jsonl"),
+             ("ruler.eval", ["--pred_dir", str(root / "binary_preds")], "vt.jsonl")]
+    if HAS_CACHE_CLASSES:
+        cases += [("longbench.pred", ["--model_name_or_path", tiny, "--max_length", "100", "--data_dir",
+                                      str(root / "lb_folders"), "--datasets", "hotpotqa", "--method", "full",
+                                      "--output_dir", str(root / "o")], "hotpotqa.jsonl"),
+                  ("ruler.pred", ["--model_name_or_path", tiny, "--data_dir", str(root / "ruler_folders"),
+                                  "--method", "full", "--output_dir", str(root / "o")], "vt.jsonl")]
+    return cases
+
+
+def bad_output_cases(root: Path, tiny: str) -> list:
+    """A file where a CLI writes a folder (or under a file), a folder where it writes a file: refused before any work."""
+    under = str(root / "a_file" / "sub")
+    folders = [("ppl.run", ["--model_name_or_path", tiny, "--output_dir", under], "--output_dir"),
+               ("niah.pred", ["--model_name", tiny, "--output_dir", under], "--output_dir"),
+               ("ruler.prepare", ["--tokenizer", tiny, "--output_dir", under], "--output_dir"),
+               ("longbench.synthetic", ["--output_dir", str(root / "a_file")], "--output_dir"),
+               ("longbench.eval", ["--path", str(root / "empty_dir"), "--output_dir", str(root / "a_file")],
+                "--output_dir"),
+               ("ruler.eval", ["--pred_dir", str(root / "empty_dir"), "--output_dir", str(root / "a_file")],
+                "--output_dir"),
+               ("make_tables", ["--root", str(root / "empty_dir"), "--out", str(root / "t.md"), "--assets",
+                                str(root / "a_file")], "--assets")]
+    files_ = [(name, argv + [flag, path], flag) for name, argv in (
+        ("bench_decode", ["--model", "tiny"]), ("bench_prefill", ["--model", tiny]), ("bench_kv_bytes", ["--model", tiny]),
+        ("bench_batch", ["--model", tiny]), ("generate_forever", ["--model", "tiny"]),
+        ("head_scores", ["--model_name_or_path", tiny]), ("memory_frontier", [str(root / "empty_dir")]))
+        for flag in (("--markdown",) if name == "memory_frontier" else ("--output",))
+        for path in (str(root / "empty_dir"), under)]
+    files_ += [("make_tables", ["--root", str(root / "empty_dir"), "--out", str(root / "empty_dir")], "--out"),
+               ("make_tables", ["--root", str(root / "nowhere"), "--out", str(root / "t.md")], "--root")]
+    return folders + files_
+
+
+def test_bad_kinds_of_data_and_output(files):
+    """Each case fails today on the code before these checks: a traceback, a hang, or ``ppl: nan`` and exit 0."""
+    root, tiny = files["root"], files["tiny"]
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cases = bad_kind_cases(root, tiny) + bad_output_cases(root, tiny)
+    failures = [check("bad kind", load(name).main, argv, needle, env=offline) for name, argv, needle in cases]
+    failures = [f for f in failures if f]
+    assert not failures, "\n\n".join(failures[:10])
+
+
+def test_perplexity_past_float_range_is_not_a_crash():
+    from harness.streaming import perplexity_problem, running_ppl
+
+    assert running_ppl([800.0, 800.0], 2) == float("inf")  # math.exp raised OverflowError here
+    assert "past float range" in perplexity_problem([800.0, 800.0])
+    assert "non-finite loss" in perplexity_problem([1.0, float("nan")])
+    assert perplexity_problem([1.0, 2.0]) is None
