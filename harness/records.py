@@ -1,4 +1,4 @@
-"""Append-only JSONL result files that survive interruption, and data-parallel sharding.
+"""Append-only JSONL (and CSV) result files that survive interruption, and data-parallel sharding.
 
 Every harness that produces one record per sample writes it with :class:`JsonlResults`: the line
 is appended and flushed as soon as it exists, a rerun skips the ids already written, and a line
@@ -10,6 +10,8 @@ and the shards are merged into the one result file once all ranks are done.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from contextlib import contextmanager
@@ -143,6 +145,72 @@ class JsonlResults(AppendOnlyFile):
         self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._sync()
         self.done.add(row.get(self.key))
+
+
+class CsvResults(AppendOnlyFile):
+    """A CSV file of results under the header ``columns``, opened for appending, one flushed row per record (the
+    CSV twin of :class:`JsonlResults`).
+
+    On opening, a row cut short by a kill (no final newline, or an unterminated quoted field) is dropped;
+    ``rows`` are the records already there (strings, as read back), ``done`` their ids (``key(row)``). A file
+    with another header is a one-line :class:`ConfigError` naming ``what`` it should be.
+    """
+
+    def __init__(self, path: Path, columns: List[str], key, what: str = "a results file"):
+        self.path, self.columns, self.key, self.what = Path(path), list(columns), key, what
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows = self._read_complete()
+        self.done = {key(r) for r in self.rows}
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        self._open(self.path, newline="")
+        self._writer = csv.writer(self._file, lineterminator="\n")
+        if fresh:
+            self._writer.writerow(self.columns)
+            self._sync()
+
+    def _read_complete(self) -> List[dict]:
+        text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+        if not text:
+            return []
+        rows, damaged = [], False
+        try:
+            for row in csv.reader(io.StringIO(text, newline=""), strict=True):
+                rows.append(row)  # noqa: PERF402 (keep the rows read before a csv.Error)
+        except csv.Error:
+            damaged = True  # the last record ends inside a quoted field: cut off
+        if not text.endswith("\n") and rows and not damaged:
+            rows.pop()  # the last record has no newline: cut off
+            damaged = True
+        if not rows or rows[0] != self.columns:
+            raise ConfigError(f"--output_dir: {self.path} is not {self.what} (header {self.columns})")
+        records = [dict(zip(self.columns, r)) for r in rows[1:] if len(r) == len(self.columns)]
+        if damaged or len(records) != len(rows) - 1:
+            write_csv(self.path, self.columns, records)
+        return records
+
+    def append(self, row: dict) -> None:
+        self._writer.writerow([row[c] for c in self.columns])
+        self._sync()
+        self.rows.append({c: str(row[c]) for c in self.columns})
+        self.done.add(self.key(row))
+
+
+def read_csv(path: Path) -> List[dict]:
+    """The rows of a CSV file with a header, as strings (a missing file reads as empty)."""
+    if not Path(path).exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def write_csv(path: Path, columns: List[str], rows: List[dict]) -> None:
+    """Replace ``path`` with the header ``columns`` and ``rows`` (written beside it, then moved over it)."""
+    tmp = Path(path).with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(columns)
+        w.writerows([r[c] for c in columns] for r in rows)
+    tmp.replace(path)
 
 
 def rank_and_world() -> Tuple[int, int]:

@@ -33,12 +33,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.flags import add_method_flags, hyperparameters, method_identity, method_tag, parser  # noqa: E402
-from harness.generation import (answer_all, budget_spec, encode_prompt, read_record, stop_token_ids,  # noqa: E402
-                                truncate_middle)
-from harness.records import complete_rows, in_sample_order, read_jsonl, sharded_results  # noqa: E402
+from harness.generation import answer_all, budget_spec, encode_prompt, stop_token_ids, truncate_middle  # noqa: E402
+from harness.loop import Benchmark, JsonlStore, Part, answer_cost, run_benchmark  # noqa: E402
+from harness.records import complete_rows, read_jsonl  # noqa: E402
 from harness.runner import (Run, add_batch_flag, add_model_flags, add_output_flags, add_skip_flag,  # noqa: E402
-                            batch_setting, batch_tag, check_batch_flags, check_budgets, check_run_flags, cli, load,
-                            predict_each, progress)
+                            batch_setting, batch_tag, check_batch_flags, check_budgets, check_run_flags, cli, load)
 from lacache_core.errors import ConfigError  # noqa: E402
 from longbench.config import (DATASETS, DATASETS_E, MAX_NEW_TOKENS, MODEL_MAX_LENGTH, NO_CHAT,  # noqa: E402
                               PROMPTS)
@@ -238,7 +237,8 @@ def open_run(args, method: str, tokenizer) -> Tuple[Run, dict]:
     return run, info
 
 
-def predict_dataset(args, method, dataset, model, tokenizer, folder: Path) -> Optional[list]:
+def dataset_part(args, method, dataset, model, tokenizer) -> Part:
+    """One dataset's samples, their prompts, budget and records (``{dataset}.jsonl``)."""
     name = f"{dataset}_e" if args.e else dataset
     skipped = [] if args.skip_bad_rows else None
     samples = load_samples(name, args.data_dir, args.hub_dataset, skipped)[:args.num_samples]
@@ -248,32 +248,27 @@ def predict_dataset(args, method, dataset, model, tokenizer, folder: Path) -> Op
         raise ConfigError(f"--datasets {dataset}: no samples in {args.data_dir or args.hub_dataset}")
     for i, sample in enumerate(samples):
         sample.setdefault("_id", f"{name}-{i}")
-    final = folder / f"{dataset}.jsonl"
-    spec = budget_spec(args, method, args.max_length)
-    stop = stop_token_ids(tokenizer, model, extra=["\n"] if dataset == "samsum" else ())
+    spec = budget_spec(args, method, args.max_length)  # budget x max_length, whatever the prompt's length
     limit = min(MAX_NEW_TOKENS[dataset], args.max_new_tokens or MAX_NEW_TOKENS[dataset])
-    with sharded_results(final, samples, "_id", args.rank, args.world) as (todo, out):
-        requests = [(encode(tokenizer, PROMPTS[dataset].format(**sample), dataset, args), limit) for sample in todo]
-        answers = answer_all(model, tokenizer, requests, lambda _: spec, args.batch_size, stop,
-                             min_new_tokens=1 if dataset == "samsum" else 0,
-                             prefill_chunk_size=args.prefill_chunk_size, longest_first=True)
-        for i, res in progress(answers, f"{method} {dataset}", args.rank, total=len(todo)):
-            sample = todo[i]
-            out.append({"_id": sample["_id"], "pred": res.text, "answers": sample["answers"],
-                        "all_classes": sample.get("all_classes"), "length": sample.get("length"),
-                        "prompt_tokens": res.prompt_tokens, "seconds": round(res.seconds, 3),
-                        "peak_kv_bytes": res.peak_kv_bytes, "final_kv_bytes": res.final_kv_bytes,
-                        "batch_rows": res.batch_rows, **read_record(res)})
-    in_sample_order(final, samples, "_id", args.world)
-    return skipped
+    return Part(dataset, samples, JsonlStore("_id"), budget=lambda _: spec, skipped=skipped,
+                prompt=lambda sample: (encode(tokenizer, PROMPTS[dataset].format(**sample), dataset, args), limit),
+                record=record, stop=stop_token_ids(tokenizer, model, extra=["\n"] if dataset == "samsum" else ()),
+                min_new_tokens=1 if dataset == "samsum" else 0)
+
+
+def record(sample: dict, res) -> dict:
+    """The JSONL line of one answer (the fields ``longbench/eval.py`` reads, then the cost)."""
+    return {"_id": sample["_id"], "pred": res.text, "answers": sample["answers"],
+            "all_classes": sample.get("all_classes"), "length": sample.get("length"),
+            "prompt_tokens": res.prompt_tokens, **answer_cost(res)}
 
 
 def _main(args) -> int:
     model, tokenizer = load(args)
     check_budgets(args, model, args.max_length, lambda m, n: budget_spec(args, m, n))
-    predict_each(args, args.dataset_list, lambda method: open_run(args, method, tokenizer),
-                 lambda method, dataset, folder: predict_dataset(args, method, dataset, model, tokenizer, folder),
-                 "longbench/eval.py --path")
+    parts = lambda method: (dataset_part(args, method, d, model, tokenizer) for d in args.dataset_list)  # noqa: E731
+    run_benchmark(args, Benchmark(lambda method: open_run(args, method, tokenizer), parts, "longbench/eval.py --path"),
+                  model, tokenizer, answer_all)
     return 0
 
 

@@ -32,7 +32,6 @@ Offline quick run on the embedded SmolLM2-135M-Instruct::
 from __future__ import annotations
 
 import csv
-import io
 import statistics
 import sys
 import time
@@ -41,13 +40,13 @@ from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import paper  # noqa: E402
+from harness import paper, records  # noqa: E402
 from harness.flags import add_method_flags, hyperparameters, method_identity, method_tag, parser  # noqa: E402
-from harness.generation import BudgetSpec, answer_all, budget_spec, encode_prompt, read_record, stop_token_ids  # noqa: E402
-from harness.records import AppendOnlyFile  # noqa: E402
+from harness.generation import BudgetSpec, answer_all, budget_spec, encode_prompt, stop_token_ids  # noqa: E402
+from harness.loop import Benchmark, CsvStore, Part, run_benchmark  # noqa: E402
 from harness.runner import (Run, add_batch_flag, add_model_flags, add_official_method_flag, add_output_flags,  # noqa: E402
                             apply_official_method_flag, batch_setting,
-                            batch_tag, check_batch_flags, check_budgets, check_run_flags, cli, load, progress)
+                            batch_tag, check_batch_flags, check_budgets, check_run_flags, cli, load)
 from lacache_core.errors import ConfigError  # noqa: E402
 from niah import official  # noqa: E402
 from niah.haystack import MODES, Prompt, build_prompt, depth_label, score  # noqa: E402
@@ -172,7 +171,7 @@ def open_run(args, method: str) -> Run:
                "cache": {"dtype": args.dtype, "attn_implementation": args.attn_implementation, **batch_setting(args)},
                "seed": args.seed}
     return Run(args.output_dir, f"{model_label(args.model_name_or_path)}__{mode}__{method_tag(args, method)}"
-                                f"{batch_tag(args)}", setting, args)
+                                f"{batch_tag(args)}", setting, args, args.rank)
 
 
 # ----------------------------------------------------------------------------------------- results file
@@ -180,62 +179,17 @@ def _key(length, depth, test):
     return int(length), depth_label(depth), int(test)
 
 
-class CsvResults(AppendOnlyFile):
-    """``results.csv`` opened for appending, one flushed row per test (the CSV twin of ``JsonlResults``).
+def row_key(row: dict) -> tuple:
+    """The cell of a test (a grid row or a ``results.csv`` record): ``(context_length, depth label, test)``."""
+    return _key(row["context_length"], row["depth"], row["test"])
 
-    On opening, a row cut short by a kill (no final newline, or an unterminated quoted field) is
-    dropped; ``done`` holds the ``(context_length, depth, test)`` keys already written.
-    """
+
+class CsvResults(records.CsvResults):
+    """``results.csv`` opened for appending, one flushed row per test; ``done`` holds the cells written
+    (:func:`row_key`), and a row cut short by a kill is dropped on opening."""
 
     def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.rows = self._read_complete()
-        self.done = {_key(r["context_length"], r["depth"], r["test"]) for r in self.rows}
-        fresh = not self.path.exists() or self.path.stat().st_size == 0
-        self._open(self.path, newline="")
-        self._writer = csv.writer(self._file, lineterminator="\n")
-        if fresh:
-            self._writer.writerow(COLUMNS)
-            self._sync()
-
-    def _read_complete(self) -> List[dict]:
-        if not self.path.exists():
-            return []
-        text = self.path.read_text(encoding="utf-8")
-        if not text:
-            return []
-        rows, damaged = [], False
-        try:
-            for row in csv.reader(io.StringIO(text, newline=""), strict=True):
-                rows.append(row)  # noqa: PERF402 (keep the rows read before a csv.Error)
-        except csv.Error:
-            damaged = True  # the last record ends inside a quoted field: cut off
-        if not text.endswith("\n") and rows and not damaged:
-            rows.pop()  # the last record has no newline: cut off
-            damaged = True
-        if not rows or rows[0] != COLUMNS:
-            raise ConfigError(f"--output_dir: {self.path} is not a NIAH results file (header {COLUMNS})")
-        records = [dict(zip(COLUMNS, r)) for r in rows[1:] if len(r) == len(COLUMNS)]
-        if damaged or len(records) != len(rows) - 1:
-            tmp = self.path.with_suffix(".csv.tmp")
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                w = csv.writer(f, lineterminator="\n")
-                w.writerow(COLUMNS)
-                w.writerows([r[c] for c in COLUMNS] for r in records)
-            tmp.replace(self.path)
-        return records
-
-    def append(self, row: dict) -> None:
-        self._writer.writerow([row[c] for c in COLUMNS])
-        self._sync()
-        self.rows.append({c: str(row[c]) for c in COLUMNS})
-        self.done.add(_key(row["context_length"], row["depth"], row["test"]))
-
-
-def read_results(path: Path) -> List[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+        super().__init__(path, COLUMNS, row_key, "a NIAH results file")
 
 
 # ----------------------------------------------------------------------------------------- summary
@@ -312,53 +266,73 @@ def write_official_csv(args, method: str, folder: Path, rows: List[dict]) -> Dic
     return labels
 
 
-def run_method(args, method, model, tokenizer, essays, stop) -> List[dict]:
-    run = open_run(args, method)
-    folder = run.folder
-    common = dict(model=model_label(args.model_name_or_path), method=method, mode=args.mode, protocol=args.protocol,
-                  lengths=args.lengths, depths=args.depth_list, num_tests=args.num_tests,
-                  max_new_tokens=answer_tokens(args), chat=not args.no_chat and args.protocol == "clean",
-                  budget=None if method == "full" else args.budget,
-                  start_size=None if method == "full" else start_size(args), batch_size=args.batch_size,
-                  **hyperparameters(args, method))
-    run.start(**common)
-    cells = grid_cells(args)
-    guesses, prompts, reads = {}, {}, []
-    t0 = time.perf_counter()
-    with CsvResults(folder / "results.csv") as out:
-        todo = [c for c in cells if _key(*c) not in out.done]
+def run_info(args, method: str) -> dict:
+    """What ``run.json`` records of one method's run besides its setting."""
+    return dict(model=model_label(args.model_name_or_path), method=method, mode=args.mode, protocol=args.protocol,
+                lengths=args.lengths, depths=args.depth_list, num_tests=args.num_tests,
+                max_new_tokens=answer_tokens(args), chat=not args.no_chat and args.protocol == "clean",
+                budget=None if method == "full" else args.budget,
+                start_size=None if method == "full" else start_size(args), batch_size=args.batch_size,
+                **hyperparameters(args, method))
 
-        def requests():  # built as each batch is due: the grid's prompts together would not fit in memory
-            for i, (length, depth, test) in enumerate(todo):
-                prompt, limit = make_prompt(args, tokenizer, length, depth, test, essays, guesses.get(length))
-                guesses[length] = prompt.units
-                prompts[i] = prompt
-                yield prompt.input_ids, limit
 
-        # the grid goes length by length, so consecutive tests have prompts of about the same length
-        answers = answer_all(model, tokenizer, requests(), lambda n: make_spec(args, method, n), args.batch_size, stop,
-                             prefill_chunk_size=args.prefill_chunk_size)
-        for i, res in progress(answers, f"{method} {args.mode}", total=len(todo)):
-            (length, depth, test), prompt = todo[i], prompts.pop(i)
-            out.append({"context_length": length, "depth": depth_label(depth), "test": test,
-                        "score": f"{score(args.mode, res.text, prompt.answer):g}", "pred": res.text,
-                        "prompt_tokens": res.prompt_tokens})
-            reads.extend(read_record(res).values())
-        wanted = {_key(*c) for c in cells}  # the file may hold other cells from a wider earlier run
-        rows = [r for r in out.rows if _key(r["context_length"], r["depth"], r["test"]) in wanted]
-    means = cell_means(rows)
-    extra = {"read_fraction": round(sum(reads) / len(reads), 6)} if reads else {}  # --read: this invocation's answers
-    run.finish(**common, average_score=average(means), seconds=round(time.perf_counter() - t0, 1), tests=len(rows),
-               **extra)
-    title = f"{model_label(args.model_name_or_path)} {args.mode}, {method_tag(args, method)}"
-    labels = write_official_csv(args, method, folder, rows) if args.protocol == "lacache" else None
-    depth_labels = {c.depth: official.row_label(c.depth) for c in args.cells} if args.protocol == "lacache" else None
-    if heatmap(rows, folder / "heatmap.png", title, labels, depth_labels) is None:
-        print("note: matplotlib is not installed; no heatmap.png (pip install matplotlib, then "
-              f"python niah/plot.py {folder / 'results.csv'})")
-    print(write_summary(args, method, folder, rows))
-    print(f"[{method}] results in {folder}")
-    return rows
+class Sweep:
+    """The NIAH grid for :func:`harness.loop.run_benchmark`: per method one part, ``results.csv`` (a row per
+    test, keyed by its cell), then the scores in ``run.json``, ``official.csv``, the heatmap and the summary."""
+
+    def __init__(self, args, model, tokenizer, essays):
+        self.args, self.tokenizer, self.essays = args, tokenizer, essays
+        self.stop = stop_token_ids(tokenizer, model)
+        self.results: Dict[str, List[dict]] = {}  # method -> its rows, for the comparison table
+        self.t0 = 0.0
+
+    def benchmark(self) -> Benchmark:
+        return Benchmark(self.open_run, self.parts, finish=self.finish, report=self.report)
+
+    def open_run(self, method: str):
+        self.t0 = time.perf_counter()
+        return open_run(self.args, method), run_info(self.args, method)
+
+    def parts(self, method: str) -> List[Part]:
+        args, guesses = self.args, {}
+        cells = [{"context_length": n, "depth": d, "test": t} for n, d, t in grid_cells(args)]
+
+        def prompt(cell: dict):
+            length = cell["context_length"]
+            built, limit = make_prompt(args, self.tokenizer, length, cell["depth"], cell["test"], self.essays,
+                                       guesses.get(length))
+            guesses[length] = built.units
+            cell["answer"] = built.answer  # what record() scores; the prompt itself need not stay in memory
+            return built.input_ids, limit
+
+        def record(cell: dict, res) -> dict:
+            return {"context_length": cell["context_length"], "depth": depth_label(cell["depth"]),
+                    "test": cell["test"], "score": f"{score(args.mode, res.text, cell['answer']):g}",
+                    "pred": res.text, "prompt_tokens": res.prompt_tokens}
+
+        # the grid goes length by length, so consecutive tests have prompts of about the same length; built as
+        # each batch is due (longest_first=False): the grid's prompts together would not fit in memory
+        return [Part(args.mode, cells, CsvStore(CsvResults, row_key), prompt, record, lambda n: make_spec(args, method, n),
+                     file="results.csv", stop=self.stop, longest_first=False)]
+
+    def finish(self, method: str, folder: Path, reads: List[float]) -> dict:
+        wanted = {_key(*c) for c in grid_cells(self.args)}  # the file may hold other cells from a wider earlier run
+        rows = [r for r in records.read_csv(folder / "results.csv") if row_key(r) in wanted]
+        self.results[method] = rows
+        extra = {"read_fraction": round(sum(reads) / len(reads), 6)} if reads else {}  # this invocation's answers
+        return dict(average_score=average(cell_means(rows)), seconds=round(time.perf_counter() - self.t0, 1),
+                    tests=len(rows), **extra)
+
+    def report(self, method: str, folder: Path) -> None:
+        args, rows = self.args, self.results[method]
+        title = f"{model_label(args.model_name_or_path)} {args.mode}, {method_tag(args, method)}"
+        labels = write_official_csv(args, method, folder, rows) if args.protocol == "lacache" else None
+        depth_labels = {c.depth: official.row_label(c.depth) for c in args.cells} if args.protocol == "lacache" else None
+        if heatmap(rows, folder / "heatmap.png", title, labels, depth_labels) is None:
+            print("note: matplotlib is not installed; no heatmap.png (pip install matplotlib, then "
+                  f"python niah/plot.py {folder / 'results.csv'})")
+        print(write_summary(args, method, folder, rows))
+        print(f"[{method}] results in {folder}")
 
 
 def comparison(args, results) -> str:
@@ -382,14 +356,14 @@ def _main(args) -> int:
         from harness.data import pg_essays
         essays = pg_essays()
     model, tokenizer = load(args)
-    stop = stop_token_ids(tokenizer, model)
     # reject impossible budgets before the first test: the smallest prompt gets the smallest cache
     length, depth, _ = grid_cells(args)[0]
     first, _ = make_prompt(args, tokenizer, length, depth, 0, essays)
     check_budgets(args, model, first.tokens, lambda m, n: make_spec(args, m, n))
-    results = {m: run_method(args, m, model, tokenizer, essays, stop) for m in args.methods}
-    if len(results) > 1:
-        print(f"\n## average score per context length ({args.mode})\n\n{comparison(args, results)}")
+    sweep = Sweep(args, model, tokenizer, essays)
+    run_benchmark(args, sweep.benchmark(), model, tokenizer, answer_all)
+    if len(sweep.results) > 1:
+        print(f"\n## average score per context length ({args.mode})\n\n{comparison(args, sweep.results)}")
     return 0
 
 

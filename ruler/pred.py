@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.flags import add_method_flags, hyperparameters, method_identity, method_tag, parser  # noqa: E402
-from harness.generation import answer_all, budget_spec, encode_prompt, read_record, stop_token_ids  # noqa: E402
-from harness.records import complete_rows, in_sample_order, read_json_object, read_jsonl, sharded_results  # noqa: E402
+from harness.generation import answer_all, budget_spec, encode_prompt, stop_token_ids  # noqa: E402
+from harness.loop import Benchmark, JsonlStore, Part, answer_cost, run_benchmark  # noqa: E402
+from harness.records import complete_rows, read_json_object, read_jsonl  # noqa: E402
 from harness.runner import (Run, add_batch_flag, add_model_flags, add_output_flags, add_skip_flag,  # noqa: E402
-                            batch_setting, batch_tag, check_batch_flags, check_budgets, check_run_flags, cli, load,
-                            predict_each, progress)
+                            batch_setting, batch_tag, check_batch_flags, check_budgets, check_run_flags, cli, load)
 from lacache_core.errors import ConfigError  # noqa: E402
 
 TASKS = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
@@ -100,26 +100,20 @@ def task_rows(args, task: str):
     return samples, skipped
 
 
-def predict_task(args, method, task, model, tokenizer, folder: Path) -> Optional[list]:
+def task_part(args, method, task, model, tokenizer) -> Part:
+    """One task's samples, their prompts, per-prompt budget and records (``{task}.jsonl``)."""
     samples, skipped = task_rows(args, task)
-    samples = samples[:args.num_samples]
-    final = folder / f"{task}.jsonl"
-    stop = stop_token_ids(tokenizer, model)
-    with sharded_results(final, samples, "index", args.rank, args.world) as (todo, out):
-        requests = [(encode_prompt(tokenizer, sample["input"], chat=not args.no_chat,
-                                   answer_prefix=sample.get("answer_prefix", "")), sample["max_new_tokens"])
-                    for sample in todo]
-        answers = answer_all(model, tokenizer, requests, lambda n: budget_spec(args, method, n), args.batch_size, stop,
-                             prefill_chunk_size=args.prefill_chunk_size, longest_first=True)
-        for i, res in progress(answers, f"{method} {task}", args.rank, total=len(todo)):
-            sample = todo[i]
-            out.append({"index": sample["index"], "pred": res.text, "outputs": sample["outputs"],
-                        "length": sample["length"], "prompt_tokens": res.prompt_tokens,
-                        "cache_size": budget_spec(args, method, res.prompt_tokens).cache_size,
-                        "seconds": round(res.seconds, 3), "peak_kv_bytes": res.peak_kv_bytes,
-                        "final_kv_bytes": res.final_kv_bytes, "batch_rows": res.batch_rows, **read_record(res)})
-    in_sample_order(final, samples, "index", args.world)
-    return skipped
+
+    def record(sample: dict, res) -> dict:
+        cache_size = budget_spec(args, method, res.prompt_tokens).cache_size
+        return {"index": sample["index"], "pred": res.text, "outputs": sample["outputs"], "length": sample["length"],
+                "prompt_tokens": res.prompt_tokens, "cache_size": cache_size, **answer_cost(res)}
+
+    return Part(task, samples[:args.num_samples], JsonlStore("index"), record=record, skipped=skipped,
+                prompt=lambda sample: (encode_prompt(tokenizer, sample["input"], chat=not args.no_chat,
+                                                     answer_prefix=sample.get("answer_prefix", "")),
+                                       sample["max_new_tokens"]),
+                budget=lambda n: budget_spec(args, method, n), stop=stop_token_ids(tokenizer, model))
 
 
 def _main(args) -> int:
@@ -127,9 +121,9 @@ def _main(args) -> int:
     prepared, _ = task_rows(args, args.task_list[0])
     if prepared:
         check_budgets(args, model, prepared[0]["length"], lambda m, n: budget_spec(args, m, n))
-    predict_each(args, args.task_list, lambda method: open_run(args, method),
-                 lambda method, task, folder: predict_task(args, method, task, model, tokenizer, folder),
-                 "ruler/eval.py --pred_dir")
+    parts = lambda method: (task_part(args, method, t, model, tokenizer) for t in args.task_list)  # noqa: E731
+    run_benchmark(args, Benchmark(lambda method: open_run(args, method), parts, "ruler/eval.py --pred_dir"),
+                  model, tokenizer, answer_all)
     return 0
 
 
