@@ -9,6 +9,12 @@ folder-name fragment and its place in ``run.json`` from here with no other edit.
 Flags default to ``None`` ("the method's own default"), so one command line can run several
 methods whose defaults differ; :func:`resolved_hyperparameters` fills the defaults in for the
 result's identity.
+
+Quantizers (``QUANTIZERS``, ``--quant``) and sparse readers (``READERS``, ``--read``) get theirs the same way:
+a field's flag is its class's prefix plus its name (``--quant_bits``; ``param(flag_name=...)`` names its own,
+``--quest_budget``), one flag serves every registered class that declares the field, and a value given without
+an option that reads it is an error (:func:`option_setting`). The library names a setting ``Class.field``;
+:func:`as_flags` says it in flags.
 """
 from __future__ import annotations
 
@@ -17,16 +23,15 @@ import inspect
 import re
 import sys
 from pathlib import Path
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Dict, List, Optional, Tuple
 
 from lacache_core.cache import KEY_ROTATIONS
 from lacache_core.errors import ConfigError
-from lacache_core.gear import GEAR
+from lacache_core.params import BOUNDS, Setting, base_type, choices_of, describe_range, left_out_of_identity, type_hints
 from lacache_core.policies import METHODS, budget_derived
-from lacache_core.policies.base import BOUNDS, base_type, choices_of, describe_range, left_out_of_identity, type_hints
-from lacache_core.quant import KIVI, QUANT_METHODS, quant_config
-from lacache_core.quest import QUEST_RULES, READ_METHODS, Quest, read_config
+from lacache_core.quantizers import QUANTIZERS
+from lacache_core.readers import READERS
 
 #: Fields every budgeted method shares, set by the harness's budget flags rather than generated.
 BUDGET_FIELDS = ("cache_size", "start_size")
@@ -151,52 +156,8 @@ def add_method_flags(group, *, default_method: Optional[str] = "lacache", defaul
                        help="every_step: keys stored un-rotated, all rotated at each step (official); incremental: "
                             "stored rotated, re-rotated by their shift at each compaction; auto: incremental where "
                             "exact or float32-accurate (see CompressedCache)")
-    group.add_argument("--quant", choices=QUANT_METHODS, default="none",
-                       help="KV quantization next to any --method: kivi (KIVI, Liu et al. 2024: keys per channel "
-                            "before RoPE, values per token, asymmetric, grouped; newest tokens in full precision); "
-                            "gear (GEAR-L, Kang et al. 2024: KIVI plus a rank --quant_rank approximation of each "
-                            "block's quantization error); eviction runs on the codes (default none)")
-    quant = KIVI()
-    group.add_argument("--quant_bits", type=int, default=quant.bits,
-                       help=f"--quant kivi, gear: 2, 4 or 8 (default {quant.bits})")
-    group.add_argument("--quant_group", type=int, default=quant.group,
-                       help=f"--quant kivi, gear: tokens per key block, channels per value group "
-                            f"(default {quant.group})")
-    group.add_argument("--quant_residual", type=int, default=quant.residual,
-                       help=f"--quant kivi, gear: newest tokens kept in full precision, a multiple of --quant_group "
-                            f"(default {quant.residual})")
-    group.add_argument("--quant_key_order", choices=("pre_rope", "post_rope"), default=quant.key_order,
-                       help="--quant kivi, gear: quantize keys before RoPE (KVQuant's order) or after it (KIVI's code; "
-                            f"methods whose keys sit at their original positions only) (default {quant.key_order})")
-    group.add_argument("--quant_schedule", choices=("block", "reference"), default=quant.schedule,
-                       help="--quant kivi: when tokens are quantized; block: a key and its value together, a block of "
-                            "--quant_group at a time (eviction moves them as one); reference: KIVI's code's timing, keys "
-                            "--quant_residual at a time and values one at a time (--method full only; with --quant_key_order "
-                            "post_rope, as KIVI holds keys) "
-                            f"(default {quant.schedule})")
-    group.add_argument("--quant_rank", type=int, default=GEAR().rank,
-                       help="--quant gear: rank of each block's quantization-error approximation, per head, for keys "
-                            f"and values, 1 to --quant_group (default {GEAR().rank})")
-    group.add_argument("--read", choices=READ_METHODS, default="none",
-                       help="sparse reads next to any --method: quest (Quest, Tang et al. 2024: pages of slots with "
-                            "key min/max; each decode step's query heads read only their top pages; nothing is "
-                            "evicted) (default none)")
-    read = Quest()
-    group.add_argument("--quest_budget", type=int, default=read.token_budget,
-                       help=f"--read quest: tokens each query head reads per decode step, as whole pages, at least 3 "
-                            f"(default {read.token_budget})")
-    group.add_argument("--quest_page_size", type=int, default=read.page_size,
-                       help=f"--read quest: cache slots per page (default {read.page_size})")
-    group.add_argument("--quest_dense_layers", type=int, default=read.dense_layers,
-                       help=f"--read quest: leading layers that read every slot (default {read.dense_layers})")
-    group.add_argument("--quest_rule", choices=QUEST_RULES, default=read.rule,
-                       help="--read quest: whose page rule; quest: Quest's code, max(3, budget // page size) whole "
-                            "pages of all slots; kvcache_factory: KVCache-Factory's select_quest_tokens, the newest "
-                            "--quest_recent_size slots and the earliest slots of the prefix's top pages, "
-                            f"--quest_budget slots exactly (default {read.rule})")
-    group.add_argument("--quest_recent_size", type=int, default=read.recent_size,
-                       help="--quest_rule kvcache_factory: newest slots always read, within --quest_budget "
-                            f"(default {read.recent_size})")
+    for option in OPTIONS:
+        _add_option_flags(group, option)
     if prefill_chunks:
         group.add_argument("--prefill_chunk_size", type=int, default=None,
                            help="feed the prompt N tokens at a time and compact between chunks (bounded memory); "
@@ -219,7 +180,7 @@ def check_method_flags(args) -> None:
         for method in args.methods:
             for name, reason in METHODS[method].quant_ignores.items():
                 if getattr(args, name, None) is not None:
-                    print(f"note: --{name} is ignored with --quant: {reason}", file=sys.stderr)
+                    print(f"note: --{name} is ignored with --quant: {as_flags(reason)}", file=sys.stderr)
     for method in args.methods:  # each method's own ranges, before any model is loaded
         check_hyperparameters(method, method_settings(args, method), args.start_size)
     default_budget = getattr(args, "_budget_default", None)
@@ -287,59 +248,172 @@ def method_settings(args, method: str) -> dict:
     return {**given, "key_rotation": args.key_rotation, "quant": quant_setting(args), "read": read_setting(args)}
 
 
-def _unused_flags(args, option: str, uses: dict) -> None:
-    """One-line error for a flag given a value other than its default where ``--<option>`` does not read it
-    (``uses``: flag name -> (default, the ``--<option>`` values that read it)), so a run is never silently
-    other than the one asked for."""
+# ---------------------------------------------------------------------------- quantizer and reader flags
+@dataclass(frozen=True)
+class Option:
+    """A choice that composes with every method: its registry (name -> :class:`lacache_core.params.Setting`
+    subclass) and the opening of its ``--help``."""
+
+    registry: Dict[str, type]
+    intro: str
+
+
+#: ``--quant`` and ``--read``, each with its registry (read at call time: a class registered at run time is in).
+OPTIONS: Dict[str, Option] = {
+    "quant": Option(QUANTIZERS, "KV quantization next to any --method; eviction runs on the codes"),
+    "read": Option(READERS, "sparse reads next to any --method"),
+}
+
+
+@dataclass(frozen=True)
+class OptionFlag:
+    """One generated flag of a quantizer's or reader's field, merged over the registered classes that declare it."""
+
+    name: str
+    option: str
+    kind: type
+    choices: Optional[tuple]
+    defaults: Dict[str, object]  #: registered name -> its default
+    doc: str
+    valid: str
+
+    @property
+    def default(self):
+        """The flag's default: the one default its classes share, else ``None`` (each class's own)."""
+        values = list(self.defaults.values())
+        return values[0] if all(v == values[0] for v in values) else None
+
+    def help(self) -> str:
+        shared = self.default is not None or not self.defaults
+        default = f"default {self.default!r}" if shared else "defaults " + ", ".join(
+            f"{m} {d!r}" for m, d in self.defaults.items())
+        valid = "" if self.choices or self.valid == "any value" else f"; {self.valid}"
+        doc = re.sub(r":\w+:`~?([^`]+)`", r"\1", self.doc).replace("``", "")
+        return f"{doc} [--{self.option} {', '.join(self.defaults)}; {default}{valid}]".replace("%", "%%")
+
+
+def option_flags(option: str) -> Dict[str, OptionFlag]:
+    """Every field of every class registered for ``--<option>``, by flag name."""
+    merged: Dict[str, dict] = {}
+    for name, cls in OPTIONS[option].registry.items():
+        hints, docs = type_hints(cls), field_docs(cls)
+        for f in fields(cls):
+            if not f.init or not f.metadata.get("flag", True):
+                continue
+            entry = merged.setdefault(cls.flag_of(f), {"kind": base_type(hints[f.name]), "defaults": {}, "meta": f.metadata,
+                                                       "choices": choices_of(hints[f.name]), "doc": docs.get(f.name, "")})
+            if entry["kind"] is not base_type(hints[f.name]):
+                raise TypeError(f"{cls.__name__}.{f.name} is {hints[f.name]}, another --{option} declares it "
+                                f"{entry['kind'].__name__}: one flag cannot take both")
+            entry["defaults"][name] = None if f.default is MISSING else f.default
+    out = {}
+    for flag, e in merged.items():
+        fixed = {k: v for k, v in e["meta"].items() if k in BOUNDS and v is not None and not callable(v)}
+        out[flag] = OptionFlag(flag, option, e["kind"], e["choices"], e["defaults"], e["doc"], describe_range(**fixed))
+    return out
+
+
+def _add_option_flags(group, option: str) -> None:
+    """``--<option>`` (``none`` or a registered name) and every registered class's field flags."""
+    registry = OPTIONS[option].registry
+    summaries = "; ".join(f"{name} ({_summary(cls)})" for name, cls in registry.items())
+    group.add_argument(f"--{option}", choices=("none", *registry), default="none",
+                       help=f"{OPTIONS[option].intro}: {summaries} (default none)".replace("%", "%%"))
+    for flag in option_flags(option).values():
+        if flag.kind is bool:
+            group.add_argument(f"--{flag.name}", dest=flag.name, action="store_const", const=True, default=flag.default,
+                               help=flag.help())
+            group.add_argument(f"--no_{flag.name}", dest=flag.name, action="store_const", const=False,
+                               help=f"turn --{flag.name} off")
+        else:
+            group.add_argument(f"--{flag.name}", type=flag.kind, choices=flag.choices, default=flag.default,
+                               help=flag.help())
+
+
+def _summary(cls) -> str:
+    """The first paragraph of ``cls``'s docstring, on one line."""
+    text = inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0]
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", " ".join(text.split())).replace("``", "").rstrip(".")
+
+
+def _unused_flags(args, option: str) -> None:
+    """One-line error for a flag given a value other than its default where ``--<option>`` does not read it (no
+    class registered under that name declares the field), so a run is never silently other than the one asked for."""
     chosen = getattr(args, option, "none")
-    for name, (default, readers) in uses.items():
-        value = getattr(args, name, default)
-        if value != default and chosen not in readers:
-            raise ConfigError(f"--{name} {value} needs --{option} {' or '.join(readers)}; "
+    for name, flag in option_flags(option).items():
+        value = getattr(args, name, flag.default)
+        if value is not None and value != flag.default and chosen not in flag.defaults:
+            raise ConfigError(f"--{name} {value} needs --{option} {' or '.join(flag.defaults)}; "
                               f"--{option} {chosen} does not use it")
 
 
-def quant_setting(args) -> Optional[KIVI]:
-    """The ``--quant`` flags as a :class:`lacache_core.quant.KIVI`, or ``None`` (one-line errors for bad values)."""
-    quant, both = KIVI(), ("kivi", "gear")
-    _unused_flags(args, "quant", {"quant_bits": (quant.bits, both), "quant_group": (quant.group, both),
-                                  "quant_residual": (quant.residual, both), "quant_key_order": (quant.key_order, both),
-                                  "quant_schedule": (quant.schedule, both), "quant_rank": (GEAR().rank, ("gear",))})
-    return quant_config(getattr(args, "quant", "none"), getattr(args, "quant_bits", 2), getattr(args, "quant_group", 32),
-                        getattr(args, "quant_residual", 128), getattr(args, "quant_key_order", "pre_rope"),
-                        getattr(args, "quant_rank", None), getattr(args, "quant_schedule", "block"))
+def option_setting(args, option: str) -> Optional[Setting]:
+    """The ``--<option>`` flags as the registered class's instance, or ``None`` for ``none`` (one-line errors for
+    bad values; a flag not given, or at ``None``, leaves the class's default)."""
+    _unused_flags(args, option)
+    chosen, registry = getattr(args, option, "none"), OPTIONS[option].registry
+    if chosen == "none":
+        return None
+    if chosen not in registry:
+        raise ConfigError(f"--{option} must be one of {['none', *registry]}, got {chosen!r}")
+    cls = registry[chosen]
+    given = {f.name: getattr(args, cls.flag_of(f), None) for f in fields(cls) if f.init}
+    return cls(**{k: v for k, v in given.items() if v is not None})
+
+
+def option_identity(args, option: str) -> Optional[dict]:
+    """``{"method": name, **fields}`` of :func:`option_setting` (fields added later left out at their defaults, so
+    old hashes hold), or ``None``."""
+    setting = option_setting(args, option)
+    return None if setting is None else {"method": getattr(args, option), **setting.identity()}
+
+
+def quant_setting(args):
+    """The ``--quant`` flags as a :class:`lacache_core.quantizers.Quantizer`, or ``None``."""
+    return option_setting(args, "quant")
 
 
 def quant_identity(args) -> Optional[dict]:
-    quant = quant_setting(args)
-    if quant is None:
-        return None
-    defaults = {name: getattr(KIVI(), name) for name in ("key_order", "schedule")}  # left out at these: old hashes hold
-    fields_ = {k: v for k, v in asdict(quant).items() if defaults.get(k, object()) != v}
-    return {"method": args.quant, **fields_}
+    return option_identity(args, "quant")
 
 
-def read_setting(args) -> Optional[Quest]:
-    """The ``--read`` flags as a :class:`lacache_core.quest.Quest`, or ``None`` (one-line errors for bad values)."""
-    default = Quest()
-    _unused_flags(args, "read", {"quest_budget": (default.token_budget, ("quest",)),
-                                 "quest_page_size": (default.page_size, ("quest",)),
-                                 "quest_dense_layers": (default.dense_layers, ("quest",)),
-                                 "quest_rule": (default.rule, ("quest",)),
-                                 "quest_recent_size": (default.recent_size, ("quest",))})
-    return read_config(getattr(args, "read", "none"), getattr(args, "quest_budget", default.token_budget),
-                       getattr(args, "quest_page_size", default.page_size),
-                       getattr(args, "quest_dense_layers", default.dense_layers),
-                       getattr(args, "quest_rule", default.rule),
-                       getattr(args, "quest_recent_size", default.recent_size))
+def read_setting(args):
+    """The ``--read`` flags as a :class:`lacache_core.readers.Reader`, or ``None``."""
+    return option_setting(args, "read")
 
 
 def read_identity(args) -> Optional[dict]:
-    read = read_setting(args)
-    if read is None:
-        return None
-    later = {"rule": Quest().rule, "recent_size": Quest().recent_size}  # left out at these: old hashes hold
-    return {"method": args.read, **{k: v for k, v in asdict(read).items() if later.get(k, object()) != v}}
+    return option_identity(args, "read")
+
+
+#: Library settings that are no class's field (arguments of ``make_cache``, ``build_policy``, ``prefill`` and the
+#: model's ``from_pretrained``), and the flags that set them.
+LIBRARY_FLAGS = {
+    "make_cache.method": "--method", "make_cache.quant": "--quant", "make_cache.read": "--read",
+    "make_cache.key_rotation": "--key_rotation", "make_cache.query_at_slot True": "--query_position slot",
+    "build_policy.cache_size": "--cache_size", "prefill.chunk_size": "--prefill_chunk_size",
+    "from_pretrained.attn_implementation": "--attn_implementation",
+}
+
+
+def setting_flags() -> Dict[str, str]:
+    """Every setting's library name (``KIVI.bits``, ``make_cache.method``; a method's ``Class.field``) -> its flag
+    (``--quant_bits``, ``--method``; the field's name), from the three registries at call time."""
+    out = dict(LIBRARY_FLAGS)
+    for cls in METHODS.values():
+        out.update({f"{cls.__name__}.{f.name}": f"--{f.name}" for f in fields(cls) if f.init})
+    for option in OPTIONS.values():
+        for cls in option.registry.values():
+            out.update({f"{cls.__name__}.{f.name}": f"--{cls.flag_of(f)}" for f in fields(cls) if f.init})
+    return out
+
+
+def as_flags(message: str) -> str:
+    """A library error's ``message`` with each setting's name (:func:`setting_flags`) said as its flag: the one
+    place where the library's language becomes the command line's."""
+    names = setting_flags()
+    pattern = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    return re.sub(rf"(?<![\w.])(?:{pattern})(?![\w])", lambda m: names[m.group(0)], message)
 
 
 def file_sha256(path) -> str:
@@ -411,19 +485,9 @@ def method_tag(args, method: str) -> str:
             tag += f"_s{args.start_size}"
         if args.key_rotation != "auto":
             tag += f"_r{args.key_rotation}"
-    quant = quant_setting(args)
-    if quant is not None:
-        tag += f"_gear{quant.bits}rank{quant.rank}" if isinstance(quant, GEAR) else f"_kivi{quant.bits}"
-        tag += ("" if (quant.group, quant.residual) == (KIVI().group, KIVI().residual)
-                else f"g{quant.group}r{quant.residual}") + \
-            ("_postrope" if quant.key_order == "post_rope" else "") + \
-            ("_refschedule" if quant.schedule == "reference" else "")
-    read = read_setting(args)
-    if read is not None:
-        tag += f"_quest{read.token_budget}" + ("" if (read.page_size, read.dense_layers) == (Quest().page_size,
-                                                                                           Quest().dense_layers)
-                                              else f"p{read.page_size}d{read.dense_layers}") + \
-            ("" if read.rule == Quest().rule else f"_kvcf{read.recent_size}")
+    for setting in (quant_setting(args), read_setting(args)):  # each quantizer's and reader's own label
+        if setting is not None:
+            tag += f"_{setting.label()}"
     if getattr(args, "prefill_chunk_size", None):
         tag += f"_chunk{args.prefill_chunk_size}"
     return tag + ("" if args.dtype == "float32" else f"_{args.dtype}")

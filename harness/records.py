@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, List, Optional, Set, Tuple
 
@@ -252,29 +251,6 @@ def merge_shards(path: Path, world: int, key: str = "_id", order: Optional[List]
         if part != path and part.exists():
             part.unlink()
     return len(ranked)
-
-
-@contextmanager
-def sharded_results(final: Path, samples: List[dict], key: str, rank: int, world: int):
-    """This rank's share of ``samples`` still to do, and the results file to append them to.
-
-    Yields ``(todo, out)``: ``todo`` are the samples of this rank not yet in its shard (nor, on a
-    rerun, in an earlier merge of ``final``); ``out`` is the :class:`JsonlResults` of the shard. When
-    the block finishes on every rank, rank 0 merges the shards into ``final`` in sample order (an
-    exception leaves the shards as they are, for the rerun to resume).
-    """
-    with JsonlResults(shard_path(final, rank, world), key=key) as out:
-        finished = out.done | ({row.get(key) for row in read_jsonl(final)} if world > 1 else set())
-        yield [s for s in shard(samples, rank, world) if s[key] not in finished], out
-    if world > 1 and barrier() and rank == 0:
-        merge_shards(final, world, key=key, order=[s[key] for s in samples])
-
-
-def in_sample_order(final: Path, samples: List[dict], key: str, world: int) -> None:
-    """Rewrite one rank's finished ``final`` in sample order (a batched run writes its records longest prompt
-    first); several ranks' merge orders them already."""
-    if world == 1 and Path(final).exists():
-        merge_shards(final, 1, key=key, order=[s[key] for s in samples])
 
 
 def barrier() -> bool:

@@ -1,7 +1,7 @@
 """The one runner behind ``ppl/``, ``longbench/``, ``niah/`` and ``ruler/``.
 
-A benchmark folder keeps its own arguments, data, loop body and metrics; this module owns the
-rest:
+A benchmark folder keeps its own arguments, data, prompts and metrics; the prediction loop is
+:mod:`harness.loop`, and this module owns the rest:
 
 * the model flags (``--model_name_or_path``, also spelled ``--model_name`` and ``--model``; dtype,
   device, attention kernel) and the output flags;
@@ -10,8 +10,7 @@ rest:
 * result folders named by a readable tag and the hash of the complete setting, with ``run.json``
   (arguments, setting, versions, git commit, date) and a one-line refusal when a folder holds
   another setting (:class:`Run`);
-* tqdm progress on rank 0 only (:func:`progress`), rank sharding and merging
-  (:func:`harness.records.sharded_results`);
+* tqdm progress on rank 0 only (:func:`progress`);
 * the one-line error exit (:func:`cli`).
 """
 from __future__ import annotations
@@ -25,7 +24,7 @@ from typing import Callable, Iterable, Optional
 
 from lacache_core.errors import ConfigError
 
-from .flags import ArgumentParser, check_method_flags
+from .flags import ArgumentParser, as_flags, check_method_flags
 from .identity import differences, digest, model_identity, normalise
 from .models import DEFAULT_MODEL, DTYPES, device_arg
 from .records import init_distributed, local_device
@@ -187,26 +186,6 @@ def check_budgets(args, model, prompt_len: int, spec_for: Callable) -> None:
             spec_for(method, prompt_len).make(model, prompt_len)
 
 
-def predict_each(args, parts: Iterable, open_run: Callable, predict: Callable, scorer: str) -> None:
-    """For every method: ``open_run(method) -> (Run, info)``, write its ``run.json`` with ``info``, run
-    ``predict(method, part, folder)`` for every part (dataset, task; it returns the bad rows it skipped),
-    record the skipped counts, mark the run complete, and say how to score the folder."""
-    parts = list(parts)
-    for method in args.methods:
-        run, info = open_run(method)
-        run.start(**info)
-        skipped = {part: predict(method, part, run.folder) or [] for part in parts}
-        skipped = {part: rows for part, rows in skipped.items() if rows}
-        run.finish(**info, skipped_rows={part: len(rows) for part, rows in skipped.items()})
-        if args.rank == 0:
-            if skipped:
-                listed = "; ".join(f"{part}: {', '.join(rows[:5])}" + (" ..." if len(rows) > 5 else "")
-                                   for part, rows in skipped.items())
-                print(f"note: --skip_bad_rows left out {sum(map(len, skipped.values()))} bad rows ({listed})",
-                      file=sys.stderr)
-            print(f"[{method}] predictions in {run.folder}; score them with: python {scorer} {run.folder}")
-
-
 def progress(items: Iterable, desc: str, rank: int = 0, **kwargs):
     from tqdm.auto import tqdm
     return tqdm(items, desc=desc, disable=rank > 0, **kwargs)
@@ -272,11 +251,11 @@ class Run:
 
 def run_main(body: Callable[[Optional[list]], int], argv=None) -> int:
     """Run ``body(argv)``, turning a :class:`ConfigError` (a bad flag or setting) into one ``error:`` line
-    and exit code 2."""
+    and exit code 2; a setting the library names (``KIVI.bits``) is said as its flag (``--quant_bits``)."""
     try:
         return body(argv)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {as_flags(str(err))}", file=sys.stderr)
         return 2
 
 
@@ -294,4 +273,4 @@ def cli(parse: Callable[[Optional[list]], object], body: Callable[[object], int]
 
 
 __all__ = ["ArgumentParser", "Run", "add_batch_flag", "add_model_flags", "add_official_method_flag", "apply_official_method_flag", "add_output_flags", "add_runtime_flags", "add_skip_flag",
-           "batch_setting", "batch_tag", "check_batch_flags", "check_budgets", "check_output_file", "check_output_folder", "check_run_flags", "cli", "load", "predict_each", "progress", "recorded_args", "run_main"]
+           "batch_setting", "batch_tag", "check_batch_flags", "check_budgets", "check_output_file", "check_output_folder", "check_run_flags", "cli", "load", "progress", "recorded_args", "run_main"]

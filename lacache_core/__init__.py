@@ -4,14 +4,14 @@ from .policies import (CAM, H2O, AdaKV, HeadKV, LSHE, METHODS, NACL, TOVA, Cache
                        PyramidInfer, PyramidKV, Scissorhands, SnapKV, StreamingLLM, ThinK, build_policy)
 from .patches import enable_position_shift, is_position_shifted
 from .cache import CompressedCache, make_cache, make_row_cache, prefill
-from .quant import KIVI
-from .gear import GEAR
-from .quest import Quest
+from .quantizers import GEAR, KIVI, QUANTIZERS
+from .readers import READERS, Quest
 
 __all__ = [
     "ConfigError", "METHODS", "CachePolicy", "CAM", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "SnapKV",
     "PyramidKV", "PyramidInfer", "KNorm", "KNormDecode", "Scissorhands", "NACL", "AdaKV", "HeadKV", "ThinK",
     "build_policy",
     "enable_position_shift", "is_position_shifted", "CompressedCache", "make_cache", "make_row_cache", "prefill", "KIVI", "GEAR", "Quest",
+    "QUANTIZERS", "READERS",
 ]
 __version__ = "0.1.0"

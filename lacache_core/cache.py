@@ -21,8 +21,9 @@ from .errors import ConfigError
 from .masks import own_key_visible, visible
 from .policies import CachePolicy, FullCache, build_policy, policy_from_state
 from .policies.base import gather_layer
-from .quant import KIVI, KIVIStore, PerHeadQuantStore
-from .quest import Quest, selected_tokens
+from .quant import PerHeadQuantStore, QuantizedStore
+from .quantizers import Quantizer
+from .readers import Reader
 from .storage import DenseStore, LayerStore, PerHeadStore, PrunedChannelStore, RowStores
 from .versions import HAS_CACHE_CLASSES, with_cache
 
@@ -61,56 +62,61 @@ class CompressedCache(DynamicCache):
         * ``"auto"`` (default): ``"incremental"`` for original-position policies, and for slot
           policies in float32/float64 with a RoPE whose position 0 is the identity; ``"every_step"``
           otherwise (in bf16/fp16 the roundings of repeated shifts add up; YaRN's scaled tables do not compose).
-    quant : KIVI, optional
-        Store every layer quantized (:class:`lacache_core.quant.KIVIStore`, or ``quant.store_class``): keys
+    quant : Quantizer, optional
+        Store every layer quantized, in the store ``quant.new_store`` builds (:mod:`lacache_core.quantizers`): keys
         before RoPE, rotated at every step, or after it (``quant.key_order``); eviction runs on the quantized
         codes. Under ThinK each key keeps only its layer's chosen channels once it is quantized.
-    read : Quest, optional
-        Read each decode step's keys sparsely (:mod:`lacache_core.quest`): each query head attends only to the
+    read : Reader, optional
+        Read each decode step's keys sparsely (:mod:`lacache_core.readers`; Quest): each query head attends only to the
         pages of slots whose key bounds score highest. The page metadata is held and counted in
         :meth:`kv_bytes`; :attr:`read_bytes` and :attr:`dense_read_bytes` count the bytes decode steps touch.
     """
 
     def __init__(self, policy: CachePolicy, num_layers: int, query_at_slot: bool = True,
-                 key_rotation: str = "auto", quant: Optional[KIVI] = None, read: Optional[Quest] = None):
+                 key_rotation: str = "auto", quant: Optional[Quantizer] = None, read: Optional[Reader] = None):
         if not HAS_CACHE_CLASSES:
             raise RuntimeError("CompressedCache needs transformers >= 4.36; use ppl_legacy/ with tuple caches")
         if key_rotation not in KEY_ROTATIONS:
-            raise ConfigError(f"--key_rotation must be one of {KEY_ROTATIONS}, got {key_rotation!r}")
+            raise ConfigError(f"make_cache.key_rotation must be one of {KEY_ROTATIONS}, got {key_rotation!r}")
         if key_rotation == "incremental" and not query_at_slot and policy.position_mode == "slot":
-            raise ConfigError("--key_rotation incremental needs queries at their keys' slots (--query_position slot)")
+            raise ConfigError("make_cache.key_rotation incremental needs queries at their keys' slots "
+                              "(make_cache.query_at_slot True)")
         if key_rotation == "every_step" and policy.prunes_channels:
-            raise ConfigError(f"--key_rotation every_step cannot be used with --method {policy.name}: it prunes "
+            raise ConfigError(f"make_cache.key_rotation every_step cannot be used with make_cache.method {policy.name}: it prunes "
                               "channels of rotated keys, so keys must be stored rotated (incremental or auto)")
         if quant is not None:
             if quant.schedule == "reference" and not isinstance(policy, FullCache):
-                raise ConfigError(f"--quant_schedule reference splits keys and values at different tokens, as KIVI's "
-                                  f"code does, so nothing can be evicted from it: use it with --method full, not "
+                raise ConfigError(f"{type(quant).__name__}.schedule reference splits keys and values at different tokens, as "
+                                  f"KIVI's code does, so nothing can be evicted from it: use it with make_cache.method "
+                                  f"full, not "
                                   f"{policy.name}")
             if policy.prunes_channels and quant.key_order != "post_rope":
-                raise ConfigError(f"--method {policy.name} prunes channels of rotated keys: with --quant "
-                                  f"{quant.method} use --quant_key_order post_rope")
+                raise ConfigError(f"make_cache.method {policy.name} prunes channels of rotated keys: with make_cache.quant "
+                                  f"{quant.method} use {type(quant).__name__}.key_order post_rope")
             if getattr(policy, "row_order", "position") != "position":  # ThinK's rows whole by order of score
-                raise ConfigError(f"--row_order {policy.row_order} cannot be used with --quant: there the keys in "
+                raise ConfigError(f"{type(policy).__name__}.row_order {policy.row_order} cannot be used with make_cache.quant: "
+                                  "there the keys in "
                                   "the full-precision residual keep every channel, whatever their order")
             if quant.key_order == "post_rope":  # quantized as rotated, at original positions that never move
                 if policy.position_mode != "original":
-                    raise ConfigError(f"--quant_key_order post_rope cannot be used with --method {policy.name} at "
+                    raise ConfigError(f"{type(quant).__name__}.key_order post_rope cannot be used with make_cache.method "
+                                      f"{policy.name} at "
                                       "cache slots: kept keys move to other slots, and quantized keys cannot be "
-                                      "rotated again; use pre_rope or --key_positions original")
+                                      f"rotated again; use pre_rope or {type(policy).__name__}.key_positions original")
                 if key_rotation == "every_step":
-                    raise ConfigError("--quant_key_order post_rope stores keys rotated: --key_rotation every_step "
+                    raise ConfigError(f"{type(quant).__name__}.key_order post_rope stores keys rotated: make_cache.key_rotation "
+                                      "every_step "
                                       "cannot be used with it")
                 key_rotation = "incremental"
             elif key_rotation == "incremental":
-                raise ConfigError(f"--quant {quant.method} stores keys before RoPE and rotates them at every step: "
-                                  "--key_rotation incremental cannot be used with it")
+                raise ConfigError(f"make_cache.quant {quant.method} stores keys before RoPE and rotates them at every step: "
+                                  "make_cache.key_rotation incremental cannot be used with it")
             else:
                 key_rotation = "every_step"
         super().__init__()
-        #: KV quantization (:class:`lacache_core.quant.KIVI`), or ``None``: every layer is then a quantized store.
+        #: KV quantization (:class:`lacache_core.quantizers.Quantizer`), or ``None``: every layer is then a quantized store.
         self.quant = quant
-        #: Sparse reads (:class:`lacache_core.quest.Quest`), or ``None``.
+        #: Sparse reads (:class:`lacache_core.readers.Reader`), or ``None``.
         self.read = read
         self._pages = [None] * num_layers  # Quest's page (min, max) of each layer's keys, as last computed
         self._pending_read = [None] * num_layers  # (KV bytes per own slot, first own slots), while pages await the mask
@@ -221,7 +227,7 @@ class CompressedCache(DynamicCache):
         if shift is not None:
             query = rotation.at(query, shift[:, None].expand(-1, query.shape[2]), inverse=True)
         seen = torch.ones(1, 1, 1, n, dtype=torch.bool, device=query.device) if mask is None else visible(mask)
-        chosen = selected_tokens(self.read, query, low, high, seen[..., -n:], first)
+        chosen = self.read.selected(query, low, high, seen[..., -n:], first)
         b, heads, q = chosen.shape[:3]
         per_kv_head = chosen.view(b, low.shape[1], heads // low.shape[1], q, n).any(2).any(2)  # [b, kv_heads, n]
         metadata = self._page_bytes(i)
@@ -290,7 +296,7 @@ class CompressedCache(DynamicCache):
         if self.quant is not None:
             if self._stores[layer_idx] is None:
                 super().update(key_states, value_states, layer_idx, *args, **kwargs)  # the layer's place in the list
-                self._keep_in_store(layer_idx, self.quant.store_class(self.quant, key_states, value_states), key_states)
+                self._keep_in_store(layer_idx, self.quant.new_store(key_states, value_states), key_states)
             else:
                 self._stores[layer_idx].append(key_states, value_states)
                 self._sync_stand_in(layer_idx, key_states)
@@ -446,14 +452,14 @@ class CompressedCache(DynamicCache):
         else:
             fillers = row_fillers.tolist()
             if not isinstance(store, RowStores):
-                store = RowStores([self.quant.store_class(self.quant, key[j:j + 1, :, f:], value[j:j + 1, :, f:])
+                store = RowStores([self.quant.new_store(key[j:j + 1, :, f:], value[j:j + 1, :, f:])
                                    for j, f in enumerate(fillers)])
             store.stores = [self._settle_store(layer_idx, row, part, row.settle(layer_idx, n - f), value[j:j + 1, :, f:])
                             for j, (row, part, f) in enumerate(zip(rows, store.stores, fillers))]
             self._fillers[layer_idx] = store.shape()[2] - store.row_lengths()
         self._keep_in_store(layer_idx, store, key)
         one = store.stores[0] if isinstance(store, RowStores) else store  # every row's store is of one kind
-        merging = policy.merges_layers and isinstance(one, KIVIStore)  # MiniCache's prompt pass
+        merging = policy.merges_layers and isinstance(one, QuantizedStore)  # MiniCache's prompt pass
         if merging and policy.closes_pair(layer_idx):  # both layers still whole: merged, then quantized once
             pair = policy.merge_pair(self._layer(layer_idx - 1), (key, value), row_fillers, quant=self.quant)
             for i, merged_store in enumerate(pair):
@@ -528,8 +534,8 @@ class CompressedCache(DynamicCache):
 
     @classmethod
     def for_rows(cls, policies: list, num_layers: int, query_at_slot: bool = True,
-                 key_rotation: str = "auto", quant: Optional[KIVI] = None,
-                 read: Optional[Quest] = None) -> "CompressedCache":
+                 key_rotation: str = "auto", quant: Optional[Quantizer] = None,
+                 read: Optional[Reader] = None) -> "CompressedCache":
         """One cache for a batch whose rows have policies of their own: one method, its settings per row (a
         budget sized to each row's prompt, sinks by each prompt's length). Row ``j`` of every forward pass is
         compacted by ``policies[j]``; the arguments are as for the constructor."""
@@ -717,7 +723,7 @@ def kv_bytes(cache) -> int:
 
 
 def make_cache(method: str, model_or_config, query_at_slot: bool = True, key_rotation: str = "auto",
-               quant: Optional[KIVI] = None, read: Optional[Quest] = None, **settings) -> CompressedCache:
+               quant: Optional[Quantizer] = None, read: Optional[Reader] = None, **settings) -> CompressedCache:
     """Build a :class:`CompressedCache` for ``method`` sized to a model (or its config).
 
     Example
@@ -733,8 +739,8 @@ def make_cache(method: str, model_or_config, query_at_slot: bool = True, key_rot
 
 
 def make_row_cache(method: str, model_or_config, row_settings: list, query_at_slot: bool = True,
-                   key_rotation: str = "auto", quant: Optional[KIVI] = None,
-                   read: Optional[Quest] = None) -> CompressedCache:
+                   key_rotation: str = "auto", quant: Optional[Quantizer] = None,
+                   read: Optional[Reader] = None) -> CompressedCache:
     """A :class:`CompressedCache` for a batch whose rows differ in their settings (``row_settings[j]`` for row
     ``j``, as :func:`make_cache`'s keywords), e.g. a budget that is a fraction of each row's prompt.
 
@@ -772,12 +778,12 @@ def prefill(model, input_ids: torch.Tensor, cache, chunk_size: Optional[int] = N
     from .errors import ConfigError
 
     if chunk_size is not None and chunk_size < 1:
-        raise ConfigError(f"--prefill_chunk_size must be >= 1, got {chunk_size}")
+        raise ConfigError(f"prefill.chunk_size must be >= 1, got {chunk_size}")
     if chunk_size is not None and isinstance(cache, CompressedCache) and cache.policy.prefill_only:
-        raise ConfigError(f"--prefill_chunk_size cannot be used with --method {cache.policy.name}: it compresses the "
+        raise ConfigError(f"prefill.chunk_size cannot be used with make_cache.method {cache.policy.name}: it compresses the "
                           "whole prompt once")
     if chunk_size is not None and inputs:
-        raise ConfigError("--prefill_chunk_size cannot feed a padded batch: its rows would be cut at different places "
+        raise ConfigError("prefill.chunk_size cannot feed a padded batch: its rows would be cut at different places "
                           "of their own prompts; use batch size 1 or the whole prompt")
     params = inspect.signature(model.forward).parameters
     # only the last position's logits are needed; a [prompt, vocab] logits tensor would dominate memory

@@ -37,45 +37,25 @@ What is built here, and where it differs:
   ``--quant_residual`` equal to ``--quant_group`` the two agree).
 * Eviction keeps rows: a kept token keeps its codes and its row of ``A``, its block keeps ``B``; nothing is
   recomputed. Tokens quantized at eviction to fill a gap form a block of their own, with its own factors.
+
+This module holds the store; the hyper-parameters are :class:`lacache_core.quantizers.GEAR`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Tuple
 
 import torch
 
-from .errors import ConfigError
-from .quant import KIVI, KIVIStore, unpack
+from .quant import KIVIStore, unpack
 
 
-@dataclass(frozen=True)
-class GEAR(KIVI):
-    """Hyper-parameters of GEAR-L on the KIVI backbone: :class:`lacache_core.quant.KIVI`'s, and
-
-    Parameters
-    ----------
-    rank : int
-        Rank of the low-rank approximation of each block's quantization error, per head, for keys and
-        values (the reference's decode rank, 2, by default); 1 to ``group``.
-    """
-
-    rank: int = 2
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.schedule != "block":
-            raise ConfigError(f"--quant_schedule {self.schedule} is KIVI's alone: --quant gear takes --quant_schedule block")
-        if not 1 <= self.rank <= self.group:
-            raise ConfigError(f"--quant_rank must be between 1 and --quant_group {self.group}, got {self.rank}")
-
-    @property
-    def method(self) -> str:
-        return "gear"
-
-    @property
-    def store_class(self) -> type:
-        return GEARStore
+def __getattr__(name: str):
+    """``GEAR`` (now :class:`lacache_core.quantizers.GEAR`) from its old home, for old imports; resolved on first use,
+    so that this module never imports the quantizer that builds on it."""
+    if name == "GEAR":
+        from .quantizers import GEAR
+        return GEAR
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def low_rank(error: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,7 @@ from typing import Tuple
 import torch
 
 from .errors import ConfigError
-from .quant import KIVI, QuantizedStore, pack, quantize, unpack
+from .quant import QuantizedStore, pack, quantize, unpack
 
 
 class KIVIReferenceStore(QuantizedStore):
@@ -51,7 +51,7 @@ class KIVIReferenceStore(QuantizedStore):
     def __init__(self, config: KIVI, key: torch.Tensor, value: torch.Tensor):
         b, h, _, d = key.shape
         if d % config.group:
-            raise ConfigError(f"--quant_group {config.group} must divide head_dim {d}")
+            raise ConfigError(f"{type(config).__name__}.group {config.group} must divide head_dim {d}")
         self.config, self.dtype = config, key.dtype
         codes = torch.zeros(b, h, 0, d * config.bits // 8, dtype=torch.uint8, device=key.device)
         self.key_codes, self.value_codes = codes, codes.clone()

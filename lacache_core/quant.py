@@ -11,82 +11,27 @@ Eviction runs on the quantized form: a kept token keeps its codes, and its key b
 quantized before RoPE (KVQuant's finding, Hooper et al. 2024: pre-RoPE keys have the clean per-channel
 outliers that per-channel quantization needs), and the cache rotates the dequantized keys to their
 positions at every step.
+
+This module holds the stores; the hyper-parameters are :class:`lacache_core.quantizers.KIVI`, which imports
+this module (never the other way round). ``from lacache_core.quant import KIVI`` still works.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from .errors import ConfigError
 from .storage import LayerStore, RowStores, _bytes, left_padded
 
-QUANT_METHODS = ("none", "kivi", "gear")
 
-
-@dataclass(frozen=True)
-class KIVI:
-    """Hyper-parameters of KIVI quantization.
-
-    Parameters
-    ----------
-    bits : int
-        Bits per code: 2, 4 or 8 (KIVI's paper: 2 and 4).
-    group : int
-        Tokens per key block (per-channel min and scale), and channels per value group (per-token min and
-        scale). It must divide ``head_dim``.
-    residual : int
-        Newest tokens kept in full precision (KIVI's ``R``; a multiple of ``group``). Once more than
-        ``residual`` are held, the oldest ``group`` of them are quantized as one key block.
-    key_order : {"pre_rope", "post_rope"}
-        Quantize keys before RoPE (KVQuant's finding, the default; the cache rotates the dequantized keys at
-        every step) or after it, as KIVI's code does (keys stored rotated at their original positions; a
-        method that moves kept keys to other slots, such as LaCache, would need them dequantized and
-        rotated again, so it is refused).
-    schedule : {"block", "reference"}
-        When tokens are quantized. ``"block"`` (the default): a key and its value together, the residual's oldest
-        ``group`` once it holds more than ``residual``, so eviction moves a token's codes as one. ``"reference"``:
-        KIVI's code's own timing, keys ``residual`` at a time once that many are whole and values one at a time
-        past the newest ``residual`` (:mod:`lacache_core.kivi_reference`; ``--method full`` only).
-    """
-
-    bits: int = 2
-    group: int = 32
-    residual: int = 128
-    key_order: Literal["pre_rope", "post_rope"] = "pre_rope"
-    schedule: Literal["block", "reference"] = "block"
-
-    def __post_init__(self):
-        if self.bits not in (2, 4, 8):
-            raise ConfigError(f"--quant_bits must be 2, 4 or 8, got {self.bits}")
-        if self.group < 1:
-            raise ConfigError(f"--quant_group must be >= 1, got {self.group}")
-        if self.residual < 0 or self.residual % self.group:
-            raise ConfigError(f"--quant_residual must be a multiple of --quant_group {self.group} (>= 0), "
-                              f"got {self.residual}")
-        if self.key_order not in ("pre_rope", "post_rope"):
-            raise ConfigError(f"--quant_key_order must be pre_rope or post_rope, got {self.key_order!r}")
-        if self.schedule not in ("block", "reference"):
-            raise ConfigError(f"--quant_schedule must be block or reference, got {self.schedule!r}")
-        if self.schedule == "reference" and self.residual < self.group:
-            raise ConfigError(f"--quant_schedule reference quantizes keys --quant_residual at a time: --quant_residual "
-                              f"must be at least --quant_group {self.group}, got {self.residual}")
-
-    @property
-    def method(self) -> str:
-        """Its ``--quant`` name."""
-        return "kivi"
-
-    @property
-    def store_class(self) -> type:
-        """The layer store this quantization keeps (:class:`KIVIStore`, or KIVI's own schedule's; subclasses name
-        their own)."""
-        if self.schedule == "reference":
-            from .kivi_reference import KIVIReferenceStore  # it builds on this module
-            return KIVIReferenceStore
-        return KIVIStore
-
+def __getattr__(name: str):
+    """``KIVI`` (now :class:`lacache_core.quantizers.KIVI`) from its old home, for old imports; resolved on first use,
+    so that this module never imports the quantizer that builds on it."""
+    if name == "KIVI":
+        from .quantizers import KIVI
+        return KIVI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 def quantize(x: torch.Tensor, bits: int, dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric quantization of ``x`` with one min and scale per slice along ``dim``.
@@ -191,7 +136,7 @@ class KIVIStore(QuantizedStore):
     def __init__(self, config: KIVI, key: torch.Tensor, value: torch.Tensor):
         b, h, _, d = key.shape
         if d % config.group:
-            raise ConfigError(f"--quant_group {config.group} must divide head_dim {d}")
+            raise ConfigError(f"{type(config).__name__}.group {config.group} must divide head_dim {d}")
         self.config, self.dtype = config, key.dtype
         empty = key.new_zeros(b, h, 0, d)
         self.key_codes = torch.zeros(b, h, 0, d * config.bits // 8, dtype=torch.uint8, device=key.device)
@@ -397,27 +342,16 @@ class KIVIStore(QuantizedStore):
             setattr(self, name, take(getattr(self, name), order))
 
 
-def quant_config(method: str, bits: int, group: int, residual: int, key_order: str = "pre_rope",
-                 rank: Optional[int] = None, schedule: str = "block") -> Optional[KIVI]:
-    """The quantization of ``--quant method`` (``None`` for ``"none"``; ``rank``: GEAR's, its default if ``None``)."""
-    if method not in QUANT_METHODS:
-        raise ConfigError(f"--quant must be one of {QUANT_METHODS}, got {method!r}")
-    if method == "gear":
-        from .gear import GEAR  # gear.py builds on this module
-        return GEAR(bits, group, residual, key_order, schedule, **({} if rank is None else {"rank": rank}))
-    return None if method == "none" else KIVI(bits, group, residual, key_order, schedule)
-
-
 def store_from_state(config: KIVI, state: dict) -> LayerStore:
     """A quantized layer as its ``state()`` saved it: one store, or a batch's :class:`RowStores` of them."""
     def one(saved: dict) -> LayerStore:
-        return config.store_class.from_state(config, saved)
+        return config.store_from_state(saved)
 
     return RowStores.from_state(state, one) if next(iter(state)).startswith("row") else one(state)
 
 
 class PerHeadQuantStore(LayerStore):
-    """Each KV head at its own length (AdaKV, HeadKV), each held as a one-head quantized store (``config.store_class``).
+    """Each KV head at its own length (AdaKV, HeadKV), each held as a one-head quantized store (of ``store``'s class).
 
     Built once, from a layer whose tokens are all still in full precision (the prompt's pass, before anything
     was quantized), so no token is quantized twice. The view is left-padded with zeros to the longest head, as
@@ -448,7 +382,7 @@ class PerHeadQuantStore(LayerStore):
         raise RuntimeError("a layer held per head cannot be compacted again")
 
     def state(self) -> dict:  # the perplexity harness, which checkpoints, refuses prefill-time methods
-        raise ConfigError("checkpoints of per-head quantized layers (AdaKV, HeadKV with --quant) are not built")
+        raise ConfigError("checkpoints of per-head quantized layers (AdaKV, HeadKV with make_cache.quant) are not built")
 
     def view(self):
         return left_padded([head.view() for head in self.heads])

@@ -32,92 +32,28 @@ page is taken), of whose slots the earliest ``token_budget - r`` are read: exact
 of them when the layer holds no more. Our default reads ``max(3, token_budget // page_size)`` whole pages of
 all slots, as Quest's own code does, so a budget that is not a multiple of ``page_size`` reads fewer tokens
 than the budget, and the newest tokens compete for pages like any other.
+
+This module holds the page choice; the hyper-parameters are :class:`lacache_core.readers.Quest`, which imports this
+module (never the other way round). ``from lacache_core.quest import Quest`` still works.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 
-from .errors import ConfigError
 
-READ_METHODS = ("none", "quest")
-#: Whose page rule ``--read quest`` follows: Quest's own (mit-han-lab/Quest), or KVCache-Factory's.
+#: Whose page rule ``Quest.rule`` follows: Quest's own (mit-han-lab/Quest), or KVCache-Factory's.
 QUEST_RULES = ("quest", "kvcache_factory")
 
 
-@dataclass(frozen=True)
-class Quest:
-    """Hyper-parameters of Quest's page selection.
-
-    Parameters
-    ----------
-    token_budget : int
-        Tokens each query head reads per decode step, as whole pages (the reference's ``--token_budget``,
-        default 1024 in its pg19 script).
-    page_size : int
-        Consecutive cache slots per page (the reference's ``--chunk_size``, 16).
-    dense_layers : int
-        Leading layers that always read every slot (the reference: 2).
-    rule : {"quest", "kvcache_factory"}
-        ``quest``: Quest's own rule, ``max(3, token_budget // page_size)`` whole pages of all slots;
-        ``kvcache_factory``: KVCache-Factory's ``select_quest_tokens``, the newest ``recent_size`` slots and the
-        earliest slots of the prefix's top pages, ``token_budget`` slots exactly (module docstring).
-    recent_size : int
-        ``rule="kvcache_factory"``: newest slots always read (its ``recent_size``, default 0 there too).
-    """
-
-    token_budget: int = 1024
-    page_size: int = 16
-    dense_layers: int = 2
-    rule: str = "quest"
-    recent_size: int = 0
-
-    def __post_init__(self):
-        if self.token_budget < 1:
-            raise ConfigError(f"--quest_budget must be >= 1, got {self.token_budget}")
-        if self.page_size < 1:
-            raise ConfigError(f"--quest_page_size must be >= 1, got {self.page_size}")
-        if self.dense_layers < 0:
-            raise ConfigError(f"--quest_dense_layers must be >= 0, got {self.dense_layers}")
-        if self.rule not in QUEST_RULES:
-            raise ConfigError(f"--quest_rule must be one of {list(QUEST_RULES)}, got {self.rule!r}")
-        if self.recent_size < 0:
-            raise ConfigError(f"--quest_recent_size must be >= 0, got {self.recent_size}")
-        if self.recent_size and self.rule != "kvcache_factory":
-            raise ConfigError(f"--quest_recent_size {self.recent_size} needs --quest_rule kvcache_factory; "
-                              f"--quest_rule {self.rule} has no recent window")
-
-    def bounds(self, keys: torch.Tensor, first: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:func:`page_bounds` of the keys this rule pages: all of them, or under ``kvcache_factory`` the prefix's
-        only (the recent window's slots count on no page)."""
-        if self.rule == "quest":
-            return page_bounds(keys, self.page_size, first)
-        n = keys.shape[-2]
-        own = _own_slots(n, first, keys.device)
-        recent = (torch.arange(n, device=keys.device) >= n - self._recent(own)[..., None])[..., None]
-        big = torch.finfo(keys.dtype).max
-        low = page_bounds(keys.masked_fill(recent, big), self.page_size, first)[0]
-        high = page_bounds(keys.masked_fill(recent, -big), self.page_size, first)[1]
-        return low, high
-
-    def _recent(self, own: torch.Tensor) -> torch.Tensor:
-        """KVCache-Factory's recent window: ``min(own, recent_size, token_budget)`` slots per row and head."""
-        return own.clamp(max=min(self.recent_size, self.token_budget))
-
-    def pages_read(self, slots: int) -> int:
-        """Pages each query head reads in a layer of ``slots`` slots (the reference's rule)."""
-        pages = -(-slots // self.page_size)
-        return min(max(3, min(slots, self.token_budget) // self.page_size), pages)
-
-
-def read_config(read: str, token_budget: int, page_size: int, dense_layers: int, rule: str = "quest",
-                recent_size: int = 0) -> Optional[Quest]:
-    """The ``--read`` flags as a :class:`Quest`, or ``None`` for ``--read none``."""
-    if read not in READ_METHODS:
-        raise ConfigError(f"--read must be one of {list(READ_METHODS)}, got {read!r}")
-    return None if read == "none" else Quest(token_budget, page_size, dense_layers, rule, recent_size)
+def __getattr__(name: str):
+    """``Quest`` (now :class:`lacache_core.readers.Quest`) from its old home, for old imports; resolved on first use,
+    so that this module never imports the reader that builds on it."""
+    if name == "Quest":
+        from .readers import Quest
+        return Quest
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _own_slots(n: int, first: Optional[torch.Tensor], device) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.flags import ArgumentParser, at_least_one, int_list, parse_methods  # noqa: E402
+from harness.flags import ArgumentParser, as_flags, at_least_one, int_list, parse_methods  # noqa: E402
 from harness.runner import check_output_file, run_main  # noqa: E402
 
 from dataclasses import dataclass  # noqa: E402
@@ -268,7 +268,7 @@ def _run(argv=None) -> int:
                 rows.append(row)
                 report(row)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {as_flags(str(err))}", file=sys.stderr)
         return 2
     _summarise(rows, args, span, overlap)
     return 0

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.flags import ArgumentParser  # noqa: E402
+from harness.flags import ArgumentParser, as_flags  # noqa: E402
 from harness.runner import check_output_file, run_main  # noqa: E402
 
 from lacache_core import ConfigError, enable_position_shift, make_cache  # noqa: E402
@@ -115,7 +115,7 @@ def _run(argv=None) -> int:
         cache = make_cache(args.method, model, cache_size=args.cache_size, recent_size=args.cache_size - 4,
                            span=span, overlap=overlap)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {as_flags(str(err))}", file=sys.stderr)
         return 2
     reporter = Reporter(cache, args.report_every, args.tokens)
     start = time.perf_counter()

@@ -109,7 +109,7 @@ def test_allocation_is_checked_and_old_hashes_are_kept():
     from harness.flags import resolved_hyperparameters
     from lacache_core import ConfigError
 
-    with pytest.raises(ConfigError, match="--allocation"):
+    with pytest.raises(ConfigError, match="AdaKV.allocation"):
         AdaKV(allocation="kv_press")
     args = argparse.Namespace()
     assert "allocation" not in resolved_hyperparameters(args, "adakv")  # the default: results keep their hash

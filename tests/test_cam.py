@@ -215,11 +215,11 @@ def test_each_row_of_a_batch_merges_as_alone():
 def test_hyperparameters_are_checked_and_saved_state_restores_the_draws():
     from lacache_core.policies import policy_from_state
 
-    with pytest.raises(ConfigError, match="--merge_budget"):
+    with pytest.raises(ConfigError, match="CAM.merge_budget"):
         CAM(merge_budget=0)
-    with pytest.raises(ConfigError, match="--merge_mode"):
+    with pytest.raises(ConfigError, match="CAM.merge_mode"):
         CAM(merge_mode="mean")
-    with pytest.raises(ConfigError, match="--cache_size"):
+    with pytest.raises(ConfigError, match="CAM.cache_size"):
         CAM(cache_size=4, start_size=4)
     g = torch.Generator().manual_seed(1)
     queries, keys, values = (torch.randn(1, 2, 60, 4, generator=g, dtype=torch.float64) for _ in range(3))

@@ -227,11 +227,11 @@ def test_gear_composes_with_every_method_in_generate(method):
 
 def test_bad_gear_settings_are_one_line_errors():
     for rank in (0, -1, 9):
-        with pytest.raises(ConfigError, match=f"--quant_rank must be between 1 and --quant_group 8, got {rank}"):
+        with pytest.raises(ConfigError, match=f"GEAR.rank must be between 1 and GEAR.group 8, got {rank}"):
             GEAR(bits=2, group=8, residual=16, rank=rank)
-    with pytest.raises(ConfigError, match="--quant_bits must be 2, 4 or 8, got 3"):
+    with pytest.raises(ConfigError, match="GEAR.bits must be 2, 4 or 8, got 3"):
         GEAR(bits=3)
-    with pytest.raises(ConfigError, match="--quant gear stores keys before RoPE"):
+    with pytest.raises(ConfigError, match="make_cache.quant gear stores keys before RoPE"):
         CompressedCache(build_policy("lacache", cache_size=40, span=2), 6, key_rotation="incremental", quant=GEAR())
 
 

@@ -83,7 +83,7 @@ def test_chunked_prefill_rejected_for_prefill_time_methods():
     model = tiny_model("llama", "eager")
     enable_position_shift(model)
     spec = BudgetSpec("snapkv", 64, 4, settings={"window_size": 8})
-    with pytest.raises(ConfigError, match="--prefill_chunk_size"):
+    with pytest.raises(ConfigError, match="prefill.chunk_size"):
         greedy_answer(model, PROMPT, spec.make(model, 150), 5, prefill_chunk_size=32)
 
 
@@ -145,7 +145,7 @@ def test_every_method_gets_the_same_budget_and_its_reference_sinks(method):
     rule = official_start_size(300, 200, 6) == 128
     assert cache.policy.start_size == (128 if method in ("lacache", "streamingllm") else default) and rule
     assert BudgetSpec(method, 200, 6, settings=settings).make(model, 300).policy.start_size == 6
-    with pytest.raises(ConfigError, match="--cache_size 4 must exceed --start_size 4"):
+    with pytest.raises(ConfigError, match="build_policy.cache_size 4 must exceed StreamingLLM.start_size 4"):
         make_cache("streamingllm", model, cache_size=4, start_size=4)
 
 

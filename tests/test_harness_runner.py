@@ -13,6 +13,7 @@ import torch
 from lacache_core.errors import ConfigError
 from lacache_core.policies import METHODS
 from lacache_core.policies.base import CachePolicy, param
+from lacache_core.quantizers import KIVI, QUANTIZERS, Quantizer
 from lacache_core.versions import HAS_CACHE_CLASSES
 from tiny import TINY_WORDS, result_dir, save_tiny_model, tiny_tokenizer
 
@@ -106,6 +107,55 @@ def test_a_method_added_at_run_time_gets_flags_checks_and_folder_names(new_metho
     assert run["setting"]["method"] == {"method": "newest_only", "cache_size": 40, "start_size": 4, "knob": 5,
                                         "key_positions": "slot"}
     assert run["results"]["max_cache_len"] == 40
+
+
+@dataclass(frozen=True)
+class HalfPrecision(Quantizer):
+    """Codes of a few mantissa bits (a quantizer added by a test, at run time).
+
+    Parameters
+    ----------
+    mantissa : int
+        Mantissa bits each code keeps.
+    """
+
+    name: ClassVar[str] = "half"
+
+    mantissa: int = param(10, low=1, high=23)
+
+    def new_store(self, key, value):
+        from lacache_core.quant import KIVIStore
+
+        return KIVIStore(KIVI(bits=8, group=4, residual=8), key, value)  # any working store: the flags are the point
+
+
+def test_a_quantizer_added_at_run_time_gets_flags_checks_and_folder_names(monkeypatch, capsys, tiny_dir, tmp_path):
+    harnesses = parsers()  # imported before the registration: nothing is read from the registry at import time
+    monkeypatch.setitem(QUANTIZERS, HalfPrecision.name, HalfPrecision)
+    for harness, parse in harnesses.items():
+        flat = " ".join(help_text(parse, capsys).split())
+        assert "--quant {none,kivi,gear,half}" in flat, harness
+        assert "--quant_mantissa QUANT_MANTISSA Mantissa bits each code keeps. [--quant half; default 10; in [1, 23]]" \
+            in flat, harness
+    from ppl.run import main
+
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(TINY_WORDS[i % 100] for i in range(400)))
+    common = ["--model_name_or_path", str(tiny_dir), "--dataset_name", str(text), "--device", "cpu",
+              "--method", "full", "--num_eval_tokens", "60", "--output_dir", str(tmp_path)]
+    assert main(common + ["--quant", "half", "--quant_mantissa", "30"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --quant_mantissa must be in [1, 23], got 30"]
+    assert main(common + ["--quant_mantissa", "7"]) == 2  # given without the --quant that reads it
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --quant_mantissa 7 needs --quant half; --quant none does not use it"]
+    assert main(common + ["--quant", "kivi", "--quant_mantissa", "7"]) == 2
+    assert main(common + ["--quant", "half", "--quant_bits", "4"]) == 2  # KIVI's field: half does not read it
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "error: --quant_bits 4 needs --quant kivi or gear; --quant half does not use it"
+    assert main(common + ["--quant", "half", "--quant_mantissa", "7"]) == 0
+    folder = result_dir(tmp_path, f"{tiny_dir.name}__t.txt__full_half_mantissa-7__n60")
+    run = json.loads((folder / "run.json").read_text())
+    assert run["setting"]["cache"]["quant"] == {"method": "half", "mantissa": 7}
 
 
 @dataclass
@@ -302,7 +352,7 @@ def test_every_field_range_is_declared_once_and_checked_by_the_policy():
         for f in fields(cls):
             if f.init and f.name not in ("cache_size", "start_size"):
                 assert f"--{f.name}" not in flags_source, f"harness/flags.py names --{f.name} itself"
-    with pytest.raises(ConfigError, match=r"--overlap must be in \[0, 3\], got 4"):
+    with pytest.raises(ConfigError, match=r"LaCache.overlap must be in \[0, 3\], got 4"):
         METHODS["lacache"](span=4, overlap=4)
 
 

@@ -181,13 +181,13 @@ def test_reference_schedule_in_a_padded_batch_gives_each_row_alone():
 
 
 def test_reference_schedule_is_refused_where_it_cannot_hold():
-    with pytest.raises(ConfigError, match="--quant_schedule reference splits keys and values .* not lacache"):
+    with pytest.raises(ConfigError, match="KIVI.schedule reference splits keys and values .* not lacache"):
         CompressedCache(build_policy("lacache", cache_size=40), 6, quant=KIVI(4, 8, 16, schedule="reference"))
-    with pytest.raises(ConfigError, match="--quant_residual must be at least --quant_group 8, got 0"):
+    with pytest.raises(ConfigError, match="KIVI.residual must be at least KIVI.group 8, got 0"):
         KIVI(4, 8, 0, schedule="reference")
-    with pytest.raises(ConfigError, match="--quant gear takes --quant_schedule block"):
+    with pytest.raises(ConfigError, match="make_cache.quant gear takes GEAR.schedule block"):
         GEAR(2, 8, 16, schedule="reference")
-    with pytest.raises(ConfigError, match="--quant_schedule must be block or reference"):
+    with pytest.raises(ConfigError, match=r"KIVI.schedule must be one of \['block', 'reference'\]"):
         KIVI(schedule="kivi")
 
 

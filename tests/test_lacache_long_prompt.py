@@ -118,7 +118,7 @@ def test_issue_example_with_longbench_sinks_is_refused_in_one_line():
     """The LongBench sink rule gives 17 sinks for C = 50 on 32 layers: no room for a ladder of A = 2."""
     with pytest.raises(ConfigError) as err:
         LaCache(50, 9, 3, 17, num_layers=32)
-    assert "--cache_size" in str(err.value) and ">= start_size + num_layers + 2 = 51" in str(err.value)
+    assert "LaCache.cache_size" in str(err.value) and ">= start_size + num_layers + 2 = 51" in str(err.value)
     assert "\n" not in str(err.value)
 
 

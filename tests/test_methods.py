@@ -386,7 +386,7 @@ def test_chunked_prefill_rejected_for_prefill_time_methods():
     from lacache_core import ConfigError, prefill
 
     model = enable_position_shift(tiny_model("llama", "eager"))
-    with pytest.raises(ConfigError, match="--prefill_chunk_size"):
+    with pytest.raises(ConfigError, match="prefill.chunk_size"):
         prefill(model, TOKENS[:, :50], build_cache(model, "snapkv", **PREFILL_SETTINGS), chunk_size=8)
 
 
@@ -397,7 +397,7 @@ def build_cache(model, method, **settings):
 def test_key_positions_flag_is_checked():
     from lacache_core import ConfigError
 
-    with pytest.raises(ConfigError, match="--key_positions must be one of"):
+    with pytest.raises(ConfigError, match="H2O.key_positions must be one of"):
         CompressedCache(build_policy("h2o", key_positions="sideways", cache_size=40), 4)
     assert build_policy("lacache").settings()["key_positions"] == "slot"
     assert build_policy("snapkv").settings()["key_positions"] == "original"

@@ -296,11 +296,11 @@ def test_defaults_registry_and_one_line_errors():
     assert METHODS["minicache"] is MiniCache and policy.prefill_only and not policy.observes
     assert (policy.interpolation, policy.retention_ratio, policy.merge_start) == (0.6, 0.05, None)
     assert policy.first_merged(32) == 16 and policy.merged_pairs(7) == [(3, 4), (5, 6)]
-    for bad, flag in ((dict(interpolation=1.5), "--interpolation"), (dict(retention_ratio=-0.1), "--retention_ratio"),
-                      (dict(merge_start=-1), "--merge_start")):
-        with pytest.raises(ConfigError, match=flag):
+    for bad, setting in ((dict(interpolation=1.5), "MiniCache.interpolation"),
+                         (dict(retention_ratio=-0.1), "MiniCache.retention_ratio"), (dict(merge_start=-1), "MiniCache.merge_start")):
+        with pytest.raises(ConfigError, match=setting):
             build_policy("minicache", **bad)
-    with pytest.raises(ConfigError, match="--merge_start 5 leaves no pair of layers to merge in a 6-layer model"):
+    with pytest.raises(ConfigError, match="MiniCache.merge_start 5 leaves no pair of layers to merge in a 6-layer model"):
         CompressedCache(build_policy("minicache", merge_start=5), 6)
     CompressedCache(build_policy("minicache", merge_start=4), 6)  # the last pair
     with pytest.raises(ConfigError, match="CompressedCache"):

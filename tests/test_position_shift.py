@@ -186,5 +186,5 @@ def test_auto_key_rotation_choice():
 def test_key_rotation_flag_is_checked():
     from lacache_core import ConfigError
 
-    with pytest.raises(ConfigError, match="--key_rotation"):
+    with pytest.raises(ConfigError, match="make_cache.key_rotation"):
         make_cache("lacache", tiny_model("llama", "eager"), span=2, key_rotation="sometimes")

@@ -149,11 +149,11 @@ def test_quant_composes_with_every_method_in_generate(method):
 
 
 def test_bad_quant_settings_are_one_line_errors():
-    with pytest.raises(ConfigError, match="--quant_bits must be 2, 4 or 8, got 3"):
+    with pytest.raises(ConfigError, match="KIVI.bits must be 2, 4 or 8, got 3"):
         KIVI(bits=3)
-    with pytest.raises(ConfigError, match="--quant_residual must be a multiple of --quant_group 32"):
+    with pytest.raises(ConfigError, match="KIVI.residual must be a multiple of KIVI.group 32"):
         KIVI(group=32, residual=40)
-    with pytest.raises(ConfigError, match="--key_rotation incremental cannot be used"):
+    with pytest.raises(ConfigError, match="make_cache.key_rotation incremental cannot be used"):
         CompressedCache(build_policy("lacache", cache_size=40, span=2), 6, key_rotation="incremental", quant=KIVI())
 
 
@@ -233,9 +233,9 @@ def test_post_rope_keys_survive_eviction_at_original_positions():
 
 def test_post_rope_order_is_refused_where_keys_move():
     for method in ("lacache", "streamingllm"):
-        with pytest.raises(ConfigError, match=f"--quant_key_order post_rope cannot be used with --method {method}"):
+        with pytest.raises(ConfigError, match=f"KIVI.key_order post_rope cannot be used with make_cache.method {method}"):
             CompressedCache(build_policy(method, cache_size=40), 6, quant=KIVI(4, 8, 16, "post_rope"))
-    with pytest.raises(ConfigError, match="--quant_key_order must be pre_rope or post_rope"):
+    with pytest.raises(ConfigError, match=r"KIVI.key_order must be one of \['pre_rope', 'post_rope'\], got 'after'"):
         KIVI(4, 8, 16, "after")
 
 

@@ -7,7 +7,8 @@ import transformers
 from packaging.version import Version
 
 from lacache_core import METHODS, CompressedCache, ConfigError, Quest, build_policy, enable_position_shift
-from lacache_core.quest import page_bounds, page_scores, read_config, selected_tokens
+from lacache_core.quest import page_bounds, page_scores, selected_tokens
+from lacache_core.readers import build_reader
 from lacache_core.versions import with_cache
 from test_longbench_pred import data_dir  # noqa: F401 (fixture)
 from test_ppl_harness import text_file, tiny_dir  # noqa: F401 (fixtures)
@@ -156,13 +157,13 @@ def test_quest_composes_with_every_method_in_generate(method):
 
 
 def test_bad_read_settings_are_one_line_errors():
-    for kwargs, flag in [(dict(token_budget=0), "--quest_budget"), (dict(page_size=0), "--quest_page_size"),
-                         (dict(dense_layers=-1), "--quest_dense_layers")]:
-        with pytest.raises(ConfigError, match=flag):
+    for kwargs, setting in [(dict(token_budget=0), "Quest.token_budget"), (dict(page_size=0), "Quest.page_size"),
+                            (dict(dense_layers=-1), "Quest.dense_layers")]:
+        with pytest.raises(ConfigError, match=setting):
             Quest(**kwargs)
-    with pytest.raises(ConfigError, match="--read must be one of"):
-        read_config("pages", 1024, 16, 2)
-    assert read_config("none", 1024, 16, 2) is None
+    with pytest.raises(ConfigError, match="make_cache.read must be one of"):
+        build_reader("pages")
+    assert build_reader("none") is None
 
 
 @pytest.mark.parametrize("method", ["full", "lacache"])

@@ -159,9 +159,9 @@ def test_a_padded_batch_row_reads_what_it_reads_alone():
 
 
 def test_bad_rule_settings_are_one_line_errors():
-    for kwargs, message in [(dict(rule="mine"), "--quest_rule must be one of ['quest', 'kvcache_factory'], got 'mine'"),
-                            (dict(rule="kvcache_factory", recent_size=-1), "--quest_recent_size must be >= 0, got -1"),
-                            (dict(recent_size=4), "--quest_recent_size 4 needs --quest_rule kvcache_factory")]:
+    for kwargs, message in [(dict(rule="mine"), "Quest.rule must be one of ['quest', 'kvcache_factory'], got 'mine'"),
+                            (dict(rule="kvcache_factory", recent_size=-1), "Quest.recent_size must be >= 0, got -1"),
+                            (dict(recent_size=4), "Quest.recent_size 4 needs Quest.rule kvcache_factory")]:
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             Quest(**kwargs)
 

@@ -286,7 +286,7 @@ def test_headkv_reads_the_reference_format_and_refuses_bad_files(tmp_path):
         bad.write_text(text)
         with pytest.raises(ConfigError, match=match):
             HeadKV(cache_size=20, window_size=4, head_scores=str(bad))
-    with pytest.raises(ConfigError, match="--head_scores FILE"):
+    with pytest.raises(ConfigError, match="HeadKV.head_scores FILE"):
         HeadKV(cache_size=20, window_size=4)
     with pytest.raises(ConfigError, match="2 layers, the model has 3"):
         HeadKV(cache_size=20, window_size=4, head_scores=str(good)).bind(3)
@@ -375,11 +375,11 @@ def test_think_refuses_what_would_prune_unrotated_keys():
     from lacache_core.versions import HAS_CACHE_CLASSES
 
     if HAS_CACHE_CLASSES:
-        with pytest.raises(ConfigError, match="--key_rotation every_step cannot be used with --method think"):
+        with pytest.raises(ConfigError, match="make_cache.key_rotation every_step cannot be used with make_cache.method think"):
             CompressedCache(ThinK(), 4, key_rotation="every_step")
     with pytest.raises(ConfigError, match="run it with a lacache_core.CompressedCache"):
         ThinK()([(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))])
-    with pytest.raises(ConfigError, match="--key_positions slot is not available for think"):
+    with pytest.raises(ConfigError, match="ThinK.key_positions slot is not available for think"):
         ThinK(key_positions="slot")
-    with pytest.raises(ConfigError, match=r"--pruning_ratio must be in \[0.0, 1.0\)"):
+    with pytest.raises(ConfigError, match=r"ThinK.pruning_ratio must be in \[0.0, 1.0\)"):
         ThinK(pruning_ratio=1.0)

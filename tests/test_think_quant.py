@@ -144,8 +144,8 @@ def test_generated_keys_are_pruned_once_quantized_and_read_at_their_positions():
 
 
 def test_think_needs_keys_quantized_after_rope():
-    with pytest.raises(ConfigError, match="--method think prunes channels of rotated keys: with --quant kivi use "
-                                          "--quant_key_order post_rope"):
+    with pytest.raises(ConfigError, match="make_cache.method think prunes channels of rotated keys: with make_cache.quant kivi "
+                                          "use KIVI.key_order post_rope"):
         CompressedCache(build_policy("think", **SETTINGS), 6, quant=KIVI(4, 8, 16))
 
 

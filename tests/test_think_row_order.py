@@ -138,7 +138,7 @@ def test_a_padded_batch_row_keeps_what_it_keeps_alone():
 
 def test_score_order_is_refused_under_quant_and_bad_values_are_one_line_errors():
     policy = build_policy("think", cache_size=24, window_size=4, row_order="score")
-    with pytest.raises(ConfigError, match="--row_order score cannot be used with --quant"):
+    with pytest.raises(ConfigError, match="ThinK.row_order score cannot be used with make_cache.quant"):
         CompressedCache(policy, 2, quant=KIVI(key_order="post_rope"))
-    with pytest.raises(ConfigError, match="--row_order"):
+    with pytest.raises(ConfigError, match="ThinK.row_order"):
         build_policy("think", cache_size=24, window_size=4, row_order="newest")

@@ -39,13 +39,13 @@ def _attend(module, query, key, value, attention_mask, output_attentions, cache=
     if impl == "flash_attention_2" and ragged:
         from ..errors import ConfigError
 
-        raise ConfigError(f"--method {cache.policy.name} keeps a different number of slots per head, which flash "
-                          "kernels cannot mask: use --attn_implementation sdpa or eager")
+        raise ConfigError(f"make_cache.method {cache.policy.name} keeps a different number of slots per head, which flash "
+                          "kernels cannot mask: use from_pretrained.attn_implementation sdpa or eager")
     if impl == "flash_attention_2" and cache is not None and cache.read is not None:
         from ..errors import ConfigError
 
-        raise ConfigError("--read quest chooses pages per query head, which a flash kernel cannot mask: use "
-                          "--attn_implementation sdpa or eager")
+        raise ConfigError("make_cache.read quest chooses pages per query head, which a flash kernel cannot mask: use "
+                          "from_pretrained.attn_implementation sdpa or eager")
     if impl == "flash_attention_2":
         from transformers.modeling_flash_attention_utils import _flash_attention_forward
 

@@ -86,8 +86,8 @@ def _flash_mask(mask, key_len: int):
         unpadded = bool((last if last.dtype == torch.bool else last == 0).all())
     if unpadded:
         return None
-    raise ConfigError("a padded batch with a compressed cache cannot run on a flash kernel yet: use --attn_implementation "
-                      "sdpa or eager")
+    raise ConfigError("a padded batch with a compressed cache cannot run on a flash kernel yet: use "
+                      "from_pretrained.attn_implementation sdpa or eager")
 
 
 def _wrapper(inner_name: str) -> Callable:
@@ -99,14 +99,14 @@ def _wrapper(inner_name: str) -> Callable:
                                              kwargs.get("position_ids"))
             if inner_name.startswith("flash"):
                 if cache.ragged_step(module.layer_idx):
-                    raise ConfigError(f"--method {cache.policy.name} keeps a different number of slots per head, "
-                                      "which flash kernels cannot mask: use --attn_implementation sdpa or eager")
+                    raise ConfigError(f"make_cache.method {cache.policy.name} keeps a different number of slots per head, "
+                                      "which flash kernels cannot mask: use from_pretrained.attn_implementation sdpa or eager")
                 if cache.read is not None:
-                    raise ConfigError("--read quest chooses pages per query head, which a flash kernel cannot mask: use "
-                                      "--attn_implementation sdpa or eager")
+                    raise ConfigError("make_cache.read quest chooses pages per query head, which a flash kernel cannot mask: use "
+                                      "from_pretrained.attn_implementation sdpa or eager")
                 if cache.rows_masked(module.layer_idx):
                     raise ConfigError("the rows of this batch hold different numbers of slots, which a flash kernel "
-                                      "cannot mask: use --attn_implementation sdpa or eager")
+                                      "cannot mask: use from_pretrained.attn_implementation sdpa or eager")
                 attention_mask = _flash_mask(attention_mask, key.shape[-2])
             else:
                 attention_mask = cache.head_mask(module.layer_idx, _fit_mask(attention_mask, key.shape[-2]), query,

@@ -47,7 +47,7 @@ def build_policy(method: str, **settings) -> CachePolicy:
     This lets every harness pass one flat set of flags (``cache_size``, ``span``, ...) to any method.
     """
     if method not in METHODS:
-        raise ConfigError(f"--method must be one of {sorted(METHODS)}, got {method!r}")
+        raise ConfigError(f"make_cache.method must be one of {sorted(METHODS)}, got {method!r}")
     cls = METHODS[method]
     names = {f.name for f in fields(cls) if f.init}
     if budget_derived(cls) and settings.get("recent_size") is None and settings.get("cache_size") is not None:
@@ -56,7 +56,8 @@ def build_policy(method: str, **settings) -> CachePolicy:
         start = settings.get("start_size")
         start = cls.start_size if start is None else start
         if settings["cache_size"] <= start:
-            raise ConfigError(f"--cache_size {settings['cache_size']} must exceed --start_size {start} for {method}")
+            raise ConfigError(f"build_policy.cache_size {settings['cache_size']} must exceed {cls.__name__}.start_size "
+                              f"{start} for {method}")
         settings = {**settings, "recent_size": settings["cache_size"] - start}
     return cls(**{k: v for k, v in settings.items() if k in names and v is not None})
 

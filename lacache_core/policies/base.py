@@ -17,101 +17,17 @@ kept keys sit when they are rotated (:attr:`CachePolicy.key_positions`):
 """
 from __future__ import annotations
 
-import functools
-import typing
 from dataclasses import dataclass, field, fields
-from typing import Callable, ClassVar, Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import ClassVar, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 
 from ..errors import ConfigError
+from ..params import (BOUNDS, Bound, base_type, check_fields, choices_of, describe_range,  # noqa: F401
+                      left_out_of_identity, param, type_hints)
 
 KVList = Sequence[Tuple[torch.Tensor, torch.Tensor]]
 POSITION_MODES = ("slot", "original")
-
-BOUNDS = ("low", "high", "above", "below")
-Bound = Union[int, float, Callable[["CachePolicy"], Union[int, float]], None]
-
-
-def param(default, *, low: Bound = None, high: Bound = None, above: Bound = None, below: Bound = None,
-          flag: bool = True, short: Optional[str] = None, file: bool = False, added_later: bool = False):
-    """A hyper-parameter field with its valid range: the one place that range is declared.
-
-    ``low``/``high`` are inclusive bounds, ``above``/``below`` exclusive ones; a bound may be a
-    function of the policy (``high=lambda p: p.span - 1``). :meth:`CachePolicy.check_hyperparameters`
-    enforces them, and the harness's flags are generated from the same fields (their help is the
-    class docstring's ``Parameters`` entry). ``flag=False`` keeps a field off the command line;
-    ``short`` is its label in result-folder names (``S16``), which then always show it. ``file=True``: the
-    value is a file's path, and a run's identity records the file's contents' digest with it.
-    ``added_later=True``: a field added after results were recorded; a run's identity leaves it out while
-    it holds its default (which reproduces the earlier behaviour), so those results keep their hash.
-    """
-    return field(default=default, metadata={"low": low, "high": high, "above": above, "below": below, "flag": flag,
-                                            "short": short, "file": file, "added_later": added_later})
-
-
-def left_out_of_identity(f, value) -> bool:
-    """Whether a run's identity omits field ``f`` holding ``value`` (see ``param(added_later=True)``)."""
-    return f.metadata.get("added_later", False) and value == f.default
-
-
-@functools.lru_cache(maxsize=None)
-def type_hints(cls) -> Dict[str, object]:
-    return typing.get_type_hints(cls)
-
-
-def choices_of(annotation) -> Optional[Tuple]:
-    """The allowed values of a ``Literal[...]`` (or ``Optional[Literal[...]]``) annotation, else ``None``."""
-    if typing.get_origin(annotation) is Literal:
-        return typing.get_args(annotation)
-    if typing.get_origin(annotation) is Union:
-        for arg in typing.get_args(annotation):
-            if typing.get_origin(arg) is Literal:
-                return typing.get_args(arg)
-    return None
-
-
-def base_type(annotation):
-    """``int``, ``float``, ``bool`` or ``str`` behind ``Optional[...]`` / ``Literal[...]``."""
-    choices = choices_of(annotation)
-    if choices is not None:
-        return type(choices[0])
-    if typing.get_origin(annotation) is Union:
-        return next(a for a in typing.get_args(annotation) if a is not type(None))
-    return annotation
-
-
-def _check_value(name: str, annotation, value, meta: dict, policy) -> None:
-    if value is None and typing.get_origin(annotation) is Union and type(None) in typing.get_args(annotation):
-        return
-    choices = choices_of(annotation)
-    if choices is not None:
-        if value not in choices:
-            raise ConfigError(f"--{name} must be one of {list(choices)}, got {value!r}")
-        return
-    kind = base_type(annotation)
-    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-    if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok:
-        raise ConfigError(f"--{name} must be {'an integer' if kind is int else 'a ' + kind.__name__}, got {value!r}")
-    bound = {k: (b(policy) if callable(b) else b) for k, b in meta.items()}
-    low, high, above, below = bound.get("low"), bound.get("high"), bound.get("above"), bound.get("below")
-    if ((low is not None and value < low) or (high is not None and value > high)
-            or (above is not None and value <= above) or (below is not None and value >= below)):
-        raise ConfigError(f"--{name} must be {describe_range(low, high, above, below)}, got {value!r}")
-
-
-def describe_range(low=None, high=None, above=None, below=None) -> str:
-    """``">= 1"``, ``"in [0, 15]"``, ``"in (0, 1]"``... (for errors and ``--help``)."""
-    lower = f"[{low}" if low is not None else (f"({above}" if above is not None else None)
-    upper = f"{high}]" if high is not None else (f"{below})" if below is not None else None)
-    if lower and upper:
-        return f"in {lower}, {upper}"
-    if lower:
-        return f">= {low}" if low is not None else f"> {above}"
-    return f"<= {high}" if high is not None else (f"< {below}" if below is not None else "any value")
-
 
 @dataclass
 class CachePolicy:
@@ -167,24 +83,16 @@ class CachePolicy:
     def __post_init__(self) -> None:
         self.check_hyperparameters()
         if self.ragged and self.key_positions == "slot":
-            raise ConfigError(f"--key_positions slot is not available for {self.name}: its heads keep different "
-                              "numbers of slots, so kept keys sit at their original positions")
+            raise ConfigError(f"{type(self).__name__}.key_positions slot is not available for {self.name}: its heads "
+                              "keep different numbers of slots, so kept keys sit at their original positions")
         if self.prunes_channels and self.key_positions == "slot":
-            raise ConfigError(f"--key_positions slot is not available for {self.name}: it prunes channels of keys "
-                              "rotated at their original positions")
+            raise ConfigError(f"{type(self).__name__}.key_positions slot is not available for {self.name}: it prunes "
+                              "channels of keys rotated at their original positions")
 
     def check_hyperparameters(self) -> None:
         """Raise a one-line :class:`ConfigError` for a hyper-parameter of the wrong type or out of its
-        :func:`param` range (fixed bounds first, then bounds that depend on other fields)."""
-        hints = type_hints(type(self))
-        hyper = [f for f in fields(self) if f.init]
-        for f in hyper:
-            fixed = {k: v for k, v in f.metadata.items() if not callable(v) and k in BOUNDS}
-            _check_value(f.name, hints[f.name], getattr(self, f.name), fixed, self)
-        for f in hyper:
-            if any(callable(v) for v in f.metadata.values()):
-                bounds = {k: v for k, v in f.metadata.items() if k in BOUNDS}
-                _check_value(f.name, hints[f.name], getattr(self, f.name), bounds, self)
+        :func:`param` range, naming the setting (``LaCache.overlap``; :func:`lacache_core.params.check_fields`)."""
+        check_fields(self)
 
     # ----------------------------------------------------------------- hooks for subclasses
     def validate(self, num_layers: int) -> None:
@@ -409,7 +317,7 @@ class CachePolicy:
         if past_key_values is None:
             return past_key_values
         if self.ragged or self.prunes_channels:
-            raise ConfigError(f"--method {self.name} stores layers in a form of its own (heads of different lengths or "
+            raise ConfigError(f"make_cache.method {self.name} stores layers in a form of its own (heads of different lengths or "
                               "pruned key channels): run it with a lacache_core.CompressedCache, not on (key, value) lists")
         pkv = [tuple(layer) for layer in past_key_values]
         keep = self.compact(pkv[0][0].shape[-2], len(pkv), pkv[0][0].device)

@@ -39,7 +39,7 @@ def read_head_scores(path: str) -> dict:
     try:
         stat = os.stat(path)
     except OSError as err:
-        raise ConfigError(f"--head_scores {path}: cannot read it ({err.strerror})") from None
+        raise ConfigError(f"HeadKV.head_scores {path}: cannot read it ({err.strerror})") from None
     return dict(_parse_head_scores(str(path), stat.st_mtime_ns, stat.st_size))
 
 
@@ -48,23 +48,23 @@ def _parse_head_scores(path: str, mtime_ns: int, size: int) -> dict:
     try:
         text = Path(path).read_text()
     except OSError as err:
-        raise ConfigError(f"--head_scores {path}: cannot read it ({err.strerror})") from None
+        raise ConfigError(f"HeadKV.head_scores {path}: cannot read it ({err.strerror})") from None
     try:
         table = json.loads(text)
     except json.JSONDecodeError:
         try:
             table = json.loads(text.splitlines()[0])
         except (json.JSONDecodeError, IndexError):
-            raise ConfigError(f"--head_scores {path}: not a JSON object of \"layer-head\": [scores]") from None
+            raise ConfigError(f"HeadKV.head_scores {path}: not a JSON object of \"layer-head\": [scores]") from None
     if not isinstance(table, dict) or not table:
-        raise ConfigError(f"--head_scores {path}: not a JSON object of \"layer-head\": [scores]")
+        raise ConfigError(f"HeadKV.head_scores {path}: not a JSON object of \"layer-head\": [scores]")
     out = {}
     for name, scores in table.items():
         parts = name.split("-")
         values = scores if isinstance(scores, list) else [scores]
         if (len(parts) != 2 or not all(p.isdigit() for p in parts) or not values
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
-            raise ConfigError(f"--head_scores {path}: entry {name!r} is not \"layer-head\": [numbers]")
+            raise ConfigError(f"HeadKV.head_scores {path}: entry {name!r} is not \"layer-head\": [numbers]")
         out[(int(parts[0]), int(parts[1]))] = sum(values) / len(values)
     return out
 
@@ -102,7 +102,7 @@ class HeadKV(SnapKV):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.head_scores is None:
-            raise ConfigError("--method headkv needs --head_scores FILE (make one: python scripts/head_scores.py "
+            raise ConfigError("make_cache.method headkv needs HeadKV.head_scores FILE (make one: python scripts/head_scores.py "
                               "--model_name_or_path MODEL)")
         self._table = read_head_scores(self.head_scores)
 
@@ -113,13 +113,13 @@ class HeadKV(SnapKV):
         super().validate(num_layers)
         layers = 1 + max(layer for layer, _ in self._table)
         if layers != num_layers:
-            raise ConfigError(f"--head_scores {self.head_scores} scores {layers} layers, the model has {num_layers}")
+            raise ConfigError(f"HeadKV.head_scores {self.head_scores} scores {layers} layers, the model has {num_layers}")
 
     def caps(self, query_heads: int, kv_heads: int) -> torch.Tensor:
         """Prefix slots per (layer, KV head): ``LongTensor [L, kv_heads]``."""
         heads = 1 + max(head for _, head in self._table)
         if heads != query_heads or len(self._table) != self._num_layers * query_heads:
-            raise ConfigError(f"--head_scores {self.head_scores} has {len(self._table)} entries for {heads} heads a "
+            raise ConfigError(f"HeadKV.head_scores {self.head_scores} has {len(self._table)} entries for {heads} heads a "
                               f"layer; the model has {self._num_layers} layers of {query_heads} heads")
         scores = torch.tensor([[self._table[(layer, h)] for h in range(query_heads)]
                                for layer in range(self._num_layers)], dtype=torch.float64)

@@ -141,15 +141,17 @@ class LaCache(CachePolicy):
         group, kept, freed = self.geometry(num_layers)
         if freed < 1:
             raise ConfigError(
-                f"--span {self.span} with --overlap {self.overlap} frees no slot on a {num_layers}-layer model "
+                f"LaCache.span {self.span} with LaCache.overlap {self.overlap} frees no slot on a {num_layers}-layer "
+                f"model "
                 f"(need 1 <= span < {num_layers} and 0 <= overlap < span with ceil(span/(span-overlap)) < "
                 f"1 + ceil(({num_layers}-span)/(span-overlap)))"
             )
         low = self.min_cache_size(num_layers)
         if self.cache_size < low:
             raise ConfigError(
-                f"--cache_size must be >= start_size + num_layers + {kept} = {low} for --span {self.span} "
-                f"--overlap {self.overlap} --start_size {self.start_size} on {num_layers} layers, got {self.cache_size}"
+                f"LaCache.cache_size must be >= start_size + num_layers + {kept} = {low} for LaCache.span {self.span} "
+                f"LaCache.overlap {self.overlap} LaCache.start_size {self.start_size} on {num_layers} layers, "
+                f"got {self.cache_size}"
             )
 
     def max_cache_len(self, num_layers: int) -> int:

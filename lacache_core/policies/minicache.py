@@ -45,15 +45,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from functools import partial
-from typing import ClassVar, List, Optional, Tuple
+from typing import TYPE_CHECKING, ClassVar, List, Optional, Tuple
 
 import torch
 
 from ..errors import ConfigError
-from ..quant import KIVI
 from ..storage import DenseStore, LayerStore, MergedLayerStore, MergedPair, RowStores
 from .base import CachePolicy, param
+
+if TYPE_CHECKING:  # annotations only: the quantizers' stores never import a policy
+    from ..quantizers import Quantizer
 
 EPS = 1e-6
 
@@ -96,7 +97,7 @@ def retained_slots(angle: torch.Tensor, retention_ratio: float) -> torch.Tensor:
 
 
 def merge_layers(previous: Tuple[torch.Tensor, torch.Tensor], current: Tuple[torch.Tensor, torch.Tensor],
-                 interpolation: float, retention_ratio: float, quant: Optional[KIVI] = None) -> MergedPair:
+                 interpolation: float, retention_ratio: float, quant: Optional[Quantizer] = None) -> MergedPair:
     """Merge two adjacent layers' ``(key, value)`` (each ``[b, kv_heads, n, d]``) into one :class:`MergedPair`.
 
     Keys and values each get their own shared direction; the retained slots are those of the largest angle
@@ -113,9 +114,9 @@ def merge_layers(previous: Tuple[torch.Tensor, torch.Tensor], current: Tuple[tor
     if quant is None:
         held, tail_store = DenseStore(*directions), None
     else:
-        held = quant.store_class(replace(quant, residual=0), *directions)
+        held = replace(quant, residual=0).new_store(*directions)
         held.compress()
-        tail_store = partial(quant.store_class, quant)
+        tail_store = quant.new_store
     return MergedPair(held, (key_norm0.to(k0.dtype), key_norm1.to(k1.dtype)),
                       (value_norm0.to(v0.dtype), value_norm1.to(v1.dtype)), index,
                       (k0.gather(2, full), k1.gather(2, full)), (v0.gather(2, full), v1.gather(2, full)), tail_store)
@@ -154,9 +155,9 @@ class MiniCache(CachePolicy):
     def validate(self, num_layers: int) -> None:
         start = self.first_merged(num_layers)
         if num_layers < 2:
-            raise ConfigError(f"--method {self.name} merges pairs of layers: a {num_layers}-layer model has none")
+            raise ConfigError(f"make_cache.method {self.name} merges pairs of layers: a {num_layers}-layer model has none")
         if start > num_layers - 2:
-            raise ConfigError(f"--merge_start {start} leaves no pair of layers to merge in a {num_layers}-layer model; "
+            raise ConfigError(f"MiniCache.merge_start {start} leaves no pair of layers to merge in a {num_layers}-layer model; "
                               f"it must be in [0, {num_layers - 2}]")
 
     def merged_pairs(self, num_layers: int) -> List[Tuple[int, int]]:
@@ -176,7 +177,7 @@ class MiniCache(CachePolicy):
         return [prompt_len] * num_layers
 
     def merge_pair(self, previous: Tuple[torch.Tensor, torch.Tensor], current: Tuple[torch.Tensor, torch.Tensor],
-                   fillers: Optional[torch.Tensor] = None, quant: Optional[KIVI] = None) -> Tuple[LayerStore, LayerStore]:
+                   fillers: Optional[torch.Tensor] = None, quant: Optional[Quantizer] = None) -> Tuple[LayerStore, LayerStore]:
         """The stores of a pair's two layers after the merge (the earlier layer's first).
 
         Parameters
@@ -187,7 +188,7 @@ class MiniCache(CachePolicy):
             Slots at the front of each row that hold none of its tokens (a left-padded batch): each row then
             merges its own tokens in a store of its own (:class:`lacache_core.storage.RowStores`), every row with
             this policy's settings.
-        quant : the cache's quantization (:class:`lacache_core.quant.KIVI`), if any: see :func:`merge_layers`.
+        quant : the cache's quantization (:class:`lacache_core.quantizers.Quantizer`), if any: see :func:`merge_layers`.
         """
         if fillers is None:
             pair = merge_layers(previous, current, self.interpolation, self.retention_ratio, quant)
@@ -197,5 +198,5 @@ class MiniCache(CachePolicy):
         return RowStores([MergedLayerStore(p, 0) for p in pairs]), RowStores([MergedLayerStore(p, 1) for p in pairs])
 
     def __call__(self, past_key_values):
-        raise ConfigError(f"--method {self.name} stores merged layer pairs in a form of its own: run it with a "
+        raise ConfigError(f"make_cache.method {self.name} stores merged layer pairs in a form of its own: run it with a "
                           "lacache_core.CompressedCache, not on (key, value) lists")

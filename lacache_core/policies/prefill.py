@@ -64,8 +64,9 @@ class PrefillPolicy(CachePolicy):
     def validate(self, num_layers: int) -> None:
         low = min(self.layer_budgets(num_layers))
         if low < self.start_size + self.window_size:
-            raise ConfigError(f"--cache_size {self.cache_size} leaves a layer {low} slots, fewer than start_size + "
-                              f"window_size = {self.start_size + self.window_size}; raise --cache_size")
+            raise ConfigError(f"{type(self).__name__}.cache_size {self.cache_size} leaves a layer {low} slots, fewer than "
+                              f"start_size + window_size = {self.start_size + self.window_size}; raise "
+                              f"{type(self).__name__}.cache_size")
 
     # -- scoring: the attention the last ``window_size`` prompt queries pay to each prompt token
     def observe(self, layer, query, key, scaling):

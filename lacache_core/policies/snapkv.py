@@ -41,7 +41,7 @@ class SnapKV(PrefillPolicy):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.kernel_size % 2 == 0:
-            raise ConfigError(f"--kernel_size must be odd (pooling keeps the length), got {self.kernel_size}")
+            raise ConfigError(f"{type(self).__name__}.kernel_size must be odd (pooling keeps the length), got {self.kernel_size}")
 
     def pool(self, scores):
         pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d

@@ -109,7 +109,7 @@ class ThinK(SnapKV):
     prunes_channels: ClassVar[bool] = True
     quant_ignores: ClassVar[Dict[str, str]] = {
         "unpruned_window": "ThinK's keys keep every channel while they are in the full-precision residual "
-                           "(--quant_residual), as in ThinK's KIVI code"}
+                           "(KIVI.residual), as in ThinK's KIVI code"}
     #: Prompt queries whose energy scores the channels (fixed at 32 in the reference, whatever the window).
     channel_queries: ClassVar[int] = 32
 
