@@ -129,6 +129,7 @@ class HalfPrecision(Quantizer):
         return KIVIStore(KIVI(bits=8, group=4, residual=8), key, value)  # any working store: the flags are the point
 
 
+@needs_cache_classes  # --quant holds a CompressedCache
 def test_a_quantizer_added_at_run_time_gets_flags_checks_and_folder_names(monkeypatch, capsys, tiny_dir, tmp_path):
     harnesses = parsers()  # imported before the registration: nothing is read from the registry at import time
     monkeypatch.setitem(QUANTIZERS, HalfPrecision.name, HalfPrecision)

@@ -151,20 +151,20 @@ def test_long_prefill_defect_fixed_without_duplicates():
     assert all(len(set(lst)) == len(lst) for lst in ours.positions_per_layer())
 
 
-@pytest.mark.parametrize("kwargs,layers,flag", [
-    (dict(cache_size=256, span=16, overlap=16), 32, "--overlap"),
-    (dict(cache_size=256, span=0, overlap=0), 32, "--span"),
-    (dict(cache_size=256, span=32, overlap=0), 32, "--span"),
-    (dict(cache_size=256, span=40, overlap=0), 32, "--span"),
-    (dict(cache_size=36, span=16, overlap=0, start_size=4), 32, "--cache_size"),
-    (dict(cache_size=256, span=8, overlap=-1), 32, "--overlap"),
-    (dict(cache_size=256, span=8, overlap=0, start_size=-2), 32, "--start_size"),
+@pytest.mark.parametrize("kwargs,layers,setting", [
+    (dict(cache_size=256, span=16, overlap=16), 32, "LaCache.overlap"),
+    (dict(cache_size=256, span=0, overlap=0), 32, "LaCache.span"),
+    (dict(cache_size=256, span=32, overlap=0), 32, "LaCache.span"),
+    (dict(cache_size=256, span=40, overlap=0), 32, "LaCache.span"),
+    (dict(cache_size=36, span=16, overlap=0, start_size=4), 32, "LaCache.cache_size"),
+    (dict(cache_size=256, span=8, overlap=-1), 32, "LaCache.overlap"),
+    (dict(cache_size=256, span=8, overlap=0, start_size=-2), 32, "LaCache.start_size"),
 ])
-def test_invalid_settings_rejected_with_one_line(kwargs, layers, flag):
+def test_invalid_settings_rejected_with_one_line(kwargs, layers, setting):
     with pytest.raises(ConfigError) as err:
         LaCache(num_layers=layers, **kwargs)
     msg = str(err.value)
-    assert flag in msg and "\n" not in msg
+    assert setting in msg and "\n" not in msg
 
 
 def test_minimum_cache_size_works():

@@ -119,6 +119,7 @@ MODELS = [  # (LongBench model name, weights' hub path): what each mode applies 
 def ids_reaching_generate(tmp_path, monkeypatch, tokenizer, flags, datasets, e=False):
     """Run longbench/pred.py's per-dataset loop with generation replaced by a recorder."""
     import longbench.pred as pred
+    from harness.loop import run_part
 
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
@@ -140,7 +141,10 @@ def ids_reaching_generate(tmp_path, monkeypatch, tokenizer, flags, datasets, e=F
     pred.validate(args)
     args.rank, args.world = 0, 1
     for current in datasets:
-        pred.predict_dataset(args, "full", current, None, tokenizer, tmp_path / "out" / pred.run_name(args, "full"))
+        folder = tmp_path / "out" / pred.run_name(args, "full")
+        folder.mkdir(parents=True, exist_ok=True)
+        run_part(args, pred.dataset_part(args, "full", current, None, tokenizer), "full", folder, None, tokenizer,
+                 pred.answer_all)
     return seen, args
 
 
