@@ -21,8 +21,8 @@ from lacache_core.cache import CompressedCache, cache_layers, kv_bytes
 from lacache_core.errors import ConfigError
 from lacache_core.patches import enable_position_shift
 from lacache_core.policies import CachePolicy, FullCache, policy_from_state
-from lacache_core.quant import KIVI, store_from_state
-from lacache_core.quest import Quest
+from lacache_core import KIVI, Quest
+from lacache_core.quant import store_from_state
 from lacache_core.versions import HAS_CACHE_CLASSES, output_cache, with_cache
 
 QUERY_POSITIONS = ("slot", "official")

@@ -42,20 +42,14 @@ This module holds the store; the hyper-parameters are :class:`lacache_core.quant
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import TYPE_CHECKING, Tuple
 
 import torch
 
 from .quant import KIVIStore, unpack
 
-
-def __getattr__(name: str):
-    """``GEAR`` (now :class:`lacache_core.quantizers.GEAR`) from its old home, for old imports; resolved on first use,
-    so that this module never imports the quantizer that builds on it."""
-    if name == "GEAR":
-        from .quantizers import GEAR
-        return GEAR
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+if TYPE_CHECKING:  # annotations only: the setting imports this module, not the other way round
+    from .quantizers import GEAR
 
 
 def low_rank(error: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:

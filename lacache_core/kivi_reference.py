@@ -37,7 +37,7 @@ from .quant import QuantizedStore, pack, quantize, unpack
 
 
 class KIVIReferenceStore(QuantizedStore):
-    """One layer's keys and values under :class:`lacache_core.quant.KIVI` with ``schedule="reference"``.
+    """One layer's keys and values under :class:`lacache_core.quantizers.KIVI` with ``schedule="reference"``.
 
     Held: ``key_codes`` (packed, ``[b, h, m_k, d * bits / 8]``) with each key block's per-channel ``key_low``
     and ``key_scale`` (``[b, h, m_k / group, d]``); ``value_codes`` (``[b, h, m_v, d * bits / 8]``) with

@@ -13,25 +13,20 @@ outliers that per-channel quantization needs), and the cache rotates the dequant
 positions at every step.
 
 This module holds the stores; the hyper-parameters are :class:`lacache_core.quantizers.KIVI`, which imports
-this module (never the other way round). ``from lacache_core.quant import KIVI`` still works.
+this module (never the other way round).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 
 from .errors import ConfigError
 from .storage import LayerStore, RowStores, _bytes, left_padded
 
+if TYPE_CHECKING:  # annotations only: the setting imports this module, not the other way round
+    from .quantizers import KIVI
 
-def __getattr__(name: str):
-    """``KIVI`` (now :class:`lacache_core.quantizers.KIVI`) from its old home, for old imports; resolved on first use,
-    so that this module never imports the quantizer that builds on it."""
-    if name == "KIVI":
-        from .quantizers import KIVI
-        return KIVI
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 def quantize(x: torch.Tensor, bits: int, dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric quantization of ``x`` with one min and scale per slice along ``dim``.

@@ -34,26 +34,20 @@ all slots, as Quest's own code does, so a budget that is not a multiple of ``pag
 than the budget, and the newest tokens compete for pages like any other.
 
 This module holds the page choice; the hyper-parameters are :class:`lacache_core.readers.Quest`, which imports this
-module (never the other way round). ``from lacache_core.quest import Quest`` still works.
+module (never the other way round).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
+
+if TYPE_CHECKING:  # annotations only: the setting imports this module, not the other way round
+    from .readers import Quest
 
 
 #: Whose page rule ``Quest.rule`` follows: Quest's own (mit-han-lab/Quest), or KVCache-Factory's.
 QUEST_RULES = ("quest", "kvcache_factory")
-
-
-def __getattr__(name: str):
-    """``Quest`` (now :class:`lacache_core.readers.Quest`) from its old home, for old imports; resolved on first use,
-    so that this module never imports the reader that builds on it."""
-    if name == "Quest":
-        from .readers import Quest
-        return Quest
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _own_slots(n: int, first: Optional[torch.Tensor], device) -> torch.Tensor:

@@ -9,8 +9,9 @@ from packaging.version import Version
 from lacache_core import CompressedCache, ConfigError, StreamingLLM, build_policy, enable_position_shift
 from lacache_core.policies.cam import CAM
 from lacache_core.policies.scoring import seeded_generator
-from lacache_core.gear import GEAR
-from lacache_core.quant import KIVI, KIVIStore
+from lacache_core import GEAR
+from lacache_core import KIVI
+from lacache_core.quant import KIVIStore
 from lacache_core.versions import with_cache
 from tiny import manual_next_logits, tiny_model
 

@@ -12,8 +12,9 @@ import transformers
 from packaging.version import Version
 
 from lacache_core import METHODS, CompressedCache, ConfigError, build_policy, enable_position_shift
-from lacache_core.gear import GEAR, GEARStore
-from lacache_core.quant import KIVI
+from lacache_core import GEAR
+from lacache_core.gear import GEARStore
+from lacache_core import KIVI
 from lacache_core.versions import with_cache
 from test_ppl_harness import text_file, tiny_dir  # noqa: F401 (fixtures)
 from test_quant import evicted_next_step

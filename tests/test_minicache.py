@@ -10,7 +10,7 @@ import transformers
 from packaging.version import Version
 
 from lacache_core import CompressedCache, ConfigError, KIVI, build_policy, enable_position_shift
-from lacache_core.gear import GEAR
+from lacache_core import GEAR
 from lacache_core.policies import METHODS, MiniCache
 from lacache_core.policies.minicache import merge_layers, retained_slots, slerp_directions
 from lacache_core.storage import MergedLayerStore, RowStores

@@ -8,7 +8,8 @@ import transformers
 from packaging.version import Version
 
 from lacache_core import METHODS, CompressedCache, ConfigError, build_policy, enable_position_shift
-from lacache_core.quant import KIVI, KIVIStore, pack, quantize, unpack
+from lacache_core import KIVI
+from lacache_core.quant import KIVIStore, pack, quantize, unpack
 from lacache_core.versions import with_cache
 from test_ppl_harness import text_file, tiny_dir  # noqa: F401 (fixtures)
 from tiny import head_scores_file, manual_next_logits, ppl_killed_then_resumed, tiny_model

@@ -149,16 +149,13 @@ def _module_name(path: Path) -> str:
 
 def _imports(path: Path):
     """The modules ``path`` imports, module level and inside functions alike; left out: ``if TYPE_CHECKING:``
-    blocks (never run) and a module's ``__getattr__`` (PEP 562 aliases for old import paths, run on first use
-    of the alias, never while any module imports)."""
+    blocks (never run)."""
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     skipped = set()
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
-            skipped.update(id(n) for n in ast.walk(node))
-        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__" and node in tree.body:
             skipped.update(id(n) for n in ast.walk(node))
     for node in ast.walk(tree):
         if id(node) in skipped:
@@ -220,12 +217,3 @@ def test_cache_names_no_quantizer_or_reader():
     source = (PACKAGE / "cache.py").read_text()
     for name in ("KIVIStore", "KIVI", "GEAR", "Quest", "selected_tokens", "store_class"):
         assert not re.search(rf"\b{name}\b(?!')", re.sub(r'""".*?"""|#.*', "", source, flags=re.S)), name
-
-
-def test_old_import_paths_still_work():
-    from lacache_core import GEAR, KIVI, Quest
-    from lacache_core.gear import GEAR as old_gear
-    from lacache_core.quant import KIVI as old_kivi
-    from lacache_core.quest import Quest as old_quest
-
-    assert (old_kivi, old_gear, old_quest) == (KIVI, GEAR, Quest)

@@ -7,8 +7,10 @@ import transformers
 from packaging.version import Version
 
 from lacache_core import CompressedCache, ConfigError, build_policy, enable_position_shift
-from lacache_core.gear import GEAR, GEARStore
-from lacache_core.quant import KIVI, KIVIStore, pack, unpack
+from lacache_core import GEAR
+from lacache_core.gear import GEARStore
+from lacache_core import KIVI
+from lacache_core.quant import KIVIStore, pack, unpack
 from lacache_core.versions import with_cache
 from test_gear import gear_reference
 from test_longbench_pred import data_dir  # noqa: F401 (fixture)

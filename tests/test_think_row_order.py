@@ -12,7 +12,7 @@ from packaging.version import Version
 
 from lacache_core import CompressedCache, ConfigError, ThinK, build_policy, enable_position_shift
 from lacache_core.policies.think import score_ordered
-from lacache_core.quant import KIVI
+from lacache_core import KIVI
 from lacache_core.storage import PrunedChannelStore
 from lacache_core.versions import with_cache
 from tiny import tiny_model
