@@ -11,12 +11,7 @@ from packaging.version import Version
 
 from harness.generation import BudgetSpec, answer_all
 from lacache_core import KIVI, METHODS, enable_position_shift
-from test_longbench_pred import DATASETS, data_dir, read  # noqa: F401 (fixture)
-from test_longbench_pred import run as run_longbench
-from test_ruler_pred import data_dir as ruler_data  # noqa: F401 (fixture)
-from test_ruler_pred import run as run_ruler
-from test_niah import rows_of
-from test_niah import run as run_niah
+from runs import DATASETS, read, rows_of, run_longbench, run_niah, run_ruler
 from tiny import head_scores_file, result_dir, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.48"),

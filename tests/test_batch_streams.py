@@ -11,7 +11,6 @@ from harness.generation import greedy_answer
 from harness.streaming import split_streams, stream_perplexity, stream_perplexity_batched, stream_tokens
 from lacache_core import METHODS, CompressedCache, ConfigError, build_policy, enable_position_shift
 from lacache_core.versions import with_cache
-from test_ppl_harness import text_file, tiny_dir  # noqa: F401 (fixtures)
 from tiny import head_scores_file, ppl_killed_then_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
@@ -19,6 +18,12 @@ pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.3
 DECODE = [name for name, cls in METHODS.items() if not cls.prefill_only]
 PREFILL = [name for name, cls in METHODS.items() if cls.prefill_only]
 SETTINGS = dict(cache_size=24, start_size=4, span=3, overlap=1, recent_window=4, window_size=4, beta=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(ppl_tiny_dir):
+    """This module's runs use the perplexity harness's tiny model (conftest's ``ppl_tiny_dir``)."""
+    return ppl_tiny_dir
 
 
 def same_positions(a, b) -> bool:

@@ -5,7 +5,6 @@ float64 with numpy, and the reference's power iteration as a cross-check), and t
 against a from-scratch decoder step on keys and values compressed that way."""
 import json
 
-import numpy as np
 import pytest
 import torch
 import transformers
@@ -16,9 +15,7 @@ from lacache_core import GEAR
 from lacache_core.gear import GEARStore
 from lacache_core import KIVI
 from lacache_core.versions import with_cache
-from test_ppl_harness import text_file, tiny_dir  # noqa: F401 (fixtures)
-from test_quant import evicted_next_step
-from test_quant import quantized_count
+from references import evicted_next_step, fake_quant, gear_block, gear_reference
 from tiny import head_scores_file, manual_next_logits, ppl_killed_then_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
@@ -26,19 +23,10 @@ pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.3
 TOKENS = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(3))
 
 
-def fake_quant(x, bits, dim):
-    """Asymmetric min/scale quantization along ``dim``, dequantized (written out again, not imported)."""
-    low, high = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
-    scale = (high - low) / (2 ** bits - 1)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return low + ((x - low) / scale).round().clamp(0, 2 ** bits - 1) * scale
-
-
-def best_rank(error, rank):
-    """The best rank-``rank`` approximation of each ``[..., n, d]`` matrix: numpy's SVD in float64."""
-    e = error.detach().double().numpy()
-    u, s, vh = np.linalg.svd(e, full_matrices=False)
-    return torch.from_numpy((u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]).to(error.dtype)
+@pytest.fixture(scope="module")
+def tiny_dir(ppl_tiny_dir):
+    """This module's runs use the perplexity harness's tiny model (conftest's ``ppl_tiny_dir``)."""
+    return ppl_tiny_dir
 
 
 def power_iteration(error, rank, loops, seed=0):
@@ -49,23 +37,6 @@ def power_iteration(error, rank, loops, seed=0):
         q = torch.linalg.qr(e @ torch.linalg.qr(p).Q).Q
         p = e.transpose(-1, -2) @ q
     return (q @ p.transpose(-1, -2)).to(error.dtype)
-
-
-def gear_block(key, value, config):
-    """One block (``[b, h, n, d]``) under GEAR-L: keys per channel over the block, values per token over groups of
-    ``group`` channels, each plus the best rank-``rank`` approximation of its error."""
-    k = fake_quant(key, config.bits, 2)
-    b, h, n, d = value.shape  # keys may hold fewer channels (ThinK)
-    v = fake_quant(value.reshape(b, h, n, d // config.group, config.group), config.bits, -1).reshape(b, h, n, d)
-    return k + best_rank(key - k, config.rank), v + best_rank(value - v, config.rank)
-
-
-def gear_reference(key, value, config):
-    """GEAR-L on a run without eviction: blocks of ``group`` oldest tokens until at most ``residual`` are whole."""
-    g, m = config.group, quantized_count(key.shape[2], config)
-    blocks = [gear_block(key[:, :, i:i + g], value[:, :, i:i + g], config) for i in range(0, m, g)]
-    return (torch.cat([k for k, _ in blocks] + [key[:, :, m:]], 2),
-            torch.cat([v for _, v in blocks] + [value[:, :, m:]], 2))
 
 
 def filled(config, key, value):

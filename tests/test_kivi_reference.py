@@ -13,12 +13,17 @@ from lacache_core import GEAR, KIVI, CompressedCache, ConfigError, build_policy,
 from lacache_core.kivi_reference import KIVIReferenceStore
 from lacache_core.quant import KIVIStore
 from lacache_core.versions import with_cache
-from test_ppl_harness import text_file, tiny_dir  # noqa: F401 (fixtures)
 from tiny import manual_next_logits, ppl_killed_then_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
 TOKENS = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(ppl_tiny_dir):
+    """This module's runs use the perplexity harness's tiny model (conftest's ``ppl_tiny_dir``)."""
+    return ppl_tiny_dir
 
 
 def fake_quant_along_last(x, group, bits):

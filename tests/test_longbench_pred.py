@@ -1,51 +1,16 @@
 """longbench/pred.py end to end on a tiny local model: outputs, budgets, resume, chat wrappers, errors."""
 import json
-import random
 
 import pytest
 
 from lacache_core.versions import HAS_CACHE_CLASSES
-from tiny import TINY_WORDS, killed_after, result_dir, tiny_model, tiny_tokenizer
+from runs import DATASETS, read
+from runs import run_longbench as run
+from tiny import killed_after, result_dir, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(not HAS_CACHE_CLASSES, reason="prompt harnesses need transformers >= 4.36")
 
 # one dataset per metric family: qa_f1, rouge, classification, count, retrieval, code_sim
-DATASETS = ["hotpotqa", "gov_report", "trec", "passage_count", "passage_retrieval_en", "lcc"]
-
-
-def words(rng, n):
-    return " ".join(rng.choice(TINY_WORDS) for _ in range(n))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("lb_data")
-    rng = random.Random(0)
-    for name in DATASETS:
-        rows = []
-        for i in range(3):
-            n = rng.randint(60, 260)  # some prompts longer than --max_length 200: middle truncation
-            answer = {"passage_retrieval_en": f"Paragraph {i + 1}", "passage_count": str(i + 2)}.get(name, words(rng, 2))
-            rows.append({"_id": f"{name}-{i}", "context": words(rng, n), "input": words(rng, 5),
-                         "answers": [answer], "length": n,
-                         "all_classes": ["w1", "w2"] if name == "trec" else None})
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        if name == "hotpotqa":  # LongBench-E files are {dataset}_e.jsonl
-            (folder / "hotpotqa_e.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
-    return folder
-
-
-def run(tiny_dir, data_dir, out, *extra):
-    from longbench.pred import main
-    return main(["--model", "tiny", "--model_name_or_path", str(tiny_dir), "--max_length", "200",
-                 "--data_dir", str(data_dir), "--datasets", ",".join(DATASETS), "--device", "cpu",
-                 "--output_dir", str(out), "--span", "2", "--max_new_tokens", "6", *extra])
-
-
-def read(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def test_predictions_for_each_method_and_budget(tiny_dir, data_dir, tmp_path):
     assert run(tiny_dir, data_dir, tmp_path, "--method", "full,streamingllm,lacache", "--budget", "0.25") == 0
     folders = [result_dir(tmp_path / "pred", name)

@@ -15,14 +15,18 @@ from lacache_core.policies import METHODS, MiniCache
 from lacache_core.policies.minicache import merge_layers, retained_slots, slerp_directions
 from lacache_core.storage import MergedLayerStore, RowStores
 from lacache_core.versions import with_cache
-from test_gear import gear_reference
-from test_ppl_harness import tiny_dir  # noqa: F401 (fixture)
-from test_quant import kivi_reference
+from references import gear_reference, kivi_reference
 from tiny import manual_next_logits, rotate, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
 TOKENS = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(ppl_tiny_dir):
+    """This module's runs use the perplexity harness's tiny model (conftest's ``ppl_tiny_dir``)."""
+    return ppl_tiny_dir
 
 
 def at_angles(angles, radius=1.0):
@@ -309,8 +313,8 @@ def test_defaults_registry_and_one_line_errors():
 
 def test_prompt_harness_runs_minicache_without_a_budget_in_its_name(tiny_dir, tmp_path):  # noqa: F811
     # MiniCache keeps every token: the harness's --budget means nothing to it and stays out of the folder's name
-    from test_niah import rows_of
-    from test_niah import run as run_niah
+    from runs import rows_of
+    from runs import run_niah
 
     assert run_niah(tiny_dir, tmp_path / "out", "--method", "minicache", "--merge_start", "2") == 0
     folder = next(p for p in (tmp_path / "out").iterdir() if p.is_dir())

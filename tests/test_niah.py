@@ -6,6 +6,8 @@ import random
 import pytest
 
 from lacache_core.versions import HAS_CACHE_CLASSES
+from runs import rows_of
+from runs import run_niah as run
 from tiny import char_tokenizer, killed_after, result_dir, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(not HAS_CACHE_CLASSES, reason="prompt harnesses need transformers >= 4.36")
@@ -137,18 +139,6 @@ def test_csv_results_drop_a_cut_off_row(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- pred.py
-def run(tiny_dir, out, *extra):
-    from niah.pred import main
-    return main(["--model_name", str(tiny_dir), "--max_tokens", "200", "--interval", "100", "--num_tests", "2",
-                 "--depths", "0,50,100", "--device", "cpu", "--output_dir", str(out), "--span", "2",
-                 "--start_size", "4", "--max_new_tokens", "4", *extra])
-
-
-def rows_of(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def test_end_to_end_writes_results_heatmap_and_summary(tiny_dir, tmp_path, capsys):
     import json
 

@@ -11,7 +11,8 @@ import io
 import pytest
 
 from lacache_core.versions import HAS_CACHE_CLASSES
-from test_niah_official import char_model_dir, reference_sweep, run  # noqa: F401 (fixture)
+from references import reference_sweep
+from runs import run_niah_official as run
 
 pytestmark = pytest.mark.skipif(not HAS_CACHE_CLASSES, reason="prompt harnesses need transformers >= 4.36")
 

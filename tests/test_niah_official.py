@@ -2,12 +2,13 @@
 ``niah/pred.py`` @ 0f27c33 (``generate_prompt_landmark`` and its sweep loop)."""
 import csv
 import random
-import types
 
 import pytest
 
 from lacache_core.versions import HAS_CACHE_CLASSES
-from tiny import char_tokenizer, save_tiny_model
+from references import reference_sweep
+from runs import run_niah_official as run
+from tiny import char_tokenizer
 
 pytestmark = pytest.mark.skipif(not HAS_CACHE_CLASSES, reason="prompt harnesses need transformers >= 4.36")
 
@@ -24,41 +25,6 @@ def reference_prompt(n_garbage: int, n_prefix: int, seed: int):
              garbage[:n_prefix], f"The pass key is {key}. Remember it. {key} is the pass key.",
              garbage[:n_garbage - n_prefix], "What is the pass key? The pass key is"]
     return "\n".join(lines), str(key)
-
-
-def reference_sweep(max_tokens: int, interval: int, num_tests: int):
-    """(point, n_garbage, prefix, depth label, seed) in the official loop order."""
-    out = []
-    for point in range(max_tokens // interval):
-        n_garbage = int(3.75 * (point + 1) * interval // 1024 * 1024)
-        for prefix in range(0, n_garbage + 1, max(n_garbage // 10, 1)):
-            for seed in range(num_tests):
-                out.append((point, n_garbage, prefix, round(prefix / n_garbage * 100, -1), seed))
-    return out
-
-
-@pytest.fixture(scope="module")
-def char_model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_char"), char_tokenizer(bos=True))
-
-
-def run(folder, out, monkeypatch, *extra):
-    import niah.pred as pred
-
-    calls = []
-
-    def record(model, tok, requests, spec_for, batch_size, stop, **kwargs):
-        for i, (ids, limit) in enumerate(requests):
-            calls.append((ids[0].tolist(), limit, spec_for(ids.shape[1])))
-            key = tok.decode(ids[0].tolist()).split("The pass key is ")[1].split(".")[0]
-            text = f" {key}" if len(calls) % 2 else " 0"  # every other test answers its key
-            yield i, types.SimpleNamespace(text=text, prompt_tokens=ids.shape[1], seconds=0.0, peak_kv_bytes=0,
-                                           final_kv_bytes=0, batch_rows=1)
-
-    monkeypatch.setattr(pred, "answer_all", record)
-    rc = pred.main(["--model_name", str(folder), "--max_tokens", "1024", "--interval", "300", "--num_tests", "2",
-                    "--protocol", "lacache", "--device", "cpu", "--output_dir", str(out), *extra])
-    return rc, calls
 
 
 def test_prompts_keys_budgets_and_csv_follow_the_official_script(char_model_dir, tmp_path, monkeypatch):

@@ -12,32 +12,12 @@ from harness.data import load_texts
 from lacache_core.errors import ConfigError
 from harness.streaming import next_query_position
 from ppl.run import main
-from tiny import tiny_model
-
-WORDS = [f"w{i}" for i in range(120)]
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
-    fast.save_pretrained(folder)
-    tiny_model("llama", "eager", layers=6).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    g = torch.Generator().manual_seed(3)
-    words = [WORDS[i] for i in torch.randint(0, len(WORDS), (700,), generator=g)]
-    path = tmp_path_factory.mktemp("data") / "text.txt"
-    path.write_text(" ".join(words))
-    return path
+def tiny_dir(ppl_tiny_dir):
+    """This module's runs use the perplexity harness's tiny model (conftest's ``ppl_tiny_dir``)."""
+    return ppl_tiny_dir
 
 
 def test_run_writes_outputs_and_scores_num_eval_tokens_plus_one(tiny_dir, text_file, tmp_path, capsys):

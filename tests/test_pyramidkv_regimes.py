@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lacache_core import PyramidKV, SnapKV
-from test_reference_selections import reference_snapkv
+from references import reference_snapkv
 
 # The example: 32 layers, budget 512, window 32, so P = C - w = 480 and 2 P = 960.
 LAYERS, C, W, BETA = 32, 512, 32, 20

@@ -11,12 +11,17 @@ from lacache_core import METHODS, CompressedCache, ConfigError, build_policy, en
 from lacache_core import KIVI
 from lacache_core.quant import KIVIStore, pack, quantize, unpack
 from lacache_core.versions import with_cache
-from test_ppl_harness import text_file, tiny_dir  # noqa: F401 (fixtures)
+from references import TOKENS, evicted_next_step, kivi_reference
 from tiny import head_scores_file, manual_next_logits, ppl_killed_then_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
-TOKENS = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(ppl_tiny_dir):
+    """This module's runs use the perplexity harness's tiny model (conftest's ``ppl_tiny_dir``)."""
+    return ppl_tiny_dir
 
 
 def test_quantize_is_exact_on_a_grid_and_within_half_a_step_elsewhere():
@@ -63,30 +68,6 @@ def test_eviction_keeps_the_codes_and_quantizes_only_residual_tokens():
                               + 2 * 2 * 10 * 16 * 4)
 
 
-def quantized_count(n, config):
-    """Tokens of ``n`` KIVI holds quantized on a run without eviction: blocks of ``group`` oldest tokens until at
-    most ``residual`` are left whole."""
-    m = 0
-    while n - m > config.residual and n - m >= config.group:
-        m += config.group
-    return m
-
-
-def kivi_reference(key, value, config):
-    """KIVI's rule on a run without eviction: the oldest tokens in blocks of ``group`` (keys per channel over a
-    block, values per token over ``group`` channels) until at most ``residual`` are left whole."""
-    g, m = config.group, quantized_count(key.shape[2], config)
-
-    def fake(x, dim):
-        codes, low, scale = quantize(x, config.bits, dim)
-        return low + codes * scale
-
-    b, h, _, d = value.shape  # keys may hold fewer channels (ThinK)
-    k = torch.cat([fake(key[:, :, i:i + g], 2) for i in range(0, m, g)] + [key[:, :, m:]], 2)
-    v = fake(value[:, :, :m].reshape(b, h, m, d // g, g), -1).reshape(b, h, m, d)
-    return k, torch.cat([v, value[:, :, m:]], 2)
-
-
 @pytest.mark.parametrize("bits", [2, 4])
 def test_next_step_matches_a_from_scratch_step_on_kivi_dequantized_keys(bits):
     model = enable_position_shift(tiny_model("llama", "eager"))
@@ -111,24 +92,6 @@ def test_an_evicting_quantized_cache_attends_to_its_dequantized_slots(method):
     cache, got, expected = evicted_next_step(method, KIVI(bits=4, group=8, residual=16))
     assert cache._stores[0].shape()[2] < 60  # evicted
     assert torch.allclose(got, expected, atol=1e-5)
-
-
-def evicted_next_step(method: str, quant):
-    """A 40-slot ``method`` cache held under ``quant``, after a 70-token prompt and 10 decode steps: ``(cache, the
-    next logits, a from-scratch step's over what the stores hold, at the method's slots or original positions)``."""
-    model = enable_position_shift(tiny_model("llama", "eager"))
-    cache = CompressedCache(build_policy(method, cache_size=40, start_size=4, span=2, window_size=4), 6, quant=quant)
-    with torch.no_grad():
-        model(TOKENS[:, :70], use_cache=True, **with_cache(cache))
-        for t in range(70, 80):
-            model(TOKENS[:, t:t + 1], use_cache=True, **with_cache(cache))
-        kv = [cache._stores[i].view() for i in range(6)]
-        slot = cache.policy.position_mode == "slot"
-        positions = None if slot else cache.kept_positions()
-        expected = manual_next_logits(model, int(TOKENS[0, 80]), kv, query_pos=None if slot else 80,
-                                      key_positions=positions)
-        got = model(TOKENS[:, 80:81], use_cache=True, **with_cache(cache)).logits[0, -1]
-    return cache, got, expected
 
 
 @pytest.mark.parametrize("method", sorted(m for m in METHODS if m != "full"))
@@ -181,8 +144,8 @@ def test_ppl_quant_resumes_to_the_same_numbers(tiny_dir, text_file, tmp_path, mo
 
 
 def test_prompt_harness_quantizes_full_and_budgeted_caches(tiny_dir, tmp_path, capsys):  # noqa: F811
-    from test_niah import rows_of
-    from test_niah import run as run_niah
+    from runs import rows_of
+    from runs import run_niah
 
     quant = ("--quant", "kivi", "--quant_bits", "4", "--quant_group", "8", "--quant_residual", "16")
     assert run_niah(tiny_dir, tmp_path / "q", "--method", "full,lacache", *quant) == 0

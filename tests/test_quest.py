@@ -10,14 +10,18 @@ from lacache_core import METHODS, CompressedCache, ConfigError, Quest, build_pol
 from lacache_core.quest import page_bounds, page_scores, selected_tokens
 from lacache_core.readers import build_reader
 from lacache_core.versions import with_cache
-from test_longbench_pred import data_dir  # noqa: F401 (fixture)
-from test_ppl_harness import text_file, tiny_dir  # noqa: F401 (fixtures)
 from tiny import head_scores_file, manual_next_logits, ppl_killed_then_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
 TOKENS = torch.randint(0, 128, (1, 140), generator=torch.Generator().manual_seed(5))
 SETTINGS = dict(cache_size=48, start_size=4, span=2, recent_window=4, window_size=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(ppl_tiny_dir):
+    """This module's runs use the perplexity harness's tiny model (conftest's ``ppl_tiny_dir``)."""
+    return ppl_tiny_dir
 
 
 def test_pages_and_their_bounds_by_hand():
@@ -234,8 +238,8 @@ def test_each_row_of_a_padded_batch_reads_what_it_reads_alone(method):
 def test_prompt_harnesses_read_full_and_budgeted_caches_sparsely(tiny_dir, tmp_path, capsys):  # noqa: F811
     import json
 
-    from test_niah import rows_of
-    from test_niah import run as run_niah
+    from runs import rows_of
+    from runs import run_niah
 
     read = ("--read", "quest", "--quest_budget", "8", "--quest_page_size", "4", "--quest_dense_layers", "1")
     assert run_niah(tiny_dir, tmp_path / "q", "--method", "full,lacache", *read) == 0
@@ -254,8 +258,8 @@ def test_prompt_harnesses_read_full_and_budgeted_caches_sparsely(tiny_dir, tmp_p
 def test_longbench_records_the_share_each_answer_read(tiny_dir, data_dir, tmp_path):  # noqa: F811
     import json
 
-    from test_longbench_pred import DATASETS, read
-    from test_longbench_pred import run as run_longbench
+    from runs import DATASETS, read
+    from runs import run_longbench
 
     assert run_longbench(tiny_dir, data_dir, tmp_path, "--method", "full", "--read", "quest", "--quest_budget", "8",
                          "--quest_page_size", "4") == 0

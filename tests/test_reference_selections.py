@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lacache_core import NACL, KNorm, KNormDecode, Scissorhands, SnapKV
+from references import reference_snapkv, window_attention
 
 GEN = torch.Generator().manual_seed(11)
 
@@ -20,28 +21,6 @@ def gqa_inputs(n=40, heads=4, kv_heads=2, d=8, q=None):
     query = torch.randn(1, heads, q or n, d, generator=GEN)
     key = torch.randn(1, kv_heads, n, d, generator=GEN)
     return query, key
-
-
-def window_attention(query, key, window):
-    """``[1, kv_heads, window, n]``: the last ``window`` queries over every key, causal, per KV head (mean)."""
-    heads, kv_heads, n = query.shape[1], key.shape[1], key.shape[2]
-    groups = heads // kv_heads
-    rep = key.repeat_interleave(groups, dim=1)
-    logits = query[:, :, -window:] @ rep.transpose(2, 3) / math.sqrt(query.shape[-1])
-    block = torch.full((window, window), float("-inf")).triu(1)
-    logits[:, :, :, -window:] += block
-    probs = logits.softmax(-1, dtype=torch.float32)
-    return probs.view(1, kv_heads, groups, window, n).mean(2)
-
-
-def reference_snapkv(query, key, cache_size, window, kernel, pooling):
-    probs = window_attention(query, key, window)
-    scores = probs[..., :-window].sum(-2)  # [1, kvh, n - w]: the prefix columns only
-    pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
-    pooled = pool(scores, kernel, stride=1, padding=kernel // 2)
-    top = pooled.topk(cache_size - window, dim=-1).indices[0]
-    n = key.shape[2]
-    return [sorted(row.tolist()) + list(range(n - window, n)) for row in top]
 
 
 @pytest.mark.parametrize("pooling", ["max", "avg"])

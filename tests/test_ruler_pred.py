@@ -4,29 +4,16 @@ import json
 import pytest
 
 from lacache_core.versions import HAS_CACHE_CLASSES
+from runs import run_ruler as run
 from tiny import result_dir
 
 pytestmark = pytest.mark.skipif(not HAS_CACHE_CLASSES, reason="prompt harnesses need transformers >= 4.36")
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """Two tasks in ruler/prepare.py's format (word-level prompts the tiny tokenizer knows)."""
-    folder = tmp_path_factory.mktemp("ruler_data") / "256"
-    folder.mkdir()
-    for task in ("niah_single_1", "vt"):
-        rows = [{"index": i, "task": task, "input": " ".join(f"w{(7 * i + j) % 120}" for j in range(180)),
-                 "answer_prefix": " w5 w6", "outputs": ["w3"], "length": 182, "max_new_tokens": 4, "depth": [50.0]}
-                for i in range(3)]
-        (folder / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "prepare.json").write_text(json.dumps({"args": {"max_length": 256}}))
-    return folder
-
-
-def run(tiny_dir, data_dir, out, *extra):
-    from ruler.pred import main
-    return main(["--model_name_or_path", str(tiny_dir), "--data_dir", str(data_dir), "--device", "cpu",
-                 "--output_dir", str(out), "--span", "2", *extra])
+def data_dir(ruler_data):
+    """The RULER-format data (conftest's ``ruler_data``; ``data_dir`` there is LongBench's)."""
+    return ruler_data
 
 
 def read(path):

@@ -12,16 +12,19 @@ from lacache_core.gear import GEARStore
 from lacache_core import KIVI
 from lacache_core.quant import KIVIStore, pack, unpack
 from lacache_core.versions import with_cache
-from test_gear import gear_reference
-from test_longbench_pred import data_dir  # noqa: F401 (fixture)
-from test_ppl_harness import tiny_dir  # noqa: F401 (fixture)
-from test_quant import kivi_reference, quantized_count
+from references import gear_reference, kivi_reference, quantized_count
 from tiny import manual_next_logits, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
 TOKENS = torch.randint(0, 128, (1, 140), generator=torch.Generator().manual_seed(5))
 SETTINGS = dict(cache_size=40, start_size=4, window_size=8, pruning_ratio=0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(ppl_tiny_dir):
+    """This module's runs use the perplexity harness's tiny model (conftest's ``ppl_tiny_dir``)."""
+    return ppl_tiny_dir
 
 
 def test_codes_of_a_width_not_a_multiple_of_a_byte_are_packed_with_a_filled_last_byte():
@@ -153,7 +156,8 @@ def test_think_needs_keys_quantized_after_rope():
 
 def test_longbench_runs_think_quantized_in_fewer_bytes_and_names_the_flag_when_keys_are_pre_rope(
         tiny_dir, data_dir, tmp_path, capsys):  # noqa: F811
-    from test_longbench_pred import read, run
+    from runs import read
+    from runs import run_longbench as run
 
     quant = ("--quant", "kivi", "--quant_bits", "2", "--quant_group", "8", "--quant_residual", "16")
     think = ("--method", "think", "--budget", "0.5", "--pruning_ratio", "0.5")
