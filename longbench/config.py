@@ -24,7 +24,7 @@ DATASETS_E = [
 # repository copies unchanged: THUDM/LongBench LongBench/config/dataset2prompt.json @ c5ea10b
 # (sha256 56d22ad4...7c30, the same file as GATECH-EIC/LaCache LongBench/config/dataset2prompt.json
 # @ 0f27c33). That includes narrativeqa's "asconcisely" (a missing space, twice): the text that
-# produced the published scores. tests/test_longbench_prompts.py holds each prompt's sha256.
+# produced the published scores. tests/harness/test_longbench_prompts.py holds each prompt's sha256.
 #: dataset -> prompt format with ``{context}`` and ``{input}`` placeholders (dataset2prompt.json).
 PROMPTS = {
     "narrativeqa": (

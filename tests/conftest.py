@@ -21,6 +21,7 @@ from runs import DATASETS  # noqa: E402
 from tiny import TINY_WORDS, char_tokenizer, save_tiny_model, tiny_model  # noqa: E402
 
 
+# tests/harness's ``tiny_dir``; tests/core/conftest.py overrides it there with ``ppl_tiny_dir``
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A saved 4-layer tiny Llama with the tiny word-level tokenizer: what the prompt harnesses load by path."""
@@ -29,13 +30,15 @@ def tiny_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny_llama4"), tiny_tokenizer())
 
 
-# -- fixtures several test modules share (pytest hands them to every module; no test module imports another)
+# -- fixtures several test modules share (pytest hands them to every module of tests/core and tests/harness; no test
+# module imports another; the sys.path entries above let both folders import tiny, references and runs)
 
 WORDS = [f"w{i}" for i in range(120)]
 
 
 # the perplexity harness's 6-layer eager tiny Llama and its own word-level tokenizer (not ``tiny_dir``'s model):
-# the modules that run ppl/run.py name it their ``tiny_dir``
+# tests/core/conftest.py names it ``tiny_dir`` for every module in tests/core, and the two modules of tests/harness
+# that run ppl/run.py (test_ppl_harness, test_batch_streams) name it their ``tiny_dir`` themselves
 @pytest.fixture(scope="module")
 def ppl_tiny_dir(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -14,6 +14,10 @@ from lacache_core.versions import with_cache
 from tiny import manual_next_logits, tiny_model
 
 TOKENS = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(3))
+# the prompt and the setting test_quest and test_quest_kvcache_factory both run (each imports them as TOKENS and
+# SETTINGS); moved here unchanged from those two modules, where they were identical
+QUEST_TOKENS = torch.randint(0, 128, (1, 140), generator=torch.Generator().manual_seed(5))
+QUEST_SETTINGS = dict(cache_size=48, start_size=4, span=2, recent_window=4, window_size=4)
 
 
 def quantized_count(n, config):

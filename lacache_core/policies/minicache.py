@@ -19,7 +19,7 @@ what it really stores.
 
 This follows KVCache-Factory's ``pyramidkv/minicache.py`` (``minicache_slerp``,
 ``select_minicache_retention_indices``, ``compress_minicache_pair``, ``restore_minicache_pair``; tests in
-``tests/test_minicache.py``) at commit c97f9d7, and its runtime pair-store contract (``docs/algorithm_backlog.md``:
+``tests/core/test_minicache.py``) at commit c97f9d7, and its runtime pair-store contract (``docs/algorithm_backlog.md``:
 retention chosen from the keys' angular distance, values retained at the same positions). The authors'
 repository (AkideLiu/MiniCache) holds no code.
 

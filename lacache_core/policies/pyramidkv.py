@@ -14,7 +14,7 @@ class PyramidKV(SnapKV):
 
     KVCache-Factory's schedule (Zefan-Cai/KVCache-Factory @ c97f9d7, ``pyramidkv/pyramidkv_utils.py``,
     ``PyramidKVCluster.update_kv``), in integers: with ``C = cache_size``, window ``w``, ``P = C - w`` and
-    a prompt of ``n`` tokens (the comparisons strict, as there; ``tests/test_pyramidkv_regimes.py``),
+    a prompt of ``n`` tokens (the comparisons strict, as there; ``tests/core/test_pyramidkv_regimes.py``),
 
     * ``n < C``: every layer keeps the whole prompt;
     * ``C <= n < 2 P``: every layer makes SnapKV's choice at SnapKV's budget (``P`` prefix tokens and the

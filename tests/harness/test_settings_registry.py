@@ -10,7 +10,7 @@ from harness.flags import add_method_flags, as_flags, method_identity, method_ta
 from harness.identity import digest
 from lacache_core import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "lacache_core"
 
 #: (method, flags, folder tag, hash of the method's identity), computed by the hand-written quant/read flags of

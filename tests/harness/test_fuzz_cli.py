@@ -30,7 +30,7 @@ CLIS = ["ppl.run", "longbench.pred", "longbench.eval", "longbench.synthetic", "n
         "ruler.prepare", "ruler.pred", "ruler.eval"]
 SCRIPTS = ["bench_decode", "bench_prefill", "generate_forever", "check_numerics", "collect_ppl", "make_tables",
            "bench_kv_bytes", "bench_batch", "memory_frontier", "head_scores"]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load(name: str):

@@ -23,12 +23,6 @@ pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.3
 TOKENS = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(ppl_tiny_dir):
-    """This module's runs use the perplexity harness's tiny model (conftest's ``ppl_tiny_dir``)."""
-    return ppl_tiny_dir
-
-
 def power_iteration(error, rank, loops, seed=0):
     """The reference's (``headwise_lrap``) power iteration, seeded: ``Q`` orthonormal over tokens, ``P = E^T Q``."""
     e = error.double()

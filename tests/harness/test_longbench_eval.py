@@ -10,7 +10,7 @@ from lacache_core.errors import ConfigError
 from harness.paper import longbench as paper_longbench
 from longbench.eval import _run as main  # raises ConfigError (the CLI prints it in one line)
 
-EVAL_SCRIPT = Path(__file__).resolve().parents[1] / "longbench" / "eval.py"
+EVAL_SCRIPT = Path(__file__).resolve().parents[2] / "longbench" / "eval.py"
 TREC_CLASSES = ["Animal", "City", "Date"]
 
 

@@ -10,18 +10,11 @@ from lacache_core import METHODS, CompressedCache, ConfigError, Quest, build_pol
 from lacache_core.quest import page_bounds, page_scores, selected_tokens
 from lacache_core.readers import build_reader
 from lacache_core.versions import with_cache
+from references import QUEST_SETTINGS as SETTINGS, QUEST_TOKENS as TOKENS
 from tiny import head_scores_file, manual_next_logits, ppl_killed_then_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
-TOKENS = torch.randint(0, 128, (1, 140), generator=torch.Generator().manual_seed(5))
-SETTINGS = dict(cache_size=48, start_size=4, span=2, recent_window=4, window_size=4)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(ppl_tiny_dir):
-    """This module's runs use the perplexity harness's tiny model (conftest's ``ppl_tiny_dir``)."""
-    return ppl_tiny_dir
 
 
 def test_pages_and_their_bounds_by_hand():

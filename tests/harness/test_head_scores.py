@@ -8,7 +8,7 @@ import torch
 import transformers
 from packaging.version import Version
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.48"),
                                 reason="the extension-point integration needs transformers >= 4.48")

@@ -23,12 +23,6 @@ pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.3
 TOKENS = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(5))
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(ppl_tiny_dir):
-    """This module's runs use the perplexity harness's tiny model (conftest's ``ppl_tiny_dir``)."""
-    return ppl_tiny_dir
-
-
 def at_angles(angles, radius=1.0):
     """``[1, 1, n, 2]``: 2-D vectors of length ``radius`` at ``angles`` from the first axis."""
     a = torch.tensor(angles, dtype=torch.float64)

@@ -21,12 +21,6 @@ TOKENS = torch.randint(0, 128, (1, 140), generator=torch.Generator().manual_seed
 SETTINGS = dict(cache_size=40, start_size=4, window_size=8, pruning_ratio=0.5)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(ppl_tiny_dir):
-    """This module's runs use the perplexity harness's tiny model (conftest's ``ppl_tiny_dir``)."""
-    return ppl_tiny_dir
-
-
 def test_codes_of_a_width_not_a_multiple_of_a_byte_are_packed_with_a_filled_last_byte():
     codes = torch.randint(0, 4, (3, 39), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     assert pack(codes, 2).shape == (3, 10)  # 39 2-bit codes: 9 full bytes and one with 3 codes

@@ -17,7 +17,7 @@ from lacache_core.quantizers import KIVI, QUANTIZERS, Quantizer
 from lacache_core.versions import HAS_CACHE_CLASSES
 from tiny import TINY_WORDS, result_dir, save_tiny_model, tiny_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 needs_cache_classes = pytest.mark.skipif(not HAS_CACHE_CLASSES, reason="prompt harnesses need transformers >= 4.36")
 
 

@@ -19,7 +19,7 @@ from ruler import tasks as rt
 
 ML = 2048  # characters; vt and cwe need about 1.9K for their one-shot example plus the question
 N = 3
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NEEDLE_RE = re.compile(r"One of the special magic (numbers|uuids) for ([\w-]+) is: ([\w-]+)\.")
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 NIAH = [t for t, c in rt.TASKS.items() if c.kind == "niah"]

@@ -20,12 +20,6 @@ pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.3
 TOKENS = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(ppl_tiny_dir):
-    """This module's runs use the perplexity harness's tiny model (conftest's ``ppl_tiny_dir``)."""
-    return ppl_tiny_dir
-
-
 def fake_quant_along_last(x, group, bits):
     """new_pack.py's quantization along the last dim in groups of ``group``, dequantized: min and max per group,
     ``scale = (mx - mn) / (2**bits - 1)``, codes ``clamp((x - mn) / scale).round()``, back as ``codes * scale + mn``."""

@@ -18,12 +18,6 @@ pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.3
                                 reason="cache objects need transformers >= 4.36")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(ppl_tiny_dir):
-    """This module's runs use the perplexity harness's tiny model (conftest's ``ppl_tiny_dir``)."""
-    return ppl_tiny_dir
-
-
 def test_quantize_is_exact_on_a_grid_and_within_half_a_step_elsewhere():
     x = torch.tensor([[0.5, 1.0, 1.5, 2.0]])  # min 0.5, max 2.0: a 2-bit grid of step 0.5
     codes, low, scale = quantize(x, 2, dim=-1)
