@@ -15,7 +15,8 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from lacache_core.cache import CompressedCache, kv_bytes, make_row_cache, prefill
+from lacache_core.build import make_row_cache, prefill
+from lacache_core.cache import CompressedCache, kv_bytes
 from lacache_core.errors import ConfigError
 from lacache_core.policies import METHODS
 from lacache_core.versions import HAS_CACHE_CLASSES, with_cache

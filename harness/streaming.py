@@ -129,10 +129,18 @@ def _restore_cache(state: dict, policy: CachePolicy, num_layers: int, legacy: bo
     for i, saved in enumerate(state.get("quant_layers") or []):  # the quantized stores as they were, codes and all
         cache._keep_in_store(i, store_from_state(quant, {k: t.to(device) for k, t in saved.items()}), layers[i][0])
     if isinstance(cache, CompressedCache):
+        cache.placement.offsets = list(state.get("frame_offsets") or cache.placement.offsets)
         cache.restore_batch(state.get("batch") or {})
         cache.peak_bytes = state["peak_kv_bytes"]
         cache.read_bytes, cache.dense_read_bytes, cache.metadata_read_bytes = state.get("read_bytes", (0.0, 0.0, 0.0))
     return cache
+
+
+def stored_layers(cache) -> list:
+    """Per-layer ``(key, value)`` as the cache stores them (a :class:`CompressedCache`'s keys in their frame)."""
+    if isinstance(cache, CompressedCache):
+        return [cache._stored(i) for i in range(cache.num_layers)]
+    return cache_layers(cache)
 
 
 def save_checkpoint(path: Path, policy: CachePolicy, cache, result: "StreamResult", where: tuple,
@@ -140,8 +148,10 @@ def save_checkpoint(path: Path, policy: CachePolicy, cache, result: "StreamResul
     """Everything needed to continue the stream: scored NLLs, where we are, policy state and cache."""
     state = {"nlls": result.nlls, "where": where, "position": position, "seconds": result.seconds,
              "peak_kv_bytes": result.peak_kv_bytes if not isinstance(cache, CompressedCache) else cache.peak_bytes,
-             "policy": policy.state_dict(), "layers": [(k.cpu(), v.cpu()) for k, v in cache_layers(cache)], "meta": meta,
-             "stored_rotated": getattr(cache, "_stored_rotated", None),
+             "policy": policy.state_dict(), "layers": [(k.cpu(), v.cpu()) for k, v in stored_layers(cache)], "meta": meta,
+             # keys as stored, in each layer's frame (lacache_core.step.placement), so that a resumed run is bit-exact
+             "frame_offsets": list(getattr(getattr(cache, "placement", None), "offsets", [])),
+             "stored_rotated": getattr(getattr(cache, "placement", None), "rotated", None),
              "batch": cache.batch_state() if isinstance(cache, CompressedCache) else {},
              "read_bytes": tuple(float(getattr(cache, name, 0.0))
                                  for name in ("read_bytes", "dense_read_bytes", "metadata_read_bytes"))}

@@ -3,7 +3,8 @@ from .errors import ConfigError
 from .policies import (CAM, H2O, AdaKV, HeadKV, LSHE, METHODS, NACL, TOVA, CachePolicy, FullCache, KNorm, KNormDecode, LaCache,
                        PyramidInfer, PyramidKV, Scissorhands, SnapKV, StreamingLLM, ThinK, build_policy)
 from .patches import enable_position_shift, is_position_shifted
-from .cache import CompressedCache, make_cache, make_row_cache, prefill
+from .build import make_cache, make_row_cache, prefill
+from .cache import CompressedCache
 from .quantizers import GEAR, KIVI, QUANTIZERS
 from .readers import READERS, Quest
 

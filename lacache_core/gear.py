@@ -42,14 +42,13 @@ This module holds the store; the hyper-parameters are :class:`lacache_core.quant
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Tuple
+from typing import Tuple
 
 import torch
 
 from .quant import KIVIStore, unpack
 
-if TYPE_CHECKING:  # annotations only: the setting imports this module, not the other way round
-    from .quantizers import GEAR
+# ``GEAR`` in annotations is lacache_core.quantizers.GEAR, not imported: it imports this module
 
 
 def low_rank(error: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -17,15 +17,14 @@ this module (never the other way round).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from .errors import ConfigError
 from .storage import LayerStore, RowStores, _bytes, left_padded
 
-if TYPE_CHECKING:  # annotations only: the setting imports this module, not the other way round
-    from .quantizers import KIVI
+# ``KIVI`` in annotations is lacache_core.quantizers.KIVI, not imported: it imports this module
 
 
 def quantize(x: torch.Tensor, bits: int, dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

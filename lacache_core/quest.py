@@ -38,12 +38,11 @@ module (never the other way round).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-if TYPE_CHECKING:  # annotations only: the setting imports this module, not the other way round
-    from .readers import Quest
+# ``Quest`` in annotations is lacache_core.readers.Quest, not imported: it imports this module
 
 
 #: Whose page rule ``Quest.rule`` follows: Quest's own (mit-han-lab/Quest), or KVCache-Factory's.

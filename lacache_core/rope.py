@@ -179,6 +179,11 @@ class Rotation:
         end = start + x.shape[-2]
         return self._apply(x, cos[None, start:end], sin[None, start:end], signed_sin[None, start:end])
 
+    def shift(self, x: torch.Tensor, by: int) -> torch.Tensor:
+        """``x [b, h, n, d]`` rotated by ``by`` positions more (fewer, if negative), every slot alike."""
+        cos, sin, signed_sin = (t[None, abs(by):abs(by) + 1] for t in self.table.get(abs(by) + 1, x))
+        return self._apply(x, cos, sin, signed_sin) if by >= 0 else self._apply(x, cos, -sin, -signed_sin)
+
     def at(self, x: torch.Tensor, positions: torch.Tensor, per_head: bool = False,
            limit: Optional[int] = None, inverse: bool = False) -> torch.Tensor:
         """``x [b, h, n, d]`` rotated to ``positions``: ``[n]`` or ``[b, n]``, or with ``per_head`` ``[h, n]`` or

@@ -19,9 +19,11 @@ import argparse
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,7 +34,8 @@ from dataclasses import dataclass  # noqa: E402
 from typing import ClassVar  # noqa: E402
 
 from lacache_core import CompressedCache, ConfigError, build_policy, enable_position_shift  # noqa: E402
-from lacache_core.cache import kv_bytes, prefill  # noqa: E402
+from lacache_core.build import prefill  # noqa: E402
+from lacache_core.cache import kv_bytes  # noqa: E402
 from lacache_core.policies.base import CachePolicy  # noqa: E402
 from lacache_core.reference import ReferenceLaCache  # noqa: E402
 from harness.models import device_arg, load_model  # noqa: E402
@@ -59,21 +62,36 @@ def random_llama(shape: str, device: str, dtype: torch.dtype, attn: str):
 
 
 class CompactionTimer:
-    """Accumulates the wall time spent in ``CompressedCache.attend``: rotating queries and keys,
-    scoring, and compacting, i.e. everything position shift and the policy add to a step."""
+    """Accumulates the wall time the cache's step adds: entering ``CompressedCache.attend`` (rotating queries and
+    keys, scoring) and leaving it after the kernel (compacting), i.e. everything position shift and the policy
+    add to a step."""
 
     def __init__(self, cache, device):
         self.total, original = 0.0, cache.attend
+        timer = self
 
-        def timed(*args):
-            sync(device)
-            t = time.perf_counter()
-            out = original(*args)
-            sync(device)
-            self.total += time.perf_counter() - t
-            return out
+        class Timed:
+            def __init__(self, *args):
+                self.context = original(*args)
 
-        cache.attend = timed
+            def __enter__(self):
+                with timer.clock():
+                    return self.context.__enter__()
+
+            def __exit__(self, *exc):
+                with timer.clock():
+                    return self.context.__exit__(*exc)
+
+        self.device = device
+        cache.attend = Timed
+
+    @contextmanager
+    def clock(self):
+        sync(self.device)
+        t = time.perf_counter()
+        yield
+        sync(self.device)
+        self.total += time.perf_counter() - t
 
 
 @dataclass
@@ -175,7 +193,7 @@ def plot(rows, path: Path):
     return path
 
 
-def bench_one(model, method, settings, context, steps, vocab, device, key_rotation="auto"):
+def bench_one(model, method, settings, context, steps, vocab, device, key_rotation="auto", batch_size=1):
     num_layers = model.config.num_hidden_layers
     policy = build_policy(method, **settings)
     if method != "full":
@@ -185,7 +203,7 @@ def bench_one(model, method, settings, context, steps, vocab, device, key_rotati
         from transformers import DynamicCache
         cache = DynamicCache()
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (1, context), generator=g).to(device)
+    prompt = torch.randint(0, vocab, (batch_size, context), generator=g).to(device)
     with torch.inference_mode():
         prefill(model, prompt, cache, chunk_size=FILL_CHUNK)
         timer = CompactionTimer(cache, device) if isinstance(cache, CompressedCache) else None
@@ -204,7 +222,7 @@ def bench_one(model, method, settings, context, steps, vocab, device, key_rotati
     step = statistics.median(timed)
     return {"method": method, "context": context, "step_ms": step * 1e3,
             # the mean carries the compaction steps at their share (LaCache compacts every R steps)
-            "mean_step_ms": statistics.fmean(timed) * 1e3, "key_rotation": key_rotation,
+            "mean_step_ms": statistics.fmean(timed) * 1e3, "key_rotation": key_rotation, "batch_size": batch_size,
             "compaction_ms_per_token": (timer.total / steps * 1e3) if timer else 0.0,
             "tokens_per_s": 1.0 / step, "kv_bytes": kv_bytes(cache), "rss_bytes": process_rss_bytes()}
 
@@ -212,7 +230,7 @@ def bench_one(model, method, settings, context, steps, vocab, device, key_rotati
 def check_args(args) -> None:
     """One-line errors for the flags, before any model is loaded."""
     int_list(args, "contexts", 1, "context lengths in tokens")
-    at_least_one(args, "steps", "rounds", "cache_size")
+    at_least_one(args, "steps", "rounds", "cache_size", "batch_size")
     parse_methods(args.methods, "--methods")
     check_output_file(args.output)
 
@@ -233,9 +251,12 @@ def _run(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--attn_implementation", default="sdpa")
     p.add_argument("--shift_ratio", action="store_true",
-                   help="only the position-shift cost: a LaCache step at the largest --contexts vs a full-cache step "
-                        "at context --cache_size (the same number of cached tokens), interleaved --rounds times")
+                   help="only the position-shift cost: LaCache and StreamingLLM steps at the largest --contexts vs a "
+                        "full-cache step at context --cache_size (the same number of cached tokens), the caches' steps "
+                        "interleaved one by one, in --rounds rounds")
     p.add_argument("--rounds", type=int, default=5, help="with --shift_ratio: interleaved measurement rounds")
+    p.add_argument("--batch_size", type=int, default=1,
+                   help="rows decoded together (one prompt of random tokens per row)")
     p.add_argument("--output", default="outputs/bench/bench_decode.json")
     args = p.parse_args(argv)
     try:
@@ -274,35 +295,69 @@ def _run(argv=None) -> int:
     return 0
 
 
+RATIO_RUNS = {"full": ("full", "auto"), "lacache incremental": ("lacache", "incremental"),
+              "lacache every_step": ("lacache", "every_step"), "streamingllm auto": ("streamingllm", "auto")}
+
+
+def interleaved_round(model, settings, args, vocab) -> dict:
+    """One round of the ratio: every cache of :data:`RATIO_RUNS` filled (the full cache to ``cache_size`` tokens,
+    the bounded ones to the longest context), then ``steps`` decode steps taken one cache after the other, so that
+    a slow spell of a shared machine hits every cache alike. Per cache: the mean step after a fifth of warm-up
+    steps, and the time the cache's step adds."""
+    context, b, device = max(int(c) for c in args.contexts.split(",")), args.batch_size, args.device
+    g = torch.Generator().manual_seed(0)
+    runs = {}
+    with torch.inference_mode():
+        for name, (method, mode) in RATIO_RUNS.items():
+            if method == "full":
+                from transformers import DynamicCache
+                cache, length = DynamicCache(), args.cache_size
+            else:
+                enable_position_shift(model)
+                cache, length = CompressedCache(build_policy(method, **settings), model.config.num_hidden_layers,
+                                                key_rotation=mode), context
+            prompt = torch.randint(0, vocab, (b, length), generator=g).to(device)
+            prefill(model, prompt, cache, chunk_size=FILL_CHUNK)
+            timer = CompactionTimer(cache, device) if isinstance(cache, CompressedCache) else None
+            runs[name] = {"cache": cache, "token": prompt[:, -1:], "times": [], "timer": timer}
+        for _ in range(args.steps):
+            for run in runs.values():
+                sync(device)
+                t = time.perf_counter()
+                out = model(run["token"], use_cache=True, **with_cache(run["cache"]))
+                run["token"] = out.logits[:, -1:].argmax(-1)
+                sync(device)
+                run["times"].append(time.perf_counter() - t)
+    return {name: {"mean_step_ms": statistics.fmean(run["times"][args.steps // 5:]) * 1e3,
+                   "compaction_ms_per_token": run["timer"].total / args.steps * 1e3 if run["timer"] else 0.0}
+            for name, run in runs.items()}
+
+
 def shift_ratio(model, settings, args, vocab) -> int:
-    """Mean LaCache step at a long context over mean full-cache step at context ``cache_size``, for both
-    ways of rotating keys (``CompressedCache(key_rotation=...)``)."""
-    context = max(int(c) for c in args.contexts.split(","))
-    modes = ("incremental", "every_step")
-    full, lacache = [], {mode: [] for mode in modes}
-    for _ in range(args.rounds):  # interleaved, so that a slow spell of a shared machine hits all
-        full.append(bench_one(model, "full", settings, args.cache_size, args.steps, vocab, args.device))
-        for mode in modes:
-            lacache[mode].append(bench_one(model, "lacache", settings, context, args.steps, vocab, args.device, mode))
+    """Mean step of a bounded cache at a long context over the mean full-cache step at context ``cache_size``
+    (the same number of cached tokens): LaCache in both ways of rotating keys (``CompressedCache(key_rotation=...)``)
+    and StreamingLLM, at ``--batch_size`` rows; the median over ``--rounds`` rounds."""
+    context, b = max(int(c) for c in args.contexts.split(",")), args.batch_size
+    rounds = [interleaved_round(model, settings, args, vocab) for _ in tqdm(range(args.rounds), desc="rounds")]
 
-    def med(rows, key):
-        return statistics.median(r[key] for r in rows)
+    def med(name, key):
+        return statistics.median(r[name][key] for r in rounds)
 
-    f = med(full, "mean_step_ms")
-    print(f"full cache, context {args.cache_size}: step {f:.2f} ms (mean over steps, median of {args.rounds} rounds)")
+    f = med("full", "mean_step_ms")
+    print(f"batch {b}: full cache, context {args.cache_size}: step {f:.2f} ms (mean over steps, median of "
+          f"{args.rounds} rounds)")
     ratios = {}
-    for mode in modes:
-        la = med(lacache[mode], "mean_step_ms")
-        ratios[mode] = la / f
-        print(f"lacache (cache {args.cache_size}, span {settings['span']}, overlap {settings['overlap']}, "
-              f"key_rotation {mode}), context {context}: step {la:.2f} ms, of which "
-              f"{med(lacache[mode], 'compaction_ms_per_token'):.2f} ms in CompressedCache.attend; "
-              f"ratio to full@{args.cache_size} = {la / f:.3f}")
+    for name in list(RATIO_RUNS)[1:]:
+        ratios[name] = statistics.median(r[name]["mean_step_ms"] / r["full"]["mean_step_ms"] for r in rounds)
+        print(f"batch {b}: {name} (cache {args.cache_size}, span {settings['span']}, overlap {settings['overlap']}), "
+              f"context {context}: step {med(name, 'mean_step_ms'):.2f} ms, of which "
+              f"{med(name, 'compaction_ms_per_token'):.2f} ms in the cache's step; ratio to full@{args.cache_size} = "
+              f"{ratios[name]:.3f} (median of the rounds' ratios)")
     rotate = rotation_ms(model, args.cache_size, args.device)
     print(f"rotating {args.cache_size} cached keys and one query in every layer costs {rotate:.2f} ms "
-          "(what every_step pays at each step)")
+          "(what every_step pays at each step, batch 1)")
     out = Path(args.output)
-    write_json(out, run_record(vars(args), full=full, lacache=lacache, ratios=ratios, rotation_ms=rotate))
+    write_json(out, run_record(vars(args), rounds=rounds, ratios=ratios, rotation_ms=rotate))
     print(f"results: {out}")
     return 0
 

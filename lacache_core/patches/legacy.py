@@ -31,11 +31,11 @@ def _causal_mask(q_len: int, kv_len: int, like: torch.Tensor) -> torch.Tensor:
         ~allowed, torch.finfo(like.dtype).min)[None, None]
 
 
-def _attend(module, query, key, value, attention_mask, output_attentions, cache=None):
+def _attend(module, query, key, value, attention_mask, output_attentions, step=None, cache=None):
     """Scaled dot-product attention with the model's configured kernel; returns ``(out [b, q, h, d], weights)``."""
     impl = getattr(module.config, "_attn_implementation", "eager")
     q_len, kv_len = query.shape[-2], key.shape[-2]
-    ragged = cache is not None and cache.ragged_step(module.layer_idx)
+    ragged = step is not None and step.ragged
     if impl == "flash_attention_2" and ragged:
         from ..errors import ConfigError
 
@@ -70,8 +70,8 @@ def _attend(module, query, key, value, attention_mask, output_attentions, cache=
         mask = _causal_mask(q_len, kv_len, query)  # layers of a prefill-time method differ in length
     elif q_len > 1:
         mask = _causal_mask(q_len, kv_len, query)
-    if cache is not None:  # heads or rows whose slots the model's mask does not know
-        mask = cache.head_mask(module.layer_idx, mask, query)
+    if step is not None:  # heads or rows whose slots the model's mask does not know
+        mask = step.masked(mask)
     if impl == "sdpa" and not output_attentions:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
         return out.transpose(1, 2), None
@@ -109,13 +109,13 @@ def position_shift_forward(self, hidden_states, attention_mask=None, position_id
         present = (key, value) if use_cache else None
         key = self._lacache_rotation.from_slot(key, 0)
         query = self._lacache_rotation.from_slot(query, past)
-    else:  # the same one call into the cache as the modern integration makes
-        past_key_value.update(key, value, self.layer_idx)
-        query, key, value = past_key_value.attend(self.layer_idx, query, self._lacache_rotation,
-                                                  self.head_dim ** -0.5, position_ids)
+        out, weights = _attend(self, query, key, value, attention_mask, output_attentions)
+    else:  # the same call into the cache as the modern integration makes (keys arrive un-rotated here)
+        key, value = past_key_value.update(key, value, self.layer_idx)
         present = past_key_value
-
-    out, weights = _attend(self, query, key, value, attention_mask, output_attentions,
-                           None if tuple_mode else past_key_value)
+        with past_key_value.attend(self.layer_idx, query, key, value, self._lacache_rotation, self.head_dim ** -0.5,
+                                   position_ids) as step:
+            out, weights = _attend(self, step.query, step.key, step.value, attention_mask, output_attentions, step,
+                                   past_key_value)
     out = self.o_proj(out.reshape(bsz, q_len, -1).contiguous())
     return out, weights, present

@@ -90,28 +90,34 @@ def _flash_mask(mask, key_len: int):
                       "from_pretrained.attn_implementation sdpa or eager")
 
 
+def _refuse_flash(cache, step) -> None:
+    """Flash kernels take no per-head or per-row mask: refuse the steps that need one, in one line."""
+    if step.ragged:
+        raise ConfigError(f"make_cache.method {cache.policy.name} keeps a different number of slots per head, "
+                          "which flash kernels cannot mask: use from_pretrained.attn_implementation sdpa or eager")
+    if cache.read is not None:
+        raise ConfigError("make_cache.read quest chooses pages per query head, which a flash kernel cannot mask: use "
+                          "from_pretrained.attn_implementation sdpa or eager")
+    if step.rows_masked:
+        raise ConfigError("the rows of this batch hold different numbers of slots, which a flash kernel "
+                          "cannot mask: use from_pretrained.attn_implementation sdpa or eager")
+
+
 def _wrapper(inner_name: str) -> Callable:
     def lacache_attention(module, query, key, value, attention_mask, **kwargs):
-        cache = getattr(module, "_lacache_active", None)
-        if cache is not None:
-            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-            query, key, value = cache.attend(module.layer_idx, query, module._lacache_rotation, scaling,
-                                             kwargs.get("position_ids"))
-            if inner_name.startswith("flash"):
-                if cache.ragged_step(module.layer_idx):
-                    raise ConfigError(f"make_cache.method {cache.policy.name} keeps a different number of slots per head, "
-                                      "which flash kernels cannot mask: use from_pretrained.attn_implementation sdpa or eager")
-                if cache.read is not None:
-                    raise ConfigError("make_cache.read quest chooses pages per query head, which a flash kernel cannot mask: use "
-                                      "from_pretrained.attn_implementation sdpa or eager")
-                if cache.rows_masked(module.layer_idx):
-                    raise ConfigError("the rows of this batch hold different numbers of slots, which a flash kernel "
-                                      "cannot mask: use from_pretrained.attn_implementation sdpa or eager")
-                attention_mask = _flash_mask(attention_mask, key.shape[-2])
-            else:
-                attention_mask = cache.head_mask(module.layer_idx, _fit_mask(attention_mask, key.shape[-2]), query,
-                                                 kwargs.get("sliding_window"))
-        return _inner_kernel(module, inner_name)(module, query, key, value, attention_mask, **kwargs)
+        active = getattr(module, "_lacache_active", None)
+        if active is None:
+            return _inner_kernel(module, inner_name)(module, query, key, value, attention_mask, **kwargs)
+        cache, keys_rotated = active
+        flash = inner_name.startswith("flash")
+        mask = _flash_mask(attention_mask, key.shape[-2]) if flash else _fit_mask(attention_mask, key.shape[-2])
+        with cache.attend(module.layer_idx, query, key, value, module._lacache_rotation,
+                          kwargs.get("scaling") or query.shape[-1] ** -0.5, kwargs.get("position_ids"), mask,
+                          kwargs.get("sliding_window"), keys_rotated) as step:
+            if flash:
+                _refuse_flash(cache, step)
+            return _inner_kernel(module, inner_name)(module, step.query, step.key, step.value,
+                                                     mask if flash else step.mask, **kwargs)
 
     lacache_attention.__name__ = f"{PREFIX}{inner_name}"
     return lacache_attention
@@ -147,7 +153,7 @@ def _find_cache(args, kwargs):
 
 def _pre_hook(module, args, kwargs):
     cache = _find_cache(args, kwargs)
-    module._lacache_active = cache
+    module._lacache_active = None
     if cache is None:
         return None
     embeddings = kwargs.get("position_embeddings")
@@ -157,9 +163,11 @@ def _pre_hook(module, args, kwargs):
     if module.layer_idx == 0:  # a batch's left padding, read once from its first pass, before any rotation
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            cache.note_padding(_fit_mask(mask, embeddings[0].shape[-2]))
-    kwargs["position_embeddings"] = cache.position_embeddings(module.layer_idx, embeddings, module._lacache_rotation)
-    return args, kwargs
+            cache.rows.note_padding(_fit_mask(mask, embeddings[0].shape[-2]))
+    kwargs["position_embeddings"], keys_rotated = cache.position_embeddings(module.layer_idx, embeddings,
+                                                                           module._lacache_rotation)
+    module._lacache_active = (cache, keys_rotated)  # for the kernel of this forward: the cache, and whether
+    return args, kwargs                             # the model rotates the new keys itself
 
 
 def _post_hook(module, args, kwargs, output):

@@ -73,6 +73,7 @@ class CachePolicy:
     _num_layers: Optional[int] = field(default=None, init=False, repr=False)
     _seen: int = field(default=0, init=False, repr=False)
     _plan: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
+    _plan_runs: Optional[torch.Tensor] = field(default=None, init=False, repr=False)  # kept_runs, per layer
     #: Per layer, for layers whose KV heads hold different numbers of slots (AdaKV, HeadKV): each head's
     #: count of padding slots at the front of the ``[kv_heads, n]`` positions (``LongTensor [kv_heads]``).
     _pads: List[Optional[torch.Tensor]] = field(default_factory=list, init=False, repr=False)
@@ -119,7 +120,18 @@ class CachePolicy:
         if layer == 0:
             plan = self.select(n, self._num_layers)
             self._plan = None if plan is None else plan.to(self._device)  # one copy per compaction
+            self._plan_runs = None if plan is None or plan.dim() != 2 else kept_runs(plan, n)
         return None if self._plan is None else self._plan[layer]
+
+    def kept_runs(self, layer: int) -> Optional[Tuple[int, int]]:
+        """``(oldest, newest)``: how many of the oldest slots ``0, 1, ..`` and of the newest slots ``.., n - 1`` the
+        last :meth:`keep` answer of ``layer`` keeps, each as one run, where the plan of a position-only method says
+        so without reading the index back from its device (``None``: not known here; a method with a :meth:`keep`
+        of its own never knows)."""
+        if type(self).keep is not CachePolicy.keep or self._plan is None or self._plan_runs is None:
+            return None
+        oldest, newest = self._plan_runs[layer].tolist()
+        return oldest, newest
 
     def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         """See one layer's attention inputs of the current forward pass (before it is compacted).
@@ -338,6 +350,21 @@ def gather_layer(key: torch.Tensor, value: torch.Tensor, keep_row: torch.Tensor)
     b, h, _, d = key.shape
     full = (idx[None] if idx.dim() == 2 else idx)[..., None].expand(b, h, idx.shape[-1], d)
     return key.gather(2, full), value.gather(2, full)
+
+
+def kept_runs(plan: torch.Tensor, n: int) -> torch.Tensor:
+    """Per row of ``plan`` (``[num_layers, n_keep]``, increasing slots out of ``n``): how many of its first entries
+    are the oldest slots ``0, 1, ..`` and how many of its last are the newest ``.., n - 1``, each in a row.
+    ``LongTensor [num_layers, 2]``."""
+    plan, m = plan.cpu(), plan.shape[-1]
+
+    def run(moved: torch.Tensor) -> torch.Tensor:  # entries before the first moved one
+        first = moved.int().argmax(-1)
+        return torch.where(moved.any(-1), first, torch.full_like(first, m))
+
+    oldest = run(plan != torch.arange(m))
+    newest = run((plan != torch.arange(n - m, n)).flip(-1))
+    return torch.stack([oldest, newest], -1)
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -42,3 +42,15 @@ class StreamingLLM(CachePolicy):
             return None
         row = torch.cat([torch.arange(self.start_size), torch.arange(n - self.recent_size, n)])
         return row.expand(num_layers, row.shape[0])
+
+    # A layer holds the sinks and the newest tokens, so its positions follow from the count it holds and the tokens
+    # seen: nothing to carry along at each step's compaction.
+    def apply(self, layer: int, keep) -> None:
+        if keep is not None:
+            self._held[layer] = keep.shape[-1]
+
+    def layer_positions(self, layer: int) -> torch.Tensor:
+        held, seen = self._held[layer], self._seen
+        sinks = min(self.start_size, held)
+        self._pending[layer] = 0
+        return torch.cat([torch.arange(sinks), torch.arange(seen - (held - sinks), seen)]).to(self._device)

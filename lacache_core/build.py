@@ -1,0 +1,87 @@
+"""Building a :class:`CompressedCache` for a model, and feeding it a prompt."""
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+
+from .cache import CompressedCache
+from .errors import ConfigError
+from .policies import build_policy
+from .quantizers import Quantizer
+from .readers import Reader
+from .versions import with_cache
+
+__all__ = ["make_cache", "make_row_cache", "prefill"]
+
+
+def make_cache(method: str, model_or_config, query_at_slot: bool = True, key_rotation: str = "auto",
+               quant: Optional[Quantizer] = None, read: Optional[Reader] = None, **settings) -> CompressedCache:
+    """Build a :class:`CompressedCache` for ``method`` sized to a model (or its config).
+
+    Example
+    -------
+    >>> enable_position_shift(model)
+    >>> cache = make_cache("lacache", model, cache_size=256, span=8, overlap=4)
+    >>> model.generate(input_ids, past_key_values=cache, max_new_tokens=4096)
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    policy = build_policy(method, **settings)
+    return CompressedCache(policy, config.num_hidden_layers, query_at_slot=query_at_slot, key_rotation=key_rotation,
+                           quant=quant, read=read)
+
+
+def make_row_cache(method: str, model_or_config, row_settings: list, query_at_slot: bool = True,
+                   key_rotation: str = "auto", quant: Optional[Quantizer] = None,
+                   read: Optional[Reader] = None) -> CompressedCache:
+    """A :class:`CompressedCache` for a batch whose rows differ in their settings (``row_settings[j]`` for row
+    ``j``, as :func:`make_cache`'s keywords), e.g. a budget that is a fraction of each row's prompt.
+
+    Example
+    -------
+    >>> cache = make_row_cache("lacache", model, [dict(cache_size=512), dict(cache_size=300)])
+    >>> model.generate(left_padded_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=64)
+    """
+    layers = getattr(model_or_config, "config", model_or_config).num_hidden_layers
+    same = all(s == row_settings[0] for s in row_settings)  # one policy serves rows that score nothing
+    policies = []
+    for settings in row_settings[:1] if same else row_settings:
+        try:  # an impossible budget names its numbers
+            policy = build_policy(method, **settings)
+            policy.bind(layers)
+        except ConfigError as err:
+            raise ConfigError(f"{err} (cache_size {settings.get('cache_size')}, start_size "
+                              f"{settings.get('start_size')}, {layers} layers)") from None
+        policies.append(policy)
+    return CompressedCache.for_rows(policies, layers, query_at_slot=query_at_slot, key_rotation=key_rotation,
+                                    quant=quant, read=read)
+
+
+def prefill(model, input_ids: torch.Tensor, cache, chunk_size: Optional[int] = None, **inputs) -> torch.Tensor:
+    """Feed a prompt into ``cache``, whole or ``chunk_size`` tokens at a time; returns the last logits ``[b, vocab]``.
+
+    With a :class:`CompressedCache` of a decode-time method the policy compacts between chunks, so
+    peak memory depends on the budget and the chunk, not on the prompt length. Prefill-time
+    methods (SnapKV, ...) compress after the first forward pass, so they need the whole prompt at
+    once (``chunk_size=None``). ``inputs`` (a left-padded batch's ``attention_mask`` and
+    ``position_ids``) go to the model with the whole prompt.
+    """
+    if chunk_size is not None and chunk_size < 1:
+        raise ConfigError(f"prefill.chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size is not None and isinstance(cache, CompressedCache) and cache.policy.prefill_only:
+        raise ConfigError(f"prefill.chunk_size cannot be used with make_cache.method {cache.policy.name}: it compresses the "
+                          "whole prompt once")
+    if chunk_size is not None and inputs:
+        raise ConfigError("prefill.chunk_size cannot feed a padded batch: its rows would be cut at different places "
+                          "of their own prompts; use batch size 1 or the whole prompt")
+    params = inspect.signature(model.forward).parameters
+    # only the last position's logits are needed; a [prompt, vocab] logits tensor would dominate memory
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else (
+        {"num_logits_to_keep": 1} if "num_logits_to_keep" in params else {})
+    step = chunk_size or input_ids.shape[1]
+    logits = None
+    for start in range(0, input_ids.shape[1], step):
+        out = model(input_ids[:, start:start + step], use_cache=True, **with_cache(cache), **extra, **inputs)
+        logits = out.logits[:, -1]
+    return logits
