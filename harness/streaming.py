@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lacache_core.cache import CompressedCache, cache_layers, kv_bytes
+from lacache_core.step.placement import KeyPlacement
 from lacache_core.errors import ConfigError
 from lacache_core.patches import enable_position_shift
 from lacache_core.policies import CachePolicy, FullCache, policy_from_state
@@ -119,9 +120,7 @@ def _restore_cache(state: dict, policy: CachePolicy, num_layers: int, legacy: bo
     layers = [(k.to(device), v.to(device)) for k, v in state["layers"]]
     if legacy:
         return layers or None
-    # the saved keys carry their rotation or not: the restored cache must treat them the same way
-    stored_rotated = state.get("stored_rotated")
-    key_rotation = {True: "incremental", False: "every_step"}.get(stored_rotated, "auto")
+    key_rotation = KeyPlacement.key_rotation_to_resume(state)  # the saved keys carry their rotation or not
     cache = _new_cache(policy, num_layers, legacy, query_position, key_rotation, quant, read)
     from transformers import DynamicCache
     for i, (k, v) in enumerate(layers):
@@ -129,7 +128,7 @@ def _restore_cache(state: dict, policy: CachePolicy, num_layers: int, legacy: bo
     for i, saved in enumerate(state.get("quant_layers") or []):  # the quantized stores as they were, codes and all
         cache._keep_in_store(i, store_from_state(quant, {k: t.to(device) for k, t in saved.items()}), layers[i][0])
     if isinstance(cache, CompressedCache):
-        cache.placement.offsets = list(state.get("frame_offsets") or cache.placement.offsets)
+        cache.placement.load_state(state)
         cache.restore_batch(state.get("batch") or {})
         cache.peak_bytes = state["peak_kv_bytes"]
         cache.read_bytes, cache.dense_read_bytes, cache.metadata_read_bytes = state.get("read_bytes", (0.0, 0.0, 0.0))
@@ -149,9 +148,7 @@ def save_checkpoint(path: Path, policy: CachePolicy, cache, result: "StreamResul
     state = {"nlls": result.nlls, "where": where, "position": position, "seconds": result.seconds,
              "peak_kv_bytes": result.peak_kv_bytes if not isinstance(cache, CompressedCache) else cache.peak_bytes,
              "policy": policy.state_dict(), "layers": [(k.cpu(), v.cpu()) for k, v in stored_layers(cache)], "meta": meta,
-             # keys as stored, in each layer's frame (lacache_core.step.placement), so that a resumed run is bit-exact
-             "frame_offsets": list(getattr(getattr(cache, "placement", None), "offsets", [])),
-             "stored_rotated": getattr(getattr(cache, "placement", None), "rotated", None),
+             **(cache.placement.state() if isinstance(cache, CompressedCache) else {"stored_rotated": None}),
              "batch": cache.batch_state() if isinstance(cache, CompressedCache) else {},
              "read_bytes": tuple(float(getattr(cache, name, 0.0))
                                  for name in ("read_bytes", "dense_read_bytes", "metadata_read_bytes"))}

@@ -176,6 +176,19 @@ class KeyPlacement:
         shift = offset - self.offsets[layer]
         return self.rotation.shift(key, shift) if shift else key
 
+    def state(self) -> dict:
+        """What a cache restored from saved keys needs to hold them the same way: whether they carry their rotation,
+        and each layer's frame (saved keys are as stored, in their frame, so a resumed run is bit-exact)."""
+        return {"stored_rotated": self.rotated, "frame_offsets": list(self.offsets)}
+
+    @staticmethod
+    def key_rotation_to_resume(state: dict) -> str:
+        """The ``key_rotation`` a cache restored from :meth:`state` must be built with."""
+        return {True: "incremental", False: "every_step"}.get(state.get("stored_rotated"), "auto")
+
+    def load_state(self, state: dict) -> None:
+        self.offsets = list(state.get("frame_offsets") or self.offsets)
+
     def can_move_frame(self) -> bool:
         return bool(self.rotated) and self.slot and self.query_at_slot
 
