@@ -62,8 +62,8 @@ def left_padded(heads: List[Pair]) -> Pair:
 class PerHeadStore(LayerStore):
     """Each KV head at its own length: per head ``(key, value)``, each ``[b, 1, n_h, d]``.
 
-    The view is left-padded with zeros to the longest head; :meth:`CompressedCache.head_mask` hides
-    the padding from the attention.
+    The view is left-padded with zeros to the longest head; the step's mask
+    (:func:`lacache_core.masks.step_mask`) hides the padding from the attention.
     """
 
     def __init__(self, key: torch.Tensor, value: torch.Tensor, keep: List[torch.Tensor]):
