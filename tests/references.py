@@ -20,6 +20,17 @@ QUEST_TOKENS = torch.randint(0, 128, (1, 140), generator=torch.Generator().manua
 QUEST_SETTINGS = dict(cache_size=48, start_size=4, span=2, recent_window=4, window_size=4)
 
 
+def per_head_gather(store):
+    """Gather a hand-chosen per-head keep from a quantized store of 70 tokens, 2 KV heads of width 16 (56 quantized,
+    14 whole): returns the store's keys and values from before, gathered by the same keep (what it should now hold)."""
+    before_k, before_v = store.view()
+    keep = torch.stack([torch.tensor(list(range(0, 40, 2)) + list(range(56, 70))),  # head 0: 20 quantized
+                        torch.tensor(list(range(0, 24)) + list(range(60, 70)))])  # head 1: 24 quantized
+    store.gather(keep)
+    index = keep[None, :, :, None].expand(1, 2, 34, 16)
+    return before_k.gather(2, index), before_v.gather(2, index)
+
+
 def quantized_count(n, config):
     """Tokens of ``n`` KIVI holds quantized on a run without eviction: blocks of ``group`` oldest tokens until at
     most ``residual`` are left whole."""

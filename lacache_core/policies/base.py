@@ -357,6 +357,8 @@ def kept_runs(plan: torch.Tensor, n: int) -> torch.Tensor:
     are the oldest slots ``0, 1, ..`` and how many of its last are the newest ``.., n - 1``, each in a row.
     ``LongTensor [num_layers, 2]``."""
     plan, m = plan.cpu(), plan.shape[-1]
+    if m == 0:
+        return torch.zeros(plan.shape[0], 2, dtype=torch.long)
 
     def run(moved: torch.Tensor) -> torch.Tensor:  # entries before the first moved one
         first = moved.int().argmax(-1)

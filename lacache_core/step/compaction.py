@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..policies.base import gather_layer
+from ..policies.base import gather_layer, kept_runs
 from ..quant import PerHeadQuantStore, QuantizedStore
 from ..storage import DenseStore, PerHeadStore, PrunedChannelStore, RowStores
-from .placement import newest_run
 
 
 def settle(cache, step) -> None:
@@ -52,8 +51,8 @@ def dense_keep(cache, step, keep: torch.Tensor):
     movable = placement.can_move_frame() and rows is None and keep.dim() == 1 and not policy.merges_values and \
         cache.read is None
     if movable and not (key.requires_grad or value.requires_grad):  # in-place writes would break autograd
-        runs = policy.kept_runs(step.layer)
-        oldest, newest = (0, newest_run(keep, step.n)) if runs is None else runs
+        runs = policy.kept_runs(step.layer)  # read from the plan once per compaction where the policy has one
+        oldest, newest = kept_runs(keep[None], step.n)[0].tolist() if runs is None else runs
         if newest:
             return placement.compact_in_place(step.layer, key, value, keep, newest, oldest)
     merged = merged_values(cache, step, keep) if policy.merges_values else value

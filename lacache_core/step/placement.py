@@ -202,12 +202,3 @@ def row_positions(rows: list, layer: int, n: int, kv_heads: int) -> torch.Tensor
         held = held.expand(kv_heads, -1) if held.dim() == 1 else held
         out.append(torch.nn.functional.pad(held, (n - held.shape[-1], 0)))
     return torch.stack(out)
-
-
-def newest_run(keep: torch.Tensor, n: int) -> int:
-    """How many of ``keep``'s last entries (``[n_keep]``, increasing) are the newest slots ``.., n - 1`` in a row."""
-    m = keep.shape[-1]
-    if m == 0 or int(keep[-1]) != n - 1:
-        return 0
-    moved = (keep != torch.arange(n - m, n, device=keep.device)).nonzero()
-    return m if moved.numel() == 0 else m - 1 - int(moved[-1])

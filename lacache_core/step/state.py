@@ -37,7 +37,9 @@ class LayerStep:
     fillers_before: Optional[torch.Tensor] = None  # [b], each row's filler slots before this step's compaction
     model_mask: Any = None
     sliding_window: Optional[int] = None
-    read_plan: Optional[tuple] = None  # sparse reads: (bytes per own slot, first own slots, reads owner, rotation)
+    # sparse reads: (bytes per own slot, first own slots, the SparseReads that narrows the mask, rotation,
+    # each row's slot shift), set by SparseReads.plan
+    read_plan: Optional[tuple] = None
     _mask: Any = field(default=None, repr=False)
     _masked: bool = field(default=False, repr=False)
 

@@ -15,7 +15,7 @@ from lacache_core import GEAR
 from lacache_core.gear import GEARStore
 from lacache_core import KIVI
 from lacache_core.versions import with_cache
-from references import evicted_next_step, fake_quant, gear_block, gear_reference
+from references import evicted_next_step, fake_quant, gear_block, gear_reference, per_head_gather
 from tiny import head_scores_file, manual_next_logits, ppl_killed_then_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
@@ -132,14 +132,9 @@ def test_eviction_keeps_codes_and_factor_rows_and_counts_bytes():
     kivi_bytes = 2 * 2 * 56 * 8 + 2 * 56 * 4 + 2 * 2 * 7 * 16 * 4 + 2 * 2 * 56 * 2 * 4 + 2 * 2 * 14 * 16 * 4
     assert store.nbytes() == kivi_bytes + 2 * 2 * 56 * 2 * 4 + 2 * 2 * 7 * 2 * 16 * 4
     assert kivi_bytes < store.nbytes() < 2 * 2 * 70 * 16 * 4  # more than KIVI's, less than float32
-    before_k, before_v = store.view()
     rows_k, rows_v = store.key_lr_a.clone(), store.value_lr_a.clone()
-    keep = torch.stack([torch.tensor(list(range(0, 40, 2)) + list(range(56, 70))),  # head 0: 20 quantized
-                        torch.tensor(list(range(0, 24)) + list(range(60, 70)))])  # head 1: 24 quantized
-    store.gather(keep)
+    expect_k, expect_v = per_head_gather(store)
     after_k, after_v = store.view()
-    expect_k = before_k.gather(2, keep[None, :, :, None].expand(1, 2, 34, 16))
-    expect_v = before_v.gather(2, keep[None, :, :, None].expand(1, 2, 34, 16))
     assert store.key_codes.shape[2] == 24 and store.key.shape[2] == 10
     # kept quantized tokens: the same codes, factor rows and block factors, so the same numbers, bit for bit
     assert torch.equal(store.key_lr_a[0, 0, :20], rows_k[0, 0, 0:40:2])

@@ -9,7 +9,6 @@ from packaging.version import Version
 from lacache_core import CachePolicy, StreamingLLM, enable_position_shift, make_cache
 from lacache_core.policies.base import kept_runs
 from lacache_core.step import placement
-from lacache_core.step.placement import newest_run
 from lacache_core.versions import with_cache
 from tiny import tiny_model
 
@@ -32,8 +31,9 @@ def stream(model, cache, tokens, after_step=None):
 def test_newest_runs_by_hand():
     plan = torch.tensor([[0, 1, 5, 6, 7], [0, 2, 3, 6, 7], [0, 1, 2, 3, 4], [3, 4, 5, 6, 7]])
     assert kept_runs(plan, 8).tolist() == [[2, 3], [1, 2], [5, 0], [0, 5]]
-    assert [newest_run(row, 8) for row in plan] == [3, 2, 0, 5]
-    assert newest_run(torch.tensor([0, 1, 2]), 3) == 3 and newest_run(torch.tensor([], dtype=torch.long), 3) == 0
+    assert [int(kept_runs(row[None], 8)[0, 1]) for row in plan] == [3, 2, 0, 5]
+    assert kept_runs(torch.tensor([[0, 1, 2]]), 3).tolist() == [[3, 3]]
+    assert kept_runs(torch.empty(1, 0, dtype=torch.long), 3).tolist() == [[0, 0]]
 
 
 def test_a_policy_with_a_keep_of_its_own_never_claims_a_newest_run():

@@ -11,7 +11,7 @@ from lacache_core import METHODS, CompressedCache, ConfigError, build_policy, en
 from lacache_core import KIVI
 from lacache_core.quant import KIVIStore, pack, quantize, unpack
 from lacache_core.versions import with_cache
-from references import TOKENS, evicted_next_step, kivi_reference
+from references import TOKENS, evicted_next_step, kivi_reference, per_head_gather
 from tiny import head_scores_file, manual_next_logits, ppl_killed_then_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
@@ -40,13 +40,8 @@ def test_eviction_keeps_the_codes_and_quantizes_only_residual_tokens():
         store.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
         store.compress()
     assert store.key_codes.shape[2] == 56 and store.key.shape[2] == 14  # 7 blocks of 8; 14 newest whole
-    before_k, before_v = store.view()
-    keep = torch.stack([torch.tensor(list(range(0, 40, 2)) + list(range(56, 70))),  # head 0: 20 quantized
-                        torch.tensor(list(range(0, 24)) + list(range(60, 70)))])  # head 1: 24 quantized
-    store.gather(keep)
+    expect_k, expect_v = per_head_gather(store)
     after_k, after_v = store.view()
-    expect_k = before_k.gather(2, keep[None, :, :, None].expand(1, 2, 34, 16))
-    expect_v = before_v.gather(2, keep[None, :, :, None].expand(1, 2, 34, 16))
     # head 0 keeps 20 quantized tokens, head 1 24: head 0's first 4 kept residual tokens are quantized now
     assert store.key_codes.shape[2] == 24 and store.key.shape[2] == 10
     assert torch.equal(after_k[:, 1], expect_k[:, 1]) and torch.equal(after_v[:, 1], expect_v[:, 1])
