@@ -98,13 +98,14 @@ class GEARStore(KIVIStore):
         return ((key_codes, value_codes, v_low, v_scale, k_a.to(self.dtype), v_a.to(self.dtype)),
                 (k_low, k_scale, k_b[:, :, None].to(self.dtype), v_b[:, :, None].to(self.dtype)))
 
-    def prune_channels(self, channels: torch.Tensor) -> None:
+    def prune_channels(self, channels: torch.Tensor, whole=None) -> "GEARStore":
         """KIVI's, and the key factors' rank capped at the channels kept (a rank above it would hold zeros)."""
         super().prune_channels(channels)
         b, h = self.key.shape[:2]
         rank, width = min(self.config.rank, channels.shape[-1]), channels.shape[-1]
         self.key_lr_a = self.key_lr_a.new_zeros(b, h, 0, rank)
         self.key_lr_b = self.key_lr_b.new_zeros(b, h, 0, rank, width)
+        return self
 
     def _decoded(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """KIVI's dequantized keys and values plus each token's low-rank correction ``A[t] @ B[block(t)]``."""

@@ -22,7 +22,8 @@ from typing import Optional, Tuple
 import torch
 
 from .errors import ConfigError
-from .storage import LayerStore, RowStores, _bytes, left_padded
+from .per_head_quant import PerHeadQuantStore  # noqa: F401  (KIVIStore.keep builds it; imported from here too)
+from .storage import LayerStore, RowStores, _bytes
 
 # ``KIVI`` in annotations is lacache_core.quantizers.KIVI, not imported: it imports this module
 
@@ -153,11 +154,22 @@ class KIVIStore(QuantizedStore):
     #: per key block, one entry per key channel held (``d_keep`` after :meth:`prune_channels`)
     KEY_CHANNEL_FIELDS = ("key_low", "key_scale")
 
-    def prune_channels(self, channels: torch.Tensor) -> None:
+    def keep(self, keep):
+        if isinstance(keep, list):  # AdaKV, HeadKV: a store per head
+            return PerHeadQuantStore.from_store(self, keep)
+        if keep is not None:
+            self.gather(keep)
+        return self
+
+    @property
+    def prunable(self) -> bool:
+        return self.channels is None and not self.key_codes.shape[2]
+
+    def prune_channels(self, channels: torch.Tensor, whole=None) -> "KIVIStore":
         """Quantize only ``channels`` (``LongTensor [h, d_keep]``, increasing) of every key from now on; the
         others read as zeros. ThinK under quantization, as ThinK's own KIVI code prunes: the keys in the
-        full-precision residual keep every channel, and each key loses the others as it is quantized. Called
-        before any key is quantized, so no key is quantized at two widths."""
+        full-precision residual keep every channel, and each key loses the others as it is quantized, so
+        ``whole`` has no effect here. Called before any key is quantized, so no key is quantized at two widths."""
         if self.key_codes.shape[2]:
             raise RuntimeError("key channels are chosen before any key is quantized")
         self.channels = channels.to(self.key.device)
@@ -167,6 +179,7 @@ class KIVIStore(QuantizedStore):
         for name in self.KEY_CHANNEL_FIELDS:
             held = getattr(self, name)
             setattr(self, name, held.new_zeros(*held.shape[:-1], width))
+        return self
 
     def _kept_channels(self, key: torch.Tensor) -> torch.Tensor:
         if self.channels is None:
@@ -342,54 +355,3 @@ def store_from_state(config: KIVI, state: dict) -> LayerStore:
         return config.store_from_state(saved)
 
     return RowStores.from_state(state, one) if next(iter(state)).startswith("row") else one(state)
-
-
-class PerHeadQuantStore(LayerStore):
-    """Each KV head at its own length (AdaKV, HeadKV), each held as a one-head quantized store (of ``store``'s class).
-
-    Built once, from a layer whose tokens are all still in full precision (the prompt's pass, before anything
-    was quantized), so no token is quantized twice. The view is left-padded with zeros to the longest head, as
-    :class:`lacache_core.storage.PerHeadStore`'s; the cache's mask hides the padding.
-    """
-
-    def __init__(self, heads: list):
-        self.heads = heads
-
-    @classmethod
-    def from_store(cls, store: KIVIStore, keep: list) -> "PerHeadQuantStore":
-        """Keep per-head slots ``keep`` (``[n_h]`` each) of ``store``, which must hold no quantized token yet."""
-        if store.key_codes.shape[2]:
-            raise RuntimeError("per-head lengths after quantization would quantize tokens twice: choose them first")
-        return cls([type(store)(store.config, store.key[:, h:h + 1].index_select(-2, idx.to(store.key.device)),
-                                store.value[:, h:h + 1].index_select(-2, idx.to(store.key.device)))
-                    for h, idx in enumerate(keep)])
-
-    def append(self, key, value):
-        for h, head in enumerate(self.heads):
-            head.append(key[:, h:h + 1], value[:, h:h + 1])
-
-    def compress(self) -> None:
-        for head in self.heads:
-            head.compress()
-
-    def gather(self, keep) -> None:
-        raise RuntimeError("a layer held per head cannot be compacted again")
-
-    def state(self) -> dict:  # the perplexity harness, which checkpoints, refuses prefill-time methods
-        raise ConfigError("checkpoints of per-head quantized layers (AdaKV, HeadKV with make_cache.quant) are not built")
-
-    def view(self):
-        return left_padded([head.view() for head in self.heads])
-
-    def shape(self):
-        return self.heads[0].shape()[0], len(self.heads), max(head.shape()[2] for head in self.heads)
-
-    def nbytes(self):
-        return sum(head.nbytes() for head in self.heads)
-
-    def write_newest_keys(self, rotated):
-        for h, head in enumerate(self.heads):
-            head.write_newest_keys(rotated[:, h:h + 1])
-
-    def head_lengths(self):
-        return torch.tensor([head.shape()[2] for head in self.heads])

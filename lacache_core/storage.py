@@ -43,6 +43,43 @@ class LayerStore:
         differ, else ``None``."""
         return None
 
+    # -- the operations a method's tensor work goes through (:meth:`lacache_core.policies.CachePolicy.before_keep`,
+    # ``after_keep``); a store that cannot do one refuses it with a one-line error
+    def keep(self, keep) -> "LayerStore":
+        """The store holding only slots ``keep`` of :meth:`view`: ``None`` (all), ``LongTensor [n_keep]``,
+        ``[kv_heads, n_keep]`` or ``[b, kv_heads, n_keep]`` (increasing), or a list of per-head ``[n_h]`` (the
+        heads part: a per-head store). May be ``self``, changed."""
+        if keep is None:
+            return self
+        raise RuntimeError(f"{type(self).__name__}: a layer held in a store of its own cannot be compacted again")
+
+    def rewrite_values(self, values: torch.Tensor, changed: torch.Tensor) -> None:
+        """Replace the values of the slots ``changed`` (``[b, kv_heads, n]`` bool) by theirs in ``values``
+        (``[b, kv_heads, n, d]``)."""
+        raise RuntimeError(f"{type(self).__name__} cannot rewrite values: a method that merges values needs its "
+                           "layers dense or quantized")
+
+    @property
+    def prunable(self) -> bool:
+        """Whether :meth:`prune_channels` may be called now (no key has lost or been quantized at a width yet)."""
+        return False
+
+    def prune_channels(self, channels: torch.Tensor, whole) -> "LayerStore":
+        """The store holding only ``channels`` (``LongTensor [kv_heads, d_keep]``, increasing) of its older keys;
+        ``whole``: the slots that keep every channel (see :class:`PrunedChannelStore`)."""
+        raise RuntimeError(f"{type(self).__name__} cannot prune key channels (prunable is False)")
+
+
+def gather_slots(key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor) -> Pair:
+    """Keep slots ``keep`` of one layer's ``[b, h, n, d]`` key and value: ``LongTensor [n_keep]`` (every head
+    alike), ``[h, n_keep]`` (per KV head) or ``[b, h, n_keep]`` (per row and head)."""
+    idx = keep if keep.device == key.device else keep.to(key.device)
+    if idx.dim() == 1:
+        return key.index_select(-2, idx), value.index_select(-2, idx)
+    b, h, _, d = key.shape
+    full = (idx[None] if idx.dim() == 2 else idx)[..., None].expand(b, h, idx.shape[-1], d)
+    return key.gather(2, full), value.gather(2, full)
+
 
 def _bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -166,10 +203,28 @@ def _rows(key: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 
 class DenseStore(LayerStore):
-    """One dense ``(key, value)`` pair, ``[b, kv_heads, n, d]``: a row of :class:`RowStores` kept whole."""
+    """One dense ``(key, value)`` pair, ``[b, kv_heads, n, d]``: a layer as the kernel reads it, and a row of
+    :class:`RowStores` kept whole. Its operations never write into the tensors it was given."""
 
     def __init__(self, key: torch.Tensor, value: torch.Tensor):
         self.key, self.value = key, value
+
+    def keep(self, keep):
+        if isinstance(keep, list):
+            return PerHeadStore(self.key, self.value, keep)
+        if keep is not None:
+            self.key, self.value = gather_slots(self.key, self.value, keep)
+        return self
+
+    def rewrite_values(self, values, changed):
+        self.value = torch.where(changed[..., None], values.to(self.value.dtype), self.value)
+
+    @property
+    def prunable(self) -> bool:
+        return True
+
+    def prune_channels(self, channels, whole):
+        return PrunedChannelStore(self.key, self.value, channels, whole)
 
     def append(self, key, value):
         self.key, self.value = torch.cat([self.key, key], -2), torch.cat([self.value, value], -2)
@@ -247,110 +302,3 @@ class RowStores(LayerStore):
         heads = self.shape()[1]
         return torch.stack([store.head_lengths() if store.head_lengths() is not None
                             else torch.full((heads,), store.shape()[2]) for store in self.stores])
-
-
-class MergedPair:
-    """Two adjacent layers' keys and values after MiniCache's merge (:mod:`lacache_core.policies.minicache`).
-
-    Held once for both layers; each layer reads it through its own :class:`MergedLayerStore`.
-
-    Parameters
-    ----------
-    directions : the unit directions shared by both layers, keys and values (``[b, kv_heads, n, d]`` each), in a
-        store: :class:`DenseStore`, or a quantized one (``--quant``).
-    key_norms, value_norms : per layer (``[0]`` the earlier, ``[1]`` the later), ``[b, kv_heads, n]``, each
-        token's own magnitude.
-    retained : ``LongTensor [b, kv_heads, r]``, the slots kept unmerged (increasing), the same for keys and values.
-    retained_keys, retained_values : per layer, ``[b, kv_heads, r, d]``, those slots' exact keys and values.
-    tail_store : makes the store of the tokens a layer appends after the merge, each layer's own, from the first
-        of them (``(key, value) -> LayerStore``; :class:`DenseStore` by default): :attr:`tails`.
-    """
-
-    def __init__(self, directions: LayerStore, key_norms, value_norms, retained, retained_keys, retained_values,
-                 tail_store: Optional[Callable[[torch.Tensor, torch.Tensor], LayerStore]] = None):
-        self.directions = directions
-        self.key_norms, self.value_norms = tuple(key_norms), tuple(value_norms)
-        self.retained = retained
-        self.retained_keys, self.retained_values = tuple(retained_keys), tuple(retained_values)
-        self.tail_store = tail_store or DenseStore
-        self.tails: List[Optional[LayerStore]] = [None, None]
-
-    @property
-    def key_direction(self) -> torch.Tensor:
-        return self.directions.view()[0]
-
-    @property
-    def value_direction(self) -> torch.Tensor:
-        return self.directions.view()[1]
-
-    def merged_slots(self) -> int:
-        return self.directions.shape()[2]
-
-    def restore(self, layer: int) -> Pair:
-        """Layer ``layer`` (0 or 1) of the merged slots: shared direction times its magnitudes, its retained
-        slots put back; ``(key, value)``, each ``[b, kv_heads, n, d]``."""
-        key_direction, value_direction = self.directions.view()
-        return (_restore(key_direction, self.key_norms[layer], self.retained, self.retained_keys[layer]),
-                _restore(value_direction, self.value_norms[layer], self.retained, self.retained_values[layer]))
-
-    def shared_bytes(self) -> int:
-        return self.directions.nbytes() + _bytes(self.retained)
-
-    def own_bytes(self, layer: int) -> int:
-        tail = self.tails[layer]
-        return _bytes(self.key_norms[layer], self.value_norms[layer], self.retained_keys[layer],
-                      self.retained_values[layer]) + (0 if tail is None else tail.nbytes())
-
-
-def _restore(direction: torch.Tensor, norm: torch.Tensor, index: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
-    unit = direction.float()
-    unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # re-normalised, as the reference restores
-    out = (unit * norm.float()[..., None]).to(direction.dtype)
-    return out.scatter(2, index[..., None].expand(*index.shape, out.shape[-1]), exact)
-
-
-class MergedLayerStore(LayerStore):
-    """One layer of a :class:`MergedPair` (``layer`` 0: the earlier, 1: the later), then its own newer tokens.
-
-    :meth:`nbytes` counts the pair's shared tensors half in each layer (the odd byte in the earlier), so the
-    two layers' sum is what the pair holds.
-    """
-
-    def __init__(self, pair: MergedPair, layer: int):
-        self.pair, self.layer = pair, layer
-
-    def append(self, key, value):
-        tail = self.pair.tails[self.layer]
-        if tail is None:
-            self.pair.tails[self.layer] = self.pair.tail_store(key.clone(), value.clone())
-        else:
-            tail.append(key, value)
-
-    def compress(self) -> None:
-        """End of a step under ``--quant``: the tail's (the merged directions were quantized once, at the merge)."""
-        tail = self.pair.tails[self.layer]
-        if tail is not None:
-            tail.compress()
-
-    def view(self):
-        key, value = self.pair.restore(self.layer)
-        tail = self.pair.tails[self.layer]
-        if tail is None:
-            return key, value
-        tail_key, tail_value = tail.view()
-        return torch.cat([key, tail_key], -2), torch.cat([value, tail_value], -2)
-
-    def shape(self):
-        b, heads, n = self.pair.directions.shape()
-        tail = self.pair.tails[self.layer]
-        return b, heads, n + (0 if tail is None else tail.shape()[2])
-
-    def nbytes(self):
-        shared = self.pair.shared_bytes()
-        return self.pair.own_bytes(self.layer) + shared // 2 + (shared % 2 if self.layer == 0 else 0)
-
-    def write_newest_keys(self, rotated):
-        tail = self.pair.tails[self.layer]
-        if tail is None or tail.shape()[2] < rotated.shape[-2]:
-            raise RuntimeError("merged layers are written only after their prompt: the newest keys must be their own")
-        tail.write_newest_keys(rotated)

@@ -1,11 +1,13 @@
 """Common machinery of every cache policy.
 
-A policy decides which cache slots each layer keeps. It never touches key or value tensors: it
-answers :meth:`CachePolicy.keep` with an index tensor per layer (``[n_keep]``, or ``[kv_heads,
-n_keep]`` for a per-head choice), and the caller (:class:`lacache_core.cache.CompressedCache`, or the
-official-style ``policy(past_key_values)`` call) gathers keys and values with it. That one
-contract serves decode-time and prefill-time methods alike, and keeps policies testable on
-positions alone.
+A policy decides which cache slots each layer keeps: it answers :meth:`CachePolicy.keep` with an index
+tensor per layer (``[n_keep]``, or ``[kv_heads, n_keep]`` for a per-head choice), and the caller
+(:class:`lacache_core.cache.CompressedCache`, or the official-style ``policy(past_key_values)`` call) applies it.
+That one contract serves decode-time and prefill-time methods alike, and keeps policies testable on positions
+alone. A method whose compaction also changes tensors (CaM merges evicted values into kept ones, ThinK prunes key
+channels, MiniCache merges two layers) does that work in its own hooks (:meth:`CachePolicy.before_keep`,
+:meth:`CachePolicy.after_keep`, :meth:`CachePolicy.merged_stores`), through the operations every layer store
+offers (:class:`lacache_core.storage.LayerStore`), so the cache holds no branch for any method.
 
 The policy also records the original token position held in each slot, and declares where its
 kept keys sit when they are rotated (:attr:`CachePolicy.key_positions`):
@@ -23,6 +25,7 @@ from typing import ClassVar, Dict, List, Literal, Optional, Sequence, Tuple
 import torch
 
 from ..errors import ConfigError
+from ..storage import LayerStore, gather_slots
 from ..params import (BOUNDS, Bound, base_type, check_fields, choices_of, describe_range,  # noqa: F401
                       left_out_of_identity, param, type_hints)
 
@@ -53,17 +56,11 @@ class CachePolicy:
     #: ``True`` for policies whose KV heads keep different numbers of slots (:meth:`keep` answers a list of
     #: per-head ``[n_h]`` tensors); their kept keys have no common slots, so they sit at original positions.
     ragged: ClassVar[bool] = False
-    #: ``True`` for policies that also drop key channels (ThinK): the cache then asks :meth:`channel_keep`
-    #: after each choice of slots, and keeps the layer's older keys with the kept channels only.
+    #: ``True`` for policies that also drop key channels (ThinK, in :meth:`after_keep`): their kept keys sit at
+    #: their original positions, and a batch's rows each hold such a layer in a store of their own.
     prunes_channels: ClassVar[bool] = False
     #: Hyper-parameters that have no effect under KV quantization (``--quant``), each with the reason.
     quant_ignores: ClassVar[Dict[str, str]] = {}
-    #: ``True`` for policies that also rewrite kept values when they evict (CaM): the cache then passes the layer's
-    #: values through ``merge_values(layer, keep, value)`` (a new ``[b, kv_heads, n, d]``) before gathering ``keep``.
-    merges_values: ClassVar[bool] = False
-    #: ``True`` for policies that merge adjacent layers into one store (MiniCache): after layer ``l``'s step the cache
-    #: asks ``closes_pair(l)`` and, if so, holds layers ``l - 1`` and ``l`` in the stores ``merge_pair`` returns.
-    merges_layers: ClassVar[bool] = False
 
     key_positions: Optional[Literal["slot", "original"]] = field(default=None, kw_only=True)
 
@@ -147,18 +144,41 @@ class CachePolicy:
         """Largest number of slots a layer holds after a forward pass (``None``: unbounded)."""
         return None
 
-    def channel_keep(self, layer: int, key: torch.Tensor) -> Optional[torch.Tensor]:
-        """Key channels ``layer`` keeps of its older slots (policies with :attr:`prunes_channels`).
+    # ----------------------------------------------------------------- a method's own tensor work
+    def before_keep(self, layer: int, keep, store: LayerStore, value: torch.Tensor) -> None:
+        """Change ``store`` through its operations before this step's choice ``keep`` (:meth:`settle`'s answer)
+        applies to it. Nothing by default; CaM merges the values of the slots it evicts into kept ones.
 
         Parameters
         ----------
-        key : ``[b, kv_heads, n, d]``, the layer's keys after this step's choice of slots, rotated.
+        store : the layer (or one batch row of it) with every slot of this step, this policy's own tokens only.
+        value : ``[b, kv_heads, n, d]``, the values this step's attention read (not to be written into).
+        """
 
-        Returns
-        -------
-        ``LongTensor [kv_heads, d_keep]`` (increasing), or ``None`` to keep every channel.
+    def after_keep(self, layer: int, store: LayerStore) -> LayerStore:
+        """The store that holds ``layer`` (or one batch row of it) from now on, given ``store``, which holds the
+        slots this step kept: ``store`` by default; ThinK prunes its key channels."""
+        return store
+
+    def merged_stores(self, layer: int, previous, current, fillers: Optional[torch.Tensor] = None,
+                      quant=None) -> Optional[Tuple[LayerStore, LayerStore]]:
+        """The stores that hold layers ``layer - 1`` and ``layer`` from now on where this step merges the two
+        (MiniCache), else ``None`` (the default).
+
+        Parameters
+        ----------
+        previous : returns the earlier layer's ``(key, value)`` (each ``[b, kv_heads, n, d]``, keys as stored); a
+            call, since reading a quantized layer dequantizes it.
+        current : this layer's ``(key, value)``, as ``previous``'s.
+        fillers : ``LongTensor [b]``, each row's slots at the front that hold none of its tokens (a padded batch).
+        quant : the cache's quantizer (:class:`lacache_core.quantizers.Quantizer`), or ``None``.
         """
         return None
+
+    def holds_whole(self, layer: int) -> bool:
+        """Whether a quantized ``layer`` keeps its tokens unquantized past this step, for a later layer's
+        :meth:`merged_stores` (MiniCache: the earlier layer of a pair waits for the merge). ``False`` by default."""
+        return False
 
     # ----------------------------------------------------------------- shared machinery
     @property
@@ -339,17 +359,8 @@ class CachePolicy:
 
 
 def gather_layer(key: torch.Tensor, value: torch.Tensor, keep_row: torch.Tensor):
-    """Keep slots ``keep_row`` of one layer's ``[b, h, seq, d]`` key and value.
-
-    ``keep_row`` is ``LongTensor [n_keep]`` (the same slots for every head), ``[h, n_keep]``
-    (per KV head, as SnapKV and PyramidKV select) or ``[b, h, n_keep]`` (per row of a batch and head).
-    """
-    idx = keep_row if keep_row.device == key.device else keep_row.to(key.device)
-    if idx.dim() == 1:
-        return key.index_select(-2, idx), value.index_select(-2, idx)
-    b, h, _, d = key.shape
-    full = (idx[None] if idx.dim() == 2 else idx)[..., None].expand(b, h, idx.shape[-1], d)
-    return key.gather(2, full), value.gather(2, full)
+    """Keep slots ``keep_row`` of one layer's ``[b, h, seq, d]`` key and value (:func:`lacache_core.storage.gather_slots`)."""
+    return gather_slots(key, value, keep_row)
 
 
 def kept_runs(plan: torch.Tensor, n: int) -> torch.Tensor:

@@ -44,7 +44,7 @@ Where we differ, and why:
 * In a batch each row's policy merges its own row's values (over its own slots, after any left padding).
 * Under ``--quant`` (ours; the reference has no quantization) the merge reads the dequantized values, and a
   quantized token whose value a merge changed is held whole from then on, over its codes, until it is evicted
-  (:meth:`lacache_core.quant.KIVIStore.rewrite_values`): a token receives up to ``merge_budget`` merges, and
+  (:meth:`lacache_core.storage.LayerStore.rewrite_values`): a token receives up to ``merge_budget`` merges, and
   quantizing it again after each would add up the rounding. The tokens held so are at most the
   ``merge_budget`` oldest of the window, per head; their bytes are counted.
 """
@@ -106,7 +106,6 @@ class CAM(CachePolicy):
     name: ClassVar[str] = "cam"
     default_positions: ClassVar[str] = "slot"
     observes: ClassVar[bool] = True
-    merges_values: ClassVar[bool] = True
 
     cache_size: int = param(256, low=lambda p: p.start_size + 1)
     start_size: int = param(4, low=0)
@@ -165,6 +164,13 @@ class CAM(CachePolicy):
         row = torch.cat([torch.arange(s, device=scores.device), torch.arange(stop, n, device=scores.device)])
         self._scores[layer] = scores[:, row]
         return row
+
+    def before_keep(self, layer, keep, store, value):
+        """The evicted slots' values merged into the slots after them (:meth:`merge_values`), written into
+        ``store`` before ``keep`` applies."""
+        if keep is not None:
+            merged = self.merge_values(layer, keep, value)
+            store.rewrite_values(merged, (merged != value).any(-1))
 
     def merge_values(self, layer: int, keep: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Values of layer ``layer`` with this step's evicted tokens merged into their targets, before ``keep``

@@ -13,7 +13,7 @@ KV head, with ``x`` the earlier layer's vector and ``y`` the later one's, ``u = 
   for both layers (keys and values; the values reuse the keys' choice).
 
 Keys and values are merged separately. A layer is restored as the shared direction times its magnitudes, its
-retained tokens put back (:class:`lacache_core.storage.MergedPair`); tokens generated later are each layer's own,
+retained tokens put back (:class:`lacache_core.merged_store.MergedPair`); tokens generated later are each layer's own,
 stored whole. :class:`lacache_core.CompressedCache` holds the pair once for both layers, so ``kv_bytes`` counts
 what it really stores.
 
@@ -44,13 +44,14 @@ Where we differ, and why:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, ClassVar, List, Optional, Tuple
 
 import torch
 
 from ..errors import ConfigError
-from ..storage import DenseStore, LayerStore, MergedLayerStore, MergedPair, RowStores
+from ..merged_store import MergedLayerStore, MergedPair
+from ..storage import DenseStore, LayerStore, RowStores
 from .base import CachePolicy, param
 
 if TYPE_CHECKING:  # annotations only: the quantizers' stores never import a policy
@@ -140,13 +141,15 @@ class MiniCache(CachePolicy):
 
     name: ClassVar[str] = "minicache"
     prefill_only: ClassVar[bool] = True
-    #: The cache asks :meth:`closes_pair` after each layer's step and, at a pair's later layer in the prompt's pass,
-    #: holds the two layers in :meth:`merge_pair`'s stores.
-    merges_layers: ClassVar[bool] = True
 
     interpolation: float = param(0.6, low=0.0, high=1.0)
     retention_ratio: float = param(0.05, low=0.0, high=1.0)
     merge_start: Optional[int] = param(None, low=0)
+
+    _merged: List[int] = field(default_factory=list, init=False, repr=False)  # the later layers of merged pairs
+
+    def _reset_state(self) -> None:
+        self._merged = []
 
     def first_merged(self, num_layers: int) -> int:
         """The first merged layer (``merge_start``, or ``num_layers // 2``)."""
@@ -196,6 +199,17 @@ class MiniCache(CachePolicy):
         pairs = [merge_layers(*(tuple(t[j:j + 1, :, f:] for t in kv) for kv in (previous, current)),
                               self.interpolation, self.retention_ratio, quant) for j, f in enumerate(fillers.tolist())]
         return RowStores([MergedLayerStore(p, 0) for p in pairs]), RowStores([MergedLayerStore(p, 1) for p in pairs])
+
+    def merged_stores(self, layer, previous, current, fillers=None, quant=None):
+        """At a pair's later layer, in the prompt's pass (both layers still whole): :meth:`merge_pair`'s stores."""
+        if not self.closes_pair(layer) or layer in self._merged:
+            return None
+        self._merged.append(layer)
+        return self.merge_pair(previous(), current, fillers, quant)
+
+    def holds_whole(self, layer):
+        """A pair's earlier layer, until the later one merges with it."""
+        return layer + 1 < self._num_layers and self.closes_pair(layer + 1) and layer + 1 not in self._merged
 
     def __call__(self, past_key_values):
         raise ConfigError(f"make_cache.method {self.name} stores merged layer pairs in a form of its own: run it with a "

@@ -30,7 +30,7 @@ Where we differ, and why:
 * Under KV quantization (``--quant``, keys after RoPE) the pruning follows ThinK's own KIVI code
   (SalesforceAIResearch/ThinK @ d200577, ``ThinK_kivi/models/llama_kivi_think.py``): the channels are
   chosen once at the prompt, and every key quantized, prompt or generated, keeps only those; the keys in
-  the full-precision residual keep all (:meth:`lacache_core.quant.KIVIStore.prune_channels`).
+  the full-precision residual keep all (:meth:`lacache_core.quant.KIVIStore.prune_channels`, called from :meth:`ThinK.after_keep`).
 """
 from __future__ import annotations
 
@@ -106,6 +106,7 @@ class ThinK(SnapKV):
     """
 
     name: ClassVar[str] = "think"
+    #: the cache keeps ThinK's layers in stores of their own (:meth:`after_keep`)
     prunes_channels: ClassVar[bool] = True
     quant_ignores: ClassVar[Dict[str, str]] = {
         "unpruned_window": "ThinK's keys keep every channel while they are in the full-precision residual "
@@ -151,7 +152,17 @@ class ThinK(SnapKV):
             energy = query[:, :, -self.channel_queries:].float().pow(2).mean(2)  # [b, heads, d]
             self._query_energy[layer] = energy.view(b, key.shape[1], heads // key.shape[1], d).mean((0, 2))
 
+    def after_keep(self, layer, store):
+        """After the token choice, once per prompt: the layer's older keys keep only :meth:`channel_keep`'s
+        channels, the slots :meth:`unpruned` names whole."""
+        if not store.prunable:
+            return store
+        channels = self.channel_keep(layer, store.view()[0])
+        return store if channels is None else store.prune_channels(channels, self.unpruned(layer))
+
     def channel_keep(self, layer: int, key: torch.Tensor) -> Optional[torch.Tensor]:
+        """Key channels ``layer`` keeps of its older slots: ``LongTensor [kv_heads, d_keep]`` (increasing), or
+        ``None`` to keep every channel. ``key``: ``[b, kv_heads, n, d]``, the kept keys, rotated."""
         if layer >= len(self._query_energy) or self._query_energy[layer] is None:
             return None
         query_energy, self._query_energy[layer] = self._query_energy[layer], None

@@ -1,144 +1,162 @@
 """The store stage: after the kernel has read a step, the policy's choice applied to the layer's storage.
 
-Every way a layer is compacted lives here: a dense layer gathered (or its frame moved,
-:meth:`KeyPlacement.compact_in_place`), a layer that moves into a store of its own (heads of different
-lengths, pruned key channels, a merged pair of layers), a quantized layer evicted on its codes, and a batch
-whose rows choose for themselves.
+Every layer, and every row of a batch whose rows choose for themselves, goes through the same three calls: the
+policy chooses (``settle``), does its own tensor work through the store's operations (``before_keep``,
+``after_keep``; CaM merges values, ThinK prunes key channels), and the store applies the choice
+(:meth:`LayerStore.keep`; a per-head choice parts the heads). What this module decides is only where the result
+lives: a dense layer in transformers' own storage (its frame moved in place, or gathered with its keys placed at
+their new slots by :class:`KeyPlacement`), a batch's rows aligned by filler slots, or a store of its own; and,
+under a quantizer, when a step's tokens are quantized.
 """
 from __future__ import annotations
 
 import torch
 
-from ..policies.base import gather_layer, kept_runs
-from ..quant import PerHeadQuantStore, QuantizedStore
-from ..storage import DenseStore, PerHeadStore, PrunedChannelStore, RowStores
+from ..policies.base import kept_runs
+from ..storage import DenseStore, LayerStore, RowStores, gather_slots
 
 
 def settle(cache, step) -> None:
     """Compact layer ``step.layer`` of ``cache`` for the next step."""
-    policy, layer, key, value, rows, n = cache.policy, step.layer, step.stored_key, step.value, step.rows, step.n
-    if cache.quant is not None:  # eviction on the codes, then quantization
-        return settle_quantized(cache, step)
-    if rows is not None and (policy.ragged or policy.prunes_channels):
-        return rows_into_stores(cache, step)
-    keep = policy.settle(layer, n) if rows is None else cache.rows.keep(layer, n, key.shape[1])
-    if keep is not None and cache._stores[layer] is not None:
-        raise RuntimeError(f"{policy.name}: a layer held in a store of its own cannot be compacted again")
-    kept_key, kept_value = key, value
-    if isinstance(keep, list):  # per-head lengths (AdaKV, HeadKV)
-        cache._keep_in_store(layer, PerHeadStore(key, value, keep), key)
+    layer = step.layer
+    if cache._stores[layer] is not None:  # every layer under a quantizer
+        settle_held(cache, step)
+    elif step.rows is None:
+        settle_dense(cache, step)
+    else:
+        settle_rows(cache, step)
+    merged = merge_with_previous(cache, step)
+    if cache.quant is not None and not merged and not cache.policy.holds_whole(layer):
+        cache._stores[layer].compress()  # the residual's oldest tokens quantized
+
+
+def compacted(policy, layer: int, store: LayerStore, keep, value: torch.Tensor) -> LayerStore:
+    """``store`` (a layer, or one row of it) after ``policy``'s choice ``keep`` and its own tensor work (``value``:
+    the values as this step's attention read them)."""
+    policy.before_keep(layer, keep, store, value)
+    return policy.after_keep(layer, store.keep(keep))
+
+
+def settle_held(cache, step) -> None:
+    """A layer held in a store of its own. In a batch of rows each row holds its own tokens in a store of its own
+    (:class:`RowStores`), chosen, evicted and quantized as alone; a quantized batch is split into rows on its first
+    pass, before anything is quantized."""
+    layer, value, store = step.layer, step.value, cache._stores[step.layer]
+    if step.rows is None:
+        store = compacted(cache.policy, layer, store, cache.policy.settle(layer, step.n), value)
+    else:
+        fillers = step.fillers_before.tolist()
+        if not isinstance(store, RowStores):
+            store = RowStores([cache.quant.new_store(step.stored_key[j:j + 1, :, f:], value[j:j + 1, :, f:])
+                               for j, f in enumerate(fillers)])
+        keeps = cache.rows.settle(layer, step.n)
+        store.stores = [compacted(row, layer, part, keep, value[j:j + 1, :, f:])
+                        for j, (row, part, keep, f) in enumerate(zip(step.rows, store.stores, keeps, fillers))]
+        cache.rows.fillers[layer] = store.shape()[2] - store.row_lengths()
+    cache._keep_in_store(layer, store, step.stored_key)
+
+
+def settle_dense(cache, step) -> None:
+    """A dense layer under one policy: it stays dense unless the policy's choice or work gives it a store of its
+    own (heads of different lengths, pruned key channels)."""
+    policy, layer, key = cache.policy, step.layer, step.stored_key
+    keep = policy.settle(layer, step.n)
+    store = DenseStore(key, step.value)
+    policy.before_keep(layer, keep, store, step.value)
+    if isinstance(keep, list):
+        store = store.keep(keep)
     elif keep is not None:
-        kept_key, kept_value = dense_keep(cache, step, keep)
+        store = DenseStore(*dense_keep(cache, step, keep, store.value))
+    held = policy.after_keep(layer, store)
+    if not isinstance(held, DenseStore):
+        cache._keep_in_store(layer, held, key)
+    elif held.key is not key or held.value is not step.value:
+        cache._set_layer(layer, held.key, held.value)
+
+
+def settle_rows(cache, step) -> None:
+    """A dense layer of a batch whose rows choose for themselves, each among its own tokens: the rows stay one
+    dense layer, aligned by filler slots at the front (:meth:`BatchRows.aligned`), unless a row's choice or its
+    policy's work gives it a store of its own; then every row holds one (:class:`RowStores`)."""
+    layer, n, key, value = step.layer, step.n, step.stored_key, step.value
+    keeps = cache.rows.settle(layer, n)
+    value = rewritten_values(step, keeps)
+    if any(isinstance(keep, list) for keep in keeps):  # heads of different lengths
+        stores = [row.after_keep(layer, part.keep(keep)) for row, part, keep in zip(step.rows, row_parts(
+                  key, value, step.fillers_before), keeps)]
+        return hold_rows(cache, step, stores)
+    index = cache.rows.aligned(layer, keeps, n, key.shape[1])
+    kept_key, kept_value = (key, value) if index is None else dense_keep(cache, step, index, value)
+    parts = row_parts(kept_key, kept_value, cache.rows.fillers[layer])
+    held = [row.after_keep(layer, part) for row, part in zip(step.rows, parts)]
+    if any(h is not part for h, part in zip(held, parts)):
+        hold_rows(cache, step, held)
+    elif kept_key is not key or kept_value is not step.value:
         cache._set_layer(layer, kept_key, kept_value)
-    if policy.prunes_channels and cache._stores[layer] is None:  # ThinK: after the token choice
-        channels = policy.channel_keep(layer, kept_key)
-        if channels is not None:
-            store = PrunedChannelStore(kept_key, kept_value, channels, policy.unpruned(layer))
-            cache._keep_in_store(layer, store, key)
-    if policy.merges_layers and policy.closes_pair(layer) and cache._stores[layer] is None:
-        # MiniCache, after the prompt's pass: this layer and the one before it share one merged store
-        fillers = None if step.rows is None else step.fillers_before
-        for i, store in enumerate(policy.merge_pair(cache._stored(layer - 1), (key, value), fillers)):
-            cache._keep_in_store(layer - 1 + i, store, key)
 
 
-def dense_keep(cache, step, keep: torch.Tensor):
-    """A dense layer's kept ``(key, value)``: the frame moved where only older slots go and nothing needs the
-    step's tensors any more, else gathered (CaM's merged values first), keys of a slot policy stored rotated
-    rotated to the slots they now hold."""
-    policy, placement, key, value, rows = cache.policy, cache.placement, step.stored_key, step.value, step.rows
-    # a sparse read scores pages by per-channel bounds, which a rotation of the frame would change
-    movable = placement.can_move_frame() and rows is None and keep.dim() == 1 and not policy.merges_values and \
+def row_parts(key: torch.Tensor, value: torch.Tensor, fillers: torch.Tensor) -> list:
+    """Each row's own slots (after its ``fillers``) of a batch's ``[b, kv_heads, n, d]`` key and value, as a
+    :class:`DenseStore` of views."""
+    return [DenseStore(key[j:j + 1, :, f:], value[j:j + 1, :, f:]) for j, f in enumerate(fillers.tolist())]
+
+
+def rewritten_values(step, keeps: list) -> torch.Tensor:
+    """The step's values (``[b, kv_heads, n, d]``) after each row's :meth:`before_keep`: the same tensor where no
+    row's policy rewrote any, else a new one (the step's attention has read the old)."""
+    parts = row_parts(step.stored_key, step.value, step.fillers_before)
+    read = [part.value for part in parts]
+    for row, part, keep in zip(step.rows, parts, keeps):
+        row.before_keep(step.layer, keep, part, part.value)
+    if all(part.value is was for part, was in zip(parts, read)):
+        return step.value
+    fillers = step.fillers_before.tolist()
+    return torch.cat([torch.cat([step.value[j:j + 1, :, :f], part.value], 2) for j, (part, f) in
+                      enumerate(zip(parts, fillers))])
+
+
+def hold_rows(cache, step, stores: list) -> None:
+    """Hold the layer as the rows' own ``stores``; a row kept whole as a view of the batch's tensors is copied, so
+    that it holds only its own memory."""
+    owned = [DenseStore(s.key.clone(), s.value.clone()) if isinstance(s, DenseStore) and
+             (s.key._base is not None or s.value._base is not None) else s for s in stores]
+    store = RowStores(owned)
+    cache.rows.fillers[step.layer] = store.shape()[2] - store.row_lengths()
+    cache._keep_in_store(step.layer, store, step.stored_key)
+
+
+def dense_keep(cache, step, keep: torch.Tensor, value: torch.Tensor):
+    """A dense layer's kept ``(key, value)`` (``value``: the step's, or the policy's rewrite of them): the frame
+    moved where only older slots go and nothing needs the step's tensors any more, else gathered, keys of a slot
+    policy stored rotated rotated to the slots they now hold."""
+    placement, key, rows = cache.placement, step.stored_key, step.rows
+    # a sparse read scores pages by per-channel bounds, which a rotation of the frame would change; the frame moves
+    # the layer's own memory, and rewritten values (CaM) are a new tensor, gathered with their keys
+    movable = placement.can_move_frame() and rows is None and keep.dim() == 1 and value is step.value and \
         cache.read is None
     if movable and not (key.requires_grad or value.requires_grad):  # in-place writes would break autograd
-        runs = policy.kept_runs(step.layer)  # read from the plan once per compaction where the policy has one
+        runs = cache.policy.kept_runs(step.layer)  # read from the plan once per compaction where the policy has one
         oldest, newest = kept_runs(keep[None], step.n)[0].tolist() if runs is None else runs
         if newest:
             return placement.compact_in_place(step.layer, key, value, keep, newest, oldest)
-    merged = merged_values(cache, step, keep) if policy.merges_values else value
-    kept_key, kept_value = gather_layer(key, merged, keep)  # the stored keys, rotated or not
+    kept_key, kept_value = gather_slots(key, value, keep)  # the stored keys, rotated or not
     if placement.rotated and placement.slot:  # kept keys move to slots 0 .. n_keep - 1 (after a row's fillers)
         fillers = None if rows is None else cache.rows.fillers[step.layer]  # after this step's choice
         kept_key = placement.moved_keys(kept_key, keep, step.n, fillers)
     return kept_key, kept_value
 
 
-def merged_values(cache, step, keep) -> torch.Tensor:
-    """CaM: the step's values (``[b, kv_heads, n, d]``) with the evicted values merged into kept ones, as a new
-    tensor, each row's by its own policy over its own slots (after its fillers)."""
-    value = step.value
-    fillers = [0] if step.rows is None else step.fillers_before.tolist()
-    parts = [(value[j:j + 1, :, :f], row.merge_values(step.layer, keep, value[j:j + 1, :, f:]))
-             for j, (row, f) in enumerate(zip(step.rows or [cache.policy], fillers))]
-    return torch.cat([torch.cat(part, 2) for part in parts])
-
-
-def rows_into_stores(cache, step) -> None:
-    """Each row's choice under a method that holds layers in a store of its own (heads of different lengths,
-    pruned key channels): a store per row among its own tokens, held as one :class:`RowStores` (rows aligned by
-    filler slots at the front, as :meth:`BatchRows.keep` does)."""
-    layer, key, value, n = step.layer, step.stored_key, step.value, step.n
-    fillers = cache.rows.fillers[layer].tolist()
-    keeps = [row.settle(layer, n - f) for row, f in zip(step.rows, fillers)]
-    if cache._stores[layer] is not None:
-        if any(k is not None for k in keeps):
-            raise RuntimeError(f"{cache.policy.name}: a layer held in a store of its own cannot be compacted again")
-        return
-    stores = []
-    for j, (row, keep, f) in enumerate(zip(step.rows, keeps, fillers)):
-        k, v = key[j:j + 1, :, f:], value[j:j + 1, :, f:]
-        if isinstance(keep, list):  # per-head lengths (AdaKV, HeadKV)
-            stores.append(PerHeadStore(k, v, keep))
-            continue
-        k, v = gather_layer(k, v, keep) if keep is not None else (k.clone(), v.clone())
-        channels = row.channel_keep(layer, k) if row.prunes_channels else None  # ThinK: after the token choice
-        stores.append(DenseStore(k, v) if channels is None else PrunedChannelStore(k, v, channels, row.unpruned(layer)))
-    store = RowStores(stores)
-    cache.rows.fillers[layer] = store.shape()[2] - store.row_lengths()
-    cache._keep_in_store(layer, store, key)
-
-
-def settle_quantized(cache, step) -> None:
-    """The end of a step of a quantized layer: the policy's choice applied to the codes, then the residual's oldest
-    tokens quantized. In a batch of rows each row holds its own tokens in a quantized store of its own
-    (:class:`RowStores`), chosen, evicted and quantized as alone; the rows are split on the first pass, before
-    anything is quantized."""
-    policy, layer, key, value, rows, n = cache.policy, step.layer, step.stored_key, step.value, step.rows, step.n
-    store = cache._stores[layer]
-    if rows is None:
-        store = settle_store(policy, layer, store, policy.settle(layer, n), value)
-    else:
-        fillers = step.fillers_before.tolist()
-        if not isinstance(store, RowStores):
-            store = RowStores([cache.quant.new_store(key[j:j + 1, :, f:], value[j:j + 1, :, f:])
-                               for j, f in enumerate(fillers)])
-        store.stores = [settle_store(row, layer, part, row.settle(layer, n - f), value[j:j + 1, :, f:])
-                        for j, (row, part, f) in enumerate(zip(rows, store.stores, fillers))]
-        cache.rows.fillers[layer] = store.shape()[2] - store.row_lengths()
-    cache._keep_in_store(layer, store, key)
-    one = store.stores[0] if isinstance(store, RowStores) else store  # every row's store is of one kind
-    merging = policy.merges_layers and isinstance(one, QuantizedStore)  # MiniCache's prompt pass
-    if merging and policy.closes_pair(layer):  # both layers still whole: merged, then quantized once
-        fillers = None if rows is None else step.fillers_before
-        pair = policy.merge_pair(cache._stored(layer - 1), (key, value), fillers, quant=cache.quant)
-        for i, merged_store in enumerate(pair):
-            cache._keep_in_store(layer - 1 + i, merged_store, key)
-    elif not (merging and policy.closes_pair(layer + 1)):  # a pair's earlier layer waits whole for the merge
-        store.compress()
-
-
-def settle_store(policy, layer: int, store, keep, value: torch.Tensor):
-    """One quantized store (a layer, or one row of it) after ``policy`` chose ``keep`` among its slots (``value``:
-    their values as attention read them); returns the store, a new one where heads part."""
-    if isinstance(keep, list):  # AdaKV, HeadKV: a store per head
-        return PerHeadQuantStore.from_store(store, keep)
-    if keep is not None and policy.merges_values:  # CaM: merged values held whole
-        merged = policy.merge_values(layer, keep, value)
-        store.rewrite_values(merged, (merged != value).any(-1))
-    if keep is not None:
-        store.gather(keep)
-    if policy.prunes_channels and store.channels is None and not store.key_codes.shape[2]:
-        channels = policy.channel_keep(layer, store.view()[0])  # ThinK: after the token choice
-        if channels is not None:
-            store.prune_channels(channels)
-    return store
+def merge_with_previous(cache, step) -> bool:
+    """Hold layers ``step.layer - 1`` and ``step.layer`` in the stores the policy merges them into, where it does
+    (MiniCache, after the prompt's pass); whether it did."""
+    layer = step.layer
+    if layer == 0:
+        return False
+    fillers = None if step.rows is None else step.fillers_before
+    pair = cache.policy.merged_stores(layer, lambda: cache._stored(layer - 1), (step.stored_key, step.value),
+                                      fillers, cache.quant)
+    if pair is None:
+        return False
+    for i, store in enumerate(pair):
+        cache._keep_in_store(layer - 1 + i, store, step.stored_key)
+    return True

@@ -69,16 +69,18 @@ class BatchRows:
             raise RuntimeError(f"the batch changed from {len(self.policies)} to {batch} rows; use a fresh cache")
         return self.policies
 
-    def keep(self, layer: int, n: int, kv_heads: int) -> Optional[torch.Tensor]:
-        """Each row's choice for ``layer``, as one ``[b, kv_heads, n_keep]`` index (``None``: every row keeps all).
+    def settle(self, layer: int, n: int) -> list:
+        """Each row's choice for ``layer`` among its own tokens (the slots after its fillers), as its policy answers
+        :meth:`CachePolicy.settle`."""
+        return [row.settle(layer, n - int(f)) for row, f in zip(self.policies, self.fillers[layer])]
 
-        A row's policy chooses among its own tokens (the slots after its fillers). Rows that keep fewer
-        slots than the longest are aligned with filler slots at the front, which attention never sees.
-        """
-        fillers = self.fillers[layer]
-        keeps = [row.settle(layer, n - int(f)) for row, f in zip(self.policies, fillers)]
+    def aligned(self, layer: int, keeps: list, n: int, kv_heads: int) -> Optional[torch.Tensor]:
+        """The rows' ``keeps`` (each ``[n_keep]``, ``[kv_heads, n_keep]`` or ``None``) as one ``[b, kv_heads, width]``
+        index into the batch's ``n`` slots (``None``: every row keeps all). Rows that keep fewer slots than the
+        longest are aligned with filler slots at the front, which attention never sees."""
         if all(k is None for k in keeps):
             return None
+        fillers = self.fillers[layer]
         device = next(k for k in keeps if k is not None).device
         slots = [torch.arange(int(f), n, device=device).expand(kv_heads, -1) if k is None
                  else k.to(device).expand(kv_heads, k.shape[-1]) + int(f) for k, f in zip(keeps, fillers)]

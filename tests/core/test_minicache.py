@@ -13,7 +13,8 @@ from lacache_core import CompressedCache, ConfigError, KIVI, build_policy, enabl
 from lacache_core import GEAR
 from lacache_core.policies import METHODS, MiniCache
 from lacache_core.policies.minicache import merge_layers, retained_slots, slerp_directions
-from lacache_core.storage import MergedLayerStore, RowStores
+from lacache_core.merged_store import MergedLayerStore
+from lacache_core.storage import RowStores
 from lacache_core.versions import with_cache
 from references import gear_reference, kivi_reference
 from tiny import manual_next_logits, rotate, tiny_model

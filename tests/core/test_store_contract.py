@@ -26,7 +26,8 @@ from lacache_core.kivi_reference import KIVIReferenceStore
 from lacache_core.quant import KIVIStore, PerHeadQuantStore, QuantizedStore, store_from_state
 from lacache_core.quantizers import GEAR, KIVI
 from lacache_core.policies.minicache import merge_layers
-from lacache_core.storage import (DenseStore, LayerStore, MergedLayerStore, PerHeadStore,
+from lacache_core.merged_store import MergedLayerStore
+from lacache_core.storage import (DenseStore, LayerStore, PerHeadStore,
                                   PrunedChannelStore, RowStores)
 
 B, HEADS, D = 2, 2, 32
@@ -39,6 +40,10 @@ REFERENCE_CONFIG = KIVI(bits=4, group=4, residual=4, key_order="post_rope", sche
 NO_STATE = "has no state(): checkpoints (the perplexity harness) hold quantized layers only"
 # unquantized stores are built once, after the token choice; the cache refuses to compact them again (cache.py)
 BUILT_ONCE = "built after the token choice: a layer held in a store of its own is never compacted again"
+# a method's own tensor work (CaM's merged values, ThinK's pruned channels, a per-head choice) is done on a layer
+# as the kernel reads it, dense or quantized, before it is held in any other form
+NO_METHOD_WORK = {"per_head": BUILT_ONCE, "rewrite_values": BUILT_ONCE, "prune_channels": BUILT_ONCE}
+ROW_WORK = {name: "the cache applies it to each row's own store" for name in NO_METHOD_WORK}
 
 
 @dataclass
@@ -48,8 +53,9 @@ class Case:
     build : ``(key, value) -> store``, from ``[b, kv_heads, n, d]`` tensors.
     bits : the quantizer's bits (``None``: the store holds what it is given, compared exactly).
     frobenius : compare in Frobenius norm (GEAR's low-rank correction), else entry by entry.
-    cannot : operation (``gather``, ``state``, ``write_newest_keys_before_append``) -> why the store refuses it by
-        design; the test asserts the refusal.
+    cannot : operation (``gather``: :meth:`LayerStore.keep` of some slots, ``state``,
+        ``write_newest_keys_before_append``, ``per_head``: ``keep`` of a list of per-head slots, ``rewrite_values``,
+        ``prune_channels``) -> why the store refuses it by design; the test asserts the refusal.
     from_state : rebuilds the store from its ``state()``.
     """
 
@@ -101,19 +107,19 @@ def _rows(key, value):
 
 
 CASES = [
-    Case("dense", DenseStore, DenseStore, cannot={"gather": BUILT_ONCE, "state": NO_STATE}),
+    Case("dense", DenseStore, DenseStore, cannot={"state": NO_STATE}),
     Case("per_head", PerHeadStore, _per_head,
-         cannot={"gather": BUILT_ONCE, "state": NO_STATE}),
+         cannot={"gather": BUILT_ONCE, "state": NO_STATE, **NO_METHOD_WORK}),
     Case("pruned_channels", PrunedChannelStore, _pruned,
-         cannot={"gather": BUILT_ONCE, "state": NO_STATE}),
+         cannot={"gather": BUILT_ONCE, "state": NO_STATE, **NO_METHOD_WORK}),
     Case("pruned_channels_score_rows", PrunedChannelStore, _pruned_score_rows,
-         cannot={"gather": BUILT_ONCE, "state": NO_STATE}),
+         cannot={"gather": BUILT_ONCE, "state": NO_STATE, **NO_METHOD_WORK}),
     Case("merged", MergedLayerStore, _merged(None),
-         cannot={"gather": "MiniCache merges once, after the prompt", "state": NO_STATE,
+         cannot={"gather": "MiniCache merges once, after the prompt", "state": NO_STATE, **NO_METHOD_WORK,
                  "write_newest_keys_before_append": "the merged slots are shared by two layers: only the layer's own "
                                                     "newer tokens can be rewritten"}),
     Case("merged_quant", MergedLayerStore, _merged(KIVI_CONFIG), bits=4,
-         cannot={"gather": "MiniCache merges once, after the prompt", "state": NO_STATE,
+         cannot={"gather": "MiniCache merges once, after the prompt", "state": NO_STATE, **NO_METHOD_WORK,
                  "write_newest_keys_before_append": "the merged slots are shared by two layers: only the layer's own "
                                                     "newer tokens can be rewritten"}),
     Case("kivi", KIVIStore, lambda k, v: KIVIStore(KIVI_CONFIG, k, v), bits=4,
@@ -121,12 +127,13 @@ CASES = [
     Case("gear", GEARStore, lambda k, v: GEARStore(GEAR_CONFIG, k, v), bits=4, frobenius=True,
          from_state=lambda s: GEAR_CONFIG.store_from_state(s)),
     Case("kivi_reference", KIVIReferenceStore, lambda k, v: KIVIReferenceStore(REFERENCE_CONFIG, k, v), bits=4,
-         cannot={"gather": "keys and values are quantized at different times: no method may evict from it"},
+         cannot={"gather": "keys and values are quantized at different times: no method may evict from it",
+                 **{name: "the reference schedule runs the full cache only" for name in NO_METHOD_WORK}},
          from_state=lambda s: REFERENCE_CONFIG.store_from_state(s)),
     Case("per_head_quant", PerHeadQuantStore, _per_head_quant, bits=4,
-         cannot={"gather": "a layer held per head cannot be compacted again",
+         cannot={"gather": "a layer held per head cannot be compacted again", **NO_METHOD_WORK,
                  "state": "checkpoints of per-head quantized layers are not built (the harness refuses them)"}),
-    Case("rows", RowStores, _rows, bits=4, cannot={"gather": "the cache evicts from each row's own store"},
+    Case("rows", RowStores, _rows, bits=4, cannot={"gather": "the cache evicts from each row's own store", **ROW_WORK},
          from_state=lambda s: store_from_state(KIVI_CONFIG, s)),
 ]
 
@@ -239,7 +246,8 @@ def test_gather_keeps_exactly_those_slots(case, form):
     store = _built(case, n=14)
     n = store.shape()[2]
     if "gather" in case.cannot:
-        _refuses(case, "gather", lambda: store.gather(torch.arange(n - 1)))
+        _refuses(case, "gather", lambda: store.keep(torch.arange(n - 1)))
+        assert store.keep(None) is store  # keeping every slot is no compaction: every store allows it
         return
     keep = {"slots": torch.tensor([0, 3, 4, 9, 12, 13]),
             "per_head": torch.tensor([[0, 1, 2, 11, 12, 13], [5, 6, 7, 8, 9, 13]]),
@@ -248,7 +256,7 @@ def test_gather_keeps_exactly_those_slots(case, form):
     full = keep.expand(B, HEADS, keep.shape[-1])
     want = [t.gather(2, full[..., None].expand(*full.shape, D)) for t in store.view()]
     held_quantized = store.key_codes.shape[2] if case.bits is not None else 0
-    store.gather(keep)
+    store = store.keep(keep)
     assert store.shape()[2] == keep.shape[-1]
     for got, expected in zip(store.view(), want):
         _close(case, got, expected)
@@ -286,3 +294,63 @@ def test_write_newest_keys_changes_only_the_newest(case, k):
     assert torch.equal(key[:, :, n - k:], rotated)
     assert torch.equal(key[:, :, :n - k], before_key[:, :, :n - k])
     assert torch.equal(value, before_value)
+
+
+def test_per_head_keep_parts_the_heads(case):
+    """A list of per-head slots gives a store whose view holds each head's own slots, left-padded with zeros to the
+    longest, with those lengths; chosen on a layer whose tokens are all still whole (the prompt's pass)."""
+    store = case.build(*_tensors(10, seed=0))
+    keep = [torch.tensor([0, 4, 9]), torch.tensor([1, 2, 3, 8, 9])]
+    if "per_head" in case.cannot:
+        _refuses(case, "per_head", lambda: store.keep(keep))
+        return
+    key, value = (t.clone() for t in store.view())
+    parted = store.keep(keep)
+    assert parted.shape() == (B, HEADS, 5)
+    assert parted.head_lengths().tolist() == [3, 5]
+    for got, full in zip(parted.view(), (key, value)):
+        for h, slots in enumerate(keep):
+            want = full[:, h].index_select(1, slots)
+            assert torch.equal(got[:, h, 5 - len(slots):], want)  # whole until the step ends, quantized or not
+            assert not got[:, h, :5 - len(slots)].any()
+
+
+def test_rewrite_values_changes_only_the_slots_named(case):
+    store = _built(case)
+    n = store.shape()[2]
+    new_values = _tensors(n, seed=11)[1]
+    changed = torch.zeros(B, HEADS, n, dtype=torch.bool)
+    changed[0, 1, [0, 5, n - 1]] = True  # a quantized slot and a residual one, where the store has both
+    changed[1, 0, 2] = True
+    if "rewrite_values" in case.cannot:
+        _refuses(case, "rewrite_values", lambda: store.rewrite_values(new_values, changed))
+        return
+    key, value = (t.clone() for t in store.view())
+    store.rewrite_values(new_values, changed)
+    got_key, got_value = store.view()
+    assert torch.equal(got_key, key)
+    assert torch.equal(got_value[changed], new_values[changed])  # a rewritten value is held whole, never requantized
+    assert torch.equal(got_value[~changed], value[~changed])
+
+
+def test_prune_channels_zeroes_the_dropped_channels_of_older_keys(case):
+    """Pruned key channels read as zeros in the keys that lost them (the older ones; a quantized store's quantized
+    keys, including those quantized later), the kept channels and the whole keys as they were."""
+    store = case.build(*_tensors(10, seed=0))  # nothing quantized yet: channels are chosen first
+    channels = torch.tensor([[0, 3, 5, 9], [1, 2, 8, 15]])
+    if "prune_channels" in case.cannot:
+        assert not store.prunable
+        _refuses(case, "prune_channels", lambda: store.prune_channels(channels, 2))
+        return
+    assert store.prunable
+    key = store.view()[0].clone()
+    store = store.prune_channels(channels, 2)
+    assert not store.prunable  # once per layer: no key is pruned or quantized at two widths
+    _settle(case, store)
+    lost = store.key_codes.shape[2] if case.bits is not None else key.shape[2] - 2
+    got = store.view()[0]
+    dropped = torch.ones(HEADS, D, dtype=torch.bool).scatter_(1, channels, False)  # [kv_heads, d]
+    older, kept = got[:, :, :lost], dropped[None, :, None, :].expand(B, HEADS, lost, D)
+    assert lost > 0 and not older[kept].any()
+    _close(case, older.masked_fill(kept, 0), key[:, :, :lost].masked_fill(kept, 0))
+    assert torch.equal(got[:, :, lost:], key[:, :, lost:])
