@@ -56,8 +56,8 @@ class CachePolicy:
     #: ``True`` for policies whose KV heads keep different numbers of slots (:meth:`keep` answers a list of
     #: per-head ``[n_h]`` tensors); their kept keys have no common slots, so they sit at original positions.
     ragged: ClassVar[bool] = False
-    #: ``True`` for policies that also drop key channels (ThinK, in :meth:`after_keep`): their kept keys sit at
-    #: their original positions, and a batch's rows each hold such a layer in a store of their own.
+    #: ``True`` for policies that also drop key channels (ThinK, in :meth:`after_keep`): channels are scored on keys
+    #: rotated at their original positions, so ``key_positions="slot"`` is refused.
     prunes_channels: ClassVar[bool] = False
     #: Hyper-parameters that have no effect under KV quantization (``--quant``), each with the reason.
     quant_ignores: ClassVar[Dict[str, str]] = {}

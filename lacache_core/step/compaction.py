@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..policies.base import kept_runs
+from ..policies.base import CachePolicy, kept_runs
 from ..storage import DenseStore, LayerStore, RowStores, gather_slots
 
 
@@ -86,13 +86,20 @@ def settle_rows(cache, step) -> None:
                   key, value, step.fillers_before), keeps)]
         return hold_rows(cache, step, stores)
     index = cache.rows.aligned(layer, keeps, n, key.shape[1])
-    kept_key, kept_value = (key, value) if index is None else dense_keep(cache, step, index, value)
-    parts = row_parts(kept_key, kept_value, cache.rows.fillers[layer])
+    heads_alike = all(keep is None or keep.dim() == 1 for keep in keeps)
+    kept_key, kept_value = (key, value) if index is None else dense_keep(cache, step, index, value, heads_alike)
+    parts = row_parts(kept_key, kept_value, cache.rows.fillers[layer]) if works(step.rows, "after_keep") else []
     held = [row.after_keep(layer, part) for row, part in zip(step.rows, parts)]
     if any(h is not part for h, part in zip(held, parts)):
         hold_rows(cache, step, held)
     elif kept_key is not key or kept_value is not step.value:
         cache._set_layer(layer, kept_key, kept_value)
+
+
+def works(policies: list, hook: str) -> bool:
+    """Whether any of ``policies`` does tensor work of its own in ``hook``: rows whose policies do none need no
+    per-row views of the batch's tensors (the result is the same either way; the views cost a step time)."""
+    return any(getattr(type(p), hook) is not getattr(CachePolicy, hook) for p in policies)
 
 
 def row_parts(key: torch.Tensor, value: torch.Tensor, fillers: torch.Tensor) -> list:
@@ -104,6 +111,8 @@ def row_parts(key: torch.Tensor, value: torch.Tensor, fillers: torch.Tensor) -> 
 def rewritten_values(step, keeps: list) -> torch.Tensor:
     """The step's values (``[b, kv_heads, n, d]``) after each row's :meth:`before_keep`: the same tensor where no
     row's policy rewrote any, else a new one (the step's attention has read the old)."""
+    if not works(step.rows, "before_keep"):
+        return step.value
     parts = row_parts(step.stored_key, step.value, step.fillers_before)
     read = [part.value for part in parts]
     for row, part, keep in zip(step.rows, parts, keeps):
@@ -125,16 +134,19 @@ def hold_rows(cache, step, stores: list) -> None:
     cache._keep_in_store(step.layer, store, step.stored_key)
 
 
-def dense_keep(cache, step, keep: torch.Tensor, value: torch.Tensor):
+def dense_keep(cache, step, keep: torch.Tensor, value: torch.Tensor, heads_alike: bool = True):
     """A dense layer's kept ``(key, value)`` (``value``: the step's, or the policy's rewrite of them): the frame
     moved where only older slots go and nothing needs the step's tensors any more, else gathered, keys of a slot
-    policy stored rotated rotated to the slots they now hold."""
+    policy stored rotated rotated to the slots they now hold. In a batch of rows, ``keep`` is the rows' aligned
+    ``[b, kv_heads, width]`` and ``heads_alike`` says whether every row chose the same slots for all its heads."""
     placement, key, rows = cache.placement, step.stored_key, step.rows
     # a sparse read scores pages by per-channel bounds, which a rotation of the frame would change; the frame moves
     # the layer's own memory, and rewritten values (CaM) are a new tensor, gathered with their keys
-    movable = placement.can_move_frame() and rows is None and keep.dim() == 1 and value is step.value and \
-        cache.read is None
-    if movable and not (key.requires_grad or value.requires_grad):  # in-place writes would break autograd
+    movable = placement.can_move_frame() and value is step.value and cache.read is None and \
+        not (key.requires_grad or value.requires_grad)  # in-place writes would break autograd
+    if movable and rows is not None and heads_alike:
+        return placement.compact_rows_in_place(step.layer, key, value, keep, cache.rows.fillers[step.layer])
+    if movable and rows is None and keep.dim() == 1:
         runs = cache.policy.kept_runs(step.layer)  # read from the plan once per compaction where the policy has one
         oldest, newest = kept_runs(keep[None], step.n)[0].tolist() if runs is None else runs
         if newest:

@@ -171,6 +171,37 @@ class KeyPlacement:
             key, self.offsets[layer] = self.in_frame(layer, key, 0), 0
         return key, value
 
+    def compact_rows_in_place(self, layer: int, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
+                              fillers: torch.Tensor):
+        """:meth:`compact_in_place` for a batch whose rows chose for themselves: ``keep`` (``[b, kv_heads, width]``,
+        every head alike) holds each row's kept slots right-aligned after its ``fillers`` (``[b]``, after this
+        choice; :meth:`BatchRows.aligned`). The frame moves by the slots every row gives up, ``n - width``; a kept
+        key that sits further back than its new slot is rotated forward by the difference and written there, the
+        rest (each row's newest run) stay where they are. Returns the kept ``(key, value)`` (views of the same
+        memory)."""
+        n, width = key.shape[-2], keep.shape[-1]
+        evicted = n - width
+        slots = keep[:, 0].to(key.device)  # [b, width]
+        target = evicted + torch.arange(width, device=key.device)  # each column's memory slot
+        rise = target - slots  # >= 0: kept slots increase along a row and end at n - 1
+        moving = (rise > 0) & (target >= evicted + fillers.to(key.device)[:, None])  # fillers' columns never move
+        rows = moving.any(1).nonzero().flatten()  # rows compact at steps of their own: only those that do now
+        if rows.numel():
+            columns = moving[rows].any(0).nonzero().flatten()
+            source = torch.where(moving, slots, target)[rows][:, columns]  # [r, c]; unmoved entries copy in place
+            into = target[columns].expand_as(source)
+            at = rows[:, None]
+            # advanced indices around a slice put their dimensions first: [r, c, kv_heads, d]
+            moved_key = self.rotation.at(key[at, :, source].transpose(1, 2), (into - source)[:, None, :].expand(
+                -1, key.shape[1], -1), per_head=True, limit=n)
+            key[at, :, into] = moved_key.transpose(1, 2)
+            value[at, :, into] = value[at, :, source]
+        key, value = key[..., evicted:, :], value[..., evicted:, :]
+        self.offsets[layer] += evicted
+        if self.offsets[layer] > REBASE_AFTER:
+            key, self.offsets[layer] = self.in_frame(layer, key, 0), 0
+        return key, value
+
     def in_frame(self, layer: int, key: torch.Tensor, offset: int) -> torch.Tensor:
         """Layer ``layer``'s stored keys rotated from its frame to frame ``offset`` (0: each key at its slot)."""
         shift = offset - self.offsets[layer]

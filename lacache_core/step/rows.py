@@ -82,11 +82,27 @@ class BatchRows:
             return None
         fillers = self.fillers[layer]
         device = next(k for k in keeps if k is not None).device
+        if all(k is None or k.dim() == 1 for k in keeps):  # every row's heads alike: one scatter for the batch
+            return self._aligned_alike(layer, keeps, n, kv_heads, device)
         slots = [torch.arange(int(f), n, device=device).expand(kv_heads, -1) if k is None
                  else k.to(device).expand(kv_heads, k.shape[-1]) + int(f) for k, f in zip(keeps, fillers)]
         width = max(row.shape[-1] for row in slots)
         self.fillers[layer] = torch.tensor([width - row.shape[-1] for row in slots])
         return torch.stack([torch.nn.functional.pad(row, (width - row.shape[-1], 0)) for row in slots])
+
+    def _aligned_alike(self, layer: int, keeps: list, n: int, kv_heads: int, device) -> torch.Tensor:
+        """:meth:`aligned` where each row keeps ``[n_keep]`` slots (or all): the same index, filler columns 0."""
+        fillers = self.fillers[layer]
+        lengths = torch.tensor([n - int(f) if k is None else k.shape[-1] for k, f in zip(keeps, fillers)])
+        width = int(lengths.max())
+        own = torch.cat([torch.arange(n - int(f), device=device) if k is None else k.to(device)
+                         for k, f in zip(keeps, fillers)])
+        row = torch.repeat_interleave(torch.arange(len(keeps)), lengths)
+        column = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - width, lengths)
+        index = torch.zeros(len(keeps), width, dtype=torch.long, device=device)
+        index[row.to(device), column.to(device)] = own + fillers.to(device)[row.to(device)]
+        self.fillers[layer] = width - lengths
+        return index[:, None, :].expand(-1, kv_heads, -1)
 
     def note_padding(self, mask: torch.Tensor) -> None:
         """Read the left padding of a batch's first forward pass from its 4D attention mask (layer 0's).

@@ -177,3 +177,22 @@ def test_the_command_line_is_lm_evals_with_kvcache_registered(task_dir, tiny_dir
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1] == "error: model_args: cache_size must be >= 1, got 0"
+
+
+@pytest.mark.parametrize("settings, holds", [
+    ({"method": "full", "quant": "kivi", "quant_bits": 2, "quant_group": 8, "quant_residual": 8},
+     lambda cache: cache.quant.bits == 2 and cache.quant.residual == 8 and cache.policy.name == "full"),
+    ({"method": "lacache", "cache_size": 16, "span": 2, "read": "quest", "quest_budget": 8},
+     lambda cache: cache.read.token_budget == 8 and cache.policy.name == "lacache"),
+    ({"method": "snapkv", "cache_size": 40, "key_positions": "slot"},
+     lambda cache: cache.policy.position_mode == "slot" and cache.policy.cache_size == 40),
+])
+def test_quantizers_readers_and_key_positions_reach_the_cache(tiny_dir, settings, holds):
+    lm = KVCacheLM(pretrained=str(tiny_dir), device="cpu", **settings)
+    assert holds(lm._new_cache([60]))
+    if "read" not in settings:  # a sparse read narrows decode steps, not the multi-token reads of scoring
+        full = KVCacheLM(pretrained=str(tiny_dir), device="cpu")
+        context, continuation = _words(random.Random(5), 60), [" w4 w5"]
+        ours, plain = (model._loglikelihood_tokens(requests_of(model, context, continuation), disable_tqdm=True)[0][0]
+                       for model in (lm, full))
+        assert abs(ours - plain) > 1e-4
