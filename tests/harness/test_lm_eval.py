@@ -64,7 +64,7 @@ def task_dir(tmp_path_factory):
 def evaluate(task_dir, model, model_args, batch_size=1, tasks=TASKS):
     """Each task's responses per document (``resps``, in document order), from lm-eval's ``simple_evaluate``."""
     out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, device="cpu",
-                                  batch_size=batch_size, log_samples=True,
+                                  batch_size=batch_size, max_batch_size=4, log_samples=True,
                                   task_manager=TaskManager(include_path=str(task_dir), include_defaults=False))
     return {task: [s["resps"] for s in sorted(out["samples"][task], key=lambda s: s["doc_id"])] for task in tasks}
 
@@ -101,11 +101,12 @@ def test_a_small_cache_changes_every_request_type(task_dir, tiny_dir, hf):
         assert (scores(ours, task) - scores(hf, task)).abs().min() > 1e-3  # every document's scores moved
 
 
-def test_batch_of_three_equals_batch_of_one(task_dir, tiny_dir):
-    """Generation at batch 3 left-pads prompts of different lengths, each row compressed as alone."""
-    args = {"pretrained": str(tiny_dir), "method": "lacache", "cache_size": 16, "span": 2}
+@pytest.mark.parametrize("batch_size", [3, "auto"])  # auto: lm-eval probes up to max_batch_size 4 here
+def test_a_batch_equals_batch_of_one(task_dir, tiny_dir, batch_size):
+    """Generation in a batch left-pads prompts of different lengths, each row compressed as alone."""
+    args = {"pretrained": str(tiny_dir), "method": "lacache", "cache_size": 16, "span": 2, "max_length": 256}
     alone = evaluate(task_dir, "kvcache", args, batch_size=1)
-    batch = evaluate(task_dir, "kvcache", args, batch_size=3)
+    batch = evaluate(task_dir, "kvcache", args, batch_size=batch_size)
     assert batch["tiny_gen"] == alone["tiny_gen"]
     for task in ("tiny_mc", "tiny_roll"):
         torch.testing.assert_close(scores(batch, task), scores(alone, task), rtol=0, atol=0)
