@@ -197,3 +197,13 @@ def test_quantizers_readers_and_key_positions_reach_the_cache(tiny_dir, settings
         ours, plain = (model._loglikelihood_tokens(requests_of(model, context, continuation), disable_tqdm=True)[0][0]
                        for model in (lm, full))
         assert abs(ours - plain) > 1e-4
+
+
+def test_the_shipped_example_tasks_run(tiny_dir, monkeypatch):
+    """harness/lm_eval/tasks/ (what docs/lm_eval.md runs): one task per request type, data paths from the root."""
+    monkeypatch.chdir(ROOT)
+    tasks = ["kvcache_passkey", "kvcache_stories", "kvcache_prose"]
+    out = evaluate(ROOT / "harness" / "lm_eval" / "tasks", "kvcache",
+                   {"pretrained": str(tiny_dir), "method": "streamingllm", "cache_size": 16}, tasks=tasks)
+    assert [len(out[task]) for task in tasks] == [6, 4, 3]
+    assert torch.isfinite(scores(out, "kvcache_prose")).all()
