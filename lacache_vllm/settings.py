@@ -1,0 +1,87 @@
+"""Which method a vLLM engine runs, read from one place: ``additional_config["kv_compression"]``.
+
+    LLM(model, additional_config={"kv_compression": {"method": "lacache", "cache_size": 256, "span": 8}})
+    vllm serve MODEL --additional-config '{"kv_compression": {"method": "streamingllm", "cache_size": 256}}'
+
+The keys are the method's own hyper-parameters (its dataclass fields, the names our command lines use), checked
+with the same ranges; every error is one :class:`lacache_core.errors.ConfigError` line that names the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from lacache_core.errors import ConfigError
+from lacache_core.policies import METHODS, build_policy
+from lacache_core.policies.base import CachePolicy
+
+CONFIG_KEY = "kv_compression"
+
+#: Methods that run inside the engine: each layer keeps the same number of slots, chosen from slot counts alone.
+SUPPORTED = ("streamingllm", "lacache")
+
+
+def refusal(method: str) -> str:
+    """Why ``method`` does not run inside vLLM (empty for a supported one)."""
+    if method in SUPPORTED:
+        return ""
+    cls = METHODS[method]
+    if method == "full":
+        return "it keeps every token: run vLLM without kv_compression"
+    if cls.ragged:
+        return "its KV heads keep different numbers of slots, and vLLM holds one block table per request"
+    if cls.observes:
+        return "it scores tokens by attention weights or queries, which vLLM's attention kernel does not return"
+    return "it changes cached tensors beyond moving keys (merging layers or values), which the plugin does not do"
+
+
+@dataclass(frozen=True)
+class CompressionSettings:
+    """One engine's method and hyper-parameters (as ``additional_config["kv_compression"]`` gave them)."""
+
+    method: str
+    settings: tuple  # ((name, value), ...): hashable, so that every process derives the same policies
+
+    @classmethod
+    def from_config(cls, additional_config: Optional[dict]) -> Optional["CompressionSettings"]:
+        """``None`` where the engine was started without ``kv_compression`` (the plugin then changes nothing)."""
+        raw = (additional_config or {}).get(CONFIG_KEY)
+        if raw is None:
+            return None
+        if not isinstance(raw, dict) or "method" not in raw:
+            raise ConfigError(f"additional_config.{CONFIG_KEY} must be a dict with a 'method' key "
+                              f"(one of {list(SUPPORTED)}), got {raw!r}")
+        raw = dict(raw)
+        method = raw.pop("method")
+        if method not in METHODS:
+            raise ConfigError(f"{CONFIG_KEY}.method must be one of {list(SUPPORTED)}, got {method!r}")
+        why = refusal(method)
+        if why:
+            raise ConfigError(f"{CONFIG_KEY}.method {method} is not available inside vLLM: {why} "
+                              f"(available: {list(SUPPORTED)})")
+        names = set(METHODS[method].hyperparameters()) | {"cache_size"}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ConfigError(f"{CONFIG_KEY}.{unknown[0]} is not a setting of {method} (valid: {sorted(names)})")
+        out = cls(method, tuple(sorted(raw.items())))
+        out.policy()  # every range checked once, here, with the method's own one-line errors
+        return out
+
+    def policy(self, num_layers: Optional[int] = None) -> CachePolicy:
+        """A fresh policy (one per request: its state is that request's compaction history)."""
+        try:
+            return self._policy(num_layers)
+        except ConfigError as err:  # the library names LaCache.span; a vLLM user wrote kv_compression.span
+            raise ConfigError(str(err).replace(f"{METHODS[self.method].__name__}.", f"{CONFIG_KEY}.")) from None
+
+    def _policy(self, num_layers: Optional[int]) -> CachePolicy:
+        policy = build_policy(self.method, **dict(self.settings))
+        if policy.position_mode != "slot":
+            raise ConfigError(f"{CONFIG_KEY}.key_positions must be 'slot' inside vLLM (new tokens take their cache "
+                              f"slot as position), got {policy.position_mode!r}")
+        if num_layers is not None:
+            policy.bind(num_layers)
+        return policy
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, **dict(self.settings)}
