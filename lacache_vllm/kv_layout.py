@@ -98,13 +98,25 @@ class SlotAccess:
     def __init__(self, layout: str, cache: torch.Tensor, kv_heads: int, head_dim: int):
         self.key, self.value = CANDIDATES[layout](cache, kv_heads, head_dim)
         self.block_size = self.key.shape[1]
+        self.kv_heads = kv_heads
+
+    def _where(self, blocks: torch.Tensor, slots: torch.Tensor):
+        where = (blocks[slots // self.block_size], slots % self.block_size)
+        if slots.dim() == 2:  # [kv_heads, n]: head h's own slots
+            where += (torch.arange(self.kv_heads, device=slots.device)[:, None].expand_as(slots),)
+        return where
 
     def read(self, blocks: torch.Tensor, slots: torch.Tensor) -> Views:
-        """Keys and values at ``slots`` of a request whose blocks are ``blocks``: each ``[n, kv_heads, head_dim]``."""
-        where = blocks[slots // self.block_size], slots % self.block_size
+        """Keys and values at ``slots`` of a request whose blocks are ``blocks``.
+
+        ``slots`` ``[n]`` (every head alike) gives ``[n, kv_heads, head_dim]`` each; ``[kv_heads, n]`` (a slot per
+        head) gives ``[kv_heads, n, head_dim]``.
+        """
+        where = self._where(blocks, slots)
         return self.key[where], self.value[where]
 
     def write(self, blocks: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        where = blocks[slots // self.block_size], slots % self.block_size
+        """Write ``key`` and ``value`` (shaped as :meth:`read` returns them) at ``slots``."""
+        where = self._where(blocks, slots)
         self.key[where] = key
         self.value[where] = value

@@ -13,38 +13,50 @@ import torch
 
 from lacache_core.policies.base import CachePolicy
 
+from .settings import SCORED_BY_KEYS
+
 
 class Ledger:
     """One request's compaction history: its policy, and how many of its tokens left the cache.
 
     Parameters
     ----------
-    policy : a fresh position-only policy, bound to the model's layer count.
+    policy : a fresh policy of a supported method, bound to the model's layer count.
+    prompt_tokens : the request's prompt length (what the scheduler reserves for it before its first compaction).
     """
 
-    def __init__(self, policy: CachePolicy, num_layers: int):
+    def __init__(self, policy: CachePolicy, num_layers: int, prompt_tokens: int = 0):
         self.policy = policy
         self.num_layers = num_layers
-        self.evicted = 0        # tokens computed but no longer cached: position = computed - evicted
+        self.scored = policy.name in SCORED_BY_KEYS
+        self.budget = policy.max_cache_len(num_layers)
+        self.evicted = 0        # tokens computed but no longer cached: slot = computed - evicted
+        self.prompt_tokens = prompt_tokens  # the scheduler reserves blocks by it
         self.last_seen = -1     # the computed count at the last compaction check (a step is checked once)
+        #: The last compaction's ``[num_layers, n_keep]`` slots of a position-only method (``None`` for a method
+        #: scored by keys: its workers ask the policy layer by layer, with the keys).
+        self.plan: Optional[torch.Tensor] = None
 
     def held(self, computed: int) -> int:
         """Slots the request occupies when ``computed`` tokens have been computed (after any compaction)."""
         return computed - self.evicted
 
-    def advance(self, computed: int, prompt_tokens: int) -> Optional[torch.Tensor]:
-        """The compaction that starts the step at ``computed`` tokens computed.
+    def advance(self, computed: int, prompt_tokens: int) -> Optional[int]:
+        """Whether the step at ``computed`` tokens computed starts with a compaction: the slots the request keeps,
+        or ``None`` (nothing evicted, or the step was already checked).
 
-        Returns
-        -------
-        ``LongTensor [num_layers, n_keep]``: the slots each layer keeps of its ``held`` slots, moved to
-        ``0 .. n_keep - 1``; ``None`` when nothing is evicted at this step (or the step was already checked).
+        A position-only method's choice is computed here (:attr:`plan`); a method scored by keys keeps exactly its
+        budget whenever it holds more, which is all the scheduler needs to know.
         """
         if computed <= self.last_seen or computed < prompt_tokens:
             return None  # a prompt is written whole (chunked or not) before its first compaction
         self.last_seen = computed
         held = self.held(computed)
-        plan = self.policy.select(held, self.num_layers)
-        if plan is not None:
-            self.evicted += held - plan.shape[1]
-        return plan
+        if self.scored:
+            kept = self.budget if held > self.budget else None
+        else:
+            self.plan = self.policy.select(held, self.num_layers)
+            kept = None if self.plan is None else self.plan.shape[1]
+        if kept is not None:
+            self.evicted += held - kept
+        return kept

@@ -39,8 +39,13 @@ class KeyMover:
             pass
 
     def move(self, key: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
-        """``key`` (``[n, heads, head_dim]``) rotated by ``by`` (``[n]``, new position minus old) positions."""
-        angle = by.to(self.inv_freq.device, torch.float32)[:, None, None] * self.inv_freq  # [n, 1, rotary_dim / 2]
+        """``key`` rotated by ``by`` positions (new position minus old).
+
+        ``key`` is ``[n, heads, head_dim]`` with ``by`` ``[n]`` (every head alike), or ``[heads, n, head_dim]`` with
+        ``by`` ``[heads, n]`` (a distance per head).
+        """
+        by = by.to(self.inv_freq.device, torch.float32)
+        angle = (by[:, None] if by.dim() == 1 else by)[..., None] * self.inv_freq  # [..., rotary_dim / 2]
         cos, sin = angle.cos(), angle.sin()
         rot, rest = key[..., :self.rotary_dim].float(), key[..., self.rotary_dim:]
         if self.neox:

@@ -4,6 +4,11 @@ vLLM's scheduler asks ``KVCacheManager.allocate_slots`` for room for ``num_compu
 request that evicted ``E`` tokens the wrap asks for ``held + new`` instead (``held = computed - E``), and before
 that returns to the pool the blocks beyond the ones its held tokens fill, at the same step as the workers compact
 (:class:`~lacache_vllm.ledger.Ledger`). ``free`` (finish, abort, preemption) forgets the request's history.
+
+A compressed request never holds more than its budget's blocks once its prompt is written, so the scheduler can
+know, when it admits a request, whether the pool will hold every running request at its peak. The wrap passes the
+blocks the running requests (and the admitted one) have still to grow by as vLLM's own ``reserved_blocks``: a
+request is admitted only where none will have to be preempted for another's growth.
 """
 from __future__ import annotations
 
@@ -34,11 +39,35 @@ class SchedulerCompaction:
         self._allocate, self._free = manager.allocate_slots, manager.free
         manager.allocate_slots, manager.free = self.allocate_slots, self.free
 
+    def _blocks(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def peak_blocks(self, ledger: Ledger, prompt_tokens: int) -> int:
+        """The most blocks a request holds: its prompt's, or its budget's plus the decoded token's."""
+        return max(self._blocks(prompt_tokens), self._blocks(ledger.budget + 1))
+
+    def growth_reserve(self, admitting) -> int:
+        """Blocks the running requests, and ``admitting`` past this allocation, have still to take."""
+        reserve = 0
+        for req_id, ledger in self.ledgers.items():
+            if req_id != admitting.request_id:
+                held = len(self.single.req_to_blocks.get(req_id, ()))
+                reserve += max(0, self.peak_blocks(ledger, ledger.prompt_tokens) - held)
+        return reserve
+
     def allocate_slots(self, request, num_new_tokens, *args, **kwargs):
+        from vllm.v1.request import RequestStatus
+
         req_id = request.request_id
         if req_id not in self.ledgers:
-            self.ledgers[req_id] = Ledger(self.settings.policy(self.num_layers), self.num_layers)
+            self.ledgers[req_id] = Ledger(self.settings.policy(self.num_layers), self.num_layers,
+                                          prompt_tokens=request.num_prompt_tokens)
         ledger = self.ledgers[req_id]
+        admitting = request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+        if admitting:
+            own = self.peak_blocks(ledger, request.num_prompt_tokens) - self._blocks(
+                request.num_computed_tokens + num_new_tokens)
+            kwargs["reserved_blocks"] = kwargs.get("reserved_blocks", 0) + self.growth_reserve(request) + max(0, own)
         if ledger.advance(request.num_computed_tokens, request.num_prompt_tokens) is not None:
             self._release_tail(req_id, ledger.held(request.num_computed_tokens))
         evicted = ledger.evicted
@@ -47,6 +76,9 @@ class SchedulerCompaction:
             blocks = self._allocate(request, num_new_tokens, *args, **kwargs)
         finally:
             request.num_computed_tokens += evicted
+        if blocks is None and admitting:  # not admitted: it holds nothing, and reserves nothing, until it is
+            del self.ledgers[req_id]
+            return None
         held_blocks = len(self.single.req_to_blocks.get(req_id, ()))
         self.stats.peak_blocks[req_id] = max(self.stats.peak_blocks.get(req_id, 0), held_blocks)
         if request.num_computed_tokens >= request.num_prompt_tokens:

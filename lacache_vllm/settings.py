@@ -17,22 +17,34 @@ from lacache_core.policies.base import CachePolicy
 
 CONFIG_KEY = "kv_compression"
 
-#: Methods that run inside the engine: each layer keeps the same number of slots, chosen from slot counts alone.
-SUPPORTED = ("streamingllm", "lacache")
+#: Methods that run inside the engine: every layer keeps the same number of slots, chosen from slot counts alone
+#: (position-only) or from the cached keys themselves (key norms), never from attention weights.
+SUPPORTED = ("lacache", "streamingllm", "knorm_decode")
+#: Decode-time methods scored by the keys they hold; the scheduler counts their slots by their budget.
+SCORED_BY_KEYS = ("knorm_decode",)
+
+_ATTENTION = "it scores tokens by attention weights, which vLLM's attention kernel does not return"
+_PROMPT = "it scores the prompt by the attention of its last queries, which vLLM's attention kernel does not return"
+REFUSED = {
+    "full": "it keeps every token: run vLLM without kv_compression",
+    "h2o": _ATTENTION, "tova": _ATTENTION, "scissorhands": _ATTENTION,
+    "cam": _ATTENTION + ", and merges evicted values into kept ones",
+    "lshe": "it scores tokens by hashes of the queries, which vLLM's attention kernel does not expose",
+    "snapkv": _PROMPT, "pyramidkv": _PROMPT, "pyramidinfer": _PROMPT, "nacl": _PROMPT,
+    "knorm": "its first skip_layers layers keep the whole prompt, so layers hold different numbers of slots, and "
+             "vLLM keeps one block list per request for every layer (knorm_decode runs)",
+    "think": "it prunes key channels, which a paged cache block has no room to drop",
+    "adakv": "its KV heads keep different numbers of slots, and vLLM keeps one block list per request",
+    "headkv": "its KV heads keep different numbers of slots, and vLLM keeps one block list per request",
+    "minicache": "it merges pairs of layers into one",
+}
 
 
 def refusal(method: str) -> str:
     """Why ``method`` does not run inside vLLM (empty for a supported one)."""
     if method in SUPPORTED:
         return ""
-    cls = METHODS[method]
-    if method == "full":
-        return "it keeps every token: run vLLM without kv_compression"
-    if cls.ragged:
-        return "its KV heads keep different numbers of slots, and vLLM holds one block table per request"
-    if cls.observes:
-        return "it scores tokens by attention weights or queries, which vLLM's attention kernel does not return"
-    return "it changes cached tensors beyond moving keys (merging layers or values), which the plugin does not do"
+    return REFUSED.get(method, "it is not one of the methods written for the plugin")
 
 
 @dataclass(frozen=True)
@@ -76,9 +88,6 @@ class CompressionSettings:
 
     def _policy(self, num_layers: Optional[int]) -> CachePolicy:
         policy = build_policy(self.method, **dict(self.settings))
-        if policy.position_mode != "slot":
-            raise ConfigError(f"{CONFIG_KEY}.key_positions must be 'slot' inside vLLM (new tokens take their cache "
-                              f"slot as position), got {policy.position_mode!r}")
         if num_layers is not None:
             policy.bind(num_layers)
         return policy

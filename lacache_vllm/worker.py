@@ -91,24 +91,44 @@ class WorkerCompaction:
             state = self.runner.requests[req_id]
             ledger = self.ledger(req_id)
             held = ledger.held(cached.num_computed_tokens[i])
-            plan = ledger.advance(cached.num_computed_tokens[i], state.num_prompt_tokens)
-            if plan is not None:
-                self.compact(req_id, state, plan, held)
+            kept = ledger.advance(cached.num_computed_tokens[i], state.num_prompt_tokens)
+            if kept is not None:
+                self.compact(req_id, state, ledger, held, kept)
 
-    def compact(self, req_id: str, state, plan: torch.Tensor, held: int) -> None:
-        """Move each layer's kept slots (``plan[layer]``, of ``held``) to the front, and cut the block list."""
+    def _choice(self, ledger: Ledger, layer: int, access: SlotAccess, blocks: torch.Tensor, held: int,
+                kept: int) -> torch.Tensor:
+        """The slots ``layer`` keeps: ``[kept]``, or ``[kv_heads, kept]`` for a choice per head."""
+        if not ledger.scored:
+            return ledger.plan[layer]
+        key, _ = access.read(blocks, torch.arange(held))  # [held, kv_heads, head_dim], as the policy scores them
+        ledger.policy.observe(layer, None, key.transpose(0, 1).contiguous()[None], 1.0)
+        keep = ledger.policy.keep(layer, held)
+        if keep is None or keep.shape[-1] != kept:
+            raise RuntimeError(f"{CONFIG_KEY}: {ledger.policy.name} kept "
+                               f"{held if keep is None else keep.shape[-1]} slots of {held} in layer {layer}, where "
+                               f"the scheduler counted {kept}")
+        return keep
+
+    def compact(self, req_id: str, state, ledger: Ledger, held: int, kept: int) -> None:
+        """Move each layer's kept slots (of ``held``) to the front, and cut the block list at ``kept`` slots."""
         block_ids = state.block_ids[0]
         blocks = torch.tensor(block_ids, dtype=torch.long)
-        kept = plan.shape[1]
-        target = torch.arange(kept)
+        at_slot = ledger.policy.position_mode == "slot"
         for layer, access, mover in self.layers:
-            keep = plan[layer]
+            keep = self._choice(ledger, layer, access, blocks, held, kept)
+            target = torch.arange(kept).expand_as(keep)
             moves = keep != target
             if not bool(moves.any()):
                 continue
+            if keep.dim() == 2:  # a slot per head: every head's kept slots, read whole, then written at the front
+                key, value = access.read(blocks, keep)
+                if at_slot:
+                    key = mover.move(key, target - keep)
+                access.write(blocks, target, key, value)
+                continue
             source, dest = keep[moves], target[moves]
             key, value = access.read(blocks, source)  # read all, then write: sources never lie behind targets
-            access.write(blocks, dest, mover.move(key, dest - source), value)
+            access.write(blocks, dest, mover.move(key, dest - source) if at_slot else key, value)
         block_size = self.layers[0][1].block_size
         still = -(-kept // block_size)
         del block_ids[still:]
@@ -119,23 +139,28 @@ class WorkerCompaction:
 
     # ------------------------------------------------------------------ after _prepare_inputs
     def shift_positions(self, num_reqs: int) -> None:
+        """New tokens go to slot ``held + i``; their position is that slot (``key_positions="slot"``) or stays
+        their place in the request (``"original"``: the rotary sees it, the slot mapping does not)."""
         runner = self.runner
         starts = runner.query_start_loc.np
-        shifted = False
+        restore = []
         for row, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
             ledger = self.ledgers.get(req_id)
             if ledger is None or ledger.evicted == 0:
                 continue
-            evicted = ledger.evicted
-            runner.positions[int(starts[row]):int(starts[row + 1])] -= evicted
+            evicted, tokens = ledger.evicted, slice(int(starts[row]), int(starts[row + 1]))
+            runner.positions[tokens] -= evicted
             runner.seq_lens[row] -= evicted
             runner.optimistic_seq_lens_cpu[row] -= evicted
             runner.num_computed_tokens[row] -= evicted
-            shifted = True
-        if shifted:
+            restore.append((tokens, evicted, ledger.policy.position_mode == "original"))
+        if restore:
             total = int(starts[num_reqs])
             runner.input_batch.block_table.compute_slot_mapping(
                 num_reqs, runner.query_start_loc.gpu[:num_reqs + 1], runner.positions[:total])
+            for tokens, evicted, original in restore:
+                if original:
+                    runner.positions[tokens] += evicted
 
 
 def install(runner_cls) -> None:
