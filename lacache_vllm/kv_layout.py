@@ -100,7 +100,8 @@ class SlotAccess:
         self.block_size = self.key.shape[1]
         self.kv_heads = kv_heads
 
-    def _where(self, blocks: torch.Tensor, slots: torch.Tensor):
+    def where(self, blocks: torch.Tensor, slots: torch.Tensor):
+        """The index of ``slots`` in the views (the same for every layer of a request: computed once)."""
         where = (blocks[slots // self.block_size], slots % self.block_size)
         if slots.dim() == 2:  # [kv_heads, n]: head h's own slots
             where += (torch.arange(self.kv_heads, device=slots.device)[:, None].expand_as(slots),)
@@ -112,11 +113,32 @@ class SlotAccess:
         ``slots`` ``[n]`` (every head alike) gives ``[n, kv_heads, head_dim]`` each; ``[kv_heads, n]`` (a slot per
         head) gives ``[kv_heads, n, head_dim]``.
         """
-        where = self._where(blocks, slots)
+        where = self.where(blocks, slots)
         return self.key[where], self.value[where]
 
     def write(self, blocks: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Write ``key`` and ``value`` (shaped as :meth:`read` returns them) at ``slots``."""
-        where = self._where(blocks, slots)
+        self.write_at(self.where(blocks, slots), key, value)
+
+    def write_at(self, where, key: torch.Tensor, value: torch.Tensor) -> None:
         self.key[where] = key
         self.value[where] = value
+
+
+def stacked(accesses) -> "Views | None":
+    """One ``[layers, num_blocks, block_size, kv_heads, head_dim]`` view of every layer's keys and one of the values,
+    where the engine allocated the layers back to back in one buffer with equal layouts (vLLM does, on the CPU and
+    on GPUs), so that a compaction reads and writes every layer in one indexing op; ``None`` otherwise."""
+    def stack(views):
+        first = views[0]
+        if any(v.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or v.shape != first.shape
+               or v.stride() != first.stride() for v in views):
+            return None
+        offsets = [v.storage_offset() for v in views]
+        step = offsets[1] - offsets[0] if len(views) > 1 else 0
+        if any(b - a != step for a, b in zip(offsets, offsets[1:])):
+            return None
+        return torch.as_strided(first, (len(views), *first.shape), (step, *first.stride()), offsets[0])
+
+    keys, values = stack([a.key for a in accesses]), stack([a.value for a in accesses])
+    return None if keys is None or values is None else (keys, values)

@@ -38,15 +38,17 @@ class KeyMover:
         except Exception:  # noqa: BLE001 - a subclass with another signature: the angles read back stand
             pass
 
-    def move(self, key: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
-        """``key`` rotated by ``by`` positions (new position minus old).
-
-        ``key`` is ``[n, heads, head_dim]`` with ``by`` ``[n]`` (every head alike), or ``[heads, n, head_dim]`` with
-        ``by`` ``[heads, n]`` (a distance per head).
-        """
+    def turn(self, by: torch.Tensor):
+        """``(cos, sin)`` of a rotation by ``by`` positions (new position minus old): ``[n, 1, rotary_dim / 2]`` for
+        ``by`` ``[n]`` (every head alike), ``[heads, n, rotary_dim / 2]`` for ``by`` ``[heads, n]``; computed once for
+        every layer that moves the same slots."""
         by = by.to(self.inv_freq.device, torch.float32)
-        angle = (by[:, None] if by.dim() == 1 else by)[..., None] * self.inv_freq  # [..., rotary_dim / 2]
-        cos, sin = angle.cos(), angle.sin()
+        angle = (by[:, None] if by.dim() == 1 else by)[..., None] * self.inv_freq
+        return angle.cos(), angle.sin()
+
+    def apply(self, key: torch.Tensor, turn) -> torch.Tensor:
+        """``key`` (``[n, heads, head_dim]``, or ``[heads, n, head_dim]``) rotated by :meth:`turn`'s rotation."""
+        cos, sin = turn
         rot, rest = key[..., :self.rotary_dim].float(), key[..., self.rotary_dim:]
         if self.neox:
             first, second = rot.chunk(2, dim=-1)
@@ -58,3 +60,8 @@ class KeyMover:
         else:
             moved = torch.stack([new_first, new_second], dim=-1).flatten(-2)
         return torch.cat([moved.to(key.dtype), rest], dim=-1)
+
+    def move(self, key: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+        """``key`` rotated by ``by`` positions: ``[n, heads, head_dim]`` with ``by`` ``[n]``, or
+        ``[heads, n, head_dim]`` with ``by`` ``[heads, n]``."""
+        return self.apply(key, self.turn(by))

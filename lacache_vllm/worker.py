@@ -19,7 +19,7 @@ import torch
 
 from lacache_core.errors import ConfigError
 
-from .kv_layout import SlotAccess, probe_layout
+from .kv_layout import SlotAccess, probe_layout, stacked
 from .ledger import Ledger
 from .rotation import KeyMover
 from .settings import CONFIG_KEY, CompressionSettings
@@ -46,6 +46,9 @@ class WorkerCompaction:
         self.ledgers: Dict[str, Ledger] = {}
         self.layers: List[Tuple[int, SlotAccess, KeyMover]] = []
         self.layout: Optional[str] = None
+        #: Every layer's keys and values as one view each, and the model layer of each entry, where the engine's
+        #: buffers allow it (:func:`lacache_vllm.kv_layout.stacked`) and one rotary serves every layer.
+        self.stack = None
 
     # ------------------------------------------------------------------ set-up, once the KV tensors exist
     def bind_caches(self) -> None:
@@ -62,15 +65,19 @@ class WorkerCompaction:
                               f"engine's block_size ({runner.cache_config.block_size})")
         context = runner.compilation_config.static_forward_context
         model = runner.get_model()
-        self.layers = []
+        self.layers, movers = [], {}
         for name in groups[0].layer_names:
             attn = context[name]
             cache = attn.kv_cache[0] if isinstance(attn.kv_cache, (list, tuple)) else attn.kv_cache
             heads, dim = attn.num_kv_heads, attn.head_size
             if self.layout is None:
                 self.layout = probe_layout(attn, cache, block_size, heads, dim)
-            self.layers.append((extract_layer_index(name), SlotAccess(self.layout, cache, heads, dim),
-                                KeyMover(_rotary_of(model, name))))
+            rotary = _rotary_of(model, name)
+            mover = movers.setdefault(id(rotary), KeyMover(rotary))  # vLLM shares one rotary module among layers
+            self.layers.append((extract_layer_index(name), SlotAccess(self.layout, cache, heads, dim), mover))
+        views = stacked([access for _, access, _ in self.layers])
+        if views is not None and len(movers) == 1:
+            self.stack = views + (torch.tensor([layer for layer, _, _ in self.layers]), mover)
 
     # ------------------------------------------------------------------ before _update_states
     def ledger(self, req_id: str) -> Ledger:
@@ -97,9 +104,7 @@ class WorkerCompaction:
 
     def _choice(self, ledger: Ledger, layer: int, access: SlotAccess, blocks: torch.Tensor, held: int,
                 kept: int) -> torch.Tensor:
-        """The slots ``layer`` keeps: ``[kept]``, or ``[kv_heads, kept]`` for a choice per head."""
-        if not ledger.scored:
-            return ledger.plan[layer]
+        """The slots ``layer`` keeps, ``[kv_heads, kept]``, as a method scored by keys chooses them from the keys."""
         key, _ = access.read(blocks, torch.arange(held))  # [held, kv_heads, head_dim], as the policy scores them
         ledger.policy.observe(layer, None, key.transpose(0, 1).contiguous()[None], 1.0)
         keep = ledger.policy.keep(layer, held)
@@ -110,25 +115,33 @@ class WorkerCompaction:
         return keep
 
     def compact(self, req_id: str, state, ledger: Ledger, held: int, kept: int) -> None:
-        """Move each layer's kept slots (of ``held``) to the front, and cut the block list at ``kept`` slots."""
+        """Move each layer's kept slots (of ``held``) to the front, and cut the block list at ``kept`` slots.
+
+        Layers that keep the same slots (all of StreamingLLM's, LaCache's ``R + 1`` ladder offsets) share one index
+        and one rotation, computed once per compaction.
+        """
         block_ids = state.block_ids[0]
         blocks = torch.tensor(block_ids, dtype=torch.long)
         at_slot = ledger.policy.position_mode == "slot"
-        for layer, access, mover in self.layers:
-            keep = self._choice(ledger, layer, access, blocks, held, kept)
-            target = torch.arange(kept).expand_as(keep)
-            moves = keep != target
-            if not bool(moves.any()):
+        shared = {}
+        if not ledger.scored and self.stack is not None:
+            self._compact_stacked(ledger.plan, kept, blocks, at_slot)
+        elif not ledger.scored:  # a position-only plan: layers with equal rows share their move
+            distinct, which = torch.unique(ledger.plan, dim=0, return_inverse=True)
+        for layer, access, mover in self.layers if ledger.scored or self.stack is None else ():
+            if ledger.scored:
+                keep = self._choice(ledger, layer, access, blocks, held, kept)
+                move = self._move(keep, kept, blocks, access, mover, at_slot)
+            else:
+                same = (int(which[layer]), id(mover))
+                if same not in shared:
+                    shared[same] = self._move(distinct[same[0]], kept, blocks, access, mover, at_slot)
+                move = shared[same]
+            if move is None:
                 continue
-            if keep.dim() == 2:  # a slot per head: every head's kept slots, read whole, then written at the front
-                key, value = access.read(blocks, keep)
-                if at_slot:
-                    key = mover.move(key, target - keep)
-                access.write(blocks, target, key, value)
-                continue
-            source, dest = keep[moves], target[moves]
-            key, value = access.read(blocks, source)  # read all, then write: sources never lie behind targets
-            access.write(blocks, dest, mover.move(key, dest - source) if at_slot else key, value)
+            source, dest, turn = move
+            key, value = access.key[source], access.value[source]  # read all, then write: no source is behind
+            access.write_at(dest, mover.apply(key, turn) if turn is not None else key, value)
         block_size = self.layers[0][1].block_size
         still = -(-kept // block_size)
         del block_ids[still:]
@@ -136,6 +149,45 @@ class WorkerCompaction:
         if row is not None:
             table = self.runner.input_batch.block_table[0]
             table.num_blocks_per_row[row] = min(int(table.num_blocks_per_row[row]), still)
+
+    def _compact_stacked(self, plan: torch.Tensor, kept: int, blocks: torch.Tensor, at_slot: bool) -> None:
+        """Every layer's move of a position-only plan in one read and one write of the stacked views, from the first
+        slot any layer moves (the slots before it stay in every layer)."""
+        keys, values, model_layers, mover = self.stack
+        plan = plan[model_layers]  # [layers, kept], in the order of the stacked views
+        target = torch.arange(kept)
+        moving = (plan != target).any(dim=0)
+        if not bool(moving.any()):
+            return
+        first = int(moving.nonzero()[0])
+        source, dest = plan[:, first:], target[first:].expand(plan.shape[0], kept - first)
+        block_size = keys.shape[2]
+        layer = torch.arange(plan.shape[0])[:, None].expand_as(source)
+        where_source = (layer, blocks[source // block_size], source % block_size)
+        where_dest = (layer, blocks[dest // block_size], dest % block_size)
+        key, value = keys[where_source], values[where_source]  # [layers, n, kv_heads, head_dim]
+        if at_slot:
+            cos, sin = mover.turn((dest - source).flatten())  # [layers * n, 1, rotary_dim / 2]
+            key = mover.apply(key, (cos.view(*source.shape, 1, -1), sin.view(*source.shape, 1, -1)))
+        keys[where_dest] = key
+        values[where_dest] = value
+
+    @staticmethod
+    def _move(keep: torch.Tensor, kept: int, blocks: torch.Tensor, access: SlotAccess, mover: KeyMover,
+              at_slot: bool):
+        """``(source, dest, turn)`` for a layer that keeps ``keep`` (``None``: nothing moves): the slots' indices in
+        the views, and the keys' rotation by the distance they move (``None`` where keys keep their positions)."""
+        target = torch.arange(kept).expand_as(keep)
+        if keep.dim() == 1:
+            moves = keep != target
+            if not bool(moves.any()):
+                return None
+            keep, target = keep[moves], target[moves]
+        elif torch.equal(keep, target):
+            return None
+        turn = mover.turn(target - keep) if at_slot else None
+        return access.where(blocks, keep), access.where(blocks, target), turn
+
 
     # ------------------------------------------------------------------ after _prepare_inputs
     def shift_positions(self, num_reqs: int) -> None:

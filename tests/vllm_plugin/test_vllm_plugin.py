@@ -194,3 +194,17 @@ def test_admission_reserves_every_running_request_budget(tiny):
     close(llm)
     assert [len(t) for t in tokens] == [120] * 6
     assert not preempted and max(running) == 2
+
+
+def test_layers_moved_one_by_one_equal_the_stacked_move(tiny, monkeypatch):
+    """Where the engine's layer buffers cannot be viewed as one stack, each layer is moved on its own: the same
+    tokens as our HF cache."""
+    import lacache_vllm.worker
+
+    monkeypatch.setattr(lacache_vllm.worker, "stacked", lambda accesses: None)
+    path, model = tiny
+    llm = make_llm(path, METHODS["lacache"])
+    assert llm.collective_rpc(lambda worker: worker.model_runner._kv_compression.stack)[0] is None
+    tokens = greedy(llm, PROMPTS[1:], 120)
+    close(llm)
+    assert tokens == [hf_generate(model, prompt, METHODS["lacache"], 120) for prompt in PROMPTS[1:]]
