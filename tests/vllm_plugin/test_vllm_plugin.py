@@ -208,3 +208,50 @@ def test_layers_moved_one_by_one_equal_the_stacked_move(tiny, monkeypatch):
     tokens = greedy(llm, PROMPTS[1:], 120)
     close(llm)
     assert tokens == [hf_generate(model, prompt, METHODS["lacache"], 120) for prompt in PROMPTS[1:]]
+
+
+def test_a_prompt_prefilled_in_chunks_is_compacted_once_it_is_whole(tiny):
+    """With chunks of 48 tokens, a 120-token prompt (over the 70-slot budget) is written in three steps before its
+    first compaction: the same tokens as our HF cache, which takes the prompt in one forward pass."""
+    path, model = tiny
+    llm = make_llm(path, METHODS["lacache"], max_num_batched_tokens=48, max_num_seqs=2, max_model_len=512)
+    scheduler, steps = engine_core(llm).scheduler, []
+    schedule = scheduler.schedule
+    scheduler.schedule = lambda *a, **k: (lambda out: steps.append(out.total_num_scheduled_tokens) or out)(
+        schedule(*a, **k))
+    tokens = greedy(llm, PROMPTS[2:], 120)
+    close(llm)
+    assert steps[:4] == [48, 48, 24, 1]
+    assert tokens == [hf_generate(model, PROMPTS[2], METHODS["lacache"], 120)]
+
+
+def test_a_preempted_request_is_recomputed_into_a_fresh_cache(tiny):
+    """vLLM recomputes a preempted request from all its tokens. Both the scheduler and the worker start its
+    compaction history again: its tokens after the preemption equal our HF cache fed the prompt and the tokens
+    generated so far in one pass, then decoding on."""
+    import time
+
+    path, model = tiny
+    llm = make_llm(path, METHODS["lacache"])
+    core = engine_core(llm)
+    scheduler, calls, preempted = core.scheduler, [0], {}
+    schedule = scheduler.schedule
+
+    def schedule_and_preempt_once(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 60:  # 60 steps in, every request is past its budget
+            request = scheduler.running.pop()
+            preempted.update(id=request.request_id, done=len(request.output_token_ids))
+            scheduler._preempt_request(request, time.monotonic())
+        return schedule(*args, **kwargs)
+
+    scheduler.schedule = schedule_and_preempt_once
+    tokens = greedy(llm, PROMPTS[1:], NEW_TOKENS)
+    free, blocks = scheduler.kv_cache_manager.block_pool.get_num_free_blocks(), scheduler.kv_cache_manager.block_pool.num_gpu_blocks
+    close(llm)
+    assert free == blocks - 1
+    which = int(preempted["id"].split("-")[0])  # LLM numbers its requests in submission order
+    prompt, got, done = PROMPTS[1 + which], tokens[which], preempted["done"]
+    assert 40 < done < NEW_TOKENS
+    assert got[:done] == hf_generate(model, prompt, METHODS["lacache"], done)
+    assert got[done:] == hf_generate(model, prompt + got[:done], METHODS["lacache"], NEW_TOKENS - done)
