@@ -1,7 +1,8 @@
 """The worker's side: move kept keys to their slots before a step, and give new tokens their slot as position.
 
-Two wraps of the model runner (``GPUModelRunner``, which vLLM's CPU runner inherits), no copy of its code:
+Three wraps of the model runner (``GPUModelRunner``, which vLLM's CPU runner inherits), no copy of its code:
 
+* after ``initialize_kv_cache``, the backend's paged layout is probed and every layer's cache bound;
 * before ``_update_states`` (which appends the step's new blocks to each request's block table), every request
   whose :class:`~lacache_vllm.ledger.Ledger` compacts at this step has, in every layer, its kept slots moved to the
   front (keys re-rotated by the distance they move) and its block list cut to the blocks it still fills, as the
@@ -65,7 +66,7 @@ class WorkerCompaction:
                               f"engine's block_size ({runner.cache_config.block_size})")
         context = runner.compilation_config.static_forward_context
         model = runner.get_model()
-        self.layers, movers = [], {}
+        self.layers, movers, self.stack = [], {}, None
         for name in groups[0].layer_names:
             attn = context[name]
             cache = attn.kv_cache[0] if isinstance(attn.kv_cache, (list, tuple)) else attn.kv_cache
