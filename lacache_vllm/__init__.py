@@ -42,6 +42,14 @@ def check_engine(vllm_config) -> None:
             raise ConfigError(f"{CONFIG_KEY} cannot run with {name} set: {why}")
     layers = vllm_config.model_config.hf_text_config.num_hidden_layers
     settings.policy(layers)  # the budget against the model's layer count (LaCache's minimum cache_size)
+    import vllm
+
+    if vllm.__version__ != TESTED_VLLM:
+        import logging
+
+        logging.getLogger("vllm").warning(
+            "%s wraps vLLM internals and was tested with vLLM %s only; this is %s (requirements/lock-vllm.txt)",
+            CONFIG_KEY, TESTED_VLLM, vllm.__version__)
 
 
 def register() -> None:
