@@ -1,5 +1,6 @@
-"""The test suite's layout: test modules live in two folders by layer, ``tests/core`` (the library ``lacache_core``
-alone) and ``tests/harness`` (the harness and benchmark folders, scripts, docs); fixtures several modules share live
+"""The test suite's layout: test modules live in three folders by layer, ``tests/core`` (the library ``lacache_core``
+alone), ``tests/harness`` (the harness and benchmark folders, scripts, docs) and ``tests/vllm_plugin`` (the vLLM
+plugin, collected where vLLM is installed; its helper ``engines.py`` and conftest sit beside it); fixtures several modules share live
 in ``tests/conftest.py`` (``tests/core/conftest.py`` holds the one fixture only tests/core takes) and shared helpers in
 plain modules beside ``tiny.py`` (``references.py``, ``runs.py``), so no test module imports another (importing one
 runs its module-level code and re-collects nothing, and an imported fixture shadows conftest's without a trace)."""
@@ -7,7 +8,7 @@ import ast
 import pathlib
 
 TESTS = pathlib.Path(__file__).resolve().parent.parent
-FOLDERS = ("core", "harness")
+FOLDERS = ("core", "harness", "vllm_plugin")
 HELPERS = {"conftest.py", "references.py", "runs.py", "tiny.py"}
 
 
@@ -26,7 +27,7 @@ def test_no_test_module_imports_another():
     offenders = {path.name: sorted({m for m in imported_modules(path) if m.split(".")[0].startswith("test_")})
                  for path in modules}
     assert {name: found for name, found in offenders.items() if found} == {}
-    # every test module lives directly in tests/core or tests/harness (none at tests/ or deeper), so the glob above
+    # every test module lives directly in one of FOLDERS (none at tests/ or deeper), so the glob above
     # saw them all
     everywhere = sorted(path.relative_to(TESTS).as_posix() for path in TESTS.rglob("test_*.py"))
     assert everywhere == sorted(path.relative_to(TESTS).as_posix() for path in modules)
