@@ -22,16 +22,17 @@ class Ledger:
     Parameters
     ----------
     policy : a fresh policy of a supported method, bound to the model's layer count.
-    prompt_tokens : the request's prompt length (what the scheduler reserves for it before its first compaction).
+    prompt_tokens : the request's prompt length: no compaction before it is written whole, and what the scheduler
+        reserves for it until then.
     """
 
-    def __init__(self, policy: CachePolicy, num_layers: int, prompt_tokens: int = 0):
+    def __init__(self, policy: CachePolicy, num_layers: int, prompt_tokens: int):
         self.policy = policy
         self.num_layers = num_layers
         self.scored = policy.name in SCORED_BY_KEYS
         self.budget = policy.max_cache_len(num_layers)
         self.evicted = 0        # tokens computed but no longer cached: slot = computed - evicted
-        self.prompt_tokens = prompt_tokens  # the scheduler reserves blocks by it
+        self.prompt_tokens = prompt_tokens
         self.last_seen = -1     # the computed count at the last compaction check (a step is checked once)
         #: The last compaction's ``[num_layers, n_keep]`` slots of a position-only method (``None`` for a method
         #: scored by keys: its workers ask the policy layer by layer, with the keys).
@@ -41,14 +42,14 @@ class Ledger:
         """Slots the request occupies when ``computed`` tokens have been computed (after any compaction)."""
         return computed - self.evicted
 
-    def advance(self, computed: int, prompt_tokens: int) -> Optional[int]:
+    def advance(self, computed: int) -> Optional[int]:
         """Whether the step at ``computed`` tokens computed starts with a compaction: the slots the request keeps,
         or ``None`` (nothing evicted, or the step was already checked).
 
         A position-only method's choice is computed here (:attr:`plan`); a method scored by keys keeps exactly its
         budget whenever it holds more, which is all the scheduler needs to know.
         """
-        if computed <= self.last_seen or computed < prompt_tokens:
+        if computed <= self.last_seen or computed < self.prompt_tokens:
             return None  # a prompt is written whole (chunked or not) before its first compaction
         self.last_seen = computed
         held = self.held(computed)

@@ -25,8 +25,6 @@ class BlockStats:
 
     peak_blocks: Dict[str, int] = field(default_factory=dict)
     decode_peak_blocks: Dict[str, int] = field(default_factory=dict)  # once its prompt was written
-    compactions: int = 0
-    freed_blocks: int = 0
 
 
 class SchedulerCompaction:
@@ -42,9 +40,9 @@ class SchedulerCompaction:
     def _blocks(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
-    def peak_blocks(self, ledger: Ledger, prompt_tokens: int) -> int:
+    def peak_blocks(self, ledger: Ledger) -> int:
         """The most blocks a request holds: its prompt's, or its budget's plus the decoded token's."""
-        return max(self._blocks(prompt_tokens), self._blocks(ledger.budget + 1))
+        return max(self._blocks(ledger.prompt_tokens), self._blocks(ledger.budget + 1))
 
     def growth_reserve(self, admitting) -> int:
         """Blocks the running requests, and ``admitting`` past this allocation, have still to take."""
@@ -52,7 +50,7 @@ class SchedulerCompaction:
         for req_id, ledger in self.ledgers.items():
             if req_id != admitting.request_id:
                 held = len(self.single.req_to_blocks.get(req_id, ()))
-                reserve += max(0, self.peak_blocks(ledger, ledger.prompt_tokens) - held)
+                reserve += max(0, self.peak_blocks(ledger) - held)
         return reserve
 
     def allocate_slots(self, request, num_new_tokens, *args, **kwargs):
@@ -65,10 +63,10 @@ class SchedulerCompaction:
         ledger = self.ledgers[req_id]
         admitting = request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
         if admitting:
-            own = self.peak_blocks(ledger, request.num_prompt_tokens) - self._blocks(
+            own = self.peak_blocks(ledger) - self._blocks(
                 request.num_computed_tokens + num_new_tokens)
             kwargs["reserved_blocks"] = kwargs.get("reserved_blocks", 0) + self.growth_reserve(request) + max(0, own)
-        if ledger.advance(request.num_computed_tokens, request.num_prompt_tokens) is not None:
+        if ledger.advance(request.num_computed_tokens) is not None:
             self._release_tail(req_id, ledger.held(request.num_computed_tokens))
         evicted = ledger.evicted
         request.num_computed_tokens -= evicted  # the manager counts the slots the request occupies
@@ -88,12 +86,10 @@ class SchedulerCompaction:
 
     def _release_tail(self, req_id: str, held: int) -> None:
         blocks = self.single.req_to_blocks[req_id]
-        still = -(-held // self.block_size)
+        still = self._blocks(held)
         tail = blocks[still:]
         del blocks[still:]
         self.single.block_pool.free_blocks(reversed(tail))
-        self.stats.compactions += 1
-        self.stats.freed_blocks += len(tail)
 
     def free(self, request, *args, **kwargs):
         self.ledgers.pop(request.request_id, None)

@@ -91,6 +91,3 @@ class CompressionSettings:
         if num_layers is not None:
             policy.bind(num_layers)
         return policy
-
-    def as_dict(self) -> dict:
-        return {"method": self.method, **dict(self.settings)}

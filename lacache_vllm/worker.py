@@ -81,9 +81,9 @@ class WorkerCompaction:
             self.stack = views + (torch.tensor([layer for layer, _, _ in self.layers]), mover)
 
     # ------------------------------------------------------------------ before _update_states
-    def ledger(self, req_id: str) -> Ledger:
+    def ledger(self, req_id: str, prompt_tokens: int) -> Ledger:
         if req_id not in self.ledgers:
-            self.ledgers[req_id] = Ledger(self.settings.policy(self.num_layers), self.num_layers)
+            self.ledgers[req_id] = Ledger(self.settings.policy(self.num_layers), self.num_layers, prompt_tokens)
         return self.ledgers[req_id]
 
     def before_update(self, scheduler_output) -> None:
@@ -97,9 +97,9 @@ class WorkerCompaction:
                 self.ledgers.pop(req_id, None)
                 continue
             state = self.runner.requests[req_id]
-            ledger = self.ledger(req_id)
+            ledger = self.ledger(req_id, state.num_prompt_tokens)
             held = ledger.held(cached.num_computed_tokens[i])
-            kept = ledger.advance(cached.num_computed_tokens[i], state.num_prompt_tokens)
+            kept = ledger.advance(cached.num_computed_tokens[i])
             if kept is not None:
                 self.compact(req_id, state, ledger, held, kept)
 
@@ -116,35 +116,21 @@ class WorkerCompaction:
         return keep
 
     def compact(self, req_id: str, state, ledger: Ledger, held: int, kept: int) -> None:
-        """Move each layer's kept slots (of ``held``) to the front, and cut the block list at ``kept`` slots.
-
-        Layers that keep the same slots (all of StreamingLLM's, LaCache's ``R + 1`` ladder offsets) share one index
-        and one rotation, computed once per compaction.
-        """
+        """Move each layer's kept slots (of ``held``) to the front, and cut the block list at ``kept`` slots."""
         block_ids = state.block_ids[0]
         blocks = torch.tensor(block_ids, dtype=torch.long)
         at_slot = ledger.policy.position_mode == "slot"
-        shared = {}
         if not ledger.scored and self.stack is not None:
             self._compact_stacked(ledger.plan, kept, blocks, at_slot)
-        elif not ledger.scored:  # a position-only plan: layers with equal rows share their move
-            distinct, which = torch.unique(ledger.plan, dim=0, return_inverse=True)
-        for layer, access, mover in self.layers if ledger.scored or self.stack is None else ():
-            if ledger.scored:
-                keep = self._choice(ledger, layer, access, blocks, held, kept)
+        else:
+            for layer, access, mover in self.layers:
+                keep = self._choice(ledger, layer, access, blocks, held, kept) if ledger.scored else ledger.plan[layer]
                 move = self._move(keep, kept, blocks, access, mover, at_slot)
-            else:
-                same = (int(which[layer]), id(mover))
-                if same not in shared:
-                    shared[same] = self._move(distinct[same[0]], kept, blocks, access, mover, at_slot)
-                move = shared[same]
-            if move is None:
-                continue
-            source, dest, turn = move
-            key, value = access.key[source], access.value[source]  # read all, then write: no source is behind
-            access.write_at(dest, mover.apply(key, turn) if turn is not None else key, value)
-        block_size = self.layers[0][1].block_size
-        still = -(-kept // block_size)
+                if move is not None:
+                    source, dest, turn = move
+                    key, value = access.key[source], access.value[source]  # read all, then write: none is behind
+                    access.write_at(dest, mover.apply(key, turn) if turn is not None else key, value)
+        still = -(-kept // self.layers[0][1].block_size)
         del block_ids[still:]
         row = self.runner.input_batch.req_id_to_index.get(req_id)
         if row is not None:
@@ -188,7 +174,6 @@ class WorkerCompaction:
             return None
         turn = mover.turn(target - keep) if at_slot else None
         return access.where(blocks, keep), access.where(blocks, target), turn
-
 
     # ------------------------------------------------------------------ after _prepare_inputs
     def shift_positions(self, num_reqs: int) -> None:
