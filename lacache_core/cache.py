@@ -227,9 +227,13 @@ class CompressedCache(DynamicCache):
         if rows:
             for j, row_policy in enumerate(rows):
                 real = min(q_len, n - fillers[j])  # the new tokens of row j that are not padding
+                if row_policy.observes_values:
+                    row_policy.observe_values(layer, step.value[j:j + 1, :, fillers[j]:], rotation)
                 row_policy.observe(layer, step.query[j:j + 1, :, q_len - real:], step.key[j:j + 1, :, fillers[j]:],
                                    scaling)
         elif self.policy.observes:
+            if self.policy.observes_values:
+                self.policy.observe_values(layer, step.value, rotation)
             self.policy.observe(layer, step.query, step.key, scaling)
         self._count_step_bytes(layer)
         # after padding, the model's mask says where the input's pads were, not where compaction moved each row's

@@ -8,16 +8,21 @@ from ..errors import ConfigError
 from .adakv import AdaKV
 from .base import CachePolicy
 from .cam import CAM
+from .chunkkv import ChunkKV
+from .expected_attention import ExpectedAttention
 from .full import FullCache
 from .h2o import H2O
 from .headkv import HeadKV
+from .keydiff import KeyDiff
 from .knorm import KNorm, KNormDecode
 from .lacache import LaCache
+from .lagkv import LagKV
 from .lshe import LSHE
 from .minicache import MiniCache
 from .nacl import NACL
 from .pyramidinfer import PyramidInfer
 from .pyramidkv import PyramidKV
+from .rkv import RKV
 from .scissorhands import Scissorhands
 from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
@@ -30,6 +35,8 @@ METHODS: Dict[str, Type[CachePolicy]] = {
         H2O, TOVA, LSHE, KNormDecode, Scissorhands, CAM,         # decode-time scoring (CAM merges values)
         SnapKV, PyramidKV, PyramidInfer, KNorm, NACL, AdaKV, HeadKV, ThinK,  # prefill-time
         MiniCache,                                               # prefill-time, merges layer pairs
+        KeyDiff, LagKV, ExpectedAttention, ChunkKV,              # prefill-time scorers (kvpress's ScorerPress family)
+        RKV,                                                     # decode-time, importance minus redundancy
     )
 }
 
@@ -72,5 +79,5 @@ def policy_from_state(saved: dict) -> CachePolicy:
 
 
 __all__ = ["CachePolicy", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "KNormDecode", "Scissorhands", "CAM",
-           "SnapKV", "PyramidKV", "PyramidInfer", "KNorm", "NACL", "AdaKV", "HeadKV", "ThinK", "MiniCache", "METHODS", "budget_derived", "build_policy",
+           "SnapKV", "PyramidKV", "PyramidInfer", "KNorm", "NACL", "AdaKV", "HeadKV", "ThinK", "MiniCache", "KeyDiff", "LagKV", "ExpectedAttention", "ChunkKV", "RKV", "METHODS", "budget_derived", "build_policy",
            "policy_from_state"]

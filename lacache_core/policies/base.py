@@ -51,6 +51,9 @@ class CachePolicy:
     default_positions: ClassVar[str] = "original"
     #: ``True`` for policies that score tokens: :meth:`observe` then sees every layer's queries and keys.
     observes: ClassVar[bool] = False
+    #: ``True`` for observing policies whose scores also read values or un-rotate queries (LagKV, Expected
+    #: Attention): :meth:`observe_values` then sees every layer's values and the model's rotation, before :meth:`observe`.
+    observes_values: ClassVar[bool] = False
     #: ``True`` for policies that compress once, after the first forward pass (the prompt), and never again.
     prefill_only: ClassVar[bool] = False
     #: ``True`` for policies whose KV heads keep different numbers of slots (:meth:`keep` answers a list of
@@ -138,6 +141,16 @@ class CachePolicy:
         query : ``[batch, heads, q, head_dim]``, rotated as the attention sees it.
         key : ``[batch, kv_heads, n, head_dim]``, all cached keys including the new ones, rotated.
         scaling : the attention's softmax scale (``head_dim ** -0.5``).
+        """
+
+    def observe_values(self, layer: int, value: torch.Tensor, rotation) -> None:
+        """See one layer's values of the current forward pass, right before :meth:`observe` (policies that
+        set :attr:`observes_values`).
+
+        Parameters
+        ----------
+        value : ``[batch, kv_heads, n, head_dim]``, all cached values including the new ones.
+        rotation : the model's :class:`lacache_core.rope.Rotation`, which turns a query or key to any position.
         """
 
     def max_cache_len(self, num_layers: int) -> Optional[int]:

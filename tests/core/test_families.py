@@ -32,7 +32,7 @@ FAMILIES = {
 }
 BIG = dict(cache_size=1000, recent_size=996, span=2, window_size=8, recent_window=8, pruning_ratio=0.0,
            retention_ratio=1.0)  # nothing evicted, pruned or merged (MiniCache keeps every token unmerged)
-SMALL = dict(cache_size=40, recent_size=36, span=2, window_size=8, recent_window=8, beta=2)
+SMALL = dict(cache_size=40, recent_size=36, span=2, window_size=8, recent_window=8, beta=2, chunk_length=4, lag_size=16)  # ChunkKV: whole chunks fill the budget
 TOKENS = torch.randint(3, 128, (1, 120), generator=torch.Generator().manual_seed(3))
 
 

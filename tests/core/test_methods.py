@@ -16,7 +16,7 @@ from tiny import head_scores_file, tiny_model
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
 COMPRESSING = [name for name, cls in METHODS.items() if name != "full" and not cls.prefill_only]
-SETTINGS = dict(cache_size=40, start_size=4, recent_size=36, span=2, overlap=0, recent_window=8)
+SETTINGS = dict(cache_size=40, start_size=4, recent_size=36, span=2, overlap=0, recent_window=8, buffer=8)  # R-KV: compacts every 8 steps
 TOKENS = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(5))
 
 
@@ -158,7 +158,7 @@ def test_lacache_paper_layout_token_on_consecutive_layers():
 from lacache_core import PyramidInfer, PyramidKV, SnapKV  # noqa: E402
 
 PREFILL = [name for name, cls in METHODS.items() if cls.prefill_only]
-PREFILL_SETTINGS = dict(cache_size=40, start_size=4, window_size=8, beta=2)
+PREFILL_SETTINGS = dict(cache_size=40, start_size=4, window_size=8, beta=2, chunk_length=4, lag_size=16)  # ChunkKV: 7 whole chunks
 
 
 @pytest.mark.parametrize("method", PREFILL)

@@ -16,7 +16,7 @@ from tiny import head_scores_file, result_dir, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.48"),
                                 reason="padded batches need the attention-interface path (transformers >= 4.48)")
-SETTINGS = dict(span=2, overlap=0, recent_window=4, window_size=4, beta=2)
+SETTINGS = dict(span=2, overlap=0, recent_window=4, window_size=4, beta=2, chunk_length=4, lag_size=8)
 LENGTHS = [60, 45, 52, 38]
 
 
