@@ -191,22 +191,24 @@ class CompressedCache(DynamicCache):
     @contextmanager
     def attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rotation,
                scaling: float, position_ids: Optional[torch.Tensor] = None, mask=None,
-               sliding_window: Optional[int] = None, keys_rotated: bool = False):
+               sliding_window: Optional[int] = None, keys_rotated: bool = False, module=None):
         """The attention kernel's one call: ``with cache.attend(...) as step``, then run the kernel on ``step.query``,
         ``step.key``, ``step.value`` and ``step.mask``; the layer is compacted when the block ends.
 
         ``query`` is ``[b, heads, q, d]``; ``key`` and ``value`` (``[b, kv_heads, n, d]``) are what :meth:`update`
         returned; ``rotation`` is the model's :class:`lacache_core.rope.Rotation`; ``position_ids`` (``[b, q]``) are
         used only when ``query_at_slot`` is off; ``mask`` is the model's, fitted to the ``n`` keys;
-        ``keys_rotated``: whether the model rotated the new query and keys with :meth:`position_embeddings`' answer.
+        ``keys_rotated``: whether the model rotated the new query and keys with :meth:`position_embeddings`' answer;
+        ``module``: the attention module, for a policy that reads its weights.
         Yields a :class:`lacache_core.step.LayerStep` whose query and keys are rotated.
         """
-        step = self._begin(layer_idx, query, key, value, rotation, scaling, position_ids, keys_rotated)
+        step = self._begin(layer_idx, query, key, value, rotation, scaling, position_ids, keys_rotated, module)
         step.model_mask, step.sliding_window = mask, sliding_window
         yield step
         settle(self, step)
 
-    def _begin(self, layer: int, query, key, value, rotation, scaling, position_ids, keys_rotated) -> LayerStep:
+    def _begin(self, layer: int, query, key, value, rotation, scaling, position_ids, keys_rotated,
+               module=None) -> LayerStep:
         """record -> place -> observe -> plan the read, up to the kernel."""
         self._unread[layer] = False
         n, q_len = key.shape[-2], query.shape[-2]
@@ -227,11 +229,15 @@ class CompressedCache(DynamicCache):
         if rows:
             for j, row_policy in enumerate(rows):
                 real = min(q_len, n - fillers[j])  # the new tokens of row j that are not padding
+                if row_policy.reads_weights:
+                    row_policy.read_weights(layer, module)
                 if row_policy.observes_values:
                     row_policy.observe_values(layer, step.value[j:j + 1, :, fillers[j]:], rotation)
                 row_policy.observe(layer, step.query[j:j + 1, :, q_len - real:], step.key[j:j + 1, :, fillers[j]:],
                                    scaling)
         elif self.policy.observes:
+            if self.policy.reads_weights:
+                self.policy.read_weights(layer, module)
             if self.policy.observes_values:
                 self.policy.observe_values(layer, step.value, rotation)
             self.policy.observe(layer, step.query, step.key, scaling)

@@ -37,6 +37,12 @@ REFUSED = {
     "adakv": "its KV heads keep different numbers of slots, and vLLM keeps one block list per request",
     "headkv": "its KV heads keep different numbers of slots, and vLLM keeps one block list per request",
     "minicache": "it merges pairs of layers into one",
+    "rkv": "it scores tokens by the attention of the newest queries, which vLLM's attention kernel does not return",
+    "expected_attention": "it scores the prompt from its queries, which vLLM's attention kernel does not expose",
+    "chunkkv": "it ranks chunks by a prompt scorer (SnapKV by default) that vLLM's attention kernel cannot feed",
+    "criticalkv": "it re-ranks a prompt scorer's choice (SnapKV by default) that vLLM's attention kernel cannot feed",
+    "keydiff": "it compresses the prompt once, after prefill, and the plugin compacts only as tokens are decoded",
+    "lagkv": "it compresses the prompt once, after prefill, and the plugin compacts only as tokens are decoded",
 }
 
 

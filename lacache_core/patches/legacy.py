@@ -114,7 +114,7 @@ def position_shift_forward(self, hidden_states, attention_mask=None, position_id
         key, value = past_key_value.update(key, value, self.layer_idx)
         present = past_key_value
         with past_key_value.attend(self.layer_idx, query, key, value, self._lacache_rotation, self.head_dim ** -0.5,
-                                   position_ids) as step:
+                                   position_ids, module=self) as step:
             out, weights = _attend(self, step.query, step.key, step.value, attention_mask, output_attentions, step,
                                    past_key_value)
     out = self.o_proj(out.reshape(bsz, q_len, -1).contiguous())

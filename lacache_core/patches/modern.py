@@ -113,7 +113,7 @@ def _wrapper(inner_name: str) -> Callable:
         mask = _flash_mask(attention_mask, key.shape[-2]) if flash else _fit_mask(attention_mask, key.shape[-2])
         with cache.attend(module.layer_idx, query, key, value, module._lacache_rotation,
                           kwargs.get("scaling") or query.shape[-1] ** -0.5, kwargs.get("position_ids"), mask,
-                          kwargs.get("sliding_window"), keys_rotated) as step:
+                          kwargs.get("sliding_window"), keys_rotated, module) as step:
             if flash:
                 _refuse_flash(cache, step)
             return _inner_kernel(module, inner_name)(module, step.query, step.key, step.value,

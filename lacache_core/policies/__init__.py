@@ -9,6 +9,7 @@ from .adakv import AdaKV
 from .base import CachePolicy
 from .cam import CAM
 from .chunkkv import ChunkKV
+from .criticalkv import CriticalKV
 from .expected_attention import ExpectedAttention
 from .full import FullCache
 from .h2o import H2O
@@ -35,7 +36,7 @@ METHODS: Dict[str, Type[CachePolicy]] = {
         H2O, TOVA, LSHE, KNormDecode, Scissorhands, CAM,         # decode-time scoring (CAM merges values)
         SnapKV, PyramidKV, PyramidInfer, KNorm, NACL, AdaKV, HeadKV, ThinK,  # prefill-time
         MiniCache,                                               # prefill-time, merges layer pairs
-        KeyDiff, LagKV, ExpectedAttention, ChunkKV,              # prefill-time scorers (kvpress's ScorerPress family)
+        KeyDiff, LagKV, ExpectedAttention, ChunkKV, CriticalKV,  # prefill-time scorers (kvpress's ScorerPress family)
         RKV,                                                     # decode-time, importance minus redundancy
     )
 }
@@ -79,5 +80,5 @@ def policy_from_state(saved: dict) -> CachePolicy:
 
 
 __all__ = ["CachePolicy", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "KNormDecode", "Scissorhands", "CAM",
-           "SnapKV", "PyramidKV", "PyramidInfer", "KNorm", "NACL", "AdaKV", "HeadKV", "ThinK", "MiniCache", "KeyDiff", "LagKV", "ExpectedAttention", "ChunkKV", "RKV", "METHODS", "budget_derived", "build_policy",
+           "SnapKV", "PyramidKV", "PyramidInfer", "KNorm", "NACL", "AdaKV", "HeadKV", "ThinK", "MiniCache", "KeyDiff", "LagKV", "ExpectedAttention", "ChunkKV", "CriticalKV", "RKV", "METHODS", "budget_derived", "build_policy",
            "policy_from_state"]

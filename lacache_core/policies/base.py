@@ -54,6 +54,8 @@ class CachePolicy:
     #: ``True`` for observing policies whose scores also read values or un-rotate queries (LagKV, Expected
     #: Attention): :meth:`observe_values` then sees every layer's values and the model's rotation, before :meth:`observe`.
     observes_values: ClassVar[bool] = False
+    #: ``True`` for policies that read the attention module's weights (:meth:`read_weights`; CriticalKV).
+    reads_weights: ClassVar[bool] = False
     #: ``True`` for policies that compress once, after the first forward pass (the prompt), and never again.
     prefill_only: ClassVar[bool] = False
     #: ``True`` for policies whose KV heads keep different numbers of slots (:meth:`keep` answers a list of
@@ -152,6 +154,10 @@ class CachePolicy:
         value : ``[batch, kv_heads, n, head_dim]``, all cached values including the new ones.
         rotation : the model's :class:`lacache_core.rope.Rotation`, which turns a query or key to any position.
         """
+
+    def read_weights(self, layer: int, attention) -> None:
+        """See one layer's attention module before :meth:`observe_values`, for a method that reads its weights
+        (CriticalKV: the output projection; policies that set :attr:`reads_weights`)."""
 
     def max_cache_len(self, num_layers: int) -> Optional[int]:
         """Largest number of slots a layer holds after a forward pass (``None``: unbounded)."""

@@ -370,10 +370,10 @@ def test_chunked_prefill_stays_within_budget_plus_chunk(method):
     lengths = []
     original = cache.attend
 
-    def record(layer_idx, *args):
+    def record(layer_idx, *args, **kwargs):
         if layer_idx == cache.num_layers - 1:
             lengths.append(cache.get_seq_length(layer_idx))  # before compaction: the peak of each chunk
-        return original(layer_idx, *args)
+        return original(layer_idx, *args, **kwargs)
 
     cache.attend = record
     prefill(model, TOKENS[:, :200], cache, chunk_size=16)

@@ -1,7 +1,7 @@
 """KeyDiff, LagKV, Expected Attention and ChunkKV against kvpress's rules, re-derived here in plain loops.
 
 Reference: NVIDIA/kvpress @ 8bb29b9 (``kvpress/presses/keydiff_press.py``, ``lagkv_press.py``,
-``expected_attention_press.py``, ``chunkkv_press.py`` and ``scorer_press.py``). Each ``kvpress_*`` function below
+``expected_attention_press.py``, ``chunkkv_press.py``, ``criticalkv_press.py`` and ``scorer_press.py``). Each ``kvpress_*`` function below
 recomputes one press's scores token by token from its formula; the policy's kept slots must be the top ones.
 """
 import math
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from lacache_core import ChunkKV, ConfigError, ExpectedAttention, KeyDiff, LagKV, build_policy
+from lacache_core import ChunkKV, ConfigError, CriticalKV, ExpectedAttention, KeyDiff, LagKV, build_policy
 from lacache_core.rope import Rotation
 
 THETA, D, HEADS, KV_HEADS = 10000.0, 8, 4, 2
@@ -34,11 +34,13 @@ def rotate(x, positions):
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
-def kept(policy, query, key, value):
+def kept(policy, query, key, value, attention=None):
     """The slots ``policy`` keeps after seeing one layer's prompt (``[kv_heads, m]`` or ``[m]``, sorted)."""
     n = key.shape[2]
     policy.bind(1)
     policy.record(0, n)
+    if policy.reads_weights:
+        policy.read_weights(0, attention)
     policy.observe_values(0, value, Rotation(rotary_fn))
     policy.observe(0, query, key, D ** -0.5)
     return policy.settle(0, n)
@@ -195,3 +197,43 @@ def test_chunkkv_keeps_the_scorers_window_and_a_short_last_chunk():
 def test_chunkkv_refuses_a_budget_without_a_chunk():
     with pytest.raises(ConfigError, match="ChunkKV.cache_size 30 holds no chunk of 20"):
         build_policy("chunkkv", cache_size=30)  # SnapKV's 32-token window leaves no room
+
+
+def kvpress_projected_norms(value, weight):
+    """CriticalKVPress.vwl1norm: per query head, each value times that head's rows of ``o_proj.weight.T``, L1 norm
+    over the hidden size; averaged over each KV head's query heads. Nested lists ``[kv_heads][n]``."""
+    groups, out = HEADS // KV_HEADS, []
+    wo = weight.T.reshape(HEADS, D, -1)
+    for kvh in range(KV_HEADS):
+        per_head = [[float((value[0, kvh, j] @ wo[h]).abs().sum()) for j in range(value.shape[2])]
+                    for h in range(kvh * groups, (kvh + 1) * groups)]
+        out.append([sum(col) / groups for col in zip(*per_head)])
+    return out
+
+
+@pytest.mark.parametrize("first_stage_ratio", [0.5, 0.0, 1.0])
+def test_criticalkv_two_stages_as_kvpress(first_stage_ratio):
+    # scorer KeyDiff (no sinks or window); budget 12 of 30: stage one the scorer's top int(12 * r), then the best
+    # (score + 1e-4) * |W_o v|_1 among the rest
+    query, key, value = inputs(30)
+    value = value * torch.rand(1, KV_HEADS, 30, 1, generator=GEN) * 3  # values of different sizes
+    attention = torch.nn.Module()
+    attention.o_proj = torch.nn.Linear(HEADS * D, 16, bias=False)
+    torch.nn.init.normal_(attention.o_proj.weight, generator=GEN)
+    policy = CriticalKV(cache_size=12, scorer="keydiff", first_stage_ratio=first_stage_ratio)
+    scores = kvpress_keydiff(key)
+    norms = kvpress_projected_norms(value, attention.o_proj.weight.detach())
+    expected = []
+    for head, row in enumerate(scores):
+        first = set(top_slots([row], int(12 * first_stage_ratio))[0])
+        weighted = [math.inf if j in first else (s + 1e-4) * norms[head][j] for j, s in enumerate(row)]
+        expected.append(top_slots([weighted], 12)[0])
+    assert kept(policy, query, key, value, attention).tolist() == expected
+    if first_stage_ratio < 1:  # the value norms change the choice, so the test can fail
+        assert expected != top_slots(scores, 12)
+
+
+def test_criticalkv_needs_the_attention_module():
+    query, key, value = inputs(30)
+    with pytest.raises(ConfigError, match="criticalkv reads each attention's output projection"):
+        kept(CriticalKV(cache_size=12, scorer="keydiff"), query, key, value)
