@@ -168,6 +168,28 @@ def head_scores_file(config) -> str:
     return str(path)
 
 
+def duo_patterns_file(config) -> str:
+    """A DuoAttention patterns file for a model of ``config`` (``scripts/duo_patterns.py``'s JSON format): uneven,
+    deterministic scores per (layer, KV head), 4 sinks and a recent window of 8."""
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    path = Path(tempfile.gettempdir()) / f"lacache-test-duo-{os.getpid()}-{layers}x{kv_heads}.json"
+    if not path.exists():
+        gen = torch.Generator().manual_seed(layers * 100 + kv_heads)
+        path.write_text(json.dumps({"sink_size": 4, "recent_size": 8,
+                                    "scores": torch.rand(layers, kv_heads, generator=gen).tolist()}))
+    return str(path)
+
+
+def method_files(config) -> dict:
+    """The files the methods that need one read (HeadKV's head scores, DuoAttention's patterns) for ``config``."""
+    return {"head_scores": head_scores_file(config), "duo_patterns": duo_patterns_file(config)}
+
+
 def killed_after(answer_all, n: int):
     """``answer_all`` (a harness's answer generator) raising ``KeyboardInterrupt`` after ``n`` answers over all its
     calls, as if the run were killed between two samples."""

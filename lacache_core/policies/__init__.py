@@ -10,6 +10,7 @@ from .base import CachePolicy
 from .cam import CAM
 from .chunkkv import ChunkKV
 from .criticalkv import CriticalKV
+from .duo_attention import DuoAttention
 from .expected_attention import ExpectedAttention
 from .full import FullCache
 from .h2o import H2O
@@ -37,6 +38,7 @@ METHODS: Dict[str, Type[CachePolicy]] = {
         SnapKV, PyramidKV, PyramidInfer, KNorm, NACL, AdaKV, HeadKV, ThinK,  # prefill-time
         MiniCache,                                               # prefill-time, merges layer pairs
         KeyDiff, LagKV, ExpectedAttention, ChunkKV, CriticalKV,  # prefill-time scorers (kvpress's ScorerPress family)
+        DuoAttention,                                            # prefill-time, streaming and retrieval heads
         RKV,                                                     # decode-time, importance minus redundancy
     )
 }
@@ -80,5 +82,5 @@ def policy_from_state(saved: dict) -> CachePolicy:
 
 
 __all__ = ["CachePolicy", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "KNormDecode", "Scissorhands", "CAM",
-           "SnapKV", "PyramidKV", "PyramidInfer", "KNorm", "NACL", "AdaKV", "HeadKV", "ThinK", "MiniCache", "KeyDiff", "LagKV", "ExpectedAttention", "ChunkKV", "CriticalKV", "RKV", "METHODS", "budget_derived", "build_policy",
+           "SnapKV", "PyramidKV", "PyramidInfer", "KNorm", "NACL", "AdaKV", "HeadKV", "ThinK", "MiniCache", "KeyDiff", "LagKV", "ExpectedAttention", "ChunkKV", "CriticalKV", "DuoAttention", "RKV", "METHODS", "budget_derived", "build_policy",
            "policy_from_state"]

@@ -13,7 +13,7 @@ from packaging.version import Version
 from lacache_core import METHODS, build_policy, enable_position_shift, make_cache
 from lacache_core.cache import CompressedCache
 from lacache_core.versions import with_cache
-from tiny import head_scores_file
+from tiny import method_files
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.48"),
                                 reason="the extension-point integration needs transformers >= 4.48")
@@ -31,7 +31,7 @@ FAMILIES = {
     "stablelm": ("StableLmConfig", {"partial_rotary_factor": 0.25}),  # rotary on 4 of 16 channels
 }
 BIG = dict(cache_size=1000, recent_size=996, span=2, window_size=8, recent_window=8, pruning_ratio=0.0,
-           retention_ratio=1.0)  # nothing evicted, pruned or merged (MiniCache keeps every token unmerged)
+           retention_ratio=1.0, head_compression_ratio=0.0)  # nothing evicted, pruned or merged (MiniCache keeps every token unmerged)
 SMALL = dict(cache_size=40, recent_size=36, span=2, window_size=8, recent_window=8, beta=2, chunk_length=4, lag_size=16)  # ChunkKV: whole chunks fill the budget
 TOKENS = torch.randint(3, 128, (1, 120), generator=torch.Generator().manual_seed(3))
 
@@ -59,7 +59,7 @@ def test_no_eviction_equals_unpatched(family, method):
     with torch.no_grad():
         reference = model(TOKENS[:, :60]).logits[0]
         enable_position_shift(model)
-        cache = make_cache(method, model, **BIG, head_scores=head_scores_file(model.config))
+        cache = make_cache(method, model, **BIG, **method_files(model.config))
         steps = [model(TOKENS[:, :40], use_cache=True, **with_cache(cache)).logits[0]]
         steps += [model(TOKENS[:, t:t + 1], use_cache=True, **with_cache(cache)).logits[0] for t in range(40, 60)]
     torch.testing.assert_close(torch.cat(steps), reference, atol=1e-4, rtol=1e-4)
@@ -70,7 +70,7 @@ def test_no_eviction_equals_unpatched(family, method):
 def test_generate_within_budget(family, method):
     model = enable_position_shift(family_model(family))
     layers = model.config.num_hidden_layers
-    policy = build_policy(method, **SMALL, head_scores=head_scores_file(model.config))
+    policy = build_policy(method, **SMALL, **method_files(model.config))
     cache = CompressedCache(policy, layers)
     out = model.generate(TOKENS[:, :60], max_new_tokens=40, min_new_tokens=40, do_sample=False,
                          **with_cache(cache))
@@ -79,10 +79,13 @@ def test_generate_within_budget(family, method):
     if policy.ragged:  # heads of their own lengths, then each grows by 39
         expected = [min(b, 60) + 39 for b in policy.layer_budgets(layers, 60)]
         for i, b in enumerate(expected):
-            heads = cache.head_lengths(i)
+            heads = cache.head_lengths(i)  # None where every head holds the same (a DuoAttention layer)
+            heads = torch.full((model.config.num_key_value_heads,), lengths[i]) if heads is None else heads
             assert lengths[i] == int(heads.max())
             if method == "adakv":  # a layer's heads share its budget, up to rounding
                 assert abs(int(heads.sum()) - len(heads) * b) <= len(heads)
+            elif method == "duo_attention":  # streaming heads their sinks and window, retrieval heads the prompt
+                assert heads.tolist() == [h + 39 for h in policy.head_budgets(i, 60)]
             else:  # HeadKV: each head its cap from the scores (all of the prompt at most), plus the window
                 sw = policy.start_size + policy.window_size
                 assert heads.tolist() == [min(c + sw, 60) + 39 for c in policy._caps[i].tolist()]

@@ -16,7 +16,7 @@ from lacache_core.gear import GEARStore
 from lacache_core import KIVI
 from lacache_core.versions import with_cache
 from references import evicted_next_step, fake_quant, gear_block, gear_reference, per_head_gather
-from tiny import head_scores_file, manual_next_logits, ppl_killed_then_resumed, tiny_model
+from tiny import method_files, manual_next_logits, ppl_killed_then_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
@@ -166,7 +166,7 @@ def test_an_evicting_gear_cache_attends_to_its_own_view(method):
 def test_gear_composes_with_every_method_in_generate(method):
     model = enable_position_shift(tiny_model("llama", "sdpa"))
     settings = dict(cache_size=48, start_size=4, span=2, recent_window=4, window_size=4,
-                    head_scores=head_scores_file(model.config))
+                    **method_files(model.config))
     hyper = {k: v for k, v in settings.items() if k in METHODS[method].hyperparameters()}
     policy = build_policy(method, **hyper)
     order = "post_rope" if policy.prunes_channels else "pre_rope"  # ThinK prunes channels of rotated keys
@@ -179,7 +179,7 @@ def test_gear_composes_with_every_method_in_generate(method):
     kivi = CompressedCache(build_policy(method, **hyper), 6, quant=KIVI(4, 8, 16, order))
     model.generate(TOKENS[:, :60], **with_cache(kivi), max_new_tokens=40, min_new_tokens=40, do_sample=False)
     assert quantized.get_seq_length() == plain.get_seq_length()
-    stores = quantized._stores[0].heads if policy.ragged else [quantized._stores[0]]  # per head: AdaKV, HeadKV
+    stores = getattr(quantized._stores[0], "heads", [quantized._stores[0]])  # per head: AdaKV, HeadKV, DuoAttention
     assert all(isinstance(store, GEARStore) for store in stores)  # the cache's quantized-store paths hold for GEAR
     # KIVI's bytes plus the factors (at head_dim 16 and a 48-slot cache thinned blocks can cost more than float32;
     # the no-eviction comparison with float32 is in the next-step test)

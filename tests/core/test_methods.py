@@ -11,7 +11,7 @@ from packaging.version import Version
 
 from lacache_core import H2O, LSHE, METHODS, TOVA, CompressedCache, LaCache, build_policy, enable_position_shift
 from lacache_core.versions import with_cache
-from tiny import head_scores_file, tiny_model
+from tiny import method_files, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
@@ -166,7 +166,7 @@ PREFILL_SETTINGS = dict(cache_size=40, start_size=4, window_size=8, beta=2, chun
 def test_prefill_methods_compress_once_then_grow(method, family):
     model = enable_position_shift(tiny_model(family, "eager"))
     L = model.config.num_hidden_layers
-    policy = build_policy(method, **PREFILL_SETTINGS, head_scores=head_scores_file(model.config))
+    policy = build_policy(method, **PREFILL_SETTINGS, **method_files(model.config))
     budgets = policy.layer_budgets(L, 120)
     cache = CompressedCache(policy, L)
     with torch.no_grad():
@@ -179,6 +179,8 @@ def test_prefill_methods_compress_once_then_grow(method, family):
             assert cache.get_seq_length(layer) == max(map(len, rows))
             if method == "adakv":  # the layer's total is the budget (rounding aside)
                 assert abs(sum(map(len, rows)) - len(rows) * (budgets[layer] + 5)) <= len(rows)
+            elif method == "duo_attention":  # streaming heads sinks and window, retrieval heads the prompt; + 5
+                assert list(map(len, rows)) == [h + 5 for h in policy.head_budgets(layer, 120)]
             else:  # HeadKV: each head its cap from the scores, plus sinks, window and the 5 decoded
                 extra = policy.start_size + policy.window_size + 5
                 assert list(map(len, rows)) == [c + extra for c in policy._caps[layer].tolist()]
@@ -268,7 +270,7 @@ def test_prefill_methods_next_step_matches_from_scratch(method, key_positions):
         pytest.skip("prunes channels of rotated keys, so it stores keys rotated: test_think_next_step_matches_from_scratch")
     model = enable_position_shift(tiny_model("llama", "eager"))
     policy = build_policy(method, key_positions=key_positions, **PREFILL_SETTINGS,
-                          head_scores=head_scores_file(model.config))
+                          **method_files(model.config))
     cache = CompressedCache(policy, model.config.num_hidden_layers, key_rotation="every_step")  # un-rotated storage
     with torch.no_grad():
         model(TOKENS[:, :120], **with_cache(cache), use_cache=True)
@@ -320,7 +322,7 @@ def test_think_next_step_matches_from_scratch():
 def test_prefill_methods_generate(method):
     model = enable_position_shift(tiny_model("qwen2", "sdpa"))
     L = model.config.num_hidden_layers
-    policy = build_policy(method, **PREFILL_SETTINGS, head_scores=head_scores_file(model.config))
+    policy = build_policy(method, **PREFILL_SETTINGS, **method_files(model.config))
     cache = CompressedCache(policy, L)
     out = model.generate(TOKENS[:, :100], **with_cache(cache), max_new_tokens=20, min_new_tokens=20,
                          do_sample=False)
@@ -328,12 +330,16 @@ def test_prefill_methods_generate(method):
     budgets = [b + 19 for b in policy.layer_budgets(L, 100)]
     if policy.ragged:  # each layer's heads share its budget (up to rounding) and grow by the 19 tokens fed back
         kvh = model.config.num_key_value_heads
-        totals = [int(cache.head_lengths(i).sum()) for i in range(L)]
+        heads = [cache.head_lengths(i) for i in range(L)]  # None where every head holds the same (DuoAttention)
+        heads = [torch.full((kvh,), cache.get_seq_length(i)) if h is None else h for i, h in enumerate(heads)]
+        totals = [int(h.sum()) for h in heads]
         if method == "adakv":
             assert all(abs(t - kvh * b) <= kvh for t, b in zip(totals, budgets))
+        elif method == "duo_attention":
+            assert totals == [sum(policy.head_budgets(i, 100)) + 19 * kvh for i in range(L)]
         else:  # HeadKV shares the budget over all layers
             assert abs(sum(totals) - kvh * sum(budgets)) <= kvh * L
-        assert all(int(cache.head_lengths(i).min()) >= 19 + PREFILL_SETTINGS["window_size"] for i in range(L))
+        assert all(int(h.min()) >= 19 + PREFILL_SETTINGS["window_size"] for h in heads)
     else:
         assert [cache.get_seq_length(i) for i in range(L)] == budgets
 

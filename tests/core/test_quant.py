@@ -12,7 +12,7 @@ from lacache_core import KIVI
 from lacache_core.quant import KIVIStore, pack, quantize, unpack
 from lacache_core.versions import with_cache
 from references import TOKENS, evicted_next_step, kivi_reference, per_head_gather
-from tiny import head_scores_file, manual_next_logits, ppl_killed_then_resumed, tiny_model
+from tiny import method_files, manual_next_logits, ppl_killed_then_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
@@ -86,7 +86,7 @@ def test_an_evicting_quantized_cache_attends_to_its_dequantized_slots(method):
 @pytest.mark.parametrize("method", sorted(m for m in METHODS if m != "full"))
 def test_quant_composes_with_every_method_in_generate(method):
     model = enable_position_shift(tiny_model("llama", "sdpa"))
-    settings = dict(cache_size=48, start_size=4, span=2, recent_window=4, window_size=4, head_scores=head_scores_file(model.config))
+    settings = dict(cache_size=48, start_size=4, span=2, recent_window=4, window_size=4, **method_files(model.config))
     policy = build_policy(method, **{k: v for k, v in settings.items() if k in METHODS[method].hyperparameters()})
     # ThinK prunes channels of rotated keys: they are quantized after RoPE (test_think_quant.py)
     quantized = CompressedCache(policy, 6, quant=KIVI(4, 8, 16, "post_rope" if policy.prunes_channels else "pre_rope"))
@@ -214,7 +214,7 @@ def test_per_head_methods_hold_each_head_quantized(method, key_order):
     # AdaKV and HeadKV keep heads at their own lengths: each head becomes a quantized store of its own after the
     # prompt, and the next step equals a from-scratch step over the heads' dequantized views at their positions
     model = enable_position_shift(tiny_model("llama", "eager"))
-    settings = dict(cache_size=40, start_size=4, window_size=8, head_scores=head_scores_file(model.config))
+    settings = dict(cache_size=40, start_size=4, window_size=8, **method_files(model.config))
     config = KIVI(bits=4, group=8, residual=16, key_order=key_order)
     policy = build_policy(method, **{k: v for k, v in settings.items() if k in METHODS[method].hyperparameters()})
     cache = CompressedCache(policy, 6, quant=config)

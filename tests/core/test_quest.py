@@ -11,7 +11,7 @@ from lacache_core.quest import page_bounds, page_scores, selected_tokens
 from lacache_core.readers import build_reader
 from lacache_core.versions import with_cache
 from references import QUEST_SETTINGS as SETTINGS, QUEST_TOKENS as TOKENS
-from tiny import head_scores_file, manual_next_logits, ppl_killed_then_resumed, tiny_model
+from tiny import method_files, manual_next_logits, ppl_killed_then_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
@@ -137,7 +137,7 @@ def test_read_bytes_count_the_pages_read_and_the_metadata_held():
 def test_quest_composes_with_every_method_in_generate(method):
     # page_size 1 and an unbounded budget read every slot: the same tokens as without Quest; a small budget reads less
     model = enable_position_shift(tiny_model("llama", "sdpa"))
-    settings = dict(SETTINGS, head_scores=head_scores_file(model.config))
+    settings = dict(SETTINGS, **method_files(model.config))
 
     def cache(read):
         policy = build_policy(method, **{k: v for k, v in settings.items() if k in METHODS[method].hyperparameters()})
@@ -273,7 +273,7 @@ def test_reading_every_slot_counts_as_a_dense_read(method):
         pytest.skip("padded batches need the attention-interface path (transformers >= 4.48)")
     model = enable_position_shift(tiny_model("llama", "sdpa"))
     read = Quest(token_budget=10 ** 6, page_size=1, dense_layers=0)
-    settings = dict(cache_size=100, start_size=4, span=2, window_size=8, head_scores=head_scores_file(model.config))
+    settings = dict(cache_size=100, start_size=4, span=2, window_size=8, **method_files(model.config))
     policy = build_policy(method, **{k: v for k, v in settings.items() if k in METHODS[method].hyperparameters()})
     cache = CompressedCache(policy, 6, read=read)
     if method == "adakv":

@@ -12,7 +12,7 @@ from packaging.version import Version
 from harness.generation import BudgetSpec, answer_all
 from lacache_core import KIVI, METHODS, enable_position_shift
 from runs import DATASETS, read, rows_of, run_longbench, run_niah, run_ruler
-from tiny import head_scores_file, result_dir, tiny_model
+from tiny import method_files, result_dir, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.48"),
                                 reason="padded batches need the attention-interface path (transformers >= 4.48)")
@@ -34,7 +34,7 @@ def prompts():
 
 
 def spec_for(method, model):
-    settings = dict(SETTINGS, head_scores=head_scores_file(model.config))
+    settings = dict(SETTINGS, **method_files(model.config))
     settings = {k: v for k, v in settings.items() if k in METHODS[method].hyperparameters()}
     # a budget of half of each prompt; LaCache and StreamingLLM size their sinks by its length (LongBench rule)
     return lambda n: BudgetSpec(method, cache_size=n // 2, settings=settings) if method != "full" else BudgetSpec()

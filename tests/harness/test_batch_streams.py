@@ -11,7 +11,7 @@ from harness.generation import greedy_answer
 from harness.streaming import split_streams, stream_perplexity, stream_perplexity_batched, stream_tokens
 from lacache_core import METHODS, CompressedCache, ConfigError, build_policy, enable_position_shift
 from lacache_core.versions import with_cache
-from tiny import head_scores_file, ppl_killed_then_resumed, tiny_model
+from tiny import method_files, ppl_killed_then_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
@@ -83,7 +83,7 @@ def test_generate_on_a_batch_gives_each_row_what_it_gives_alone(method):
     model = enable_position_shift(tiny_model("llama", "sdpa"))
     g = torch.Generator().manual_seed(8)
     prompts = torch.stack([torch.randperm(128, generator=g)[:60] for _ in range(3)])  # no ties (see above)
-    settings = dict(SETTINGS, cache_size=40, head_scores=head_scores_file(model.config))
+    settings = dict(SETTINGS, cache_size=40, **method_files(model.config))
     cache = CompressedCache(build_policy(method, **settings), 6)
     batch = model.generate(prompts, **with_cache(cache), max_new_tokens=30, min_new_tokens=30, do_sample=False)
     alone_bytes = 0
@@ -165,7 +165,7 @@ def test_a_left_padded_batch_gives_each_row_what_it_gives_alone(method):
     mask = torch.zeros(3, 60, dtype=torch.long)
     for j, row in enumerate(rows):
         prompts[j, 60 - len(row):], mask[j, 60 - len(row):] = row, 1
-    settings = dict(SETTINGS, cache_size=40, head_scores=head_scores_file(model.config))
+    settings = dict(SETTINGS, cache_size=40, **method_files(model.config))
     cache = CompressedCache(build_policy(method, **settings), 6)
     batch = model.generate(prompts, attention_mask=mask, **with_cache(cache), max_new_tokens=25, min_new_tokens=25,
                            do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)

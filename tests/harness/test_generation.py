@@ -10,7 +10,7 @@ from lacache_core.cache import kv_bytes
 from harness.generation import (BudgetSpec, answer, budget_cache_size, greedy_answer, official_start_size,
                                      stop_token_ids, truncate_middle)
 from lacache_core.versions import HAS_CACHE_CLASSES
-from tiny import head_scores_file, tiny_model, tiny_tokenizer
+from tiny import method_files, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(not HAS_CACHE_CLASSES, reason="prompt harnesses need transformers >= 4.36")
 
@@ -132,13 +132,13 @@ def test_bad_budget_settings_are_one_line_errors():
         BudgetSpec("lacache", 8, 4, settings={"span": 2}).make(model, 100)
 
 
-@pytest.mark.parametrize("method", sorted(m for m in METHODS if m not in ("full", "minicache")))  # minicache: no budget
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if m not in ("full", "minicache", "duo_attention")))  # no budget
 def test_every_method_gets_the_same_budget_and_its_reference_sinks(method):
     """The budget reaches every policy (StreamingLLM has no cache_size field: its window is derived); the
     LongBench sink rule reaches the methods of the LaCache harness, the others keep their own default,
     and a given --start_size reaches every one."""
     model = tiny_model("llama", "eager")
-    settings = {"span": 2, "window_size": 8, "head_scores": head_scores_file(model.config)}
+    settings = {"span": 2, "window_size": 8, **method_files(model.config)}
     cache = BudgetSpec(method, 200, None, settings=settings).make(model, 300)
     assert cache.policy.cache_size == 200
     default = {f.name: f.default for f in dataclasses.fields(METHODS[method])}["start_size"]
