@@ -119,7 +119,7 @@ class DuoAttention(CachePolicy):
         super().__post_init__()
         if self.duo_patterns is None:
             raise ConfigError("make_cache.method duo_attention needs DuoAttention.duo_patterns FILE (DuoAttention's "
-                              "published patterns, or make one: python scripts/duo_patterns.py --model_name_or_path MODEL)")
+                              "published patterns, or make one with scripts/duo_patterns.py)")
         scores, sink, recent = read_patterns(self.duo_patterns)
         self._sizes = (self.start_size if self.start_size is not None else (ON_THE_FLY_SIZES[0] if sink is None else sink),
                        self.recent_window if self.recent_window is not None else (ON_THE_FLY_SIZES[1] if recent is None else recent))
