@@ -53,6 +53,12 @@ class LayerStore:
             return self
         raise RuntimeError(f"{type(self).__name__}: a layer held in a store of its own cannot be compacted again")
 
+    def rewrite_keys(self, keys: torch.Tensor) -> None:
+        """Replace the keys by ``keys`` (``[b, kv_heads, n, d]``, as stored), in place: the tensor the step's
+        compaction gathers from."""
+        raise RuntimeError(f"{type(self).__name__} cannot rewrite keys: a method that merges keys needs its layers "
+                           "dense and unquantized")
+
     def rewrite_values(self, values: torch.Tensor, changed: torch.Tensor) -> None:
         """Replace the values of the slots ``changed`` (``[b, kv_heads, n]`` bool) by theirs in ``values``
         (``[b, kv_heads, n, d]``)."""
@@ -215,6 +221,9 @@ class DenseStore(LayerStore):
         if keep is not None:
             self.key, self.value = gather_slots(self.key, self.value, keep)
         return self
+
+    def rewrite_keys(self, keys):
+        self.key.copy_(keys)
 
     def rewrite_values(self, values, changed):
         self.value = torch.where(changed[..., None], values.to(self.value.dtype), self.value)

@@ -89,6 +89,7 @@ class AdaKV(SnapKV):
     """
 
     name: ClassVar[str] = "adakv"
+    merge_refused: ClassVar[str] = "its heads keep different numbers of slots (KVCache-Factory's AdaKV ignores --merge)"
     ragged: ClassVar[bool] = True
 
     floor_ratio: float = param(0.2, low=0.0, high=1.0)

@@ -174,6 +174,11 @@ class CachePolicy:
         value : ``[b, kv_heads, n, d]``, the values this step's attention read (not to be written into).
         """
 
+    def works_in(self, hook: str) -> bool:
+        """Whether this policy's override of ``hook`` (``"before_keep"``, ``"after_keep"``) does any work with its
+        settings (a batch's rows then need views of their own; ``True`` by default)."""
+        return True
+
     def after_keep(self, layer: int, store: LayerStore) -> LayerStore:
         """The store that holds ``layer`` (or one batch row of it) from now on, given ``store``, which holds the
         slots this step kept: ``store`` by default; ThinK prunes its key channels."""

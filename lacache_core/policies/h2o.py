@@ -6,12 +6,13 @@ from typing import ClassVar, List, Optional
 
 import torch
 
-from .base import CachePolicy, param
+from .base import param
+from .merging import MergesEvicted
 from .scoring import attention_mass, ensure_layer, keep_top, pad_to
 
 
 @dataclass
-class H2O(CachePolicy):
+class H2O(MergesEvicted):
     """Keep sinks, a recent window, and the tokens with the largest attention mass accumulated so far.
 
     Parameters

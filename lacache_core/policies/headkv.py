@@ -91,6 +91,7 @@ class HeadKV(SnapKV):
     """
 
     name: ClassVar[str] = "headkv"
+    merge_refused: ClassVar[str] = "its heads keep different numbers of slots (KVCache-Factory's HeadKV ignores --merge)"
     ragged: ClassVar[bool] = True
 
     head_scores: Optional[str] = param(None, file=True)

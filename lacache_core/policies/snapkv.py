@@ -8,11 +8,12 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .base import param
+from .merging import MergesEvicted
 from .prefill import PrefillPolicy
 
 
 @dataclass
-class SnapKV(PrefillPolicy):
+class SnapKV(PrefillPolicy, MergesEvicted):
     """Keep, per KV head, the prompt tokens most attended by the last ``window_size`` prompt queries.
 
     Scores are the window's attention to the prefix (the prompt before the window), summed over

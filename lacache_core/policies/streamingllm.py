@@ -6,11 +6,12 @@ from typing import ClassVar, Optional
 
 import torch
 
-from .base import CachePolicy, param
+from .base import param
+from .merging import MergesEvicted
 
 
 @dataclass
-class StreamingLLM(CachePolicy):
+class StreamingLLM(MergesEvicted):
     """Keep the first ``start_size`` tokens and the last ``recent_size`` tokens.
 
     Positions are cache slots (keys are re-rotated), as in the StreamingLLM paper.

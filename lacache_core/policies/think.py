@@ -106,6 +106,7 @@ class ThinK(SnapKV):
     """
 
     name: ClassVar[str] = "think"
+    merge_refused: ClassVar[str] = "it prunes the channels of the keys it keeps (KVCache-Factory's ThinK fails with --merge)"
     #: the cache keeps ThinK's layers in stores of their own (:meth:`after_keep`)
     prunes_channels: ClassVar[bool] = True
     quant_ignores: ClassVar[Dict[str, str]] = {

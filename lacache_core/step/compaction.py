@@ -99,7 +99,7 @@ def settle_rows(cache, step) -> None:
 def works(policies: list, hook: str) -> bool:
     """Whether any of ``policies`` does tensor work of its own in ``hook``: rows whose policies do none need no
     per-row views of the batch's tensors (the result is the same either way; the views cost a step time)."""
-    return any(getattr(type(p), hook) is not getattr(CachePolicy, hook) for p in policies)
+    return any(getattr(type(p), hook) is not getattr(CachePolicy, hook) and p.works_in(hook) for p in policies)
 
 
 def row_parts(key: torch.Tensor, value: torch.Tensor, fillers: torch.Tensor) -> list:

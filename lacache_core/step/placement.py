@@ -33,8 +33,15 @@ def check_key_rotation(policy, key_rotation: str, query_at_slot: bool, quant) ->
     if key_rotation == "every_step" and policy.prunes_channels:
         raise ConfigError(f"make_cache.key_rotation every_step cannot be used with make_cache.method {policy.name}: it "
                           "prunes channels of rotated keys, so keys must be stored rotated (incremental or auto)")
+    merge = getattr(policy, "merge", None)
+    if merge is not None and key_rotation == "every_step":
+        raise ConfigError(f"make_cache.key_rotation every_step cannot be used with {type(policy).__name__}.merge {merge}: "
+                          "evicted keys are merged as stored, rotated (incremental or auto)")
     if quant is None:
         return key_rotation
+    if merge is not None:
+        raise ConfigError(f"make_cache.quant {quant.method} cannot be used with {type(policy).__name__}.merge {merge}: "
+                          "merged keys are rewritten in place, which quantized codes do not allow")
     setting = type(quant).__name__
     if quant.schedule == "reference" and not isinstance(policy, FullCache):
         raise ConfigError(f"{setting}.schedule reference splits keys and values at different tokens, as KIVI's code "
@@ -92,6 +99,9 @@ class KeyPlacement:
                 mode = "incremental" if (self.query_at_slot or exact) and (exact or accurate) else "every_step"
             self.rotated = mode == "incremental"
             self.rotation = rotation
+            if not self.rotated and getattr(self.policy, "merge", None) is not None:
+                raise ConfigError(f"{type(self.policy).__name__}.merge needs keys stored rotated, which key_rotation auto "
+                                  f"does not give in {like.dtype}: use float32, or make_cache.key_rotation incremental")
         return self.rotated
 
     def new_embeddings(self, layer: int, embeddings, rotation, held: int, next_position: int, pads):

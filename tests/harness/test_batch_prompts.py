@@ -58,6 +58,20 @@ def test_each_prompt_of_a_batch_is_answered_as_alone(method):
     assert [batched[i].batch_rows for i in range(4)] == [3, 3, 3, 1]
 
 
+@pytest.mark.parametrize("method", ["snapkv", "h2o", "streamingllm"])
+def test_each_prompt_of_a_merging_batch_is_answered_as_alone(method):
+    # --merge rewrites each row's kept keys and values from its own evicted ones only
+    model = enable_position_shift(tiny_model("llama", "sdpa"))
+    requests = prompts()
+    spec = lambda n: BudgetSpec(method, cache_size=n // 2, settings={"window_size": 4, "merge": "pivot"})  # noqa: E731
+    plain = lambda n: BudgetSpec(method, cache_size=n // 2, settings={"window_size": 4})  # noqa: E731
+    alone = dict(answer_all(model, IdTokenizer(), requests, spec, batch_size=1))
+    batched = dict(answer_all(model, IdTokenizer(), requests, spec, batch_size=3, longest_first=True))
+    assert all(batched[i].token_ids == alone[i].token_ids for i in range(4))
+    unmerged = dict(answer_all(model, IdTokenizer(), requests, plain, batch_size=1))
+    assert any(unmerged[i].token_ids != alone[i].token_ids for i in range(4))  # the merge changed answers
+
+
 QUANTIZED = [(m, "pre_rope") for m in sorted(METHODS) if not METHODS[m].prunes_channels] + \
     [(m, "post_rope") for m in sorted(METHODS) if METHODS[m].default_positions == "original"]
 
