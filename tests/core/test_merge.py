@@ -4,12 +4,16 @@ import math
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 
 from lacache_core import KIVI, CompressedCache, ConfigError, build_policy, enable_position_shift, make_cache
 from lacache_core.policies.merging import merge_evicted
 from lacache_core.versions import with_cache
 from tiny import tiny_model
 
+needs_cache = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
+                                 reason="cache objects need transformers >= 4.36")
 V = torch.tensor([[1.0, 1.0], [3.0, 5.0], [4.0, 0.0], [2.0, 2.0]])
 
 
@@ -54,6 +58,7 @@ def reference_merge(key, value, keep, mode):
     return out_k, out_v
 
 
+@needs_cache
 @pytest.mark.parametrize("mode", ["pivot", "weighted"])
 @pytest.mark.parametrize("method", ["snapkv", "pyramidkv", "h2o"])
 def test_the_cache_holds_the_merged_prompt(method, mode):
@@ -81,6 +86,7 @@ def test_the_cache_holds_the_merged_prompt(method, mode):
         assert not torch.allclose(ours_v, plain._layer(layer)[1])  # merging changed the kept values
 
 
+@needs_cache
 @pytest.mark.parametrize("mode", ["pivot", "weighted"])
 @pytest.mark.parametrize("method", ["snapkv", "pyramidkv", "h2o", "streamingllm"])
 def test_merging_methods_generate_within_budget_and_differ(method, mode):
@@ -95,6 +101,7 @@ def test_merging_methods_generate_within_budget_and_differ(method, mode):
     assert runs[mode].shape[1] == 90 and not torch.equal(runs[mode], runs[None])
 
 
+@needs_cache
 def test_merge_is_refused_where_it_cannot_work():
     with pytest.raises(ConfigError, match="AdaKV.merge is not available for adakv"):
         build_policy("adakv", merge="pivot")
