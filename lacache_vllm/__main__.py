@@ -9,7 +9,7 @@ from harness.flags import field_docs
 from lacache_core.params import BOUNDS, base_type, choices_of, describe_range, type_hints
 from lacache_core.policies import METHODS, budget_derived
 
-from .settings import CONFIG_KEY, SUPPORTED, refusal
+from .settings import CONFIG_KEY, NOT_IN_ENGINE, SUPPORTED, refusal
 
 
 def describe(method: str) -> list:
@@ -19,7 +19,7 @@ def describe(method: str) -> list:
     if budget_derived(cls):
         lines.append("  cache_size  int  slots per layer, sinks included (sets recent_size = cache_size - start_size)")
     for f in fields(cls):
-        if not f.init or not f.metadata.get("flag", True):
+        if not f.init or not f.metadata.get("flag", True) or f.name in NOT_IN_ENGINE:
             continue
         choices = choices_of(hints[f.name])
         fixed = {k: v for k, v in f.metadata.items() if k in BOUNDS and v is not None and not callable(v)}

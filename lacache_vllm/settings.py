@@ -46,6 +46,10 @@ REFUSED = {
 }
 
 
+#: Settings of a supported method that the plugin does not carry out, each with the reason.
+NOT_IN_ENGINE = {"merge": "merging evicted tokens into kept ones is not written for the plugin's block moves"}
+
+
 def refusal(method: str) -> str:
     """Why ``method`` does not run inside vLLM (empty for a supported one)."""
     if method in SUPPORTED:
@@ -77,8 +81,10 @@ class CompressionSettings:
         if why:
             raise ConfigError(f"{CONFIG_KEY}.method {method} is not available inside vLLM: {why} "
                               f"(available: {list(SUPPORTED)})")
-        names = set(METHODS[method].hyperparameters()) | {"cache_size"}
+        names = (set(METHODS[method].hyperparameters()) | {"cache_size"}) - set(NOT_IN_ENGINE)
         unknown = sorted(set(raw) - names)
+        if unknown and unknown[0] in NOT_IN_ENGINE:
+            raise ConfigError(f"{CONFIG_KEY}.{unknown[0]} is not available inside vLLM: {NOT_IN_ENGINE[unknown[0]]}")
         if unknown:
             raise ConfigError(f"{CONFIG_KEY}.{unknown[0]} is not a setting of {method} (valid: {sorted(names)})")
         out = cls(method, tuple(sorted(raw.items())))

@@ -116,6 +116,8 @@ def test_without_kv_compression_the_engine_is_unchanged(tiny):
     ({}, {"method": "lacache", "cache_size": 64, "span": 2, "overlap": 2}, "kv_compression.overlap must be in [0, 1]"),
     ({}, {"method": "lacache", "cache_size": 8, "span": 2}, "kv_compression.cache_size must be >= start_size"),
     ({}, {"method": "knorm"}, "layers hold different numbers of slots"),
+    ({}, {"method": "rkv"}, "it scores tokens by the attention of the newest queries"),
+    ({}, {"method": "streamingllm", "merge": "pivot"}, "kv_compression.merge is not available inside vLLM"),
     ({}, {"method": "knorm_decode", "cache_size": 8, "recent_window": 8}, "kv_compression.cache_size must be >= 9, got 8"),
     ({"enable_prefix_caching": True}, {"method": "lacache", "span": 2}, "cannot run with enable_prefix_caching"),
     ({"kv_cache_dtype": "fp8"}, {"method": "streamingllm"}, "cannot run with cache_dtype"),
