@@ -44,6 +44,16 @@ def _read_counter(name: str, doc: str) -> property:
     return property(lambda self: getattr(self.reads, name), lambda self, v: setattr(self.reads, name, v), doc=doc)
 
 
+def observe(policy, layer: int, query, key, value, scaling: float, rotation, module) -> None:
+    """Show ``policy`` one layer's step (one batch row's part of it): the attention module and the values where it
+    reads them (:attr:`CachePolicy.reads_weights`, :attr:`CachePolicy.observes_values`), then queries and keys."""
+    if policy.reads_weights:
+        policy.read_weights(layer, module)
+    if policy.observes_values:
+        policy.observe_values(layer, value, rotation)
+    policy.observe(layer, query, key, scaling)
+
+
 class CompressedCache(DynamicCache):
     """A ``DynamicCache`` compacted layer by layer by ``policy``, its keys at the policy's positions.
 
@@ -229,18 +239,10 @@ class CompressedCache(DynamicCache):
         if rows:
             for j, row_policy in enumerate(rows):
                 real = min(q_len, n - fillers[j])  # the new tokens of row j that are not padding
-                if row_policy.reads_weights:
-                    row_policy.read_weights(layer, module)
-                if row_policy.observes_values:
-                    row_policy.observe_values(layer, step.value[j:j + 1, :, fillers[j]:], rotation)
-                row_policy.observe(layer, step.query[j:j + 1, :, q_len - real:], step.key[j:j + 1, :, fillers[j]:],
-                                   scaling)
+                observe(row_policy, layer, step.query[j:j + 1, :, q_len - real:], step.key[j:j + 1, :, fillers[j]:],
+                        step.value[j:j + 1, :, fillers[j]:], scaling, rotation, module)
         elif self.policy.observes:
-            if self.policy.reads_weights:
-                self.policy.read_weights(layer, module)
-            if self.policy.observes_values:
-                self.policy.observe_values(layer, step.value, rotation)
-            self.policy.observe(layer, step.query, step.key, scaling)
+            observe(self.policy, layer, step.query, step.key, step.value, scaling, rotation, module)
         self._count_step_bytes(layer)
         # after padding, the model's mask says where the input's pads were, not where compaction moved each row's
         # tokens; without padding it is right while no row holds fillers

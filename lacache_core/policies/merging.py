@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..storage import gather_slots
 from .base import CachePolicy, param
 
 MERGE_MODES = ("pivot", "weighted")
@@ -29,32 +30,29 @@ MERGE_MODES = ("pivot", "weighted")
 def merge_evicted(key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """``key`` and ``value`` (``[b, kv_heads, n, d]``, keys rotated) with the kept slots ``keep`` (``[n_keep]`` or
     ``[kv_heads, n_keep]``) rewritten by merging every other slot into them; new tensors, evicted slots unchanged."""
-    b, heads, n, d = key.shape
+    heads, n = key.shape[1], key.shape[2]
     keep = keep.to(key.device)
     keep = keep.expand(heads, keep.shape[-1]) if keep.dim() == 1 else keep
     evicted = torch.ones(heads, n, dtype=torch.bool, device=key.device).scatter(-1, keep, False)
     if not evicted.any():
         return key, value
     drop = evicted.nonzero()[:, 1].view(heads, -1)  # every head drops as many: [kv_heads, n_drop]
-    out = []
-    for states in (key, value):
-        out.append(states.clone())
-    kept_keys = key.gather(2, keep[None, :, :, None].expand(b, heads, keep.shape[-1], d)).float()
-    drop_keys = key.gather(2, drop[None, :, :, None].expand(b, heads, drop.shape[-1], d)).float()
-    cosine = F.normalize(drop_keys, dim=-1, eps=1e-6) @ F.normalize(kept_keys, dim=-1, eps=1e-6).transpose(-1, -2)
+    kept = [t.float() for t in gather_slots(key, value, keep)]  # [b, kv_heads, n_keep, d], keys then values
+    dropped = [t.float() for t in gather_slots(key, value, drop)]
+    cosine = F.normalize(dropped[0], dim=-1, eps=1e-6) @ F.normalize(kept[0], dim=-1, eps=1e-6).transpose(-1, -2)
     best, target = cosine.max(-1)  # [b, kv_heads, n_drop]: the kept token (index into keep) each evicted one joins
     weight = torch.ones_like(best) if mode == "pivot" else ((best + 1) / 2).clamp_min(1e-6)
-    for states, merged in zip((key, value), out):
-        kept = states.gather(2, keep[None, :, :, None].expand(b, heads, keep.shape[-1], d)).float()
-        dropped = states.gather(2, drop[None, :, :, None].expand(b, heads, drop.shape[-1], d)).float()
-        total = torch.zeros_like(kept).scatter_add(2, target[..., None].expand_as(dropped), weight[..., None] * dropped)
-        mass = torch.zeros_like(kept[..., 0]).scatter_add(2, target, weight)  # [b, kv_heads, n_keep]
+    mass = torch.zeros_like(kept[0][..., 0]).scatter_add(2, target, weight)[..., None]  # [b, kv_heads, n_keep, 1]
+    index = keep[None, :, :, None].expand_as(kept[0])
+    merged = []
+    for states, held, gone in zip((key, value), kept, dropped):
+        total = torch.zeros_like(held).scatter_add(2, target[..., None].expand_as(gone), weight[..., None] * gone)
         if mode == "pivot":  # each evicted token brings (X_d + R_j) / 2
-            new = (kept + total / 2 + mass[..., None] * kept / 2) / (1 + mass[..., None])
+            new = (held + total / 2 + mass * held / 2) / (1 + mass)
         else:
-            new = (kept + total) / (1 + mass[..., None])
-        merged.scatter_(2, keep[None, :, :, None].expand(b, heads, keep.shape[-1], d), new.to(merged.dtype))
-    return out[0], out[1]
+            new = (held + total) / (1 + mass)
+        merged.append(states.scatter(2, index, new.to(states.dtype)))
+    return merged[0], merged[1]
 
 
 @dataclass
