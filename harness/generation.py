@@ -149,6 +149,8 @@ class Answer:
     batch_rows: int = 1
     #: With ``--read``: the share of the cache's bytes the decode steps read (the batch's), else ``None``.
     read_fraction: Optional[float] = None
+    #: The prefill's part of ``seconds`` (a method's scoring passes included: KVzip).
+    prefill_seconds: float = 0.0
 
 
 def read_record(answer) -> dict:
@@ -161,7 +163,7 @@ def read_record(answer) -> dict:
 @torch.no_grad()
 def greedy_answers(model, prompts: Sequence[torch.Tensor], cache, max_new_tokens: Union[int, Sequence[int]],
                    stop_ids: Sequence[int] = (), min_new_tokens: int = 0, prefill_chunk_size: Optional[int] = None,
-                   pad_id: int = 0) -> List[List[int]]:
+                   pad_id: int = 0, tokenizer=None, timing: Optional[dict] = None) -> List[List[int]]:
     """Greedy decoding of a batch after a (possibly chunked) prefill; the new token ids of each prompt (stop
     token excluded).
 
@@ -175,6 +177,8 @@ def greedy_answers(model, prompts: Sequence[torch.Tensor], cache, max_new_tokens
     cache : a :class:`CompressedCache` (compacted after every forward) or an ordinary ``DynamicCache``.
     max_new_tokens : one limit for every row, or one per row.
     min_new_tokens : stop tokens are not chosen before this many tokens (LongBench's samsum rule).
+    tokenizer : the model's, for a method that writes passes of its own over the prompt (KVzip).
+    timing : where given, ``timing["prefill_seconds"]`` is set to the prefill's wall time (scoring passes included).
     """
     device = prompts[0].device
     rows = [p.reshape(-1) for p in prompts]
@@ -190,7 +194,10 @@ def greedy_answers(model, prompts: Sequence[torch.Tensor], cache, max_new_tokens
         inputs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp_min(0)}
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     stop_set = set(stop.tolist())
-    logits = prefill(model, ids, cache, prefill_chunk_size, **inputs)
+    t0 = time.perf_counter()
+    logits = prefill(model, ids, cache, prefill_chunk_size, tokenizer=tokenizer, **inputs)
+    if timing is not None:
+        timing["prefill_seconds"] = time.perf_counter() - t0
     out: List[List[int]] = [[] for _ in rows]
     live = [limit > 0 for limit in limits]
     step = 0  # tokens chosen so far by every row still going
@@ -240,15 +247,16 @@ def answer_batch(model, tokenizer, prompts: Sequence[torch.Tensor], specs: Seque
     lengths = [p.shape[-1] for p in prompts]
     cache = batch_cache(model, specs, lengths)
     t0 = time.perf_counter()
+    timing = {}
     ids = greedy_answers(model, prompts, cache, max_new_tokens, stop_ids, min_new_tokens, prefill_chunk_size,
-                         pad_token_id(tokenizer))
+                         pad_token_id(tokenizer), tokenizer, timing)
     seconds = (time.perf_counter() - t0) / len(prompts)
     # an ordinary cache only grows, so its final size is its peak
     peak = cache.peak_bytes if isinstance(cache, CompressedCache) else kv_bytes(cache)
     final = kv_bytes(cache)
     read = cache.read_bytes / cache.dense_read_bytes if getattr(cache, "read", None) and cache.dense_read_bytes else None
-    return [Answer(row, decode_text(tokenizer, row), n, seconds, peak // len(prompts),
-                   final // len(prompts), len(prompts), read) for row, n in zip(ids, lengths)]
+    return [Answer(row, decode_text(tokenizer, row), n, seconds, peak // len(prompts), final // len(prompts),
+                   len(prompts), read, timing["prefill_seconds"] / len(prompts)) for row, n in zip(ids, lengths)]
 
 
 def answer(model, tokenizer, input_ids: torch.Tensor, spec: BudgetSpec, max_new_tokens: int,

@@ -133,9 +133,10 @@ class Benchmark:
 
 
 def answer_cost(answer) -> dict:
-    """The cost fields that end a JSONL record: seconds, peak and final KV bytes, rows in the batch, and under
-    ``--read`` the share of the cache read (:func:`~harness.generation.read_record`)."""
-    return {"seconds": round(answer.seconds, 3), "peak_kv_bytes": answer.peak_kv_bytes,
+    """The cost fields that end a JSONL record: seconds (and the prefill's part of them), peak and final KV bytes,
+    rows in the batch, and under ``--read`` the share of the cache read (:func:`~harness.generation.read_record`)."""
+    return {"seconds": round(answer.seconds, 3), "prefill_seconds": round(getattr(answer, "prefill_seconds", 0.0), 3),
+            "peak_kv_bytes": answer.peak_kv_bytes,
             "final_kv_bytes": answer.final_kv_bytes, "batch_rows": answer.batch_rows, **read_record(answer)}
 
 

@@ -1,6 +1,6 @@
 """lacache_core: LaCache and baseline KV-cache policies with position-shifted attention for HF models."""
 from .errors import ConfigError
-from .policies import (CAM, H2O, ChunkKV, ExpectedAttention, KeyDiff, LagKV, RKV, CriticalKV, DuoAttention, AdaKV, HeadKV, LSHE, METHODS, NACL, TOVA, CachePolicy, FullCache, KNorm, KNormDecode, LaCache,
+from .policies import (CAM, H2O, ChunkKV, ExpectedAttention, KeyDiff, LagKV, RKV, CriticalKV, DuoAttention, KVzip, AdaKV, HeadKV, LSHE, METHODS, NACL, TOVA, CachePolicy, FullCache, KNorm, KNormDecode, LaCache,
                        PyramidInfer, PyramidKV, Scissorhands, SnapKV, StreamingLLM, ThinK, build_policy)
 from .patches import enable_position_shift, is_position_shifted
 from .build import make_cache, make_row_cache, prefill
@@ -11,7 +11,7 @@ from .readers import READERS, Quest
 __all__ = [
     "ConfigError", "METHODS", "CachePolicy", "CAM", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "SnapKV",
     "PyramidKV", "PyramidInfer", "KNorm", "KNormDecode", "Scissorhands", "NACL", "AdaKV", "HeadKV", "ThinK",
-    "KeyDiff", "LagKV", "ExpectedAttention", "ChunkKV", "CriticalKV", "DuoAttention", "RKV",
+    "KeyDiff", "LagKV", "ExpectedAttention", "ChunkKV", "CriticalKV", "DuoAttention", "KVzip", "RKV",
     "build_policy",
     "enable_position_shift", "is_position_shifted", "CompressedCache", "make_cache", "make_row_cache", "prefill", "KIVI", "GEAR", "Quest",
     "QUANTIZERS", "READERS",

@@ -5,6 +5,7 @@ import inspect
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from .cache import CompressedCache
 from .errors import ConfigError
@@ -58,14 +59,16 @@ def make_row_cache(method: str, model_or_config, row_settings: list, query_at_sl
                                     quant=quant, read=read)
 
 
-def prefill(model, input_ids: torch.Tensor, cache, chunk_size: Optional[int] = None, **inputs) -> torch.Tensor:
+def prefill(model, input_ids: torch.Tensor, cache, chunk_size: Optional[int] = None, tokenizer=None,
+            **inputs) -> torch.Tensor:
     """Feed a prompt into ``cache``, whole or ``chunk_size`` tokens at a time; returns the last logits ``[b, vocab]``.
 
     With a :class:`CompressedCache` of a decode-time method the policy compacts between chunks, so
     peak memory depends on the budget and the chunk, not on the prompt length. Prefill-time
     methods (SnapKV, ...) compress after the first forward pass, so they need the whole prompt at
-    once (``chunk_size=None``). ``inputs`` (a left-padded batch's ``attention_mask`` and
-    ``position_ids``) go to the model with the whole prompt.
+    once (``chunk_size=None``). A method that scores the prompt by passes of its own (KVzip) gets them
+    here, after the prompt, written with ``tokenizer``. ``inputs`` (a left-padded batch's ``attention_mask``
+    and ``position_ids``) go to the model with the whole prompt.
     """
     if chunk_size is not None and chunk_size < 1:
         raise ConfigError(f"prefill.chunk_size must be >= 1, got {chunk_size}")
@@ -79,9 +82,28 @@ def prefill(model, input_ids: torch.Tensor, cache, chunk_size: Optional[int] = N
     # only the last position's logits are needed; a [prompt, vocab] logits tensor would dominate memory
     extra = {"logits_to_keep": 1} if "logits_to_keep" in params else (
         {"num_logits_to_keep": 1} if "num_logits_to_keep" in params else {})
+    passes = isinstance(cache, CompressedCache) and cache.policy.scores_by_passes
+    if passes and (input_ids.shape[0] != 1 or cache.rows.policies is not None):
+        raise ConfigError(f"prefill of make_cache.method {cache.policy.name} takes one prompt at a time (its scoring "
+                          f"passes are each prompt's own), got a batch of {input_ids.shape[0]}")
     step = chunk_size or input_ids.shape[1]
     logits = None
     for start in range(0, input_ids.shape[1], step):
         out = model(input_ids[:, start:start + step], use_cache=True, **with_cache(cache), **extra, **inputs)
         logits = out.logits[:, -1]
+    if passes:
+        run_scoring_passes(model, input_ids, cache, tokenizer, extra)
     return logits
+
+
+def run_scoring_passes(model, input_ids: torch.Tensor, cache: CompressedCache, tokenizer, extra: dict) -> None:
+    """The passes that score the prompt for ``cache``'s policy (:meth:`CachePolicy.scoring_passes`), then its choice
+    applied to every layer."""
+    policy = cache.policy
+    passes = policy.scoring_passes(input_ids, tokenizer)
+    for span, ids in tqdm(passes, desc=f"{policy.name} scoring passes", leave=False, disable=len(passes) < 2):
+        policy.begin_pass(span)
+        model(ids, use_cache=True, **with_cache(cache), **extra)
+    policy.end_passes()
+    if passes:
+        cache.compact()

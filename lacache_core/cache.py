@@ -268,6 +268,13 @@ class CompressedCache(DynamicCache):
             key[..., n - q_len:, :] = rotated
         return key
 
+    def compact(self) -> None:
+        """Apply the policy's next choice to every layer now, between forward passes (KVzip chooses after the passes
+        that score its prompt, when no layer is attending)."""
+        for layer in range(self.num_layers):
+            key, value = self._stored(layer)
+            settle(self, LayerStep(layer, None, key, value, stored_key=key))
+
     # -- batches
     @classmethod
     def for_rows(cls, policies: list, num_layers: int, query_at_slot: bool = True, key_rotation: str = "auto",

@@ -43,6 +43,8 @@ REFUSED = {
     "criticalkv": "it re-ranks a prompt scorer's choice (SnapKV by default) that vLLM's attention kernel cannot feed",
     "keydiff": "it compresses the prompt once, after prefill, and the plugin compacts only as tokens are decoded",
     "lagkv": "it compresses the prompt once, after prefill, and the plugin compacts only as tokens are decoded",
+    "kvzip": "it scores the prompt by forward passes of its own over a request to repeat it, which the engine's "
+             "scheduler does not run, and its heads keep different numbers of slots",
 }
 
 

@@ -24,7 +24,9 @@ from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
 from lacache_core.errors import ConfigError
+from lacache_core.build import prefill
 from lacache_core.patches import enable_position_shift
+from lacache_core.policies import METHODS
 from lacache_core.versions import with_cache
 
 from ..generation import batch_cache, budget_spec
@@ -55,6 +57,9 @@ class KVCacheLM(HFLM):
 
     # -- generate_until
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        if self.cache_args.compresses and METHODS[self.cache_args.method].scores_by_passes:
+            raise ConfigError(f"method={self.cache_args.method} scores each prompt by passes of its own, which "
+                              "generate_until's generate() cannot run: use it for loglikelihood tasks")
         if self.cache_args.compresses:
             mask = generation_kwargs.get("attention_mask")
             lens = [context.shape[1]] * context.shape[0] if mask is None else mask.sum(-1).tolist()
@@ -85,9 +90,9 @@ class KVCacheLM(HFLM):
         head = context[:max(len(context) - self.cache_args.compress_before, 0)]
         if not head:
             return cache, None
-        with torch.no_grad():
-            out = self.model(torch.tensor([head], device=self.device), use_cache=True, **with_cache(cache))
-        return cache, out.logits[0, -1:]
+        with torch.no_grad():  # lacache_core's prefill: a forward, and a method's scoring passes (KVzip)
+            last = prefill(self.model, torch.tensor([head], device=self.device), cache, tokenizer=self.tokenizer)
+        return cache, last
 
     def _score(self, prefilled, context: List[int], continuation: List[int]) -> Tuple[float, bool]:
         """``(sum of log-probabilities, greedy)`` of ``continuation`` after ``context``, on a copy of the prefilled

@@ -17,6 +17,7 @@ from .h2o import H2O
 from .headkv import HeadKV
 from .keydiff import KeyDiff
 from .knorm import KNorm, KNormDecode
+from .kvzip import KVzip
 from .lacache import LaCache
 from .lagkv import LagKV
 from .lshe import LSHE
@@ -39,6 +40,7 @@ METHODS: Dict[str, Type[CachePolicy]] = {
         MiniCache,                                               # prefill-time, merges layer pairs
         KeyDiff, LagKV, ExpectedAttention, ChunkKV, CriticalKV,  # prefill-time scorers (kvpress's ScorerPress family)
         DuoAttention,                                            # prefill-time, streaming and retrieval heads
+        KVzip,                                                   # prefill-time, scored by reconstruction passes
         RKV,                                                     # decode-time, importance minus redundancy
     )
 }
@@ -82,5 +84,5 @@ def policy_from_state(saved: dict) -> CachePolicy:
 
 
 __all__ = ["CachePolicy", "FullCache", "LaCache", "StreamingLLM", "H2O", "TOVA", "LSHE", "KNormDecode", "Scissorhands", "CAM",
-           "SnapKV", "PyramidKV", "PyramidInfer", "KNorm", "NACL", "AdaKV", "HeadKV", "ThinK", "MiniCache", "KeyDiff", "LagKV", "ExpectedAttention", "ChunkKV", "CriticalKV", "DuoAttention", "RKV", "METHODS", "budget_derived", "build_policy",
+           "SnapKV", "PyramidKV", "PyramidInfer", "KNorm", "NACL", "AdaKV", "HeadKV", "ThinK", "MiniCache", "KeyDiff", "LagKV", "ExpectedAttention", "ChunkKV", "CriticalKV", "DuoAttention", "KVzip", "RKV", "METHODS", "budget_derived", "build_policy",
            "policy_from_state"]

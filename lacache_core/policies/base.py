@@ -64,6 +64,9 @@ class CachePolicy:
     #: ``True`` for policies that also drop key channels (ThinK, in :meth:`after_keep`): channels are scored on keys
     #: rotated at their original positions, so ``key_positions="slot"`` is refused.
     prunes_channels: ClassVar[bool] = False
+    #: ``True`` for policies that score the prompt by forward passes of their own after it (KVzip's context
+    #: reconstruction): :func:`lacache_core.prefill` runs them (:meth:`scoring_passes`), then compacts every layer.
+    scores_by_passes: ClassVar[bool] = False
     #: Hyper-parameters that have no effect under KV quantization (``--quant``), each with the reason.
     quant_ignores: ClassVar[Dict[str, str]] = {}
 
@@ -158,6 +161,19 @@ class CachePolicy:
     def read_weights(self, layer: int, attention) -> None:
         """See one layer's attention module before :meth:`observe_values`, for a method that reads its weights
         (CriticalKV: the output projection; policies that set :attr:`reads_weights`)."""
+
+    def scoring_passes(self, input_ids: torch.Tensor, tokenizer) -> List[Tuple[Tuple[int, int], torch.Tensor]]:
+        """The forward passes that score the prompt ``input_ids`` (``[1, n]``), for policies that set
+        :attr:`scores_by_passes`: ``((start, end), ids)`` each, the prompt slots ``start .. end - 1`` that pass scores
+        and the token ids it feeds (``[1, m]``). The caller announces each with :meth:`begin_pass` before running it,
+        then calls :meth:`end_passes`."""
+        raise NotImplementedError
+
+    def begin_pass(self, span: Tuple[int, int]) -> None:
+        """The next forward pass is the scoring pass of prompt slots ``span`` (:meth:`scoring_passes`)."""
+
+    def end_passes(self) -> None:
+        """Every scoring pass has run: the next :meth:`keep` of each layer applies the choice."""
 
     def max_cache_len(self, num_layers: int) -> Optional[int]:
         """Largest number of slots a layer holds after a forward pass (``None``: unbounded)."""

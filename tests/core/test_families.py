@@ -13,7 +13,7 @@ from packaging.version import Version
 from lacache_core import METHODS, build_policy, enable_position_shift, make_cache
 from lacache_core.cache import CompressedCache
 from lacache_core.versions import with_cache
-from tiny import method_files
+from tiny import fill_and_generate, method_files
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.48"),
                                 reason="the extension-point integration needs transformers >= 4.48")
@@ -72,8 +72,7 @@ def test_generate_within_budget(family, method):
     layers = model.config.num_hidden_layers
     policy = build_policy(method, **SMALL, **method_files(model.config))
     cache = CompressedCache(policy, layers)
-    out = model.generate(TOKENS[:, :60], max_new_tokens=40, min_new_tokens=40, do_sample=False,
-                         **with_cache(cache))
+    out = fill_and_generate(model, TOKENS[:, :60], cache, 40)
     assert out.shape[1] == 100
     lengths = [cache.get_seq_length(i) for i in range(layers)]
     if policy.ragged:  # heads of their own lengths, then each grows by 39
@@ -86,9 +85,15 @@ def test_generate_within_budget(family, method):
                 assert abs(int(heads.sum()) - len(heads) * b) <= len(heads)
             elif method == "duo_attention":  # streaming heads their sinks and window, retrieval heads the prompt
                 assert heads.tolist() == [h + 39 for h in policy.head_budgets(i, 60)]
+            elif method == "kvzip":  # the layers and heads share the model's budget: checked below
+                continue
             else:  # HeadKV: each head its cap from the scores (all of the prompt at most), plus the window
                 sw = policy.start_size + policy.window_size
                 assert heads.tolist() == [min(c + sw, 60) + 39 for c in policy._caps[i].tolist()]
+        if method == "kvzip":  # every (layer, KV head) keeps cache_size prompt tokens on average, then grows by 39
+            kvh = model.config.num_key_value_heads
+            held = sum(int(cache.head_lengths(i).sum()) for i in range(layers))
+            assert held == layers * kvh * (min(policy.cache_size, 60) + 39)
     elif policy.prefill_only:  # compressed once after the prompt, then grows by the 39 tokens fed back
         assert lengths == [min(b, 60) + 39 for b in policy.layer_budgets(layers, 60)]
     else:

@@ -16,7 +16,7 @@ from lacache_core.gear import GEARStore
 from lacache_core import KIVI
 from lacache_core.versions import with_cache
 from references import evicted_next_step, fake_quant, gear_block, gear_reference, per_head_gather
-from tiny import method_files, manual_next_logits, ppl_killed_then_resumed, tiny_model
+from tiny import fill_and_generate, method_files, manual_next_logits, ppl_killed_then_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
@@ -172,12 +172,12 @@ def test_gear_composes_with_every_method_in_generate(method):
     order = "post_rope" if policy.prunes_channels else "pre_rope"  # ThinK prunes channels of rotated keys
     config = GEAR(bits=4, group=8, residual=16, key_order=order, rank=2)
     quantized = CompressedCache(policy, 6, quant=config)
-    out = model.generate(TOKENS[:, :60], **with_cache(quantized), max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    out = fill_and_generate(model, TOKENS[:, :60], quantized, 40)
     assert out.shape[1] == 100
     plain = CompressedCache(build_policy(method, **hyper), 6)
-    model.generate(TOKENS[:, :60], **with_cache(plain), max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    fill_and_generate(model, TOKENS[:, :60], plain, 40)
     kivi = CompressedCache(build_policy(method, **hyper), 6, quant=KIVI(4, 8, 16, order))
-    model.generate(TOKENS[:, :60], **with_cache(kivi), max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    fill_and_generate(model, TOKENS[:, :60], kivi, 40)
     assert quantized.get_seq_length() == plain.get_seq_length()
     stores = getattr(quantized._stores[0], "heads", [quantized._stores[0]])  # per head: AdaKV, HeadKV, DuoAttention
     assert all(isinstance(store, GEARStore) for store in stores)  # the cache's quantized-store paths hold for GEAR

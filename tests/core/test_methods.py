@@ -9,9 +9,9 @@ import torch
 import transformers
 from packaging.version import Version
 
-from lacache_core import H2O, LSHE, METHODS, TOVA, CompressedCache, LaCache, build_policy, enable_position_shift
+from lacache_core import H2O, LSHE, METHODS, TOVA, CompressedCache, LaCache, build_policy, enable_position_shift, prefill
 from lacache_core.versions import with_cache
-from tiny import method_files, tiny_model
+from tiny import fill_and_generate, method_files, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
@@ -170,9 +170,14 @@ def test_prefill_methods_compress_once_then_grow(method, family):
     budgets = policy.layer_budgets(L, 120)
     cache = CompressedCache(policy, L)
     with torch.no_grad():
-        model(TOKENS[:, :120], **with_cache(cache), use_cache=True)
+        prefill(model, TOKENS[:, :120], cache, tokenizer=tiny_tokenizer())  # a plain forward, but for KVzip's passes
         for step in range(5):
             model(TOKENS[:, 120 + step:121 + step], **with_cache(cache), use_cache=True)
+    if method == "kvzip":  # every (layer, KV head) keeps cache_size prompt tokens on average, and the 5 decoded
+        rows = position_rows(cache.kept_positions())
+        assert sum(map(len, rows)) == len(rows) * (policy.cache_size + 5) and min(map(len, rows)) < max(map(len, rows))
+        assert all(len(set(r)) == len(r) and r == sorted(r) and r[-5:] == list(range(120, 125)) for r in rows)
+        return
     for layer, pos in enumerate(cache.kept_positions()):
         rows = layer_rows(pos)
         if isinstance(pos, list):  # heads of different lengths
@@ -273,7 +278,7 @@ def test_prefill_methods_next_step_matches_from_scratch(method, key_positions):
                           **method_files(model.config))
     cache = CompressedCache(policy, model.config.num_hidden_layers, key_rotation="every_step")  # un-rotated storage
     with torch.no_grad():
-        model(TOKENS[:, :120], **with_cache(cache), use_cache=True)
+        prefill(model, TOKENS[:, :120], cache, tokenizer=tiny_tokenizer())
         kv = [(cache._stores[i].heads, None) if cache.head_lengths(i) is not None else cache._layer(i) for i in range(cache.num_layers)]
         if key_positions is None:  # the reference default: kept keys at their original positions
             assert policy.position_mode == "original"
@@ -324,8 +329,7 @@ def test_prefill_methods_generate(method):
     L = model.config.num_hidden_layers
     policy = build_policy(method, **PREFILL_SETTINGS, **method_files(model.config))
     cache = CompressedCache(policy, L)
-    out = model.generate(TOKENS[:, :100], **with_cache(cache), max_new_tokens=20, min_new_tokens=20,
-                         do_sample=False)
+    out = fill_and_generate(model, TOKENS[:, :100], cache, 20)
     assert out.shape[1] == 120
     budgets = [b + 19 for b in policy.layer_budgets(L, 100)]
     if policy.ragged:  # each layer's heads share its budget (up to rounding) and grow by the 19 tokens fed back
@@ -337,6 +341,9 @@ def test_prefill_methods_generate(method):
             assert all(abs(t - kvh * b) <= kvh for t, b in zip(totals, budgets))
         elif method == "duo_attention":
             assert totals == [sum(policy.head_budgets(i, 100)) + 19 * kvh for i in range(L)]
+        elif method == "kvzip":  # the model's budget, shared over layers and heads by the scores
+            assert sum(totals) == kvh * L * (policy.cache_size + 19)
+            return
         else:  # HeadKV shares the budget over all layers
             assert abs(sum(totals) - kvh * sum(budgets)) <= kvh * L
         assert all(int(h.min()) >= 19 + PREFILL_SETTINGS["window_size"] for h in heads)

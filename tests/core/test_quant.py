@@ -12,7 +12,7 @@ from lacache_core import KIVI
 from lacache_core.quant import KIVIStore, pack, quantize, unpack
 from lacache_core.versions import with_cache
 from references import TOKENS, evicted_next_step, kivi_reference, per_head_gather
-from tiny import method_files, manual_next_logits, ppl_killed_then_resumed, tiny_model
+from tiny import fill_and_generate, method_files, manual_next_logits, ppl_killed_then_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
@@ -90,11 +90,11 @@ def test_quant_composes_with_every_method_in_generate(method):
     policy = build_policy(method, **{k: v for k, v in settings.items() if k in METHODS[method].hyperparameters()})
     # ThinK prunes channels of rotated keys: they are quantized after RoPE (test_think_quant.py)
     quantized = CompressedCache(policy, 6, quant=KIVI(4, 8, 16, "post_rope" if policy.prunes_channels else "pre_rope"))
-    out = model.generate(TOKENS[:, :60], **with_cache(quantized), max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    out = fill_and_generate(model, TOKENS[:, :60], quantized, 40)
     assert out.shape[1] == 100
     plain = CompressedCache(build_policy(method, **{k: v for k, v in settings.items()
                                                     if k in METHODS[method].hyperparameters()}), 6)
-    model.generate(TOKENS[:, :60], **with_cache(plain), max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    fill_and_generate(model, TOKENS[:, :60], plain, 40)
     assert quantized.get_seq_length() == plain.get_seq_length()  # the same slots, held in fewer bytes
     assert quantized.kv_bytes() < plain.kv_bytes()
     if policy.prunes_channels:  # and its quantized keys hold the chosen channels only

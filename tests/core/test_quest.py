@@ -11,7 +11,7 @@ from lacache_core.quest import page_bounds, page_scores, selected_tokens
 from lacache_core.readers import build_reader
 from lacache_core.versions import with_cache
 from references import QUEST_SETTINGS as SETTINGS, QUEST_TOKENS as TOKENS
-from tiny import method_files, manual_next_logits, ppl_killed_then_resumed, tiny_model
+from tiny import fill_and_generate, method_files, manual_next_logits, ppl_killed_then_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
@@ -145,11 +145,10 @@ def test_quest_composes_with_every_method_in_generate(method):
 
     outputs = []
     for read in (None, Quest(token_budget=10 ** 6, page_size=1, dense_layers=0)):
-        outputs.append(model.generate(TOKENS[:, :60], **with_cache(cache(read)), max_new_tokens=20, min_new_tokens=20,
-                                      do_sample=False))
+        outputs.append(fill_and_generate(model, TOKENS[:, :60], cache(read), 20))
     assert torch.equal(outputs[0], outputs[1])
     sparse = cache(Quest(token_budget=8, page_size=4))
-    model.generate(TOKENS[:, :60], **with_cache(sparse), max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    fill_and_generate(model, TOKENS[:, :60], sparse, 20)
     assert 0 < sparse.read_bytes < 0.9 * sparse.dense_read_bytes  # short heads (HeadKV) are read whole
 
 

@@ -207,3 +207,23 @@ def test_the_shipped_example_tasks_run(tiny_dir, monkeypatch):
                    {"pretrained": str(tiny_dir), "method": "streamingllm", "cache_size": 16}, tasks=tasks)
     assert [len(out[task]) for task in tasks] == [6, 4, 3]
     assert torch.isfinite(scores(out, "kvcache_prose")).all()
+
+
+def test_kvzip_scores_after_its_passes_and_refuses_generate_until(task_dir, tiny_dir):
+    # loglikelihood prefills through lacache_core.prefill with the model's tokenizer, which runs KVzip's passes;
+    # generate_until goes through generate(), which cannot run them: one line
+    lm = KVCacheLM(pretrained=str(tiny_dir), method="kvzip", cache_size=16, device="cpu")
+    context = _words(random.Random(5), 60)
+    ids = lm.tok_encode(context)
+    cache, last = lm._prefill(ids)
+    layers, kv_heads = lm.model.config.num_hidden_layers, lm.model.config.num_key_value_heads
+    assert cache.policy.seen == len(ids) - 1  # compress_before 1; the passes' tokens are gone
+    assert sum(int(cache.head_lengths(i).sum()) for i in range(layers)) == layers * kv_heads * 16
+    full = KVCacheLM(pretrained=str(tiny_dir), method="lacache", cache_size=4096, span=2, device="cpu")
+    ours = lm._loglikelihood_tokens(requests_of(lm, context, [" w4"]), disable_tqdm=True)[0][0]
+    whole = full._loglikelihood_tokens(requests_of(full, context, [" w4"]), disable_tqdm=True)[0][0]
+    assert abs(ours - whole) > 1e-3
+    with pytest.raises(ConfigError, match="method=kvzip scores each prompt by passes of its own") as error:
+        evaluate(task_dir, "kvcache", {"pretrained": str(tiny_dir), "method": "kvzip", "cache_size": 16},
+                 tasks=["tiny_gen"])
+    assert "\n" not in str(error.value)

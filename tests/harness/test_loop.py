@@ -253,7 +253,7 @@ def test_killed_sharded_and_batched_runs_give_the_plain_records(name, tiny_dir, 
     monkeypatch.setattr(pred, "answer_all", real)
     assert sum(map(len, of(folder_of(under(tmp_path / "cut"))).values())) == 3
     assert run(tiny_dir, data, tmp_path / "cut") == 0
-    assert without(of(folder_of(under(tmp_path / "cut"))), "seconds") == without(plain, "seconds")
+    assert without(of(folder_of(under(tmp_path / "cut"))), "seconds", "prefill_seconds") == without(plain, "seconds", "prefill_seconds")
 
     with monkeypatch.context() as m:  # two ranks one after the other, rank 0 last: its barrier means all done
         m.setattr(records, "barrier", lambda: True)
@@ -266,12 +266,12 @@ def test_killed_sharded_and_batched_runs_give_the_plain_records(name, tiny_dir, 
                 assert shards and sum(len(p.read_text().splitlines()) - (p.suffix == ".csv") for p in shards) == 4
     two = folder_of(under(tmp_path / "two"))
     assert not list(two.glob("*rank*"))
-    assert without(of(two), "seconds") == without(plain, "seconds")
+    assert without(of(two), "seconds", "prefill_seconds") == without(plain, "seconds", "prefill_seconds")
     assert folder_of(under(tmp_path / "two")).name == folder_of(under(tmp_path / "plain")).name
 
     if BATCHES:
         assert run(tiny_dir, data, tmp_path / "batch", "--batch_size", "3") == 0
-        cost = ("seconds", "peak_kv_bytes", "final_kv_bytes", "batch_rows")
+        cost = ("seconds", "prefill_seconds", "peak_kv_bytes", "final_kv_bytes", "batch_rows")
         assert without(of(folder_of(under(tmp_path / "batch"))), *cost) == without(plain, *cost)
 
 
@@ -336,3 +336,32 @@ def test_niah_records_score_each_cell(tiny_dir, data, tmp_path):
         assert r["score"] == ("100" if str(key) in r["pred"] else "0")
     meta = json.loads((folder_of(tmp_path) / "run.json").read_text())
     assert meta["complete"] and meta["tests"] == 8 and "skipped_rows" not in meta
+
+
+def test_longbench_runs_kvzip_through_its_scoring_passes(tiny_dir, data, tmp_path):
+    # the harness hands the tokenizer to the prefill, which runs KVzip's passes; each record says what the prefill cost
+    from harness.generation import answer, budget_spec, stop_token_ids
+    from harness.models import load_model
+    from lacache_core import enable_position_shift as shift
+    from longbench.config import PROMPTS
+    from longbench.pred import encode, parse_args, validate
+
+    flags = ["--method", "kvzip", "--context_chunk", "64"]
+    assert lb_run(tiny_dir, data, tmp_path / "pred", *flags) == 0
+    args = parse_args(["--model", "tiny", "--model_name_or_path", str(tiny_dir), "--max_length", "200", "--device",
+                       "cpu", "--budget", "0.25", *flags])
+    validate(args)
+    model, tok = load_model(str(tiny_dir), "float32", "cpu", None)
+    shift(model)
+    spec = budget_spec(args, "kvzip", 200)
+    assert spec.settings["context_chunk"] == 64
+    for name, rows in lb_records(folder_of(tmp_path / "pred")).items():
+        samples = [json.loads(line) for line in (data / "lb" / f"{name}.jsonl").read_text().splitlines()]
+        stop = stop_token_ids(tok, model, extra=["\n"] if name == "samsum" else ())
+        for sample, row in zip(samples, rows):
+            ids = encode(tok, PROMPTS[name].format(**sample), name, args)
+            want = answer(model, tok, ids, spec, 5, stop, min_new_tokens=int(name == "samsum"))
+            assert row["pred"] == want.text
+            assert 0 < row["prefill_seconds"] <= row["seconds"]
+            if ids.shape[-1] > 64:  # scored: the passes raised the peak above what is kept
+                assert row["peak_kv_bytes"] > row["final_kv_bytes"]
