@@ -73,7 +73,6 @@ def add_batch_flag(group) -> None:
 
 def check_batch_flags(args) -> None:
     """One-line errors for the prompt harnesses' ``--batch_size``, before any model is loaded."""
-    from lacache_core.policies import METHODS
     from lacache_core.versions import MODERN_ATTENTION
 
     size = getattr(args, "batch_size", 1)
@@ -85,9 +84,6 @@ def check_batch_flags(args) -> None:
         raise ConfigError(f"--prefill_chunk_size cannot be used with --batch_size {size}: the rows of a batch would "
                           "be cut at different places of their own prompts; use one of the two")
     for method in getattr(args, "methods", []):
-        if method in METHODS and METHODS[method].scores_by_passes:
-            raise ConfigError(f"--batch_size {size} cannot be used with --method {method}: it scores each prompt by "
-                              "passes of its own, one prompt at a time; use --batch_size 1")
         if method != "full" and not MODERN_ATTENTION:
             raise ConfigError(f"--batch_size {size} with --method {method} needs transformers >= 4.48 (prompts of "
                               "different lengths are left-padded); use --batch_size 1")

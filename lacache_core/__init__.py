@@ -3,7 +3,7 @@ from .errors import ConfigError
 from .policies import (CAM, H2O, ChunkKV, ExpectedAttention, KeyDiff, LagKV, RKV, CriticalKV, DuoAttention, KVzip, AdaKV, HeadKV, LSHE, METHODS, NACL, TOVA, CachePolicy, FullCache, KNorm, KNormDecode, LaCache,
                        PyramidInfer, PyramidKV, Scissorhands, SnapKV, StreamingLLM, ThinK, build_policy)
 from .patches import enable_position_shift, is_position_shifted
-from .build import make_cache, make_row_cache, prefill
+from .build import make_cache, make_row_cache, prefill, prompt_passes
 from .cache import CompressedCache
 from .quantizers import GEAR, KIVI, QUANTIZERS
 from .readers import READERS, Quest
@@ -13,7 +13,7 @@ __all__ = [
     "PyramidKV", "PyramidInfer", "KNorm", "KNormDecode", "Scissorhands", "NACL", "AdaKV", "HeadKV", "ThinK",
     "KeyDiff", "LagKV", "ExpectedAttention", "ChunkKV", "CriticalKV", "DuoAttention", "KVzip", "RKV",
     "build_policy",
-    "enable_position_shift", "is_position_shifted", "CompressedCache", "make_cache", "make_row_cache", "prefill", "KIVI", "GEAR", "Quest",
+    "enable_position_shift", "is_position_shifted", "CompressedCache", "make_cache", "make_row_cache", "prefill", "prompt_passes", "KIVI", "GEAR", "Quest",
     "QUANTIZERS", "READERS",
 ]
 __version__ = "0.1.0"

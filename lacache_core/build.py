@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -12,9 +13,9 @@ from .errors import ConfigError
 from .policies import build_policy
 from .quantizers import Quantizer
 from .readers import Reader
-from .versions import with_cache
+from .versions import CACHE_KWARG, with_cache
 
-__all__ = ["make_cache", "make_row_cache", "prefill"]
+__all__ = ["make_cache", "make_row_cache", "prefill", "prompt_passes"]
 
 
 def make_cache(method: str, model_or_config, query_at_slot: bool = True, key_rotation: str = "auto",
@@ -78,14 +79,8 @@ def prefill(model, input_ids: torch.Tensor, cache, chunk_size: Optional[int] = N
     if chunk_size is not None and inputs:
         raise ConfigError("prefill.chunk_size cannot feed a padded batch: its rows would be cut at different places "
                           "of their own prompts; use batch size 1 or the whole prompt")
-    params = inspect.signature(model.forward).parameters
-    # only the last position's logits are needed; a [prompt, vocab] logits tensor would dominate memory
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else (
-        {"num_logits_to_keep": 1} if "num_logits_to_keep" in params else {})
+    extra = last_logits_only(model)
     passes = isinstance(cache, CompressedCache) and cache.policy.scores_by_passes
-    if passes and (input_ids.shape[0] != 1 or cache.rows.policies is not None):
-        raise ConfigError(f"prefill of make_cache.method {cache.policy.name} takes one prompt at a time (its scoring "
-                          f"passes are each prompt's own), got a batch of {input_ids.shape[0]}")
     step = chunk_size or input_ids.shape[1]
     logits = None
     for start in range(0, input_ids.shape[1], step):
@@ -96,14 +91,74 @@ def prefill(model, input_ids: torch.Tensor, cache, chunk_size: Optional[int] = N
     return logits
 
 
+def last_logits_only(model) -> dict:
+    """The keyword that makes ``model`` compute the last position's logits only (a ``[prompt, vocab]`` logits tensor
+    would dominate a prompt's memory), where this release has one."""
+    params = inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else (
+        {"num_logits_to_keep": 1} if "num_logits_to_keep" in params else {})
+
+
+@contextmanager
+def prompt_passes(model, tokenizer):
+    """Within the block, every forward pass of ``model`` into a :class:`CompressedCache` whose method scores its prompt
+    by passes of its own (KVzip) is followed by those passes, written with ``tokenizer``: ``model.generate()`` then
+    runs such a method as :func:`prefill` does. A forward hook; the model's forward is left as it is.
+
+    Example
+    -------
+    >>> cache = make_cache("kvzip", model, cache_size=512)
+    >>> with prompt_passes(model, tokenizer):
+    ...     out = model.generate(ids, past_key_values=cache, max_new_tokens=64)
+    """
+    running = []  # the passes are forward passes of the same model: the hook must not run again inside them
+
+    def after_forward(module, args, kwargs, output):
+        cache = kwargs.get(CACHE_KWARG, kwargs.get("past_key_values"))
+        if running or not isinstance(cache, CompressedCache) or not cache.policy.scores_by_passes:
+            return None
+        input_ids = kwargs["input_ids"] if kwargs.get("input_ids") is not None else args[0]
+        running.append(True)
+        try:
+            with torch.no_grad():
+                run_scoring_passes(model, input_ids, cache, tokenizer, last_logits_only(model))
+        finally:
+            running.clear()
+        return None
+
+    handle = model.register_forward_hook(after_forward, with_kwargs=True)
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
 def run_scoring_passes(model, input_ids: torch.Tensor, cache: CompressedCache, tokenizer, extra: dict) -> None:
     """The passes that score the prompt for ``cache``'s policy (:meth:`CachePolicy.scoring_passes`), then its choice
-    applied to every layer."""
+    applied to every layer. In a batch each row is scored alone, on a copy of its own tokens
+    (:meth:`CompressedCache.row_alone`, counted in the cache's peak while it lives): its passes are its own prompt's."""
+    rows = cache.rows.policies
+    if rows is None:
+        passes = cache.policy.scoring_passes(input_ids, tokenizer)
+        run_passes(model, cache, passes, extra)
+    else:
+        pads, passes = cache.rows.pads, []
+        for row, policy in enumerate(rows):
+            own = input_ids[row:row + 1, 0 if pads is None else int(pads[row]):]
+            own_passes = policy.scoring_passes(own, tokenizer)  # none for a prompt within its budget
+            if own_passes:
+                alone = cache.row_alone(row)
+                run_passes(model, alone, own_passes, extra)
+                cache.peak_bytes = max(cache.peak_bytes, cache.kv_bytes() + alone.peak_bytes)
+            passes += own_passes
+    if passes:
+        cache.compact()
+
+
+def run_passes(model, cache: CompressedCache, passes: list, extra: dict) -> None:
+    """Run one prompt's scoring ``passes`` (``((start, end), ids)`` each) in the cache of that prompt alone."""
     policy = cache.policy
-    passes = policy.scoring_passes(input_ids, tokenizer)
     for span, ids in tqdm(passes, desc=f"{policy.name} scoring passes", leave=False, disable=len(passes) < 2):
         policy.begin_pass(span)
         model(ids, use_cache=True, **with_cache(cache), **extra)
     policy.end_passes()
-    if passes:
-        cache.compact()

@@ -29,7 +29,7 @@ from .step.compaction import settle
 from .step.placement import KEY_ROTATIONS, KeyPlacement, check_key_rotation
 from .step.reads import SparseReads, slot_shift
 from .step.rows import BatchRows
-from .storage import LayerStore
+from .storage import LayerStore, RowStores
 from .versions import HAS_CACHE_CLASSES
 
 if HAS_CACHE_CLASSES:
@@ -270,10 +270,13 @@ class CompressedCache(DynamicCache):
 
     def compact(self) -> None:
         """Apply the policy's next choice to every layer now, between forward passes (KVzip chooses after the passes
-        that score its prompt, when no layer is attending)."""
+        that score its prompt, when no layer is attending); in a batch whose rows have policies of their own, each
+        row's."""
+        rows = self.rows.policies
         for layer in range(self.num_layers):
             key, value = self._stored(layer)
-            settle(self, LayerStep(layer, None, key, value, stored_key=key))
+            fillers = None if rows is None else self.rows.fillers[layer]
+            settle(self, LayerStep(layer, None, key, value, stored_key=key, rows=rows, fillers_before=fillers))
 
     # -- batches
     @classmethod
@@ -298,6 +301,31 @@ class CompressedCache(DynamicCache):
     def restore_batch(self, state: dict) -> None:
         """Continue the batch :meth:`batch_state` saved (row 0's policy is this cache's own, restored with it)."""
         self.rows.restore(state)
+
+    def row_alone(self, row: int) -> "CompressedCache":
+        """A copy of batch row ``row``'s own tokens (its filler slots left out) in a cache of one row, under the row's
+        own policy, to run forward passes of that row alone (KVzip's scoring passes); this cache is left as it is.
+
+        The copy holds the layers as this cache stores them (keys in the same frame, under the same quantizer), so
+        every layer's heads must be of one length (a row before a per-head choice)."""
+        if self.rows.policies is None:
+            raise RuntimeError("row_alone needs a batch whose rows have policies of their own")
+        alone = CompressedCache(self.rows.policies[row], self.num_layers, self.query_at_slot, self.key_rotation,
+                                quant=self.quant)
+        for layer in range(self.num_layers):
+            store = self._stores[layer]
+            if isinstance(store, RowStores):
+                store = store.stores[row]
+                key, value = store.view()
+            else:
+                key, value = self._stored(layer)
+                filler = int(self.rows.fillers[layer][row])
+                key, value = key[row:row + 1, :, filler:], value[row:row + 1, :, filler:]
+            if store is not None and store.head_lengths() is not None:
+                raise RuntimeError("row_alone copies rows whose heads hold one length (before a per-head choice)")
+            alone.update(key.clone(), value.clone(), layer)
+            alone._unread[layer] = False  # written here, not by an attention that must read it
+        return alone
 
     def row_positions(self, row: int):
         """Original positions held for batch row ``row`` (as :meth:`kept_positions`)."""

@@ -241,20 +241,12 @@ def ppl_killed_then_resumed(argv, folder, monkeypatch, after: int = 97, batched:
 
 
 def fill_and_generate(model, input_ids, cache, new_tokens: int):
-    """``model.generate`` of ``new_tokens`` greedy tokens (no stopping) with ``cache``, for every method. A method that
-    scores its prompt by passes of its own (KVzip, which ``generate()`` refuses: test_kvzip.py) gets the prompt through
-    ``lacache_core.prefill`` with the tiny tokenizer, then the same greedy steps one forward each."""
-    from lacache_core import CompressedCache, prefill
+    """``model.generate`` of ``new_tokens`` greedy tokens (no stopping) with ``cache``, for every method: inside
+    ``lacache_core.prompt_passes`` with the tiny tokenizer, which runs the passes of a method that scores its prompt by
+    passes of its own (KVzip) after the prompt's forward pass, and does nothing for the others."""
+    from lacache_core import prompt_passes
     from lacache_core.versions import with_cache
 
-    if not (isinstance(cache, CompressedCache) and cache.policy.scores_by_passes):
+    with prompt_passes(model, tiny_tokenizer()):
         return model.generate(input_ids, **with_cache(cache), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                               do_sample=False)
-    tokens = [input_ids]
-    with torch.no_grad():
-        logits = prefill(model, input_ids, cache, tokenizer=tiny_tokenizer())
-        for step in range(new_tokens):
-            tokens.append(logits.argmax(-1, keepdim=True))
-            if step < new_tokens - 1:  # generate() feeds back all but the last token
-                logits = model(tokens[-1], use_cache=True, **with_cache(cache)).logits[:, -1]
-    return torch.cat(tokens, 1)

@@ -24,9 +24,8 @@ from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
 from lacache_core.errors import ConfigError
-from lacache_core.build import prefill
+from lacache_core.build import prefill, prompt_passes
 from lacache_core.patches import enable_position_shift
-from lacache_core.policies import METHODS
 from lacache_core.versions import with_cache
 
 from ..generation import batch_cache, budget_spec
@@ -57,14 +56,13 @@ class KVCacheLM(HFLM):
 
     # -- generate_until
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
-        if self.cache_args.compresses and METHODS[self.cache_args.method].scores_by_passes:
-            raise ConfigError(f"method={self.cache_args.method} scores each prompt by passes of its own, which "
-                              "generate_until's generate() cannot run: use it for loglikelihood tasks")
-        if self.cache_args.compresses:
-            mask = generation_kwargs.get("attention_mask")
-            lens = [context.shape[1]] * context.shape[0] if mask is None else mask.sum(-1).tolist()
-            generation_kwargs.update(with_cache(self._new_cache(lens)))
-        return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        if not self.cache_args.compresses:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        mask = generation_kwargs.get("attention_mask")
+        lens = [context.shape[1]] * context.shape[0] if mask is None else mask.sum(-1).tolist()
+        generation_kwargs.update(with_cache(self._new_cache(lens)))
+        with prompt_passes(self.model, self.tokenizer):  # a method's scoring passes after the prompt (KVzip)
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     # -- loglikelihood
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):

@@ -189,8 +189,8 @@ class KVzip(CachePolicy):
             return
         if self._span is None:
             raise ConfigError("make_cache.method kvzip scores the prompt by reconstruction passes before decoding: fill "
-                              "the cache with lacache_core.prefill(model, input_ids, cache, tokenizer=...), not "
-                              "model.generate() or a plain forward")
+                              "the cache with lacache_core.prefill(model, input_ids, cache, tokenizer=...), or run "
+                              "model.generate() inside lacache_core.prompt_passes(model, tokenizer)")
         if query.shape[0] != 1:
             raise ConfigError(f"make_cache.method kvzip scores one prompt at a time, got a batch of {query.shape[0]}")
         if self._scores is None:

@@ -8,7 +8,8 @@ import torch
 import transformers
 from packaging.version import Version
 
-from lacache_core import ConfigError, KVzip, enable_position_shift, make_cache, prefill
+from lacache_core import (ConfigError, KVzip, enable_position_shift, make_cache, make_row_cache, prefill,
+                         prompt_passes)
 from lacache_core.policies.kvzip import REPEAT_FIRST, REPEAT_NEXT
 from lacache_core.versions import with_cache
 from tiny import rms_norm, rotate, tiny_model, tiny_tokenizer
@@ -153,22 +154,82 @@ def test_a_prompt_within_the_budget_runs_no_pass():
 
 
 def test_refusals_are_one_line():
-    from types import SimpleNamespace
-
-    from harness.runner import check_batch_flags
-
     model = enable_position_shift(tiny_model("llama"))
     refusals = [
         ("needs the model's tokenizer", lambda: prefill(model, PROMPT, make_cache("kvzip", model, cache_size=20))),
-        (r"kvzip scores the prompt by reconstruction passes .* not model.generate\(\)",
+        (r"kvzip scores the prompt by reconstruction passes .* model.generate\(\) inside lacache_core.prompt_passes",
          lambda: model.generate(PROMPT, **with_cache(make_cache("kvzip", model, cache_size=20)), max_new_tokens=2)),
-        ("takes one prompt at a time .* a batch of 2",
-         lambda: prefill(model, PROMPT.repeat(2, 1), make_cache("kvzip", model, cache_size=20), tokenizer=tiny_tokenizer())),
         ("KVzip.context_chunk must be >= 1", lambda: KVzip(context_chunk=0)),
-        ("--batch_size 2 cannot be used with --method kvzip",
-         lambda: check_batch_flags(SimpleNamespace(batch_size=2, methods=["kvzip"]))),
     ]
     for message, call in refusals:
         with pytest.raises(ConfigError, match=message) as error:
             call()
         assert "\n" not in str(error.value)
+
+
+@pytest.mark.skipif(Version(transformers.__version__) < Version("4.48"),
+                    reason="padded batches need the attention-interface path (transformers >= 4.48)")
+@pytest.mark.parametrize("quantized", [False, True])
+def test_each_row_of_a_left_padded_batch_is_scored_and_kept_as_alone(quantized):
+    # rows of 60, 45 and 52 tokens under budgets of their own, and one of 12 within its budget (no pass); each row's
+    # passes are its own prompt's, on a copy of its tokens: it keeps what it keeps alone, and answers the same
+    from lacache_core import KIVI
+
+    tok = tiny_tokenizer()
+    model = enable_position_shift(tiny_model("llama", "sdpa"))
+    g = torch.Generator().manual_seed(5)
+    lengths, budgets = [60, 45, 52, 12], [20, 15, 26, 20]
+    rows = [torch.randint(1, 121, (1, n), generator=g) for n in lengths]
+    ids, mask = torch.zeros(4, 60, dtype=torch.long), torch.zeros(4, 60, dtype=torch.long)
+    for j, row in enumerate(rows):
+        ids[j, 60 - row.shape[1]:], mask[j, 60 - row.shape[1]:] = row[0], 1
+    quant = dict(quant=KIVI(bits=4, group=8, residual=16)) if quantized else {}
+    cache = make_row_cache("kvzip", model, [dict(cache_size=b, context_chunk=25) for b in budgets], **quant)
+    step = torch.randint(1, 121, (4, 1), generator=g)
+    with torch.no_grad():
+        prefill(model, ids, cache, tokenizer=tok, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+        mask = torch.cat([mask, torch.ones(4, 1, dtype=torch.long)], 1)
+        batch_logits = model(step, use_cache=True, **with_cache(cache), attention_mask=mask,
+                             position_ids=mask.sum(-1, keepdim=True) - 1).logits[:, -1]
+    alone_peak = 0
+    for j, (row, budget) in enumerate(zip(rows, budgets)):
+        alone = make_cache("kvzip", model, cache_size=budget, context_chunk=25, **quant)
+        with torch.no_grad():
+            prefill(model, row, alone, tokenizer=tok)
+            logits = model(step[j:j + 1], use_cache=True, **with_cache(alone)).logits[:, -1]
+        torch.testing.assert_close(batch_logits[j:j + 1], logits, atol=1e-4, rtol=1e-4)
+        mine, theirs = cache.row_positions(j), alone.kept_positions()
+        for a, b in zip(mine, theirs):
+            if isinstance(b, torch.Tensor):
+                assert torch.equal(a, b), f"row {j}"
+            else:
+                assert [h.tolist() for h in a] == [h.tolist() for h in b], f"row {j}"
+        if lengths[j] > budget:  # scored: its heads share its budget by its own scores
+            assert not isinstance(theirs, torch.Tensor) and cache.rows.policies[j].seen == lengths[j] + 1
+            alone_peak = max(alone_peak, alone.peak_bytes)  # its prompt and its longest pass
+    if not quantized:  # the batch's peak: its padded prompt's keys and values, and one row's copy with its passes
+        d = model.config.hidden_size // model.config.num_attention_heads
+        per_slot = cache.num_layers * model.config.num_key_value_heads * d * 2 * 4
+        assert cache.peak_bytes == 4 * 60 * per_slot + alone_peak
+
+
+def test_generate_inside_prompt_passes_is_prefill_then_greedy_steps():
+    # the hook runs the passes right after generate()'s prompt forward, as prefill does: the same tokens as prefill
+    # followed by one greedy forward per token, and the passes' tokens are gone from the cache
+    tok = tiny_tokenizer()
+    model = enable_position_shift(tiny_model("llama"))
+    cache = make_cache("kvzip", model, cache_size=20, context_chunk=25)
+    with prompt_passes(model, tok):
+        out = model.generate(PROMPT, **with_cache(cache), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    stepped, tokens = make_cache("kvzip", model, cache_size=20, context_chunk=25), []
+    with torch.no_grad():
+        logits = prefill(model, PROMPT, stepped, tokenizer=tok)
+        for _ in range(12):
+            tokens.append(int(logits.argmax(-1)))
+            logits = model(torch.tensor([[tokens[-1]]]), use_cache=True, **with_cache(stepped)).logits[:, -1]
+    assert out[0, 60:].tolist() == tokens
+    assert cache.policy.seen == 60 + 11  # the prompt and the 11 tokens fed back
+    assert [h.tolist() for h in cache.kept_positions()[2]] == [h.tolist()[:-1] for h in stepped.kept_positions()[2]]
+    # outside the block, the hook is gone
+    with pytest.raises(ConfigError, match="prompt_passes"):
+        model.generate(PROMPT, **with_cache(make_cache("kvzip", model, cache_size=20)), max_new_tokens=2)

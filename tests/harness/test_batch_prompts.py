@@ -21,10 +21,13 @@ LENGTHS = [60, 45, 52, 38]
 
 
 class IdTokenizer:
-    pad_token_id, eos_token_id = None, 0
+    pad_token_id, eos_token_id, chat_template = None, 0, None
 
     def decode(self, ids, skip_special_tokens=True):
         return " ".join(map(str, ids))
+
+    def encode(self, text, add_special_tokens=False):  # KVzip's repeat requests: a token per character
+        return [ord(c) % 127 + 1 for c in text]
 
 
 def prompts():
@@ -40,11 +43,10 @@ def spec_for(method, model):
     return lambda n: BudgetSpec(method, cache_size=n // 2, settings=settings) if method != "full" else BudgetSpec()
 
 
-# KVzip scores each prompt by passes of its own and refuses batches (test_kvzip.py)
-BATCHABLE = sorted(m for m in METHODS if not METHODS[m].scores_by_passes)
+METHOD_NAMES = sorted(METHODS)
 
 
-@pytest.mark.parametrize("method", BATCHABLE)
+@pytest.mark.parametrize("method", METHOD_NAMES)
 def test_each_prompt_of_a_batch_is_answered_as_alone(method):
     model = enable_position_shift(tiny_model("llama", "sdpa"))
     requests, spec = prompts(), spec_for(method, model)
@@ -76,8 +78,8 @@ def test_each_prompt_of_a_merging_batch_is_answered_as_alone(method):
     assert any(unmerged[i].token_ids != alone[i].token_ids for i in range(4))  # the merge changed answers
 
 
-QUANTIZED = [(m, "pre_rope") for m in BATCHABLE if not METHODS[m].prunes_channels] + \
-    [(m, "post_rope") for m in BATCHABLE if METHODS[m].default_positions == "original"]
+QUANTIZED = [(m, "pre_rope") for m in METHOD_NAMES if not METHODS[m].prunes_channels] + \
+    [(m, "post_rope") for m in METHOD_NAMES if METHODS[m].default_positions == "original"]
 
 
 @pytest.mark.parametrize("method, order", QUANTIZED)

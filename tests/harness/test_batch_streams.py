@@ -9,9 +9,9 @@ from packaging.version import Version
 
 from harness.generation import greedy_answer
 from harness.streaming import split_streams, stream_perplexity, stream_perplexity_batched, stream_tokens
-from lacache_core import METHODS, CompressedCache, ConfigError, build_policy, enable_position_shift
+from lacache_core import METHODS, CompressedCache, ConfigError, build_policy, enable_position_shift, prompt_passes
 from lacache_core.versions import with_cache
-from tiny import method_files, ppl_killed_then_resumed, tiny_model
+from tiny import method_files, ppl_killed_then_resumed, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
@@ -24,6 +24,13 @@ SETTINGS = dict(cache_size=24, start_size=4, span=3, overlap=1, recent_window=4,
 def tiny_dir(ppl_tiny_dir):
     """This module's runs use the perplexity harness's tiny model (conftest's ``ppl_tiny_dir``)."""
     return ppl_tiny_dir
+
+
+def generate(model, ids, **kwargs):
+    """``model.generate`` inside ``lacache_core.prompt_passes``: KVzip's scoring passes after the prompt (each row's
+    own in a batch), nothing for the other methods."""
+    with prompt_passes(model, tiny_tokenizer()):
+        return model.generate(ids, **kwargs)
 
 
 def same_positions(a, b) -> bool:
@@ -77,7 +84,7 @@ def test_prefill_methods_are_refused_in_streams():
         stream_perplexity_batched(tiny_model("llama", "eager"), streams, build_policy("snapkv", cache_size=64))
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "full" and not METHODS[m].scores_by_passes])  # KVzip: one prompt
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "full"])
 def test_generate_on_a_batch_gives_each_row_what_it_gives_alone(method):
     # rows of the same length (no padding); a scoring method keeps each row's own tokens
     model = enable_position_shift(tiny_model("llama", "sdpa"))
@@ -85,12 +92,12 @@ def test_generate_on_a_batch_gives_each_row_what_it_gives_alone(method):
     prompts = torch.stack([torch.randperm(128, generator=g)[:60] for _ in range(3)])  # no ties (see above)
     settings = dict(SETTINGS, cache_size=40, **method_files(model.config))
     cache = CompressedCache(build_policy(method, **settings), 6)
-    batch = model.generate(prompts, **with_cache(cache), max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    batch = generate(model, prompts, **with_cache(cache), max_new_tokens=30, min_new_tokens=30, do_sample=False)
     alone_bytes = 0
     for j in range(3):
         alone = CompressedCache(build_policy(method, **settings), 6)
-        row = model.generate(prompts[j:j + 1], **with_cache(alone), max_new_tokens=30, min_new_tokens=30,
-                             do_sample=False)
+        row = generate(model, prompts[j:j + 1], **with_cache(alone), max_new_tokens=30, min_new_tokens=30,
+                       do_sample=False)
         assert torch.equal(batch[j], row[0])
         alone_bytes += alone.kv_bytes()
         # each row kept what it keeps alone (past layer 0, where a generated token repeated has the same key
@@ -152,7 +159,7 @@ def test_ppl_bad_batch_size_is_one_line_before_loading(capsys):
     assert len(err) == 1 and "--batch_size must be >= 1, got 0" in err[0]
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "full" and not METHODS[m].scores_by_passes])  # KVzip: one prompt
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "full"])
 def test_a_left_padded_batch_gives_each_row_what_it_gives_alone(method):
     # rows of 60, 45 and 52 tokens, left-padded: pad slots are never attended, never sinks, and go first
     if Version(transformers.__version__) < Version("4.48"):
@@ -167,12 +174,12 @@ def test_a_left_padded_batch_gives_each_row_what_it_gives_alone(method):
         prompts[j, 60 - len(row):], mask[j, 60 - len(row):] = row, 1
     settings = dict(SETTINGS, cache_size=40, **method_files(model.config))
     cache = CompressedCache(build_policy(method, **settings), 6)
-    batch = model.generate(prompts, attention_mask=mask, **with_cache(cache), max_new_tokens=25, min_new_tokens=25,
-                           do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    batch = generate(model, prompts, attention_mask=mask, **with_cache(cache), max_new_tokens=25, min_new_tokens=25,
+                     do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
     for j, row in enumerate(rows):
         alone = CompressedCache(build_policy(method, **settings), 6)
-        single = model.generate(row[None], **with_cache(alone), max_new_tokens=25, min_new_tokens=25, do_sample=False,
-                                pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+        single = generate(model, row[None], **with_cache(alone), max_new_tokens=25, min_new_tokens=25, do_sample=False,
+                          pad_token_id=0, return_dict_in_generate=True, output_logits=True)
         assert torch.equal(batch.sequences[j, 60:], single.sequences[0, len(row):]), f"row {j}"
         # and the same logits at every step, not only the same argmax (keys rotated to the slots they move to)
         torch.testing.assert_close(torch.stack([s[j] for s in batch.logits]), torch.stack([s[0] for s in single.logits]),

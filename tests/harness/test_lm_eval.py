@@ -13,6 +13,8 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from lacache_core.errors import ConfigError  # noqa: E402
+from lacache_core.build import prefill  # noqa: E402
+from lacache_core.versions import with_cache  # noqa: E402
 from harness.lm_eval.model import KVCacheLM  # noqa: E402
 from tiny import TINY_WORDS  # noqa: E402
 
@@ -209,9 +211,9 @@ def test_the_shipped_example_tasks_run(tiny_dir, monkeypatch):
     assert torch.isfinite(scores(out, "kvcache_prose")).all()
 
 
-def test_kvzip_scores_after_its_passes_and_refuses_generate_until(task_dir, tiny_dir):
+def test_kvzip_runs_its_passes_in_both_request_types(task_dir, tiny_dir):
     # loglikelihood prefills through lacache_core.prefill with the model's tokenizer, which runs KVzip's passes;
-    # generate_until goes through generate(), which cannot run them: one line
+    # generate_until runs generate() inside lacache_core.prompt_passes, which runs them after the prompt's forward
     lm = KVCacheLM(pretrained=str(tiny_dir), method="kvzip", cache_size=16, device="cpu")
     context = _words(random.Random(5), 60)
     ids = lm.tok_encode(context)
@@ -223,7 +225,16 @@ def test_kvzip_scores_after_its_passes_and_refuses_generate_until(task_dir, tiny
     ours = lm._loglikelihood_tokens(requests_of(lm, context, [" w4"]), disable_tqdm=True)[0][0]
     whole = full._loglikelihood_tokens(requests_of(full, context, [" w4"]), disable_tqdm=True)[0][0]
     assert abs(ours - whole) > 1e-3
-    with pytest.raises(ConfigError, match="method=kvzip scores each prompt by passes of its own") as error:
-        evaluate(task_dir, "kvcache", {"pretrained": str(tiny_dir), "method": "kvzip", "cache_size": 16},
-                 tasks=["tiny_gen"])
-    assert "\n" not in str(error.value)
+    prompt = torch.tensor([ids])
+    out = lm._model_generate(prompt, max_length=len(ids) + 6, stop=["w0 w0 w0"])[0, len(ids):].tolist()
+    cache, tokens = lm._new_cache([len(ids)]), []
+    with torch.no_grad():  # the prompt through lacache_core.prefill, then one greedy forward per token
+        logits = prefill(lm.model, prompt, cache, tokenizer=lm.tokenizer)
+        for _ in range(len(out)):
+            tokens.append(int(logits.argmax(-1)))
+            logits = lm.model(torch.tensor([[tokens[-1]]]), use_cache=True, **with_cache(cache)).logits[:, -1]
+    assert len(out) == 6 and out == tokens
+    # generate_until in a batch: each row scored by its own passes, so the answers of one at a time
+    args = {"pretrained": str(tiny_dir), "method": "kvzip", "cache_size": 16, "max_length": 256}
+    alone = evaluate(task_dir, "kvcache", args, batch_size=1, tasks=["tiny_gen"])
+    assert evaluate(task_dir, "kvcache", args, batch_size=3, tasks=["tiny_gen"]) == alone
