@@ -54,13 +54,15 @@ def _fit_mask(mask, key_len: int):
     query of this step), a longer one cut to its first ``key_len`` columns, as transformers' own
     kernels do.
     """
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-1] == key_len:
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         return mask
-    # some releases (4.48) size the mask one past the keys, the extra column masked for every query: drop
-    # such trailing columns first, so that a widened mask does not hide this layer's newest key
-    seen = visible(mask).flatten(0, 2).any(0)
-    width = int(seen.nonzero().max()) + 1 if seen.any() else mask.shape[-1]
-    mask = mask[..., :width]
+    # some releases (4.48) size the mask one past the keys, the extra column masked for every query (a key is
+    # always visible to its own query): drop such trailing columns first, so that neither a widened mask nor a layer
+    # holding one slot more than layer 0 (the mask's full width) hides this layer's newest key
+    if not bool(visible(mask[..., -1:]).any()):
+        seen = visible(mask).flatten(0, 2).any(0)
+        width = int(seen.nonzero().max()) + 1 if seen.any() else mask.shape[-1]
+        mask = mask[..., :width]
     if mask.shape[-1] == key_len:
         return mask
     if mask.shape[-1] > key_len:  # what transformers' own kernels slice (not all do)

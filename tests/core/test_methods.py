@@ -418,7 +418,7 @@ def test_key_positions_flag_is_checked():
 
 def test_a_mask_one_past_the_keys_is_widened_without_hiding_the_newest_key():
     """transformers 4.48 builds a decoding step's mask one column past the keys, that column masked; a layer
-    holding more slots than layer 0 (AdaKV, HeadKV) must still see its newest key."""
+    holding more slots than layer 0 (AdaKV, HeadKV, KVzip) must still see its newest key."""
     if Version(transformers.__version__) < Version("4.48"):
         pytest.skip("the extension-point integration needs transformers >= 4.48")
     from lacache_core.patches.modern import _fit_mask
@@ -427,5 +427,7 @@ def test_a_mask_one_past_the_keys_is_widened_without_hiding_the_newest_key():
     mask = torch.tensor([0.0, 0.0, 0.0, 0.0, low])[None, None, None]  # 4 keys visible, 1 future column
     assert (_fit_mask(mask, 7) == 0).all() and _fit_mask(mask, 7).shape[-1] == 7
     assert (_fit_mask(mask, 3) == 0).all() and _fit_mask(mask, 3).shape[-1] == 3
+    # a layer holding one slot more than layer 0 has exactly the mask's width, and its newest key is the last column
+    assert (_fit_mask(mask, 5) == 0).all() and _fit_mask(mask, 5).shape[-1] == 5
     causal = torch.tensor([[0.0, low], [0.0, 0.0]])[None, None]  # a prefill's causal block: nothing trimmed
     assert torch.equal(_fit_mask(causal, 3)[..., 1:], causal)
