@@ -117,7 +117,10 @@ def prompt_passes(model, tokenizer):
         cache = kwargs.get(CACHE_KWARG, kwargs.get("past_key_values"))
         if running or not isinstance(cache, CompressedCache) or not cache.policy.scores_by_passes:
             return None
-        input_ids = kwargs["input_ids"] if kwargs.get("input_ids") is not None else args[0]
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise ConfigError(f"prompt_passes runs make_cache.method {cache.policy.name}'s passes from the prompt's "
+                              "input_ids; this forward pass got none (inputs_embeds?)")
         running.append(True)
         try:
             with torch.no_grad():

@@ -306,8 +306,9 @@ class CompressedCache(DynamicCache):
         """A copy of batch row ``row``'s own tokens (its filler slots left out) in a cache of one row, under the row's
         own policy, to run forward passes of that row alone (KVzip's scoring passes); this cache is left as it is.
 
-        The copy holds the layers as this cache stores them (keys in the same frame, under the same quantizer), so
-        every layer's heads must be of one length (a row before a per-head choice)."""
+        The copy holds the layers as this cache stores them (keys in the same frame, under the same quantizer, tokens
+        already quantized copied dequantized), so every layer's heads must be of one length (a row before a per-head
+        choice)."""
         if self.rows.policies is None:
             raise RuntimeError("row_alone needs a batch whose rows have policies of their own")
         alone = CompressedCache(self.rows.policies[row], self.num_layers, self.query_at_slot, self.key_rotation,

@@ -230,6 +230,9 @@ def test_generate_inside_prompt_passes_is_prefill_then_greedy_steps():
     assert out[0, 60:].tolist() == tokens
     assert cache.policy.seen == 60 + 11  # the prompt and the 11 tokens fed back
     assert [h.tolist() for h in cache.kept_positions()[2]] == [h.tolist()[:-1] for h in stepped.kept_positions()[2]]
+    with prompt_passes(model, tok), pytest.raises(ConfigError, match="got none \\(inputs_embeds\\?\\)"):
+        embeds = model.get_input_embeddings()(PROMPT)
+        model(inputs_embeds=embeds, use_cache=True, **with_cache(make_cache("kvzip", model, cache_size=20)))
     # outside the block, the hook is gone
     with pytest.raises(ConfigError, match="prompt_passes"):
         model.generate(PROMPT, **with_cache(make_cache("kvzip", model, cache_size=20)), max_new_tokens=2)
