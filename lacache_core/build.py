@@ -112,6 +112,7 @@ def prompt_passes(model, tokenizer):
     ...     out = model.generate(ids, past_key_values=cache, max_new_tokens=64)
     """
     running = []  # the passes are forward passes of the same model: the hook must not run again inside them
+    extra = last_logits_only(model)  # once, not at every decoding step the hook sees
 
     def after_forward(module, args, kwargs, output):
         cache = kwargs.get(CACHE_KWARG, kwargs.get("past_key_values"))
@@ -124,7 +125,7 @@ def prompt_passes(model, tokenizer):
         running.append(True)
         try:
             with torch.no_grad():
-                run_scoring_passes(model, input_ids, cache, tokenizer, last_logits_only(model))
+                run_scoring_passes(model, input_ids, cache, tokenizer, extra)
         finally:
             running.clear()
         return None

@@ -240,13 +240,26 @@ def ppl_killed_then_resumed(argv, folder, monkeypatch, after: int = 97, batched:
     return cut
 
 
-def fill_and_generate(model, input_ids, cache, new_tokens: int):
-    """``model.generate`` of ``new_tokens`` greedy tokens (no stopping) with ``cache``, for every method: inside
-    ``lacache_core.prompt_passes`` with the tiny tokenizer, which runs the passes of a method that scores its prompt by
-    passes of its own (KVzip) after the prompt's forward pass, and does nothing for the others."""
+def generate_with_passes(model, input_ids, **kwargs):
+    """``model.generate`` inside ``lacache_core.prompt_passes`` with the tiny tokenizer, which runs the passes of a
+    method that scores its prompt by passes of its own (KVzip; each row's own in a batch) after the prompt's forward
+    pass, and does nothing for the others."""
     from lacache_core import prompt_passes
-    from lacache_core.versions import with_cache
 
     with prompt_passes(model, tiny_tokenizer()):
-        return model.generate(input_ids, **with_cache(cache), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                              do_sample=False)
+        return model.generate(input_ids, **kwargs)
+
+
+def fill_and_generate(model, input_ids, cache, new_tokens: int):
+    """:func:`generate_with_passes` of ``new_tokens`` greedy tokens (no stopping) with ``cache``, for every method."""
+    from lacache_core.versions import with_cache
+
+    return generate_with_passes(model, input_ids, **with_cache(cache), max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, do_sample=False)
+
+
+def same_positions(a, b) -> bool:
+    """One layer's kept positions, equal: tensors, or per-head lists of them (heads of different lengths)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return torch.equal(a, b)
+    return isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(map(torch.equal, a, b))

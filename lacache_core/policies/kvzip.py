@@ -191,8 +191,6 @@ class KVzip(CachePolicy):
             raise ConfigError("make_cache.method kvzip scores the prompt by reconstruction passes before decoding: fill "
                               "the cache with lacache_core.prefill(model, input_ids, cache, tokenizer=...), or run "
                               "model.generate() inside lacache_core.prompt_passes(model, tokenizer)")
-        if query.shape[0] != 1:
-            raise ConfigError(f"make_cache.method kvzip scores one prompt at a time, got a batch of {query.shape[0]}")
         if self._scores is None:
             self._scores = torch.zeros(self._num_layers, key.shape[1], self._prompt_len, device=key.device)
             self._scores[..., :self.start_size] = 1.0

@@ -9,9 +9,9 @@ from packaging.version import Version
 
 from harness.generation import greedy_answer
 from harness.streaming import split_streams, stream_perplexity, stream_perplexity_batched, stream_tokens
-from lacache_core import METHODS, CompressedCache, ConfigError, build_policy, enable_position_shift, prompt_passes
+from lacache_core import METHODS, CompressedCache, ConfigError, build_policy, enable_position_shift
 from lacache_core.versions import with_cache
-from tiny import method_files, ppl_killed_then_resumed, tiny_model, tiny_tokenizer
+from tiny import generate_with_passes, method_files, ppl_killed_then_resumed, same_positions, tiny_model
 
 pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version("4.36"),
                                 reason="cache objects need transformers >= 4.36")
@@ -24,20 +24,6 @@ SETTINGS = dict(cache_size=24, start_size=4, span=3, overlap=1, recent_window=4,
 def tiny_dir(ppl_tiny_dir):
     """This module's runs use the perplexity harness's tiny model (conftest's ``ppl_tiny_dir``)."""
     return ppl_tiny_dir
-
-
-def generate(model, ids, **kwargs):
-    """``model.generate`` inside ``lacache_core.prompt_passes``: KVzip's scoring passes after the prompt (each row's
-    own in a batch), nothing for the other methods."""
-    with prompt_passes(model, tiny_tokenizer()):
-        return model.generate(ids, **kwargs)
-
-
-def same_positions(a, b) -> bool:
-    """One layer's kept positions, equal: tensors, or per-head lists of them (heads of different lengths)."""
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return torch.equal(a, b)
-    return isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(map(torch.equal, a, b))
 
 
 class ListTokenizer:
@@ -92,12 +78,13 @@ def test_generate_on_a_batch_gives_each_row_what_it_gives_alone(method):
     prompts = torch.stack([torch.randperm(128, generator=g)[:60] for _ in range(3)])  # no ties (see above)
     settings = dict(SETTINGS, cache_size=40, **method_files(model.config))
     cache = CompressedCache(build_policy(method, **settings), 6)
-    batch = generate(model, prompts, **with_cache(cache), max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    batch = generate_with_passes(model, prompts, **with_cache(cache), max_new_tokens=30, min_new_tokens=30,
+                                 do_sample=False)
     alone_bytes = 0
     for j in range(3):
         alone = CompressedCache(build_policy(method, **settings), 6)
-        row = generate(model, prompts[j:j + 1], **with_cache(alone), max_new_tokens=30, min_new_tokens=30,
-                       do_sample=False)
+        row = generate_with_passes(model, prompts[j:j + 1], **with_cache(alone), max_new_tokens=30,
+                                   min_new_tokens=30, do_sample=False)
         assert torch.equal(batch[j], row[0])
         alone_bytes += alone.kv_bytes()
         # each row kept what it keeps alone (past layer 0, where a generated token repeated has the same key
@@ -174,12 +161,13 @@ def test_a_left_padded_batch_gives_each_row_what_it_gives_alone(method):
         prompts[j, 60 - len(row):], mask[j, 60 - len(row):] = row, 1
     settings = dict(SETTINGS, cache_size=40, **method_files(model.config))
     cache = CompressedCache(build_policy(method, **settings), 6)
-    batch = generate(model, prompts, attention_mask=mask, **with_cache(cache), max_new_tokens=25, min_new_tokens=25,
-                     do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    batch = generate_with_passes(model, prompts, attention_mask=mask, **with_cache(cache), max_new_tokens=25,
+                                 min_new_tokens=25, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                                 output_logits=True)
     for j, row in enumerate(rows):
         alone = CompressedCache(build_policy(method, **settings), 6)
-        single = generate(model, row[None], **with_cache(alone), max_new_tokens=25, min_new_tokens=25, do_sample=False,
-                          pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+        single = generate_with_passes(model, row[None], **with_cache(alone), max_new_tokens=25, min_new_tokens=25,
+                                      do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
         assert torch.equal(batch.sequences[j, 60:], single.sequences[0, len(row):]), f"row {j}"
         # and the same logits at every step, not only the same argmax (keys rotated to the slots they move to)
         torch.testing.assert_close(torch.stack([s[j] for s in batch.logits]), torch.stack([s[0] for s in single.logits]),
